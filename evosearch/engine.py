@@ -1,0 +1,204 @@
+"""The one loop that runs a search: ask the strategy, evaluate on shared batches, tell.
+
+Strategies, spaces and fitnesses meet only here. Evaluations are memoised on
+``(genome, batch)``, so a genome is never evaluated twice on the same tokens, and logged as they
+finish, so a killed run resumes without repeating any finished evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from evosearch.data import TokenData
+from evosearch.evaluation import Batch, Candidate, Fitness
+from evosearch.forward import DenseCache
+from evosearch.genome import Genome
+from evosearch.run import RunDir
+from evosearch.surgery import apply_replacements
+
+__all__ = ["Evaluator", "SearchResult", "search", "sample_batch"]
+
+
+def sample_batch(data: TokenData, tokens: int, *, seed: int, generation: int, stage: int) -> Batch:
+    """The shared batch of one selection stage: ``ceil(tokens / seq_len)`` distinct sequences
+    (all of them when that is more than there are), drawn from ``(seed, generation, stage)``
+    alone, so it is the same for every candidate of the stage, on resume, and on any worker."""
+    n = min(math.ceil(tokens / data.seq_len), data.n_sequences)
+    if n == data.n_sequences:
+        idx = list(range(n))
+    else:
+        rng = np.random.default_rng([seed, generation, stage])
+        idx = sorted(rng.choice(data.n_sequences, size=n, replace=False).tolist())
+    return Batch(tuple(idx), data.input_ids[idx])
+
+
+@dataclass
+class Evaluator:
+    """Materialises candidates on the resident model and scores them, memoised.
+
+    Args:
+        model: the dense model; candidates are built by module replacement and undone.
+        space: the search space.
+        fitness: the fitness (lower is better after ``sign``).
+        dense: dense activations for prefix reuse and teacher outputs, or ``None``.
+        prefix_reuse: start each forward at the genome's first changed block.
+    """
+
+    model: nn.Module
+    space: object
+    fitness: Fitness
+    dense: DenseCache | None = None
+    prefix_reuse: bool = True
+    cache: dict[tuple[str, str], float] = field(default_factory=dict)
+    evaluations: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def sign(self) -> float:
+        return -1.0 if getattr(self.fitness, "direction", "minimize") == "maximize" else 1.0
+
+    def raw(self, genome: Genome, batch: Batch) -> float:
+        """The fitness of ``genome`` on ``batch`` in its own direction, without memoisation."""
+        start = self.space.start_block(genome) if self.prefix_reuse else 0
+        with apply_replacements(self.model, self.space.replacements(self.model, genome)):
+            candidate = Candidate(self.model, genome, start, self.dense)
+            return float(self.fitness(candidate, batch))
+
+    def __call__(self, genome: Genome, batch: Batch) -> tuple[float, dict | None]:
+        """``(value, record)``: the value to minimise and a log record (``None`` if cached)."""
+        key = (genome.key(), batch.key())
+        if key in self.cache:
+            return self.cache[key], None
+        t0 = time.perf_counter()
+        error = None
+        try:
+            value = self.raw(genome, batch)
+            if not math.isfinite(value):
+                error = f"non-finite fitness {value}"
+        except (RuntimeError, ValueError, torch.cuda.OutOfMemoryError) as exc:
+            value, error = math.inf, f"{type(exc).__name__}: {exc}"
+        seconds = time.perf_counter() - t0
+        minimised = self.sign * value if error is None else math.inf
+        self.cache[key] = minimised
+        self.evaluations += 1
+        self.tokens += batch.n_tokens
+        self.seconds += seconds
+        record = {
+            "genome": genome.key(),
+            "batch": batch.key(),
+            "tokens": batch.n_tokens,
+            "value": value if error is None else None,
+            "seconds": round(seconds, 4),
+        }
+        if error:
+            record["error"] = error
+        return minimised, record
+
+
+@dataclass
+class SearchResult:
+    """What :func:`search` returns.
+
+    Attributes:
+        best: best genome found; best_value: its fitness (own direction) at the last stage.
+        history: per-generation best; evaluations: every logged evaluation.
+    """
+
+    best: Genome
+    best_value: float
+    history: list[dict]
+    evaluations: list[dict]
+    n_evaluations: int
+    tokens: int
+    seconds: float
+
+
+def search(
+    strategy,
+    evaluator: Evaluator,
+    data: TokenData,
+    *,
+    seed: int = 0,
+    run: RunDir | None = None,
+    resume: bool = False,
+    progress: Callable[[str], None] | None = print,
+) -> SearchResult:
+    """Run ``strategy`` to completion, evaluating its requests with ``evaluator`` on ``data``.
+
+    With ``run``, every evaluation is appended to ``run/evaluations.jsonl`` and the strategy
+    state is checkpointed atomically after each generation; with ``resume`` both are loaded
+    first, so nothing that finished is evaluated again and the trajectory is unchanged.
+    """
+    log: list[dict] = []
+    if run is not None and resume:
+        log = run.evaluations()
+        for rec in log:
+            value = math.inf if rec.get("value") is None else evaluator.sign * rec["value"]
+            evaluator.cache[(rec["genome"], rec["batch"])] = value
+        state = run.checkpoint()
+        if state is not None:
+            strategy.load_state_dict(state["strategy"])
+            if progress:
+                progress(
+                    f"resuming at generation {strategy.generation} with {len(log)} logged "
+                    "evaluations"
+                )
+    t_start = time.perf_counter()
+    evals_at_gen, t_gen = evaluator.evaluations, time.perf_counter()
+    name = getattr(evaluator.fitness, "name", "fitness")
+    while (request := strategy.ask()) is not None:
+        batch = sample_batch(
+            data, request.tokens, seed=seed, generation=request.generation, stage=request.stage
+        )
+        values = []
+        for genome in request.genomes:
+            value, record = evaluator(genome, batch)
+            values.append(value)
+            if record is not None:
+                record.update(generation=request.generation, stage=request.stage)
+                log.append(record)
+                if run is not None:
+                    run.append_evaluation(record)
+        if all(math.isinf(v) for v in values):
+            errors = [r.get("error") for r in log if r.get("error")]
+            raise RuntimeError(
+                f"every candidate of generation {request.generation} stage {request.stage} "
+                f"failed; first error: {errors[0] if errors else 'unknown'}"
+            )
+        strategy.tell(request, values)
+        if strategy.generation != request.generation:  # a generation just finished
+            if run is not None:
+                run.write_checkpoint({"strategy": strategy.state_dict()})
+            if progress:
+                now = time.perf_counter()
+                done = evaluator.evaluations - evals_at_gen
+                rate = done / max(now - t_gen, 1e-9)
+                _, best_value = strategy.best
+                progress(
+                    f"gen {request.generation:3d}/{strategy.config.generations}  "
+                    f"best {name} {evaluator.sign * best_value:.4f} "
+                    f"@{request.tokens} tok  evals {evaluator.evaluations} (+{done}, "
+                    f"{rate:.2f}/s)  tokens {evaluator.tokens / 1e6:.2f}M  "
+                    f"{now - t_start:.0f}s"
+                )
+                evals_at_gen, t_gen = evaluator.evaluations, now
+    best, best_value = strategy.best
+    return SearchResult(
+        best=best,
+        best_value=evaluator.sign * best_value,
+        history=[
+            {**h, "value": evaluator.sign * h["value"]} for h in strategy.history
+        ],
+        evaluations=log,
+        n_evaluations=evaluator.evaluations,
+        tokens=evaluator.tokens,
+        seconds=time.perf_counter() - t_start,
+    )

@@ -1,0 +1,119 @@
+"""What a fitness sees: a :class:`Candidate` model and a :class:`Batch` of tokens.
+
+A fitness is any object with ``name``, ``direction`` and ``__call__(candidate, batch) -> float``
+(optionally ``prepare``); a plain ``fn(model, batch) -> float`` is wrapped by :func:`as_fitness`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from evosearch.forward import DenseCache, final_hidden
+from evosearch.genome import Genome
+
+__all__ = ["Batch", "Candidate", "Fitness", "CallableFitness", "as_fitness"]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Calibration sequences shared by every candidate of one selection stage.
+
+    Attributes:
+        indices: rows of the calibration data.
+        input_ids: ``(B, T)`` token ids of those rows.
+    """
+
+    indices: tuple[int, ...]
+    input_ids: torch.Tensor
+
+    @property
+    def n_tokens(self) -> int:
+        return self.input_ids.numel()
+
+    def key(self) -> str:
+        return ",".join(map(str, self.indices))
+
+    def split(self, micro_batch: int) -> Iterator[Batch]:
+        for s in range(0, len(self.indices), micro_batch):
+            yield Batch(self.indices[s : s + micro_batch], self.input_ids[s : s + micro_batch])
+
+
+@dataclass
+class Candidate:
+    """A materialised candidate: the resident model with the genome's modules swapped in.
+
+    Attributes:
+        model: the model, valid only during the fitness call.
+        genome: the candidate's genome.
+        start_block: first block whose computation differs from the dense model's.
+        dense: dense activations of the calibration data, or ``None``.
+    """
+
+    model: nn.Module
+    genome: Genome
+    start_block: int = 0
+    dense: DenseCache | None = None
+
+    def final_hidden(self, batch: Batch) -> torch.Tensor:
+        """Post-norm last hidden states ``(B, T, d)``, reusing the dense prefix when cached."""
+        if self.dense is not None and self.dense.block_inputs is not None and self.start_block:
+            start = min(self.start_block, self.dense.block_inputs.shape[0])
+            if start == self.dense.block_inputs.shape[0]:  # nothing changed: the dense output
+                return self.dense.final_hidden[list(batch.indices)]
+            hidden = self.dense.block_inputs[start, list(batch.indices)]
+            return final_hidden(
+                self.model, batch.input_ids, start_block=start, start_hidden=hidden
+            )
+        return final_hidden(self.model, batch.input_ids)
+
+
+@runtime_checkable
+class Fitness(Protocol):
+    """The fitness protocol.
+
+    ``prepare(model, input_ids, dense)`` is called once, before any candidate, with the dense
+    model and all calibration tokens; it may cache teacher outputs and must not change the model.
+    ``__call__`` is called once per candidate and batch, and must not change the model either.
+    """
+
+    name: str
+    direction: str  # "minimize" or "maximize"
+
+    def __call__(self, candidate: Candidate, batch: Batch) -> float: ...
+
+
+class CallableFitness:
+    """Wraps a user's ``fn(model, batch) -> float``.
+
+    ``batch`` is the :class:`Batch` (``batch.input_ids`` is a ``(B, T)`` tensor). The model is
+    the fully materialised candidate, run from the first block.
+    """
+
+    def __init__(
+        self, fn: Callable[[nn.Module, Batch], float], *, name: str | None = None,
+        direction: str = "minimize",
+    ) -> None:
+        if direction not in ("minimize", "maximize"):
+            raise ValueError(f"direction must be 'minimize' or 'maximize', got {direction!r}")
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "custom")
+        self.direction = direction
+
+    def __call__(self, candidate: Candidate, batch: Batch) -> float:
+        with torch.no_grad():
+            return float(self.fn(candidate.model, batch))
+
+
+def as_fitness(obj) -> Fitness:
+    """Return ``obj`` if it already follows the :class:`Fitness` protocol, else wrap a callable
+    ``fn(model, batch) -> float``."""
+    if hasattr(obj, "direction") and hasattr(obj, "name") and callable(obj):
+        return obj
+    if callable(obj):
+        return CallableFitness(obj)
+    raise TypeError(f"a fitness must be callable, got {type(obj).__name__}")

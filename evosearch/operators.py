@@ -1,0 +1,58 @@
+"""Pure variation operators over :class:`~evosearch.genome.Genome` with an explicit ``rng``."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from evosearch.genome import Genome, LevelSpec
+
+__all__ = ["level_switch_mutation", "random_genome", "number_of_switches"]
+
+
+def random_genome(spec: LevelSpec, rng: np.random.Generator) -> Genome:
+    """A uniformly random budget-exact genome: each group's budget is dealt out one level at a
+    time to a random unit that still has room."""
+    levels = [0] * spec.n_units
+    for group, budget in sorted(spec.budgets.items()):
+        units = spec.units_of(group)
+        for _ in range(budget):
+            open_units = [u for u in units if levels[u] < spec.max_levels[u]]
+            levels[open_units[int(rng.integers(len(open_units)))]] += 1
+    return Genome(tuple(levels))
+
+
+def number_of_switches(rng: np.random.Generator, high: int = 3) -> int:
+    """EvoPress's count of level switches per mutation: min(U{1..high}, U{1..high})."""
+    return int(min(rng.integers(1, high + 1), rng.integers(1, high + 1)))
+
+
+def level_switch_mutation(
+    genome: Genome, spec: LevelSpec, rng: np.random.Generator, n_switches: int = 1
+) -> Genome:
+    """EvoPress level-switch mutation (Sieberling et al., 2024, Sec. 3): ``n_switches`` times,
+    raise one unit's level by one and lower another unit's level in the same group by one, so
+    every group's budget stays exact.
+
+    Returns ``genome`` itself when no switch is possible (e.g. a budget of 0).
+    """
+    levels = list(genome.levels)
+    groups = sorted(spec.budgets)
+    for _ in range(n_switches):
+        movable = []
+        for g in groups:
+            units = spec.units_of(g)
+            down = [u for u in units if levels[u] > 0]
+            up = [u for u in units if levels[u] < spec.max_levels[u]]
+            if down and up and (len(down) > 1 or len(up) > 1 or down != up):
+                movable.append((down, up))
+        if not movable:
+            break
+        down, up = movable[int(rng.integers(len(movable)))]
+        while True:
+            i = down[int(rng.integers(len(down)))]
+            j = up[int(rng.integers(len(up)))]
+            if i != j:
+                break
+        levels[i] -= 1
+        levels[j] += 1
+    return Genome(tuple(levels))

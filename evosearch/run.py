@@ -1,0 +1,99 @@
+"""The run directory: config, evaluation log, atomic checkpoints and results.
+
+Layout::
+
+    run_dir/
+      config.json         the configuration that produced the run (checked on --resume)
+      evaluations.jsonl   one line per evaluation, flushed as it finishes
+      checkpoint.json     strategy state after the last finished generation (atomic)
+      results.json        per-generation best, every evaluation, timings, baselines
+      best_genome.json    the best genome and its description
+      model/              the best compressed model
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RunDir", "RunConfigMismatch", "write_json_atomic"]
+
+
+class RunConfigMismatch(ValueError):
+    """``--resume`` of a run directory created with a different configuration."""
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON so that a reader (or a crash) never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh, indent=1)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """One search's directory."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def start(self, config: dict, *, resume: bool) -> bool:
+        """Create the directory or, with ``resume``, check it holds the same config.
+
+        Returns True when a previous run's state should be loaded.
+        """
+        cfg_file = self.file("config.json")
+        if cfg_file.exists():
+            old = json.loads(cfg_file.read_text())
+            if not resume:
+                raise FileExistsError(
+                    f"{self.path} already holds a run; pass --resume to continue it or choose "
+                    "another --out"
+                )
+            if old != config:
+                diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+                raise RunConfigMismatch(
+                    f"cannot resume {self.path}: its config differs in {', '.join(diff)}"
+                )
+            return True
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(cfg_file, config)
+        return False
+
+    def append_evaluation(self, record: dict) -> None:
+        with self.file("evaluations.jsonl").open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+
+    def evaluations(self) -> list[dict]:
+        """Logged evaluations; a last line cut short by a kill is ignored."""
+        path = self.file("evaluations.jsonl")
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+    def write_checkpoint(self, state: dict) -> None:
+        write_json_atomic(self.file("checkpoint.json"), state)
+
+    def checkpoint(self) -> dict | None:
+        path = self.file("checkpoint.json")
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def write_json(self, name: str, obj: Any) -> None:
+        write_json_atomic(self.file(name), obj)

@@ -1,0 +1,167 @@
+"""Depth pruning: drop exactly ``k`` whole blocks, or ``k`` attention and ``k`` MLP sublayers
+separately (EvoPress, Sieberling et al. 2024, Sec. 4.1)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from evosearch.arch import arch_for
+from evosearch.genome import Genome, LevelSpec
+from evosearch.models import save_compressed, sublayer_replacements
+from evosearch.operators import random_genome
+from evosearch.surgery import SkippedBlock
+
+__all__ = ["LayerDropSpace"]
+
+
+class LayerDropSpace:
+    """Genomes with one 0/1 level per unit (1 = dropped).
+
+    With ``sublayers=False`` the units are the ``n_blocks`` blocks and exactly ``num_drop`` of
+    them are dropped. With ``sublayers=True`` the units are ``n_blocks`` attention sublayers
+    followed by ``n_blocks`` MLP sublayers, in two groups, and exactly ``num_drop`` of each are
+    dropped.
+
+    Args:
+        n_blocks: number of blocks of the model.
+        num_drop: blocks (or sublayers of each kind) to drop.
+        sublayers: drop attention and MLP sublayers separately.
+        allowed: block indices that may be dropped (default: all).
+
+    Example:
+        >>> space = LayerDropSpace(30, num_drop=7)
+        >>> g = space.from_dropped(blocks=[3, 4, 5, 6, 7, 8, 9])
+        >>> space.describe(g)["dropped_blocks"]
+        [3, 4, 5, 6, 7, 8, 9]
+    """
+
+    name = "layer-drop"
+
+    def __init__(
+        self,
+        n_blocks: int,
+        *,
+        num_drop: int,
+        sublayers: bool = False,
+        allowed: tuple[int, ...] | list[int] | None = None,
+    ) -> None:
+        if n_blocks < 1:
+            raise ValueError(f"n_blocks must be >= 1, got {n_blocks}")
+        allowed_set = set(range(n_blocks)) if allowed is None else set(allowed)
+        if bad := sorted(i for i in allowed_set if not 0 <= i < n_blocks):
+            raise ValueError(f"allowed blocks {bad} are outside 0..{n_blocks - 1}")
+        if not sublayers and num_drop >= n_blocks:
+            raise ValueError(
+                f"num_drop={num_drop} must be smaller than the number of blocks ({n_blocks})"
+            )
+        if not 0 <= num_drop <= len(allowed_set):
+            raise ValueError(
+                f"num_drop={num_drop} is impossible: {len(allowed_set)} blocks may be dropped"
+            )
+        self.n_blocks = n_blocks
+        self.num_drop = num_drop
+        self.sublayers = sublayers
+        self.allowed = tuple(sorted(allowed_set))
+        per_block = tuple(1 if i in allowed_set else 0 for i in range(n_blocks))
+        if sublayers:
+            names = tuple(f"attn.{i}" for i in range(n_blocks)) + tuple(
+                f"mlp.{i}" for i in range(n_blocks)
+            )
+            self.spec = LevelSpec(
+                max_levels=per_block * 2,
+                groups=(0,) * n_blocks + (1,) * n_blocks,
+                budgets={0: num_drop, 1: num_drop},
+                names=names,
+            )
+        else:
+            self.spec = LevelSpec(
+                max_levels=per_block,
+                groups=(0,) * n_blocks,
+                budgets={0: num_drop},
+                names=tuple(f"block.{i}" for i in range(n_blocks)),
+            )
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "space": self.name,
+            "n_blocks": self.n_blocks,
+            "num_drop": self.num_drop,
+            "sublayers": self.sublayers,
+            "allowed": list(self.allowed),
+        }
+
+    # -- encoding -------------------------------------------------------------------------
+
+    def dropped(self, genome: Genome) -> tuple[set[int], set[int]]:
+        """``(attention, mlp)`` dropped block indices; equal sets for whole-block drops."""
+        lv = genome.levels
+        n = self.n_blocks
+        if self.sublayers:
+            return {i for i in range(n) if lv[i]}, {i for i in range(n) if lv[n + i]}
+        blocks = {i for i in range(n) if lv[i]}
+        return blocks, set(blocks)
+
+    def from_dropped(
+        self, *, blocks=(), attention=(), mlp=()
+    ) -> Genome:
+        """The genome dropping the given blocks (or, with ``sublayers``, sublayers).
+
+        Whole blocks given to a sublayer space drop both of their sublayers. The result need
+        not meet the budget (baselines such as SLEB build partial genomes); use
+        ``space.spec.is_valid`` to check.
+        """
+        n = self.n_blocks
+        if self.sublayers:
+            levels = [0] * (2 * n)
+            for i in set(blocks) | set(attention):
+                levels[i] = 1
+            for i in set(blocks) | set(mlp):
+                levels[n + i] = 1
+        else:
+            if attention or mlp:
+                raise ValueError("this space drops whole blocks; pass blocks=")
+            levels = [1 if i in set(blocks) else 0 for i in range(n)]
+        return Genome(tuple(levels))
+
+    def random_genome(self, rng: np.random.Generator) -> Genome:
+        return random_genome(self.spec, rng)
+
+    # -- materialisation ------------------------------------------------------------------
+
+    def replacements(self, model: nn.Module, genome: Genome) -> dict[str, nn.Module]:
+        attention, mlp = self.dropped(genome)
+        path = arch_for(model).blocks
+        whole = attention & mlp
+        out: dict[str, nn.Module] = {f"{path}.{i}": SkippedBlock() for i in sorted(whole)}
+        out.update(sublayer_replacements(model, attention - whole, mlp - whole))
+        return out
+
+    def start_block(self, genome: Genome) -> int:
+        attention, mlp = self.dropped(genome)
+        changed = attention | mlp
+        return min(changed) if changed else self.n_blocks
+
+    def describe(self, genome: Genome) -> dict[str, Any]:
+        attention, mlp = self.dropped(genome)
+        if not self.sublayers:
+            return {"dropped_blocks": sorted(attention)}
+        return {
+            "dropped_blocks": sorted(attention & mlp),
+            "dropped_attention": sorted(attention),
+            "dropped_mlp": sorted(mlp),
+        }
+
+    def save(self, model: nn.Module, tokenizer, genome: Genome, out_dir: str) -> None:
+        attention, mlp = self.dropped(genome)
+        whole = attention & mlp
+        save_compressed(
+            model,
+            tokenizer,
+            out_dir,
+            dropped_blocks=whole,
+            dropped_attention=attention - whole,
+            dropped_mlp=mlp - whole,
+        )
