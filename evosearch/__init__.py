@@ -3,7 +3,7 @@
 from evosearch.arch import ARCHITECTURES, UnsupportedArchitectureError, arch_for
 from evosearch.data import DataSpec, TokenData, load_token_data
 from evosearch.engine import Evaluator, SearchResult, search
-from evosearch.evaluation import Batch, Candidate, CallableFitness, Fitness, as_fitness
+from evosearch.evaluation import Batch, CallableFitness, Candidate, Fitness, as_fitness
 from evosearch.forward import DenseCache, compute_dense_cache
 from evosearch.genome import Genome, LevelSpec
 from evosearch.models import load_compressed, load_model

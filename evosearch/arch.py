@@ -49,7 +49,12 @@ _LLAMA_LIKE = ArchSpec(
     blocks="model.layers",
     attention=("self_attn",),
     mlp=("mlp",),
-    attention_linears=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+    attention_linears=(
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+    ),
     mlp_linears=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
 )
 

@@ -173,7 +173,9 @@ def generate_sequences(model, tokenizer, n: int, seq_len: int, seed: int) -> tor
     Seeded by ``seed`` alone: the same model and seed give the same tokens on the same device.
     """
     device = next(model.parameters()).device
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    start = (
+        tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    )
     generator = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.full((n, 1), start, dtype=torch.long)
     past = None

@@ -194,9 +194,7 @@ def search(
     return SearchResult(
         best=best,
         best_value=evaluator.sign * best_value,
-        history=[
-            {**h, "value": evaluator.sign * h["value"]} for h in strategy.history
-        ],
+        history=[{**h, "value": evaluator.sign * h["value"]} for h in strategy.history],
         evaluations=log,
         n_evaluations=evaluator.evaluations,
         tokens=evaluator.tokens,

@@ -61,13 +61,13 @@ class Candidate:
 
     def final_hidden(self, batch: Batch) -> torch.Tensor:
         """Post-norm last hidden states ``(B, T, d)``, reusing the dense prefix when cached."""
-        if self.dense is not None and self.dense.block_inputs is not None and self.start_block:
-            start = min(self.start_block, self.dense.block_inputs.shape[0])
-            if start == self.dense.block_inputs.shape[0]:  # nothing changed: the dense output
-                return self.dense.final_hidden[list(batch.indices)]
-            hidden = self.dense.block_inputs[start, list(batch.indices)]
+        dense = self.dense
+        if dense is not None and dense.boundaries is not None and self.start_block > 0:
+            if self.start_block >= dense.n_blocks:  # nothing changed: the dense output
+                return dense.final_hidden[list(batch.indices)]
+            hidden = dense.boundaries[self.start_block, list(batch.indices)]
             return final_hidden(
-                self.model, batch.input_ids, start_block=start, start_hidden=hidden
+                self.model, batch.input_ids, start_block=self.start_block, start_hidden=hidden
             )
         return final_hidden(self.model, batch.input_ids)
 
@@ -95,7 +95,10 @@ class CallableFitness:
     """
 
     def __init__(
-        self, fn: Callable[[nn.Module, Batch], float], *, name: str | None = None,
+        self,
+        fn: Callable[[nn.Module, Batch], float],
+        *,
+        name: str | None = None,
         direction: str = "minimize",
     ) -> None:
         if direction not in ("minimize", "maximize"):

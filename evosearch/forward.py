@@ -3,8 +3,9 @@
 EvoPress-style searches evaluate thousands of candidates on the same calibration sequences. Two
 things are computed once from the dense model and reused:
 
-* the hidden states entering every block (``block_inputs``), so a candidate whose first changed
-  block is ``j`` starts its forward at block ``j`` instead of block 0;
+* the hidden states entering every block and leaving the last one (``boundaries``), so a
+  candidate whose first changed block is ``j`` starts its forward at block ``j`` instead of
+  block 0 (they also feed the ShortGPT and angular-distance baselines);
 * the dense model's final (post-norm) hidden states, from which teacher logits are recomputed on
   the fly by the LM head, instead of storing ``vocab_size`` logits per token.
 """
@@ -34,12 +35,17 @@ class DenseCache:
 
     Attributes:
         final_hidden: ``(N, T, d)`` post-norm last hidden states (input of the LM head).
-        block_inputs: ``(L, N, T, d)`` hidden states entering each block, or ``None`` when
+        boundaries: ``(L + 1, N, T, d)``: ``boundaries[i]`` enters block ``i``,
+            ``boundaries[L]`` leaves the last block (before the final norm); ``None`` when
             prefix reuse is off.
     """
 
     final_hidden: torch.Tensor
-    block_inputs: torch.Tensor | None
+    boundaries: torch.Tensor | None
+
+    @property
+    def n_blocks(self) -> int | None:
+        return None if self.boundaries is None else self.boundaries.shape[0] - 1
 
     def teacher_bytes_per_token(self) -> int:
         """Bytes the teacher cache holds per token (the final hidden state)."""
@@ -47,10 +53,10 @@ class DenseCache:
 
     def prefix_bytes_per_token(self) -> int:
         """Bytes held per token for prefix reuse (one hidden state per block)."""
-        if self.block_inputs is None:
+        if self.boundaries is None:
             return 0
-        return self.block_inputs.shape[0] * self.block_inputs.shape[-1] * (
-            self.block_inputs.element_size()
+        return (
+            self.boundaries.shape[0] * self.boundaries.shape[-1] * (self.boundaries.element_size())
         )
 
 
@@ -64,22 +70,27 @@ def compute_dense_cache(
     handles = []
     if prefix_reuse:
 
-        def grab(module, args, kwargs):
+        def grab_input(module, args, kwargs):
             captured.append((args[0] if args else kwargs["hidden_states"]).detach().cpu())
 
-        handles = [b.register_forward_pre_hook(grab, with_kwargs=True) for b in blocks]
+        def grab_output(module, args, kwargs, output):
+            out = output[0] if isinstance(output, tuple) else output
+            captured.append(out.detach().cpu())
+
+        handles = [b.register_forward_pre_hook(grab_input, with_kwargs=True) for b in blocks]
+        handles.append(blocks[-1].register_forward_hook(grab_output, with_kwargs=True))
     finals, inputs = [], []
     try:
         for start in range(0, input_ids.shape[0], micro_batch):
             captured.clear()
             finals.append(final_hidden(model, input_ids[start : start + micro_batch]).cpu())
             if prefix_reuse:
-                inputs.append(torch.stack(captured))  # (L, b, T, d)
+                inputs.append(torch.stack(captured))  # (L + 1, b, T, d)
     finally:
         for h in handles:
             h.remove()
-    block_inputs = torch.cat(inputs, dim=1) if prefix_reuse else None
-    return DenseCache(final_hidden=torch.cat(finals), block_inputs=block_inputs)
+    boundaries = torch.cat(inputs, dim=1) if prefix_reuse else None
+    return DenseCache(final_hidden=torch.cat(finals), boundaries=boundaries)
 
 
 @contextlib.contextmanager

@@ -147,8 +147,7 @@ class EvoPress:
         last = self.stage == len(self.config.stages) - 1
         if last:
             self.parents = [
-                _Member(pool[i].genome, pool[i].value, True)
-                for i in ranked[: self.config.parents]
+                _Member(pool[i].genome, pool[i].value, True) for i in ranked[: self.config.parents]
             ]
             self.history.append(
                 {
@@ -235,4 +234,3 @@ class RandomSearch(EvoPress):
         super().__init__(
             space, config=config, rng=rng, variation=lambda _parent, r: space.random_genome(r)
         )
-

@@ -91,4 +91,3 @@ def apply_replacements(root: nn.Module, replacements: Mapping[str, nn.Module]) -
     finally:
         for path, old in reversed(originals):
             set_submodule(root, path, old)
-

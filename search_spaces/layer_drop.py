@@ -104,9 +104,7 @@ class LayerDropSpace:
         blocks = {i for i in range(n) if lv[i]}
         return blocks, set(blocks)
 
-    def from_dropped(
-        self, *, blocks=(), attention=(), mlp=()
-    ) -> Genome:
+    def from_dropped(self, *, blocks=(), attention=(), mlp=()) -> Genome:
         """The genome dropping the given blocks (or, with ``sublayers``, sublayers).
 
         Whole blocks given to a sublayer space drop both of their sublayers. The result need

@@ -1,0 +1,206 @@
+"""The ``evosearch`` command line: ``search``, ``baseline`` and ``eval``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+# CLI flag -> SearchConfig field, for flags that override the YAML config.
+_OVERRIDES = {
+    "model": "model",
+    "drop": "num_drop",
+    "drop_fraction": "drop_fraction",
+    "fitness": "fitness",
+    "strategy": "strategy",
+    "generations": "generations",
+    "offspring": "offspring",
+    "initial_population": "initial_population",
+    "max_switches": "max_switches",
+    "data": "data",
+    "data_config": "data_config",
+    "data_split": "data_split",
+    "text_field": "text_field",
+    "n_sequences": "n_sequences",
+    "seq_len": "seq_len",
+    "seed": "seed",
+    "eval_seq_len": "eval_seq_len",
+    "eval_windows": "eval_windows",
+    "sleb_tokens": "sleb_tokens",
+    "device": "device",
+}
+
+
+def _stages(text: str) -> list[list[int]]:
+    """``"2048:2,16384:1"`` -> ``[[2048, 2], [16384, 1]]``."""
+    try:
+        return [[int(x) for x in part.split(":")] for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"stages must look like 2048:2,16384:1 (tokens:survivors), got {text!r}"
+        ) from None
+
+
+def _int_list(text: str) -> list[int]:
+    """``"0-3,7"`` -> ``[0, 1, 2, 3, 7]``."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            out.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected indices like 0-3,7, got {text!r}") from None
+    return out
+
+
+def _add_search_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file with SearchConfig fields (flags override it)")
+    p.add_argument("--model", help="built-in name (smollm2-135m), local dir, .gguf or hub id")
+    p.add_argument("--drop", type=int, help="number of blocks (or sublayers of each kind) to drop")
+    p.add_argument("--drop-fraction", type=float, help="fraction of blocks to drop instead")
+    p.add_argument(
+        "--sublayers",
+        action="store_true",
+        default=None,
+        help="drop attention and MLP sublayers separately",
+    )
+    p.add_argument("--allowed", type=_int_list, help="blocks that may be dropped, e.g. 2-27")
+    p.add_argument("--fitness", choices=["kl", "ppl"])
+    p.add_argument("--data", help="calibration: generated | file.txt/.raw/.jsonl | HF dataset")
+    p.add_argument("--data-config")
+    p.add_argument("--data-split")
+    p.add_argument("--text-field")
+    p.add_argument("--n-sequences", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--eval-ppl",
+        action="append",
+        help="dataset or file for a final perplexity report (repeatable)",
+    )
+    p.add_argument("--eval-seq-len", type=int)
+    p.add_argument("--eval-windows", type=int)
+    p.add_argument("--sleb-tokens", type=int)
+    p.add_argument("--out", required=True, help="run directory")
+
+
+def _config(args: argparse.Namespace, extra: dict | None = None):
+    import yaml
+
+    from evosearch.pipeline import SearchConfig
+
+    values: dict = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {args.config}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"bad YAML in {args.config}: {exc}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{args.config} must hold a mapping of config keys")
+    for flag, field in _OVERRIDES.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            values[field] = value
+    if args.drop is not None or args.drop_fraction is not None:  # a flag replaces the YAML's
+        values["num_drop"], values["drop_fraction"] = args.drop, args.drop_fraction
+    for flag in ("sublayers", "allowed", "eval_ppl", "stages", "baselines"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            values[flag] = value
+    values.update(extra or {})
+    return SearchConfig.from_dict(values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="evosearch", description="Find the best compressed version of an LLM by search."
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("search", help="search which blocks to drop (EvoPress)")
+    _add_search_flags(p)
+    p.add_argument("--strategy", choices=["evopress", "random"])
+    p.add_argument("--generations", type=int)
+    p.add_argument("--offspring", type=int)
+    p.add_argument("--initial-population", type=int)
+    p.add_argument("--max-switches", type=int)
+    p.add_argument("--stages", type=_stages, help="racing stages tokens:survivors,...")
+    p.add_argument(
+        "--baselines",
+        type=lambda s: s.split(","),
+        help="compare with: shortgpt,angular,sleb,last,random",
+    )
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+
+    p = sub.add_parser("baseline", help="apply one published heuristic")
+    p.add_argument("method", choices=["shortgpt", "angular", "sleb", "last", "random"])
+    _add_search_flags(p)
+
+    p = sub.add_parser("eval", help="perplexity of a model or a run's best model")
+    p.add_argument("model", help="model (as for --model) or a run directory")
+    p.add_argument(
+        "--ppl",
+        action="append",
+        required=True,
+        help="dataset alias (wikitext2, c4), HF name or local file (repeatable)",
+    )
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--windows", type=int, help="first N windows only (default: all)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="write the results JSON here")
+
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("evosearch: interrupted; rerun with --resume to continue", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:
+        if args.debug:
+            raise
+        print(f"evosearch: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from evosearch import pipeline
+
+    if args.command == "search":
+        pipeline.run_search(_config(args), args.out, resume=args.resume)
+    elif args.command == "baseline":
+        pipeline.run_baseline(_config(args), args.method, args.out)
+    elif args.command == "eval":
+        _eval(args)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from evosearch.models import load_model
+    from evosearch.pipeline import evaluate_perplexity, load_eval_data, resolve_device
+
+    target = Path(args.model)
+    if (target / "config.json").is_file() and (target / "model").is_dir():
+        target = target / "model"  # a run directory: its best model
+    model, tokenizer = load_model(
+        str(target) if target.exists() else args.model, device=resolve_device(args.device)
+    )
+    results = {"model": args.model, "seq_len": args.seq_len, "perplexity": {}}
+    for source in args.ppl:
+        data = load_eval_data(source, tokenizer, args.seq_len, args.windows)
+        ppl = evaluate_perplexity(model, data)
+        results["perplexity"][source] = {"ppl": ppl, "windows": data.n_sequences}
+        print(f"{source}: perplexity {ppl:.3f} ({data.n_sequences} windows of {args.seq_len})")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,382 @@
+"""Putting a model, data, a space, a fitness and a strategy together: the ``evosearch search``,
+``baseline`` and ``eval`` jobs, driven by one frozen :class:`SearchConfig`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from evosearch.arch import get_blocks
+from evosearch.data import DataSpec, TokenData, load_token_data
+from evosearch.engine import Evaluator, sample_batch, search
+from evosearch.evaluation import Batch, Candidate
+from evosearch.forward import compute_dense_cache
+from evosearch.genome import Genome
+from evosearch.models import DEFAULT_MODEL, load_model
+from evosearch.run import RunDir
+from evosearch.strategies import EvoPress, EvoPressConfig, RandomSearch, Stage
+
+__all__ = ["SearchConfig", "run_search", "run_baseline", "evaluate_perplexity", "resolve_device"]
+
+STRATEGIES = ("evopress", "random")
+BASELINE_NAMES = ("shortgpt", "angular", "sleb", "last", "random")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchConfig:
+    """Everything that defines a layer-drop search; saved as ``config.json`` in the run.
+
+    Args:
+        model: built-in name, local directory, ``.gguf`` file or hub id.
+        num_drop: blocks (or sublayers of each kind) to drop; or ``drop_fraction`` of blocks.
+        sublayers: drop attention and MLP sublayers separately (``num_drop`` of each).
+        allowed: blocks that may be dropped (default all).
+        fitness: ``kl`` (KL from the dense model) or ``ppl``.
+        strategy: ``evopress`` or ``random`` (random search, same racing and budget).
+        generations, offspring, initial_population, max_switches: EvoPress loop settings.
+        stages: ``(tokens, survivors)`` per racing stage.
+        data: calibration source (``generated``, a local file, a hub alias or dataset name);
+            data_config / data_split / text_field select inside an HF dataset.
+        n_sequences, seq_len: calibration sequences and their length in tokens.
+        seed: seeds data windows, generated text, the strategy and stage minibatches.
+        prefix_reuse: reuse the dense hidden states of unchanged leading blocks.
+        baselines: heuristics to compute and compare at the end (shortgpt, angular, sleb, last,
+            random); sleb_tokens: calibration tokens per SLEB evaluation.
+        eval_ppl: datasets/files on which to report perplexity of dense, best and baselines;
+            eval_seq_len / eval_windows: window length and count (None = all windows).
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``...
+    """
+
+    model: str = DEFAULT_MODEL
+    num_drop: int | None = None
+    drop_fraction: float | None = None
+    sublayers: bool = False
+    allowed: tuple[int, ...] | None = None
+    fitness: str = "kl"
+    strategy: str = "evopress"
+    generations: int = 20
+    offspring: int = 16
+    initial_population: int = 16
+    stages: tuple[tuple[int, int], ...] = ((2048, 2), (16384, 1))
+    max_switches: int = 3
+    data: str = "generated"
+    data_config: str | None = None
+    data_split: str = "train"
+    text_field: str = "text"
+    n_sequences: int = 64
+    seq_len: int = 256
+    seed: int = 0
+    prefix_reuse: bool = True
+    baselines: tuple[str, ...] = ()
+    sleb_tokens: int = 4096
+    eval_ppl: tuple[str, ...] = ()
+    eval_seq_len: int = 1024
+    eval_windows: int | None = None
+    device: str = "auto"
+    save_model: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("allowed", "baselines", "eval_ppl"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(value))
+        object.__setattr__(self, "stages", tuple(tuple(int(x) for x in s) for s in self.stages))
+        if (self.num_drop is None) == (self.drop_fraction is None):
+            raise ValueError("give exactly one of num_drop (e.g. 7) and drop_fraction (e.g. 0.25)")
+        if self.num_drop is not None and self.num_drop < 0:
+            raise ValueError(f"num_drop must be >= 0, got {self.num_drop}")
+        if self.drop_fraction is not None and not 0 <= self.drop_fraction < 1:
+            raise ValueError(f"drop_fraction must lie in [0, 1), got {self.drop_fraction}")
+        if self.fitness not in ("kl", "ppl"):
+            raise ValueError(f"fitness must be 'kl' or 'ppl', got {self.fitness!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if unknown := [b for b in self.baselines if b not in BASELINE_NAMES]:
+            raise ValueError(f"unknown baselines {unknown}; choose from {BASELINE_NAMES}")
+        if any(len(s) != 2 for s in self.stages):
+            raise ValueError("each stage is (tokens, survivors)")
+        self.evopress_config()  # validates the loop settings
+        DataSpec(source=self.data, n_sequences=self.n_sequences, seq_len=self.seq_len)
+        if self.eval_seq_len < 2:
+            raise ValueError(f"eval_seq_len must be >= 2, got {self.eval_seq_len}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SearchConfig:
+        """Build from a dict (YAML/JSON), naming unknown keys in the error."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if unknown := sorted(set(values) - fields):
+            raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(fields)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return json.loads(json.dumps(d))  # tuples -> lists, as stored in config.json
+
+    def evopress_config(self) -> EvoPressConfig:
+        return EvoPressConfig(
+            generations=self.generations,
+            offspring=self.offspring,
+            initial_population=self.initial_population,
+            stages=tuple(Stage(tokens=t, survivors=s) for t, s in self.stages),
+            max_switches=self.max_switches,
+        )
+
+    def data_spec(self) -> DataSpec:
+        return DataSpec(
+            source=self.data,
+            n_sequences=self.n_sequences,
+            seq_len=self.seq_len,
+            seed=self.seed,
+            config=self.data_config,
+            split=self.data_split,
+            text_field=self.text_field,
+        )
+
+    def resolve_num_drop(self, n_blocks: int) -> int:
+        k = self.num_drop if self.num_drop is not None else round(self.drop_fraction * n_blocks)
+        if not self.sublayers and k >= n_blocks:
+            raise ValueError(
+                f"cannot drop {k} of the model's {n_blocks} blocks: keep at least one"
+            )
+        if k > n_blocks:
+            raise ValueError(f"cannot drop {k} sublayers of each kind: the model has {n_blocks}")
+        return k
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class _Session:
+    """The loaded model, calibration data, dense cache, space and fitness of one config."""
+
+    def __init__(self, config: SearchConfig, log: Callable[[str], None]) -> None:
+        from fitness import get_fitness
+        from search_spaces import LayerDropSpace
+
+        t0 = time.perf_counter()
+        self.config = config
+        self.model, self.tokenizer = load_model(config.model, device=resolve_device(config.device))
+        n_blocks = len(get_blocks(self.model))
+        log(
+            f"model {config.model}: {n_blocks} blocks, "
+            f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M parameters "
+            f"({time.perf_counter() - t0:.1f}s)"
+        )
+        k = config.resolve_num_drop(n_blocks)
+        self.space = LayerDropSpace(
+            n_blocks, num_drop=k, sublayers=config.sublayers, allowed=config.allowed
+        )
+        t0 = time.perf_counter()
+        self.data: TokenData = load_token_data(config.data_spec(), self.tokenizer, self.model)
+        log(f"calibration data: {self.data.description} ({time.perf_counter() - t0:.1f}s)")
+        t0 = time.perf_counter()
+        self.dense = compute_dense_cache(
+            self.model, self.data.input_ids, prefix_reuse=config.prefix_reuse
+        )
+        self.cache_seconds = time.perf_counter() - t0
+        log(
+            f"dense cache: teacher {self.dense.teacher_bytes_per_token()} B/token, prefix "
+            f"{self.dense.prefix_bytes_per_token()} B/token ({self.cache_seconds:.1f}s)"
+        )
+        self.fitness = get_fitness(config.fitness)
+        self.fitness.prepare(self.model, self.data.input_ids, self.dense)
+
+    def evaluator(self) -> Evaluator:
+        return Evaluator(
+            self.model, self.space, self.fitness, self.dense, prefix_reuse=self.config.prefix_reuse
+        )
+
+    def full_batch(self) -> Batch:
+        return Batch(tuple(range(self.data.n_sequences)), self.data.input_ids)
+
+
+def _strategy(config: SearchConfig, space, name: str):
+    cls = EvoPress if name == "evopress" else RandomSearch
+    return cls(space, config=config.evopress_config(), rng=np.random.default_rng(config.seed))
+
+
+def run_search(
+    config: SearchConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run the search of ``config`` into ``out_dir`` and return the results dict (also written
+    to ``out_dir/results.json``). With ``resume``, continue a killed run of the same config."""
+    run = RunDir(out_dir)
+    resuming = run.start(config.to_dict(), resume=resume)
+    session = _Session(config, log)
+    space = session.space
+    strategy = _strategy(config, space, config.strategy)
+    evaluator = session.evaluator()
+    log(
+        f"search: {config.strategy}, {space.num_drop} of {space.n_blocks} "
+        f"{'sublayers of each kind' if space.sublayers else 'blocks'}, fitness {config.fitness}, "
+        f"{config.generations} generations x {config.offspring} offspring, stages "
+        f"{list(config.stages)}"
+    )
+    result = search(
+        strategy, evaluator, session.data, seed=config.seed, run=run, resume=resuming, progress=log
+    )
+    best = result.best
+    results: dict[str, Any] = {
+        "config": config.to_dict(),
+        "space": space.config(),
+        "best": {"genome": best.key(), **space.describe(best), config.fitness: result.best_value},
+        "history": result.history,
+        "n_evaluations": result.n_evaluations,
+        "search_seconds": round(result.seconds, 2),
+        "evaluations_per_second": round(result.n_evaluations / max(result.seconds, 1e-9), 3),
+        "tokens": result.tokens,
+        "dense_cache": {
+            "seconds": round(session.cache_seconds, 2),
+            "teacher_bytes_per_token": session.dense.teacher_bytes_per_token(),
+            "prefix_bytes_per_token": session.dense.prefix_bytes_per_token(),
+        },
+        "evaluations": result.evaluations,
+    }
+    run.write_json("best_genome.json", {"genome": best.key(), **space.describe(best)})
+    candidates = {"evopress" if config.strategy == "evopress" else "random": best}
+    if config.baselines:
+        candidates.update(_baselines(session, config, log))
+        results["baselines"] = {n: space.describe(g) for n, g in candidates.items()}
+    # Every candidate scored on all calibration tokens, so the comparison is like for like.
+    evaluator = session.evaluator()
+    full = session.full_batch()
+    results["calibration_fitness"] = {
+        name: evaluator.raw(g, full) for name, g in candidates.items()
+    }
+    if config.eval_ppl:
+        results["perplexity"] = _evaluate_candidates(session, candidates, log)
+    if config.save_model:
+        space.save(session.model, session.tokenizer, best, str(run.file("model")))
+        results["model_dir"] = str(run.file("model"))
+    run.write_json("results.json", results)
+    _log_summary(results, config, log)
+    return results
+
+
+def _baselines(session: _Session, config: SearchConfig, log) -> dict[str, Genome]:
+    from search_spaces import layer_drop_baselines as bl
+
+    space = session.space
+    out: dict[str, Genome] = {}
+    boundaries = session.dense.boundaries
+    if boundaries is None and {"shortgpt", "angular"} & set(config.baselines):
+        boundaries = compute_dense_cache(session.model, session.data.input_ids).boundaries
+    for name in config.baselines:
+        t0 = time.perf_counter()
+        if name == "shortgpt":
+            out[name] = bl.shortgpt(space, boundaries)
+        elif name == "angular":
+            out[name] = bl.angular(space, boundaries)
+        elif name == "last":
+            out[name] = bl.drop_last(space)
+        elif name == "sleb":
+            from fitness import Perplexity
+
+            evaluator = Evaluator(
+                session.model, space, Perplexity(), session.dense, config.prefix_reuse
+            )
+            batch = sample_batch(
+                session.data, config.sleb_tokens, seed=config.seed, generation=2**31 - 1, stage=0
+            )
+            out[name] = bl.sleb(space, lambda g, ev=evaluator, b=batch: ev(g, b)[0], progress=log)
+        elif name == "random":
+            if config.strategy == "random":
+                log("baseline random: skipped, the search itself is random search")
+                continue
+            strategy = _strategy(config, space, "random")
+            res = search(
+                strategy, session.evaluator(), session.data, seed=config.seed, progress=None
+            )
+            out[name] = res.best
+        log(f"baseline {name}: {space.describe(out[name])} ({time.perf_counter() - t0:.1f}s)")
+    return out
+
+
+def run_baseline(
+    config: SearchConfig, method: str, out_dir: str | Path, *, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Compute one baseline's genome, score it on the calibration data and save its model."""
+    if method not in BASELINE_NAMES:
+        raise ValueError(f"unknown baseline {method!r}; choose from {BASELINE_NAMES}")
+    config = dataclasses.replace(config, baselines=(method,))
+    session = _Session(config, log)
+    genome = _baselines(session, config, log)[method]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {
+        "config": config.to_dict(),
+        "method": method,
+        "genome": genome.key(),
+        **session.space.describe(genome),
+        config.fitness: session.evaluator().raw(genome, session.full_batch()),
+    }
+    if config.eval_ppl:
+        results["perplexity"] = _evaluate_candidates(session, {method: genome}, log)
+    if config.save_model:
+        session.space.save(session.model, session.tokenizer, genome, str(out / "model"))
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def _evaluate_candidates(session: _Session, candidates: dict[str, Genome], log) -> dict:
+    from evosearch.surgery import apply_replacements
+
+    config = session.config
+    table: dict[str, dict[str, float]] = {}
+    for source in config.eval_ppl:
+        data = load_eval_data(source, session.tokenizer, config.eval_seq_len, config.eval_windows)
+        dense = evaluate_perplexity(session.model, data)
+        table.setdefault("dense", {})[source] = dense
+        for name, genome in candidates.items():
+            with apply_replacements(
+                session.model, session.space.replacements(session.model, genome)
+            ):
+                table.setdefault(name, {})[source] = evaluate_perplexity(session.model, data)
+        log(
+            f"perplexity on {source} ({data.description}): "
+            + ", ".join(f"{n} {v[source]:.2f}" for n, v in table.items())
+        )
+    return table
+
+
+def load_eval_data(source: str, tokenizer, seq_len: int, windows: int | None) -> TokenData:
+    """Non-overlapping ``seq_len`` windows from the start of ``source`` (all, or ``windows``)."""
+    spec = DataSpec(
+        source=source, n_sequences=windows, seq_len=seq_len, contiguous=True, split="test"
+    )
+    return load_token_data(spec, tokenizer)
+
+
+def evaluate_perplexity(model, data: TokenData, *, micro_batch: int = 1) -> float:
+    """Perplexity of ``model`` over all windows of ``data`` (each window scored on its own)."""
+    from fitness import Perplexity
+
+    candidate = Candidate(model, Genome((0,)))
+    batch = Batch(tuple(range(data.n_sequences)), data.input_ids)
+    return Perplexity(micro_batch=micro_batch)(candidate, batch)
+
+
+def _log_summary(results: dict, config: SearchConfig, log) -> None:
+    fit = results["calibration_fitness"]
+    log(
+        f"calibration {config.fitness} on all {config.n_sequences * config.seq_len} tokens: "
+        + ", ".join(f"{n} {v:.4f}" for n, v in sorted(fit.items(), key=lambda kv: kv[1]))
+    )
+    log(f"best: {results['best']}")
+    if "model_dir" in results:
+        log(f"best model saved to {results['model_dir']}")
