@@ -25,7 +25,7 @@ from evosearch.engine import Evaluator, sample_batch
 from evosearch.pipeline import SearchConfig, _Session, run_search
 
 HERE = Path(__file__).resolve().parent
-SHARED = HERE.parents[2] / "shared" / "data"
+DEFAULT_DATA = HERE.parents[2] / "shared" / "data"  # ../shared/data beside the checkout
 
 
 def prefix_speedup(config: SearchConfig, n: int = 8) -> dict:
@@ -59,8 +59,10 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--sleb-tokens", type=int, default=1024)
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA))
     p.add_argument("--out", default=str(HERE / "results.json"))
     args = p.parse_args()
+    SHARED = Path(args.data_dir)
     stages = [[int(x) for x in s.split(":")] for s in args.stages.split(",")]
     wiki_valid = str(SHARED / "wikitext-2-raw" / "wiki.valid.raw")
     wiki_test = str(SHARED / "wikitext-2-raw" / "wiki.test.raw")
@@ -86,7 +88,7 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "machine": f"{platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, CPU",
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "data_dir")},
         "status": "running",
         "runs": {},
     }
