@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write the results JSON here")
 
     args = parser.parse_args(argv)
+    _quiet_libraries()
     try:
         return _run(args)
     except KeyboardInterrupt:
@@ -168,6 +169,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"evosearch: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _quiet_libraries() -> None:
+    """evosearch prints its own progress; silence transformers' bars and warnings."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
 
 
 def _run(args: argparse.Namespace) -> int:

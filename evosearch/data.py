@@ -168,22 +168,29 @@ def load_token_data(spec: DataSpec, tokenizer, model=None) -> TokenData:
 
 @torch.no_grad()
 def generate_sequences(model, tokenizer, n: int, seq_len: int, seed: int) -> torch.Tensor:
-    """Sample ``n`` sequences of ``seq_len`` tokens from the model, starting from its BOS token.
+    """Sample ``n`` sequences of ``seq_len`` tokens from the model (temperature 1, no top-k/p),
+    starting from its BOS token.
 
-    Seeded by ``seed`` alone: the same model and seed give the same tokens on the same device.
+    Seeded by ``seed`` alone (the global RNG state is restored afterwards): the same model and
+    seed give the same tokens on the same device.
     """
     device = next(model.parameters()).device
-    start = (
-        tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    )
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    ids = torch.full((n, 1), start, dtype=torch.long)
-    past = None
-    step_input = ids
-    for _ in range(seq_len - 1):
-        out = model(input_ids=step_input.to(device), past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        probs = torch.softmax(out.logits[:, -1].float().cpu(), dim=-1)
-        step_input = torch.multinomial(probs, 1, generator=generator)
-        ids = torch.cat([ids, step_input], dim=1)
-    return ids
+    start = tokenizer.bos_token_id
+    if start is None:
+        start = tokenizer.eos_token_id
+    ids = torch.full((n, 1), start, dtype=torch.long, device=device)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=seq_len - 1,
+            min_new_tokens=seq_len - 1,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+    return out[:, :seq_len].cpu()

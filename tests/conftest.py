@@ -19,6 +19,10 @@ HIDDEN = 32
 N_LAYERS = 4
 BOS, EOS = 1, 2
 
+# Tiny models gain nothing from intra-op threads; one thread avoids oversubscribing small CI
+# machines.
+torch.set_num_threads(1)
+
 # Where each architecture keeps the output projection of a block's attention and of its MLP.
 # Written out here, independently of evosearch.arch, to build reference models by hand.
 OUT_PROJ = {

@@ -1,0 +1,125 @@
+"""The command line on a tiny local model: a full search, resume, eval and the one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from evosearch.cli import main
+
+
+class CharTokenizer:
+    """A tokenizer needing no files: one token per character (mod vocab)."""
+
+    bos_token_id = 1
+    eos_token_id = 2
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [3 + ord(c) % 120 for c in text]}
+
+    def save_pretrained(self, path):
+        pass
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )
+    path = tmp_path / "tiny"
+    LlamaForCausalLM(config).save_pretrained(path)
+    # The tiny model ships without a tokenizer: hand the CLI one that needs no files.
+    monkeypatch.setattr(
+        "transformers.AutoTokenizer.from_pretrained", lambda *a, **k: CharTokenizer()
+    )
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    return path, text
+
+
+def _search_args(model, text, out, *extra):
+    return [
+        "search", "--model", str(model), "--drop", "2", "--data", str(text),
+        "--n-sequences", "4", "--seq-len", "16", "--generations", "3", "--offspring", "4",
+        "--initial-population", "4", "--stages", "16:2,64:1", "--out", str(out), *extra,
+    ]
+
+
+def test_search_writes_run_and_loadable_model(tiny_model_dir, tmp_path):
+    model, text = tiny_model_dir
+    out = tmp_path / "run"
+    assert main(_search_args(model, text, out, "--baselines", "shortgpt,angular,last")) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["best"]["dropped_blocks"]) == 2
+    assert len(results["history"]) == 4  # generation 0 + 3
+    assert {"evopress", "shortgpt", "angular", "last"} <= set(results["calibration_fitness"])
+    assert all(r["tokens"] in (16, 64) for r in results["evaluations"])
+    saved = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert saved.config.num_hidden_layers == 4
+    assert len(saved.model.layers) == 4
+    for name in ("config.json", "checkpoint.json", "evaluations.jsonl", "best_genome.json"):
+        assert (out / name).is_file()
+
+
+def test_resume_of_finished_run_evaluates_nothing_new(tiny_model_dir, tmp_path, capsys):
+    model, text = tiny_model_dir
+    out = tmp_path / "run"
+    assert main(_search_args(model, text, out)) == 0
+    first = json.loads((out / "results.json").read_text())
+    lines = (out / "evaluations.jsonl").read_text().splitlines()
+    assert main(_search_args(model, text, out, "--resume")) == 0
+    second = json.loads((out / "results.json").read_text())
+    assert second["best"] == first["best"]
+    assert (out / "evaluations.jsonl").read_text().splitlines() == lines
+
+
+def test_eval_reports_perplexity(tiny_model_dir, tmp_path, capsys):
+    model, text = tiny_model_dir
+    out = tmp_path / "ppl.json"
+    argv = ["eval", str(model), "--ppl", str(text), "--seq-len", "32", "--windows", "3"]
+    assert main([*argv, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())["perplexity"][str(text)]
+    assert result["windows"] == 3
+    assert 1.0 < result["ppl"] < 10_000
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda a, m, t: a.__setitem__(a.index("--model") + 1, "/no/such/model"), "not found"),
+        (lambda a, m, t: a.__setitem__(a.index("--drop") + 1, "6"), "cannot drop 6"),
+        (lambda a, m, t: a.__setitem__(a.index("--data") + 1, "/no/such.txt"), "/no/such.txt"),
+    ],
+)
+def test_one_line_errors(tiny_model_dir, tmp_path, capsys, mutate, message):
+    model, text = tiny_model_dir
+    argv = _search_args(model, text, tmp_path / "run")
+    mutate(argv, model, text)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("evosearch: error:") and message in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_bad_yaml_and_config_mismatch(tiny_model_dir, tmp_path, capsys):
+    model, text = tiny_model_dir
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("generations: [1, 2\n")
+    assert main(["search", "--config", str(bad), "--out", str(tmp_path / "x")]) == 2
+    assert "bad YAML" in capsys.readouterr().err
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("generashuns: 3\n")
+    assert main(["search", "--config", str(unknown), "--out", str(tmp_path / "y")]) == 2
+    assert "generashuns" in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert main(_search_args(model, text, out)) == 0
+    capsys.readouterr()
+    argv = _search_args(model, text, out, "--resume")
+    argv[argv.index("--seed") if "--seed" in argv else len(argv):] = []
+    assert main([*argv, "--seed", "5"]) == 2
+    assert "seed" in capsys.readouterr().err

@@ -1,0 +1,224 @@
+"""evosearch.genome and evosearch.operators: frozen genomes, exact budgets, level switches."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from evosearch.genome import Genome, LevelSpec
+from evosearch.operators import level_switch_mutation, number_of_switches, random_genome
+from search_spaces import LayerDropSpace
+
+# A multi-level spec: two groups, one frozen unit (max level 0).
+MULTI = LevelSpec(
+    max_levels=(3, 2, 4, 0, 1, 2),
+    groups=(0, 0, 1, 1, 1, 0),
+    budgets={0: 4, 1: 3},
+)
+
+
+def _specs():
+    return {
+        "blocks": LayerDropSpace(10, num_drop=3).spec,
+        "sublayers": LayerDropSpace(6, num_drop=2, sublayers=True).spec,
+        "allowed": LayerDropSpace(8, num_drop=2, sublayers=True, allowed=[1, 2, 5]).spec,
+        "multi": MULTI,
+    }
+
+
+SPEC_IDS = list(_specs())
+
+
+# -- Genome ----------------------------------------------------------------------------------
+
+
+def test_genome_is_hashable_and_compares_by_levels():
+    a = Genome((0, 1, 1))
+    b = Genome([np.int64(0), 1, np.int8(1)])
+    assert a == b
+    assert hash(a) == hash(b)
+    assert len({a, b, Genome((1, 1, 0))}) == 2
+    assert all(type(v) is int for v in b.levels)
+    assert isinstance(b.levels, tuple)
+
+
+def test_genome_is_frozen():
+    genome = Genome((0, 1))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        genome.levels = (1, 0)
+
+
+@pytest.mark.parametrize("levels", [(0,), (0, 1, 1, 0), (3, 10, 35, 0, 9), tuple(range(36))])
+def test_key_round_trip(levels):
+    genome = Genome(levels)
+    key = genome.key()
+    assert len(key) == len(levels)
+    assert Genome.from_key(key) == genome
+
+
+def test_keys_of_different_genomes_differ():
+    genomes = {Genome((a, b, c)) for a in range(4) for b in range(4) for c in range(4)}
+    assert len({g.key() for g in genomes}) == len(genomes)
+
+
+def test_key_rejects_levels_it_cannot_encode():
+    with pytest.raises(ValueError, match="36"):
+        Genome((0, 36)).key()
+
+
+# -- LevelSpec -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(max_levels=(1, 1), groups=(0, 0), budgets={0: 3}), "impossible"),
+        (dict(max_levels=(1, 1), groups=(0, 0), budgets={0: -1}), "impossible"),
+        (dict(max_levels=(2, 0), groups=(0, 1), budgets={0: 1, 1: 1}), "group 1"),
+        (dict(max_levels=(1, 1), groups=(0, 1), budgets={0: 1}), "group 1 has no budget"),
+        (dict(max_levels=(1, 1), groups=(0,), budgets={0: 1}), "groups"),
+        (dict(max_levels=(1, 1), groups=(0, 0), budgets={0: 1}, names=("a",)), "names"),
+        (dict(max_levels=(), groups=(), budgets={}), "at least one unit"),
+        (dict(max_levels=(1, -1), groups=(0, 0), budgets={0: 0}), ">= 0"),
+    ],
+)
+def test_level_spec_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LevelSpec(**kwargs)
+
+
+def test_level_spec_rejects_a_budget_for_a_group_without_units():
+    # Group 1 has no unit, so its budget of 1 can never be met: random_genome cannot deal it out
+    # and is_valid rejects every genome. The spec must be refused on construction.
+    with pytest.raises(ValueError, match="group 1"):
+        LevelSpec(max_levels=(1, 1), groups=(0, 0), budgets={0: 1, 1: 1})
+
+
+def test_is_valid():
+    spec = LevelSpec(max_levels=(1, 2, 1), groups=(0, 0, 1), budgets={0: 2, 1: 1})
+    assert spec.is_valid(Genome((0, 2, 1)))
+    assert spec.is_valid(Genome((1, 1, 1)))
+    assert not spec.is_valid(Genome((1, 1, 0)))  # group 1 misses its budget
+    assert not spec.is_valid(Genome((2, 0, 1)))  # unit 0 above its max level
+    assert not spec.is_valid(Genome((0, 2)))  # wrong length
+    assert spec.units_of(0) == [0, 1]
+    assert spec.n_units == 3
+
+
+# -- random_genome ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", SPEC_IDS)
+def test_random_genome_is_always_valid(name):
+    spec = _specs()[name]
+    touched = [0] * spec.n_units
+    for seed in range(300):
+        genome = random_genome(spec, np.random.default_rng(seed))
+        assert spec.is_valid(genome), (seed, genome)
+        for i, v in enumerate(genome.levels):
+            touched[i] += v > 0
+    # every unit that may be compressed is compressed by some genome; frozen ones never are
+    assert [t > 0 for t in touched] == [m > 0 for m in spec.max_levels]
+
+
+def test_random_genome_is_deterministic_in_the_rng():
+    spec = _specs()["multi"]
+    a = [random_genome(spec, np.random.default_rng(7)) for _ in range(3)]
+    b = [random_genome(spec, np.random.default_rng(7)) for _ in range(3)]
+    assert a == b
+    rng = np.random.default_rng(7)
+    sequence = [random_genome(spec, rng) for _ in range(20)]
+    assert len(set(sequence)) > 1
+
+
+# -- level_switch_mutation -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", SPEC_IDS)
+def test_mutation_preserves_budgets_and_max_levels(name):
+    spec = _specs()[name]
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        parent = random_genome(spec, rng)
+        n = int(rng.integers(1, 4))
+        child = level_switch_mutation(parent, spec, rng, n)
+        assert spec.is_valid(child), (parent, child)
+
+
+@pytest.mark.parametrize("name", SPEC_IDS)
+def test_single_switch_moves_one_level_within_one_group(name):
+    spec = _specs()[name]
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        parent = random_genome(spec, rng)
+        child = level_switch_mutation(parent, spec, rng, 1)
+        assert child != parent
+        diff = [c - p for c, p in zip(child.levels, parent.levels)]
+        changed = [i for i, d in enumerate(diff) if d]
+        assert sorted(diff[i] for i in changed) == [-1, 1]
+        assert spec.groups[changed[0]] == spec.groups[changed[1]]
+
+
+def test_mutation_reaches_every_neighbour():
+    space = LayerDropSpace(5, num_drop=2)
+    parent = space.from_dropped(blocks=[0, 1])
+    rng = np.random.default_rng(3)
+    children = {level_switch_mutation(parent, space.spec, rng, 1) for _ in range(300)}
+    # 2 blocks to undrop x 3 blocks to drop
+    assert len(children) == 6
+
+
+@pytest.mark.parametrize("num_drop", [0, 4])
+def test_mutation_without_possible_switch_returns_the_genome(num_drop):
+    spec = LayerDropSpace(5, num_drop=num_drop, allowed=[0, 1, 2, 3]).spec
+    genome = random_genome(spec, np.random.default_rng(0))
+    assert level_switch_mutation(genome, spec, np.random.default_rng(0), 3) == genome
+
+
+def test_sublayer_mutation_moves_only_in_the_group_with_room():
+    # only blocks 0 and 2 may be dropped: each kind can only swap between those two
+    space = LayerDropSpace(3, num_drop=1, sublayers=True, allowed=[0, 2])
+    spec = space.spec
+    parent = space.from_dropped(attention=[0], mlp=[2])
+    rng = np.random.default_rng(0)
+    children = {level_switch_mutation(parent, spec, rng, 1) for _ in range(100)}
+    assert children == {
+        space.from_dropped(attention=[2], mlp=[2]),
+        space.from_dropped(attention=[0], mlp=[0]),
+    }
+
+
+@pytest.mark.parametrize("name", SPEC_IDS)
+def test_mutation_is_deterministic_in_the_rng(name):
+    spec = _specs()[name]
+    parent = random_genome(spec, np.random.default_rng(0))
+
+    def children(seed):
+        rng = np.random.default_rng(seed)
+        return [level_switch_mutation(parent, spec, rng, 2) for _ in range(30)]
+
+    assert children(5) == children(5)
+    assert children(5) != children(6)
+
+
+# -- number_of_switches ----------------------------------------------------------------------
+
+
+def test_number_of_switches_distribution():
+    rng = np.random.default_rng(0)
+    n = 20000
+    counts = Counter(number_of_switches(rng) for _ in range(n))
+    assert set(counts) == {1, 2, 3}
+    assert counts[1] > counts[2] > counts[3]
+    # min of two independent U{1,2,3}: P(k) = (7 - 2k) / 9
+    for k in (1, 2, 3):
+        assert counts[k] / n == pytest.approx((7 - 2 * k) / 9, abs=0.02)
+
+
+def test_number_of_switches_respects_high():
+    rng = np.random.default_rng(0)
+    assert {number_of_switches(rng, 1) for _ in range(50)} == {1}
+    assert max(number_of_switches(rng, 5) for _ in range(2000)) == 5

@@ -1,0 +1,221 @@
+"""evosearch.strategies: EvoPress and RandomSearch as ask/tell objects, driven here by a pure
+Python loop (no model, no data)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from evosearch.strategies import EvoPress, EvoPressConfig, RandomSearch, Request, Stage
+from search_spaces import LayerDropSpace
+
+SPACE = LayerDropSpace(10, num_drop=3)
+CONFIG = EvoPressConfig(
+    generations=6,
+    offspring=8,
+    initial_population=10,
+    stages=(Stage(tokens=16, survivors=4), Stage(tokens=64, survivors=3), Stage(tokens=256, survivors=2)),
+)
+
+
+def index_sum(genome, request: Request | None = None) -> float:
+    """Toy fitness: the sum of the dropped block indices (optimum: blocks 0, 1, 2)."""
+    return float(sum(i for i, v in enumerate(genome.levels) if v))
+
+
+def drive(strategy, fitness=index_sum, *, stop_after_generation: int | None = None):
+    """Run ask/tell to the end (or until ``stop_after_generation`` is finished); return every
+    request with its values."""
+    log = []
+    while (request := strategy.ask()) is not None:
+        values = [fitness(g, request) for g in request.genomes]
+        log.append((request, values))
+        strategy.tell(request, values)
+        if stop_after_generation is not None and strategy.generation > stop_after_generation:
+            break
+    return log
+
+
+def evopress(seed: int = 0, config: EvoPressConfig = CONFIG, space=SPACE, **kwargs) -> EvoPress:
+    return EvoPress(space, config=config, rng=np.random.default_rng(seed), **kwargs)
+
+
+def test_first_request_is_the_distinct_initial_population():
+    request = evopress().ask()
+    assert (request.generation, request.stage, request.tokens) == (0, 0, 16)
+    assert len(request.genomes) == CONFIG.initial_population
+    assert len(set(request.genomes)) == CONFIG.initial_population
+    assert all(SPACE.spec.is_valid(g) for g in request.genomes)
+
+
+def test_ask_repeats_until_told():
+    strategy = evopress()
+    assert strategy.ask() == strategy.ask()
+
+
+def test_racing_keeps_the_best_challengers_plus_the_parents():
+    strategy = evopress()
+    n_stages = len(CONFIG.stages)
+    previous = None
+    n_requests = 0
+    while (request := strategy.ask()) is not None:
+        n_requests += 1
+        genomes = request.genomes
+        parents = {p.genome for p in strategy.parents}
+        assert len(parents) == (CONFIG.parents if request.generation > 0 else 0)
+        assert request.tokens == CONFIG.stages[request.stage].tokens
+        assert len(set(genomes)) == len(genomes)
+        assert parents <= set(genomes)  # elitism: parents enter every stage
+        if request.stage == 0:
+            fresh = CONFIG.initial_population if request.generation == 0 else CONFIG.offspring
+            assert len(genomes) == len(parents) + fresh
+        else:
+            kept = CONFIG.stages[request.stage - 1].survivors
+            assert len(genomes) == kept + len(parents)
+            # the survivors of the previous stage are its best challengers
+            prev_genomes, prev_values = previous
+            challengers = sorted(
+                (v, i) for i, (g, v) in enumerate(zip(prev_genomes, prev_values)) if g not in parents
+            )
+            assert {prev_genomes[i] for _, i in challengers[:kept]} | parents == set(genomes)
+        values = [index_sum(g) for g in genomes]
+        strategy.tell(request, values)
+        previous = (genomes, values)
+        if request.stage == n_stages - 1:  # the new parents are the best of the last stage
+            best = sorted(zip(values, range(len(genomes))))[: CONFIG.parents]
+            assert [p.genome for p in strategy.parents] == [genomes[i] for _, i in best]
+    assert n_requests == (CONFIG.generations + 1) * n_stages
+
+
+def test_parents_survive_low_fidelity_stages_even_when_they_look_worst():
+    strategy = evopress(1)
+    drive(strategy, stop_after_generation=0)
+    parents = {p.genome for p in strategy.parents}
+    assert len(parents) == CONFIG.parents
+
+    def parents_look_bad_early(genome, request):
+        if genome in parents and request.stage < len(CONFIG.stages) - 1:
+            return 1e9
+        return index_sum(genome)
+
+    stages_seen = 0
+    while (request := strategy.ask()) is not None and request.generation == 1:
+        assert parents <= set(request.genomes)
+        strategy.tell(request, [parents_look_bad_early(g, request) for g in request.genomes])
+        stages_seen += 1
+    assert stages_seen == len(CONFIG.stages)
+
+
+def test_evopress_finds_the_optimum_of_a_toy_fitness():
+    config = EvoPressConfig(
+        generations=40,
+        offspring=8,
+        initial_population=8,
+        stages=(Stage(tokens=1, survivors=2), Stage(tokens=1, survivors=1)),
+    )
+    strategy = evopress(0, config)
+    drive(strategy)
+    genome, value = strategy.best
+    assert genome == SPACE.from_dropped(blocks=[0, 1, 2])
+    assert value == 3.0
+    values = [h["value"] for h in strategy.history]
+    assert len(values) == config.generations + 1
+    assert values == sorted(values, reverse=True)  # elitism: the best never gets worse
+    assert strategy.ask() is None
+
+
+def _trace(log):
+    return [(r.generation, r.stage, r.tokens, r.genomes) for r, _ in log]
+
+
+def test_same_seed_same_search_different_seed_different_search():
+    a, b, c = evopress(3), evopress(3), evopress(4)
+    log_a, log_b, log_c = drive(a), drive(b), drive(c)
+    assert _trace(log_a) == _trace(log_b)
+    assert a.history == b.history
+    assert _trace(log_a) != _trace(log_c)
+    assert log_a[0][0].genomes != log_c[0][0].genomes
+
+
+def test_state_dict_resume_continues_identically():
+    uninterrupted = evopress(11)
+    full_log = drive(uninterrupted)
+
+    first = evopress(11)
+    head = drive(first, stop_after_generation=2)
+    state = json.loads(json.dumps(first.state_dict()))  # must survive a JSON round trip
+
+    resumed = evopress(999)  # its own rng state is overwritten by the checkpoint
+    resumed.load_state_dict(state)
+    tail = drive(resumed)
+    assert _trace(head + tail) == _trace(full_log)
+    assert resumed.history == uninterrupted.history
+    assert resumed.best == uninterrupted.best
+
+
+def test_state_dict_is_refused_mid_generation():
+    strategy = evopress(11)
+    strategy.ask()
+    with pytest.raises(RuntimeError, match="between generations"):
+        strategy.state_dict()
+
+
+def test_tell_checks_its_request():
+    strategy = evopress()
+    request = strategy.ask()
+    with pytest.raises(ValueError, match="expected"):
+        strategy.tell(request, [0.0])
+    strategy.tell(request, [index_sum(g) for g in request.genomes])
+    with pytest.raises(RuntimeError, match="latest ask"):
+        strategy.tell(request, [index_sum(g) for g in request.genomes])
+
+
+def test_custom_variation_is_used_for_offspring():
+    calls = []
+
+    def shift(parent, rng):
+        calls.append(parent)
+        levels = parent.levels
+        return type(parent)(levels[1:] + levels[:1])
+
+    strategy = evopress(0, variation=shift)
+    drive(strategy, stop_after_generation=1)
+    assert calls
+    assert all(SPACE.spec.is_valid(p) for p in calls)
+
+
+def test_random_search_spends_the_same_evaluations_as_evopress():
+    evo_log = drive(evopress(5))
+    rnd = RandomSearch(SPACE, config=CONFIG, rng=np.random.default_rng(5))
+    rnd_log = drive(rnd)
+    shape = [(r.generation, r.stage, r.tokens, len(r.genomes)) for r, _ in evo_log]
+    assert shape == [(r.generation, r.stage, r.tokens, len(r.genomes)) for r, _ in rnd_log]
+    assert all(SPACE.spec.is_valid(g) for r, _ in rnd_log for g in r.genomes)
+    assert _trace(evo_log) != _trace(rnd_log)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(generations=-1), "generations"),
+        (dict(offspring=0), "offspring"),
+        (dict(initial_population=0), "initial_population"),
+        (dict(stages=()), "stages"),
+        (dict(max_switches=0), "max_switches"),
+    ],
+)
+def test_config_validation_names_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EvoPressConfig(**kwargs)
+
+
+def test_stage_validation_and_dict_stages():
+    with pytest.raises(ValueError, match="tokens"):
+        Stage(tokens=0, survivors=1)
+    with pytest.raises(ValueError, match="survivors"):
+        Stage(tokens=1, survivors=0)
+    config = EvoPressConfig(stages=({"tokens": 8, "survivors": 2},))
+    assert config.stages == (Stage(tokens=8, survivors=2),)
+    assert config.parents == 2
