@@ -127,6 +127,8 @@ def _read_jsonl(path: Path, field: str) -> str:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object")
             if field not in record:
                 raise DataError(f"{path}:{lineno}: no field {field!r} (use --text-field)")
             texts.append(str(record[field]))
@@ -157,10 +159,13 @@ def load_token_data(spec: DataSpec, tokenizer, model=None) -> TokenData:
             )
         ids = stream[: wanted * spec.seq_len].view(wanted, spec.seq_len)
     else:
-        if stream.numel() <= spec.seq_len:
-            raise DataError(f"{spec.source} has only {stream.numel()} tokens")
+        if stream.numel() < spec.seq_len:
+            raise DataError(
+                f"{spec.source} has only {stream.numel()} tokens, fewer than seq_len "
+                f"{spec.seq_len}"
+            )
         rng = np.random.default_rng(spec.seed)
-        starts = rng.integers(0, stream.numel() - spec.seq_len, size=wanted)
+        starts = rng.integers(0, stream.numel() - spec.seq_len + 1, size=wanted)
         ids = torch.stack([stream[s : s + spec.seq_len] for s in starts.tolist()])
     kind = "contiguous" if spec.contiguous else f"random (seed {spec.seed})"
     return TokenData(ids, f"{spec.source}: {wanted} x {spec.seq_len} tokens, {kind} windows")

@@ -68,6 +68,10 @@ class LevelSpec:
             raise ValueError(f"names has {len(self.names)} entries, max_levels has {n}")
         if any(m < 0 for m in self.max_levels):
             raise ValueError("max_levels must be >= 0")
+        if extra := sorted(set(self.budgets) - set(self.groups)):
+            raise ValueError(
+                f"budgets name groups without units: {', '.join(f'group {g}' for g in extra)}"
+            )
         for g in set(self.groups):
             if g not in self.budgets:
                 raise ValueError(f"group {g} has no budget")

@@ -26,6 +26,15 @@ class RunConfigMismatch(ValueError):
     """``--resume`` of a run directory created with a different configuration."""
 
 
+def _truncate_partial_line(path: Path) -> None:
+    """Cut a file back to its last newline (drops a line a kill left half-written)."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON so that a reader (or a crash) never sees a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -43,6 +52,7 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        self._log_checked = False
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -71,7 +81,11 @@ class RunDir:
         return False
 
     def append_evaluation(self, record: dict) -> None:
-        with self.file("evaluations.jsonl").open("a") as fh:
+        path = self.file("evaluations.jsonl")
+        if not self._log_checked:
+            _truncate_partial_line(path)  # a kill mid-write leaves half a line behind
+            self._log_checked = True
+        with path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
             fh.flush()
 

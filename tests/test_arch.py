@@ -6,9 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import ARCHS, HIDDEN, N_LAYERS, build_model, logits, random_ids
 from torch import nn
 
-from conftest import ARCHS, HIDDEN, N_LAYERS, build_model, logits, random_ids
 from evosearch.arch import (
     ARCHITECTURES,
     UnsupportedArchitectureError,

@@ -11,8 +11,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from conftest import build_model, token_data
+
 from evosearch.engine import Evaluator, sample_batch, search
 from evosearch.evaluation import Batch, CallableFitness, as_fitness
 from evosearch.forward import compute_dense_cache

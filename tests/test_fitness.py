@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import N_LAYERS, build_model, logits, token_data
+
 from evosearch.engine import Evaluator, sample_batch
 from evosearch.evaluation import Batch, Candidate, Fitness
 from evosearch.forward import compute_dense_cache
@@ -91,7 +91,9 @@ def test_kl_matches_a_direct_computation_from_full_logits(tiny_model):
     value = Evaluator(tiny_model, space, kl, dense).raw(genome, batch)
 
     dropped = remove_blocks(copy.deepcopy(tiny_model), {1, 3})
-    reference = _reference_kl(logits(tiny_model, batch.input_ids), logits(dropped, batch.input_ids))
+    reference = _reference_kl(
+        logits(tiny_model, batch.input_ids), logits(dropped, batch.input_ids)
+    )
     assert value == pytest.approx(reference, rel=1e-4)
     assert value > 0
 

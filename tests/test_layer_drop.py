@@ -8,8 +8,8 @@ import copy
 import numpy as np
 import pytest
 import torch
-
 from conftest import N_LAYERS, OUT_PROJ, logits, random_ids, token_data
+
 from evosearch.arch import get_blocks, get_submodule
 from evosearch.engine import Evaluator, sample_batch
 from evosearch.forward import compute_dense_cache, final_hidden
@@ -228,4 +228,3 @@ def test_prefix_reuse_gives_the_same_fitness(tiny_model, kind, fitness_cls):
         space.from_dropped(), batch
     )
     assert reused != pytest.approx(dense_value, rel=1e-3)
-

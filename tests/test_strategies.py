@@ -16,13 +16,22 @@ CONFIG = EvoPressConfig(
     generations=6,
     offspring=8,
     initial_population=10,
-    stages=(Stage(tokens=16, survivors=4), Stage(tokens=64, survivors=3), Stage(tokens=256, survivors=2)),
+    stages=(
+        Stage(tokens=16, survivors=4),
+        Stage(tokens=64, survivors=3),
+        Stage(tokens=256, survivors=2),
+    ),
 )
 
 
 def index_sum(genome, request: Request | None = None) -> float:
     """Toy fitness: the sum of the dropped block indices (optimum: blocks 0, 1, 2)."""
     return float(sum(i for i, v in enumerate(genome.levels) if v))
+
+
+def binary_code(genome, request: Request | None = None) -> float:
+    """Toy fitness without ties: the dropped blocks read as a binary number."""
+    return float(sum(2**i for i, v in enumerate(genome.levels) if v))
 
 
 def drive(strategy, fitness=index_sum, *, stop_after_generation: int | None = None):
@@ -77,10 +86,12 @@ def test_racing_keeps_the_best_challengers_plus_the_parents():
             # the survivors of the previous stage are its best challengers
             prev_genomes, prev_values = previous
             challengers = sorted(
-                (v, i) for i, (g, v) in enumerate(zip(prev_genomes, prev_values)) if g not in parents
+                (v, i)
+                for i, (g, v) in enumerate(zip(prev_genomes, prev_values))
+                if g not in parents
             )
             assert {prev_genomes[i] for _, i in challengers[:kept]} | parents == set(genomes)
-        values = [index_sum(g) for g in genomes]
+        values = [binary_code(g) for g in genomes]
         strategy.tell(request, values)
         previous = (genomes, values)
         if request.stage == n_stages - 1:  # the new parents are the best of the last stage
