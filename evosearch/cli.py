@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -144,20 +145,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("method", choices=["shortgpt", "angular", "sleb", "last", "random"])
     _add_search_flags(p)
 
-    p = sub.add_parser("eval", help="perplexity of a model or a run's best model")
+    p = eval_parser = sub.add_parser(
+        "eval", help="perplexity and zero-shot accuracy of a model or a run's best model"
+    )
     p.add_argument("model", help="model (as for --model) or a run directory")
     p.add_argument(
         "--ppl",
         action="append",
-        required=True,
         help="dataset alias (wikitext2, c4), HF name or local file (repeatable)",
     )
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--windows", type=int, help="first N windows only (default: all)")
+    p.add_argument(
+        "--tasks",
+        type=lambda s: [t for t in s.split(",") if t],
+        help="zero-shot tasks: arc_easy,arc_challenge,piqa,hellaswag,winogrande",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=os.environ.get("EVOSEARCH_DATA_DIR"),
+        help="folder with arc/, piqa/, hellaswag/, winogrande/ (default: $EVOSEARCH_DATA_DIR)",
+    )
+    p.add_argument("--limit", type=int, help="first N items of each task only (default: all)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward (--tasks)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="write the results JSON here")
 
     args = parser.parse_args(argv)
+    if args.command == "eval" and not (args.ppl or args.tasks):
+        eval_parser.error("give --ppl and/or --tasks")
     _quiet_libraries()
     try:
         return _run(args)
@@ -197,19 +213,36 @@ def _run(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> None:
     from evosearch.models import load_model
     from evosearch.pipeline import evaluate_perplexity, load_eval_data, resolve_device
+    from evosearch.zero_shot import check_tasks, evaluate_tasks, format_table
 
+    if args.tasks is not None:  # fail before loading the model
+        check_tasks(args.tasks)
+        if not args.data_dir:
+            raise ValueError("--tasks needs --data-dir or the EVOSEARCH_DATA_DIR variable")
+        if not Path(args.data_dir).is_dir():
+            raise FileNotFoundError(f"data directory not found: {args.data_dir}")
+    if args.limit is not None and args.limit < 0:
+        raise ValueError(f"--limit must be >= 0, got {args.limit}")
     target = Path(args.model)
     if (target / "config.json").is_file() and (target / "model").is_dir():
         target = target / "model"  # a run directory: its best model
     model, tokenizer = load_model(
         str(target) if target.exists() else args.model, device=resolve_device(args.device)
     )
-    results = {"model": args.model, "seq_len": args.seq_len, "perplexity": {}}
-    for source in args.ppl:
+    results: dict = {"model": args.model}
+    if args.ppl:
+        results.update(seq_len=args.seq_len, perplexity={})
+    for source in args.ppl or []:
         data = load_eval_data(source, tokenizer, args.seq_len, args.windows)
         ppl = evaluate_perplexity(model, data)
         results["perplexity"][source] = {"ppl": ppl, "windows": data.n_sequences}
         print(f"{source}: perplexity {ppl:.3f} ({data.n_sequences} windows of {args.seq_len})")
+    if args.tasks:
+        scores = evaluate_tasks(
+            model, tokenizer, args.tasks, args.data_dir, args.limit, batch_size=args.batch_size
+        )
+        results["zero_shot"] = {"data_dir": args.data_dir, "limit": args.limit, "tasks": scores}
+        print(format_table(scores))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
 
