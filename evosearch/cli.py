@@ -111,7 +111,7 @@ def _config(args: argparse.Namespace, extra: dict | None = None):
             values[field] = value
     if args.drop is not None or args.drop_fraction is not None:  # a flag replaces the YAML's
         values["num_drop"], values["drop_fraction"] = args.drop, args.drop_fraction
-    for flag in ("sublayers", "allowed", "eval_ppl", "stages", "baselines"):
+    for flag in ("sublayers", "allowed", "eval_ppl", "stages", "baselines", "warm_start"):
         value = getattr(args, flag, None)
         if value is not None:
             values[flag] = value
@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         type=lambda s: s.split(","),
         help="compare with: shortgpt,angular,sleb,last,random",
     )
+    p.add_argument("--warm-start", type=lambda s: s.split(","),
+                   help="heuristics whose choices join the initial population: "
+                   "shortgpt,angular,sleb,last")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
 
     p = sub.add_parser("baseline", help="apply one published heuristic")

@@ -50,6 +50,8 @@ class SearchConfig:
         prefix_reuse: reuse the dense hidden states of unchanged leading blocks.
         baselines: heuristics to compute and compare at the end (shortgpt, angular, sleb, last,
             random); sleb_tokens: calibration tokens per SLEB evaluation.
+        warm_start: heuristics (shortgpt, angular, sleb, last) whose genomes join the random
+            initial population, so the search starts from the best published choice.
         eval_ppl: datasets/files on which to report perplexity of dense, best and baselines;
             eval_seq_len / eval_windows: window length and count (None = all windows).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``...
@@ -76,6 +78,7 @@ class SearchConfig:
     seed: int = 0
     prefix_reuse: bool = True
     baselines: tuple[str, ...] = ()
+    warm_start: tuple[str, ...] = ()
     sleb_tokens: int = 4096
     eval_ppl: tuple[str, ...] = ()
     eval_seq_len: int = 1024
@@ -84,7 +87,7 @@ class SearchConfig:
     save_model: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("allowed", "baselines", "eval_ppl"):
+        for name in ("allowed", "baselines", "warm_start", "eval_ppl"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, tuple(value))
@@ -101,6 +104,9 @@ class SearchConfig:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if unknown := [b for b in self.baselines if b not in BASELINE_NAMES]:
             raise ValueError(f"unknown baselines {unknown}; choose from {BASELINE_NAMES}")
+        heuristics = tuple(b for b in BASELINE_NAMES if b != "random")
+        if unknown := [b for b in self.warm_start if b not in heuristics]:
+            raise ValueError(f"unknown warm_start {unknown}; choose from {heuristics}")
         if any(len(s) != 2 for s in self.stages):
             raise ValueError("each stage is (tokens, survivors)")
         self.evopress_config()  # validates the loop settings
@@ -201,9 +207,14 @@ class _Session:
         return Batch(tuple(range(self.data.n_sequences)), self.data.input_ids)
 
 
-def _strategy(config: SearchConfig, space, name: str):
+def _strategy(config: SearchConfig, space, name: str, initial=()):
     cls = EvoPress if name == "evopress" else RandomSearch
-    return cls(space, config=config.evopress_config(), rng=np.random.default_rng(config.seed))
+    return cls(
+        space,
+        config=config.evopress_config(),
+        rng=np.random.default_rng(config.seed),
+        initial=initial,
+    )
 
 
 def run_search(
@@ -219,7 +230,11 @@ def run_search(
     resuming = run.start(config.to_dict(), resume=resume)
     session = _Session(config, log)
     space = session.space
-    strategy = _strategy(config, space, config.strategy)
+    initial: tuple[Genome, ...] = ()
+    if config.warm_start:
+        warm = _baselines(session, dataclasses.replace(config, baselines=config.warm_start), log)
+        initial = tuple(warm.values())
+    strategy = _strategy(config, space, config.strategy, initial)
     evaluator = session.evaluator()
     log(
         f"search: {config.strategy}, {space.num_drop} of {space.n_blocks} "
@@ -250,7 +265,7 @@ def run_search(
     run.write_json("best_genome.json", {"genome": best.key(), **space.describe(best)})
     candidates = {"evopress" if config.strategy == "evopress" else "random": best}
     if config.baselines:
-        candidates.update(_baselines(session, config, log))
+        candidates.update(_baselines(session, config, log, initial))
         results["baselines"] = {n: space.describe(g) for n, g in candidates.items()}
     # Every candidate scored on all calibration tokens, so the comparison is like for like.
     evaluator = session.evaluator()
@@ -268,7 +283,9 @@ def run_search(
     return results
 
 
-def _baselines(session: _Session, config: SearchConfig, log) -> dict[str, Genome]:
+def _baselines(
+    session: _Session, config: SearchConfig, log, initial: tuple[Genome, ...] = ()
+) -> dict[str, Genome]:
     from search_spaces import layer_drop_baselines as bl
 
     space = session.space
@@ -298,7 +315,7 @@ def _baselines(session: _Session, config: SearchConfig, log) -> dict[str, Genome
             if config.strategy == "random":
                 log("baseline random: skipped, the search itself is random search")
                 continue
-            strategy = _strategy(config, space, "random")
+            strategy = _strategy(config, space, "random", initial)
             res = search(
                 strategy, session.evaluator(), session.data, seed=config.seed, progress=None
             )

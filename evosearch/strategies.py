@@ -102,6 +102,8 @@ class EvoPress:
         config: loop hyper-parameters.
         rng: the only source of randomness.
         variation: ``f(parent, rng) -> Genome``; default: EvoPress level-switch mutation.
+        initial: genomes raced in generation 0 alongside the random ones (a warm start, e.g.
+            the heuristics' choices); each must be valid for the space.
     """
 
     def __init__(
@@ -111,7 +113,11 @@ class EvoPress:
         config: EvoPressConfig | None = None,
         rng: np.random.Generator,
         variation: Callable[[Genome, np.random.Generator], Genome] | None = None,
+        initial: tuple[Genome, ...] | list[Genome] = (),
     ) -> None:
+        if bad := [g for g in initial if not space.spec.is_valid(g)]:
+            raise ValueError(f"initial genomes do not fit the space's budget: {bad}")
+        self.initial = tuple(dict.fromkeys(initial))  # de-duplicated, order kept
         self.space = space
         self.config = config or EvoPressConfig()
         self.rng = rng
@@ -182,8 +188,9 @@ class EvoPress:
 
     def _new_pool(self) -> list[_Member]:
         if self.generation == 0:
-            make, count, seen = self.space.random_genome, self.config.initial_population, set()
-            members = []
+            make, count = self.space.random_genome, self.config.initial_population
+            members = [_Member(g) for g in self.initial]
+            seen = set(self.initial)
         else:
             members = [_Member(p.genome, is_parent=True) for p in self.parents]
             seen = {p.genome for p in self.parents}
@@ -230,7 +237,11 @@ class RandomSearch(EvoPress):
     """Random search with the same racing, budget and elitism as :class:`EvoPress`: offspring
     are fresh random genomes instead of mutants, so both spend the same evaluations and tokens."""
 
-    def __init__(self, space, *, config: EvoPressConfig | None = None, rng) -> None:
+    def __init__(self, space, *, config: EvoPressConfig | None = None, rng, initial=()) -> None:
         super().__init__(
-            space, config=config, rng=rng, variation=lambda _parent, r: space.random_genome(r)
+            space,
+            config=config,
+            rng=rng,
+            variation=lambda _parent, r: space.random_genome(r),
+            initial=initial,
         )

@@ -123,3 +123,16 @@ def test_bad_yaml_and_config_mismatch(tiny_model_dir, tmp_path, capsys):
     argv[argv.index("--seed") if "--seed" in argv else len(argv):] = []
     assert main([*argv, "--seed", "5"]) == 2
     assert "seed" in capsys.readouterr().err
+
+
+def test_warm_start_puts_heuristics_into_generation_zero(tiny_model_dir, tmp_path):
+    model, text = tiny_model_dir
+    out = tmp_path / "run"
+    argv = _search_args(model, text, out, "--warm-start", "angular,last", "--baselines", "last")
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    gen0 = {r["genome"] for r in results["evaluations"] if r["generation"] == 0}
+    last = "".join("1" if i in results["baselines"]["last"]["dropped_blocks"] else "0"
+                   for i in range(6))
+    assert last in gen0
+    assert results["config"]["warm_start"] == ["angular", "last"]
