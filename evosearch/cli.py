@@ -32,6 +32,7 @@ _OVERRIDES = {
     "eval_windows": "eval_windows",
     "sleb_tokens": "sleb_tokens",
     "device": "device",
+    "storage": "storage",
 }
 
 
@@ -86,6 +87,11 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-seq-len", type=int)
     p.add_argument("--eval-windows", type=int)
     p.add_argument("--sleb-tokens", type=int)
+    p.add_argument(
+        "--storage",
+        help="Optuna storage URL for the study record (default: "
+        "sqlite in the run directory; journal:PATH or an RDB URL to share it)",
+    )
     p.add_argument("--out", required=True, help="run directory")
 
 
@@ -139,9 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         type=lambda s: s.split(","),
         help="compare with: shortgpt,angular,sleb,last,random",
     )
-    p.add_argument("--warm-start", type=lambda s: s.split(","),
-                   help="heuristics whose choices join the initial population: "
-                   "shortgpt,angular,sleb,last")
+    p.add_argument(
+        "--warm-start",
+        type=lambda s: s.split(","),
+        help="heuristics whose choices join the initial population: shortgpt,angular,sleb,last",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
 
     p = sub.add_parser("baseline", help="apply one published heuristic")

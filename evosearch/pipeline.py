@@ -55,6 +55,8 @@ class SearchConfig:
         eval_ppl: datasets/files on which to report perplexity of dense, best and baselines;
             eval_seq_len / eval_windows: window length and count (None = all windows).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``...
+        storage: Optuna storage URL of the study that records every evaluation (default:
+            ``sqlite:///RUN_DIR/study.db``); ``journal:PATH`` or an RDB URL to share it.
     """
 
     model: str = DEFAULT_MODEL
@@ -85,6 +87,7 @@ class SearchConfig:
     eval_windows: int | None = None
     device: str = "auto"
     save_model: bool = True
+    storage: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("allowed", "baselines", "warm_start", "eval_ppl"):
@@ -207,6 +210,10 @@ class _Session:
         return Batch(tuple(range(self.data.n_sequences)), self.data.input_ids)
 
 
+def _direction(config: SearchConfig) -> str:
+    return "minimize"  # both built-in fitnesses (kl, ppl) are minimised
+
+
 def _strategy(config: SearchConfig, space, name: str, initial=()):
     cls = EvoPress if name == "evopress" else RandomSearch
     return cls(
@@ -226,10 +233,20 @@ def run_search(
 ) -> dict[str, Any]:
     """Run the search of ``config`` into ``out_dir`` and return the results dict (also written
     to ``out_dir/results.json``). With ``resume``, continue a killed run of the same config."""
-    run = RunDir(out_dir)
+    from evosearch.record import OptunaRecord
+
+    out_dir = Path(out_dir)
+    storage = config.storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = OptunaRecord(storage, out_dir.resolve().name, direction=_direction(config))
+    run = RunDir(out_dir, record=record)
     resuming = run.start(config.to_dict(), resume=resume)
     session = _Session(config, log)
     space = session.space
+    from search_spaces.layer_drop import param_counts
+
+    counts = param_counts(session.model)
+    record.bind(space.spec, lambda g: space.metrics(g, counts))
     initial: tuple[Genome, ...] = ()
     if config.warm_start:
         warm = _baselines(session, dataclasses.replace(config, baselines=config.warm_start), log)
@@ -249,7 +266,13 @@ def run_search(
     results: dict[str, Any] = {
         "config": config.to_dict(),
         "space": space.config(),
-        "best": {"genome": best.key(), **space.describe(best), config.fitness: result.best_value},
+        "best": {
+            "genome": best.key(),
+            **space.describe(best),
+            config.fitness: result.best_value,
+            **space.metrics(best, counts),
+        },
+        "study": {"storage": storage, "study_name": record.study.study_name},
         "history": result.history,
         "n_evaluations": result.n_evaluations,
         "search_seconds": round(result.seconds, 2),

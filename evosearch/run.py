@@ -8,7 +8,12 @@ Layout::
       checkpoint.json     strategy state after the last finished generation (atomic)
       results.json        per-generation best, every evaluation, timings, baselines
       best_genome.json    the best genome and its description
+      study.db            the same record as an Optuna study (see evosearch.record)
       model/              the best compressed model
+
+With an :class:`~evosearch.record.OptunaRecord` attached, every evaluation and checkpoint is also
+written to the study, and a run whose files are gone (another machine, a shared RDB) resumes
+from the study alone.
 """
 
 from __future__ import annotations
@@ -50,8 +55,9 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 class RunDir:
     """One search's directory."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, record=None) -> None:
         self.path = Path(path)
+        self.record = record  # an OptunaRecord mirror, or None
         self._log_checked = False
 
     def file(self, name: str) -> Path:
@@ -63,8 +69,10 @@ class RunDir:
         Returns True when a previous run's state should be loaded.
         """
         cfg_file = self.file("config.json")
-        if cfg_file.exists():
-            old = json.loads(cfg_file.read_text())
+        old = json.loads(cfg_file.read_text()) if cfg_file.exists() else None
+        if old is None and self.record is not None:
+            old = self.record.config()  # the files are elsewhere; the study has the run
+        if old is not None:
             if not resume:
                 raise FileExistsError(
                     f"{self.path} already holds a run; pass --resume to continue it or choose "
@@ -75,9 +83,14 @@ class RunDir:
                 raise RunConfigMismatch(
                     f"cannot resume {self.path}: its config differs in {', '.join(diff)}"
                 )
+            if not cfg_file.exists():
+                self.path.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(cfg_file, config)
             return True
         self.path.mkdir(parents=True, exist_ok=True)
         write_json_atomic(cfg_file, config)
+        if self.record is not None:
+            self.record.set_config(config)
         return False
 
     def append_evaluation(self, record: dict) -> None:
@@ -88,12 +101,14 @@ class RunDir:
         with path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
             fh.flush()
+        if self.record is not None:
+            self.record.add(record)
 
     def evaluations(self) -> list[dict]:
         """Logged evaluations; a last line cut short by a kill is ignored."""
         path = self.file("evaluations.jsonl")
         if not path.exists():
-            return []
+            return self.record.evaluations() if self.record is not None else []
         out = []
         for line in path.read_text().splitlines():
             try:
@@ -104,10 +119,14 @@ class RunDir:
 
     def write_checkpoint(self, state: dict) -> None:
         write_json_atomic(self.file("checkpoint.json"), state)
+        if self.record is not None:
+            self.record.set_checkpoint(state)
 
     def checkpoint(self) -> dict | None:
         path = self.file("checkpoint.json")
-        return json.loads(path.read_text()) if path.exists() else None
+        if path.exists():
+            return json.loads(path.read_text())
+        return self.record.checkpoint() if self.record is not None else None
 
     def write_json(self, name: str, obj: Any) -> None:
         write_json_atomic(self.file(name), obj)

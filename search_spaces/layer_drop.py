@@ -8,13 +8,37 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from evosearch.arch import arch_for
+from evosearch.arch import arch_for, get_submodule
 from evosearch.genome import Genome, LevelSpec
 from evosearch.models import save_compressed, sublayer_replacements
 from evosearch.operators import random_genome
 from evosearch.surgery import SkippedBlock
 
-__all__ = ["LayerDropSpace"]
+__all__ = ["LayerDropSpace", "ParamCounts", "param_counts"]
+
+
+class ParamCounts:
+    """Parameter counts of a model: total, and per block its attention and MLP sublayers."""
+
+    def __init__(self, total: int, attention: list[int], mlp: list[int]) -> None:
+        self.total, self.attention, self.mlp = total, attention, mlp
+
+
+def param_counts(model: nn.Module) -> ParamCounts:
+    """Count the parameters a sublayer drop removes (tied weights counted once)."""
+    arch = arch_for(model)
+    blocks = get_submodule(model, arch.blocks)
+
+    def count(paths, block):
+        seen = {id(p): p for path in paths for p in get_submodule(block, path).parameters()}
+        return sum(p.numel() for p in seen.values())
+
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return ParamCounts(
+        total,
+        [count(arch.attention, b) for b in blocks],
+        [count(arch.mlp, b) for b in blocks],
+    )
 
 
 class LayerDropSpace:
@@ -141,6 +165,20 @@ class LayerDropSpace:
         attention, mlp = self.dropped(genome)
         changed = attention | mlp
         return min(changed) if changed else self.n_blocks
+
+    def metrics(self, genome: Genome, counts: ParamCounts) -> dict[str, float]:
+        """Compression measures of ``genome``: blocks kept, parameters left and their share.
+
+        A block counts as kept unless both of its sublayers are dropped.
+        """
+        attention, mlp = self.dropped(genome)
+        removed = sum(counts.attention[i] for i in attention) + sum(counts.mlp[i] for i in mlp)
+        params = counts.total - removed
+        return {
+            "blocks_kept": self.n_blocks - len(attention & mlp),
+            "params": params,
+            "params_fraction": params / counts.total,
+        }
 
     def describe(self, genome: Genome) -> dict[str, Any]:
         attention, mlp = self.dropped(genome)
