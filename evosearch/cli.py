@@ -33,6 +33,7 @@ _OVERRIDES = {
     "sleb_tokens": "sleb_tokens",
     "device": "device",
     "storage": "storage",
+    "sampler_tokens": "sampler_tokens",
 }
 
 
@@ -117,7 +118,17 @@ def _config(args: argparse.Namespace, extra: dict | None = None):
             values[field] = value
     if args.drop is not None or args.drop_fraction is not None:  # a flag replaces the YAML's
         values["num_drop"], values["drop_fraction"] = args.drop, args.drop_fraction
-    for flag in ("sublayers", "allowed", "eval_ppl", "stages", "baselines", "warm_start"):
+    for flag in (
+        "sublayers",
+        "allowed",
+        "eval_ppl",
+        "stages",
+        "baselines",
+        "warm_start",
+        "objectives",
+        "drop_range",
+        "hv_reference",
+    ):
         value = getattr(args, flag, None)
         if value is not None:
             values[flag] = value
@@ -134,7 +145,28 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("search", help="search which blocks to drop (EvoPress)")
     _add_search_flags(p)
-    p.add_argument("--strategy", choices=["evopress", "random"])
+    p.add_argument(
+        "--strategy",
+        choices=["evopress", "random", "tpe", "nsga2", "nsga3", "cmaes", "optuna-random"],
+    )
+    p.add_argument(
+        "--objectives",
+        type=lambda s: s.split(","),
+        help="extra minimised objectives for Optuna strategies: params,blocks_kept",
+    )
+    p.add_argument(
+        "--drop-range",
+        type=lambda s: [int(x) for x in s.split(",")],
+        help="search the number of dropped blocks too, e.g. 3,15 (Optuna strategies)",
+    )
+    p.add_argument(
+        "--sampler-tokens", type=int, help="tokens per evaluation for Optuna strategies"
+    )
+    p.add_argument(
+        "--hv-reference",
+        type=lambda s: [float(x) for x in s.split(",")],
+        help="hypervolume reference point: fitness,objective...",
+    )
     p.add_argument("--generations", type=int)
     p.add_argument("--offspring", type=int)
     p.add_argument("--initial-population", type=int)
@@ -155,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("baseline", help="apply one published heuristic")
     p.add_argument("method", choices=["shortgpt", "angular", "sleb", "last", "random"])
     _add_search_flags(p)
+
+    p = sub.add_parser("export", help="save one genome of a run (e.g. a Pareto point) as a model")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--genome", required=True, help="genome key (from results/pareto.json)")
+    p.add_argument("--out", required=True, help="where to save the model")
 
     p = eval_parser = sub.add_parser(
         "eval", help="perplexity and zero-shot accuracy of a model or a run's best model"
@@ -216,6 +253,9 @@ def _run(args: argparse.Namespace) -> int:
         pipeline.run_search(_config(args), args.out, resume=args.resume)
     elif args.command == "baseline":
         pipeline.run_baseline(_config(args), args.method, args.out)
+    elif args.command == "export":
+        out = pipeline.export_genome(args.run, args.genome, args.out)
+        print(f"saved {out}")
     elif args.command == "eval":
         _eval(args)
     return 0

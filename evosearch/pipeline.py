@@ -26,7 +26,8 @@ from evosearch.strategies import EvoPress, EvoPressConfig, RandomSearch, Stage
 
 __all__ = ["SearchConfig", "run_search", "run_baseline", "evaluate_perplexity", "resolve_device"]
 
-STRATEGIES = ("evopress", "random")
+STRATEGIES = ("evopress", "random", "tpe", "nsga2", "nsga3", "cmaes", "optuna-random")
+OBJECTIVES = ("params", "blocks_kept")  # extra, minimised objectives for Optuna strategies
 BASELINE_NAMES = ("shortgpt", "angular", "sleb", "last", "random")
 
 
@@ -57,6 +58,14 @@ class SearchConfig:
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``...
         storage: Optuna storage URL of the study that records every evaluation (default:
             ``sqlite:///RUN_DIR/study.db``); ``journal:PATH`` or an RDB URL to share it.
+        objectives: extra minimised objectives beside the fitness (``params``,
+            ``blocks_kept``) for a multi-objective search with an Optuna strategy.
+        drop_range: ``(low, high)``: search the number of dropped blocks in this range too
+            (Optuna strategies), e.g. to trace KL vs parameters across 10-50% depth pruning.
+        sampler_tokens: calibration tokens per evaluation of an Optuna strategy (one fidelity;
+            default: the last stage's tokens).
+        hv_reference: hypervolume reference point ``(fitness, *objectives)``; default: the
+            worst fitness evaluated and the dense model's value of each objective.
     """
 
     model: str = DEFAULT_MODEL
@@ -88,14 +97,26 @@ class SearchConfig:
     device: str = "auto"
     save_model: bool = True
     storage: str | None = None
+    objectives: tuple[str, ...] = ()
+    drop_range: tuple[int, int] | None = None
+    sampler_tokens: int | None = None
+    hv_reference: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("allowed", "baselines", "warm_start", "eval_ppl"):
+        for name in (
+            "allowed",
+            "baselines",
+            "warm_start",
+            "eval_ppl",
+            "objectives",
+            "drop_range",
+            "hv_reference",
+        ):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, tuple(value))
         object.__setattr__(self, "stages", tuple(tuple(int(x) for x in s) for s in self.stages))
-        if (self.num_drop is None) == (self.drop_fraction is None):
+        if (self.num_drop is None) == (self.drop_fraction is None) and not self.drop_range:
             raise ValueError("give exactly one of num_drop (e.g. 7) and drop_fraction (e.g. 0.25)")
         if self.num_drop is not None and self.num_drop < 0:
             raise ValueError(f"num_drop must be >= 0, got {self.num_drop}")
@@ -110,6 +131,18 @@ class SearchConfig:
         heuristics = tuple(b for b in BASELINE_NAMES if b != "random")
         if unknown := [b for b in self.warm_start if b not in heuristics]:
             raise ValueError(f"unknown warm_start {unknown}; choose from {heuristics}")
+        if unknown := [o for o in self.objectives if o not in OBJECTIVES]:
+            raise ValueError(f"unknown objectives {unknown}; choose from {OBJECTIVES}")
+        optuna_based = self.strategy not in ("evopress", "random")
+        if (self.objectives or self.drop_range) and not optuna_based:
+            raise ValueError(
+                "objectives / drop_range need an Optuna strategy (tpe, nsga2, nsga3, "
+                "optuna-random)"
+            )
+        if self.drop_range is not None and (
+            len(self.drop_range) != 2 or not 0 <= self.drop_range[0] <= self.drop_range[1]
+        ):
+            raise ValueError("drop_range must be (low, high) with 0 <= low <= high")
         if any(len(s) != 2 for s in self.stages):
             raise ValueError("each stage is (tokens, survivors)")
         self.evopress_config()  # validates the loop settings
@@ -150,7 +183,12 @@ class SearchConfig:
         )
 
     def resolve_num_drop(self, n_blocks: int) -> int:
-        k = self.num_drop if self.num_drop is not None else round(self.drop_fraction * n_blocks)
+        if self.drop_range is not None:
+            k = self.drop_range[1]  # the space must hold the largest budget searched
+        elif self.num_drop is not None:
+            k = self.num_drop
+        else:
+            k = round(self.drop_fraction * n_blocks)
         if not self.sublayers and k >= n_blocks:
             raise ValueError(
                 f"cannot drop {k} of the model's {n_blocks} blocks: keep at least one"
@@ -214,7 +252,20 @@ def _direction(config: SearchConfig) -> str:
     return "minimize"  # both built-in fitnesses (kl, ppl) are minimised
 
 
-def _strategy(config: SearchConfig, space, name: str, initial=()):
+def _strategy(config: SearchConfig, space, name: str, initial=(), objectives=None):
+    if name not in ("evopress", "random"):
+        from evosearch.optuna_strategy import OptunaStrategy, OptunaStrategyConfig
+
+        sampler_config = OptunaStrategyConfig(
+            sampler="random" if name == "optuna-random" else name,
+            generations=config.generations,
+            batch_size=config.offspring,
+            tokens=config.sampler_tokens or config.stages[-1][0],
+            budget_range=config.drop_range,
+        )
+        return OptunaStrategy(
+            space, config=sampler_config, seed=config.seed, objectives=objectives
+        )
     cls = EvoPress if name == "evopress" else RandomSearch
     return cls(
         space,
@@ -251,7 +302,14 @@ def run_search(
     if config.warm_start:
         warm = _baselines(session, dataclasses.replace(config, baselines=config.warm_start), log)
         initial = tuple(warm.values())
-    strategy = _strategy(config, space, config.strategy, initial)
+    objectives = None
+    if config.objectives:
+
+        def objectives(genome):
+            metrics = space.metrics(genome, counts)
+            return tuple(metrics[o] for o in config.objectives)
+
+    strategy = _strategy(config, space, config.strategy, initial, objectives)
     evaluator = session.evaluator()
     log(
         f"search: {config.strategy}, {space.num_drop} of {space.n_blocks} "
@@ -286,7 +344,9 @@ def run_search(
         "evaluations": result.evaluations,
     }
     run.write_json("best_genome.json", {"genome": best.key(), **space.describe(best)})
-    candidates = {"evopress" if config.strategy == "evopress" else "random": best}
+    if config.objectives or config.drop_range:
+        results["pareto"] = _pareto(config, run, strategy, space, counts, log)
+    candidates = {config.strategy: best}
     if config.baselines:
         candidates.update(_baselines(session, config, log, initial))
         results["baselines"] = {n: space.describe(g) for n, g in candidates.items()}
@@ -304,6 +364,74 @@ def run_search(
     run.write_json("results.json", results)
     _log_summary(results, config, log)
     return results
+
+
+def _pareto(config: SearchConfig, run: RunDir, strategy, space, counts, log) -> dict[str, Any]:
+    """The Pareto front of a multi-objective run, its hypervolume, and pareto.json/.csv."""
+    import csv
+
+    from evosearch.pareto import hypervolume
+
+    names = [config.fitness, *config.objectives]
+    front = sorted(strategy.pareto(), key=lambda p: p[1])
+    if config.hv_reference is not None:
+        reference = list(config.hv_reference)
+    else:
+        dense = space.metrics(space.from_dropped(), counts)
+        worst = max(t.values[0] for t in strategy.study.trials if t.values)
+        reference = [worst, *(dense[o] for o in config.objectives)]
+    rows = []
+    for genome, values in front:
+        rows.append(
+            {
+                "genome": genome.key(),
+                **dict(zip(names, values)),
+                **space.metrics(genome, counts),
+                **space.describe(genome),
+                "materialise": f"evosearch export {run.path} --genome {genome.key()} --out DIR",
+            }
+        )
+    hv = hypervolume([v for _, v in front], reference)
+    run.write_json(
+        "pareto.json",
+        {"objectives": names, "reference": reference, "hypervolume": hv, "front": rows},
+    )
+    with run.file("pareto.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else names)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(
+                {k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()}
+            )
+    log(
+        f"pareto front: {len(rows)} points over {names}, hypervolume {hv:.6g} "
+        f"(reference {reference})"
+    )
+    return {"objectives": names, "reference": reference, "hypervolume": hv, "size": len(rows)}
+
+
+def export_genome(run_dir: str | Path, genome_key: str, out_dir: str | Path) -> Path:
+    """Materialise one genome of a finished run (e.g. a Pareto point) as a saved model."""
+    from search_spaces import LayerDropSpace
+
+    run_dir = Path(run_dir)
+    cfg_file = run_dir / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
+    config = SearchConfig.from_dict(json.loads(cfg_file.read_text()))
+    model, tokenizer = load_model(config.model)
+    n_blocks = len(get_blocks(model))
+    space = LayerDropSpace(
+        n_blocks,
+        num_drop=config.resolve_num_drop(n_blocks),
+        sublayers=config.sublayers,
+        allowed=config.allowed,
+    )
+    genome = Genome.from_key(genome_key)
+    if len(genome.levels) != space.spec.n_units:
+        raise ValueError(f"genome {genome_key!r} does not fit this run's space")
+    space.save(model, tokenizer, genome, str(out_dir))
+    return Path(out_dir)
 
 
 def _baselines(

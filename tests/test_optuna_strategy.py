@@ -44,8 +44,10 @@ def test_every_sampler_gives_valid_genomes_and_is_deterministic(sampler):
     a = _run(OptunaStrategy(space, config=config, seed=1), _toy)
     b = _run(OptunaStrategy(space, config=config, seed=1), _toy)
     assert a.history == b.history and len(a.history) == 4
-    assert all(space.spec.is_valid(OptunaStrategy(space, config=config).decode(t.params))
-               for t in a.study.trials)
+    assert all(
+        space.spec.is_valid(OptunaStrategy(space, config=config).decode(t.params))
+        for t in a.study.trials
+    )
 
 
 def test_tpe_improves_on_its_first_batch():
@@ -69,10 +71,12 @@ def test_resume_replays_to_the_same_trajectory():
 
 def test_multi_objective_budget_range_and_pareto():
     space = LayerDropSpace(10, num_drop=6)
-    config = OptunaStrategyConfig(sampler="nsga2", generations=6, batch_size=8, tokens=8,
-                                  budget_range=(1, 6))
-    strategy = OptunaStrategy(space, config=config, seed=0,
-                              objectives=lambda g: (10 - sum(g.levels),))
+    config = OptunaStrategyConfig(
+        sampler="nsga2", generations=6, batch_size=8, tokens=8, budget_range=(1, 6)
+    )
+    strategy = OptunaStrategy(
+        space, config=config, seed=0, objectives=lambda g: (10 - sum(g.levels),)
+    )
     _run(strategy, _toy)
     budgets = {sum(strategy.decode(t.params).levels) for t in strategy.study.trials}
     assert budgets <= set(range(1, 7)) and len(budgets) > 2

@@ -48,3 +48,74 @@ def test_resume_from_study_without_files(tiny_model_dir, tmp_path):  # noqa: F81
     assert second["history"] == first["history"]
     assert len(optuna.load_study(study_name="run", storage=storage).trials) == n_trials
     assert not (out / "evaluations.jsonl").exists()  # nothing was evaluated again
+
+
+def _mo_args(model, text, out, *extra):
+    return [
+        "search",
+        "--model",
+        str(model),
+        "--drop-range",
+        "1,4",
+        "--strategy",
+        "nsga2",
+        "--objectives",
+        "params",
+        "--data",
+        str(text),
+        "--n-sequences",
+        "4",
+        "--seq-len",
+        "16",
+        "--generations",
+        "3",
+        "--offspring",
+        "6",
+        "--sampler-tokens",
+        "64",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def test_multi_objective_run_exports_a_pareto_front(tiny_model_dir, tmp_path):  # noqa: F811
+    from evosearch.pareto import hypervolume, pareto_front
+
+    model, text = tiny_model_dir
+    out = tmp_path / "mo"
+    assert main(_mo_args(model, text, out)) == 0
+    pareto = json.loads((out / "pareto.json").read_text())
+    assert pareto["objectives"] == ["kl", "params"]
+    front = pareto["front"]
+    points = [(p["kl"], p["params"]) for p in front]
+    assert len(points) >= 2 and pareto_front(points) == list(range(len(points)))
+    assert {len(p["dropped_blocks"]) for p in front} <= {1, 2, 3, 4}
+    assert pareto["hypervolume"] == hypervolume(points, pareto["reference"]) > 0
+    # the front dominates every evaluated trial: none is strictly better in both objectives
+    for t in _study(out).trials:
+        kl, params = t.value, t.user_attrs["params"]
+        assert not any(kl < a and params < b for a, b in points)
+    csv_lines = (out / "pareto.csv").read_text().splitlines()
+    assert len(csv_lines) == len(front) + 1
+    # materialise one Pareto point as a model
+    target = tmp_path / "point"
+    assert main(["export", str(out), "--genome", front[0]["genome"], "--out", str(target)]) == 0
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(target)
+    assert saved.config.num_hidden_layers == 6 - len(front[0]["dropped_blocks"])
+
+
+def test_single_objective_optuna_strategy_runs_and_resumes(tiny_model_dir, tmp_path):  # noqa: F811
+    model, text = tiny_model_dir
+    out = tmp_path / "tpe"
+    args = _search_args(model, text, out, "--strategy", "tpe", "--sampler-tokens", "64")
+    assert main(args) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert len(first["history"]) == 4
+    n = len(_study(out).trials)
+    (out / "results.json").unlink()
+    assert main([*args, "--resume"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["best"] == first["best"] and len(_study(out).trials) == n
