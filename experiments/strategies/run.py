@@ -1,0 +1,134 @@
+"""Strategy comparison on SmolLM2-135M layer drop, and multi-objective search over budgets.
+
+    .venv/bin/python experiments/strategies/run.py --seeds 0,1,2
+
+Part 1 (single objective, drop 7 of 30 blocks = 25%): EvoPress, TPE, NSGA-II and random
+(Optuna's RandomSampler) at equal token budgets. Calibration is small (8 x 128 WikiText-2 valid
+tokens) so that every strategy's best is measured on the same 1,024 tokens: Optuna strategies
+score every candidate on all of them; EvoPress races 12 offspring on 256 tokens, then 2 survivors
+and the parent on all 1,024. Both spend 6,144 tokens per generation.
+
+Part 2 (multi-objective): NSGA-II over 3..15 dropped blocks (10-50%), objectives KL and
+parameter count, vs the front formed by five single-objective EvoPress runs at 3, 6, 9, 12, 15
+blocks sharing the same total token budget. Hypervolume against a fixed reference point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from evosearch.pareto import hypervolume, pareto_front
+from evosearch.pipeline import SearchConfig, run_search
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DATA = HERE.parents[2] / "shared" / "data"
+STRATEGIES = ("evopress", "tpe", "nsga2", "optuna-random")
+
+
+def curve(results: dict) -> list[dict]:
+    """Best-so-far value at the end of each generation vs cumulative evaluations and tokens."""
+    evals, tokens, out = 0, 0, []
+    by_gen: dict[int, list[dict]] = {}
+    for rec in results["evaluations"]:
+        by_gen.setdefault(rec["generation"], []).append(rec)
+    for h in results["history"]:
+        recs = by_gen.get(h["generation"], [])
+        evals += len(recs)
+        tokens += sum(r["tokens"] for r in recs)
+        out.append({"evaluations": evals, "tokens": tokens, "best": h["value"]})
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--generations", type=int, default=15)
+    p.add_argument("--mo-generations", type=int, default=15)
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    p.add_argument("--out", default=str(HERE / "results.json"))
+    args = p.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    base = SearchConfig(
+        num_drop=7,
+        generations=args.generations,
+        offspring=12,
+        initial_population=12,
+        stages=((256, 2), (1024, 1)),
+        data=str(Path(args.data_dir) / "wikitext-2-raw" / "wiki.valid.raw"),
+        n_sequences=8,
+        seq_len=128,
+        save_model=False,
+    )
+    report = {
+        "command": "python " + " ".join(sys.argv),
+        "machine": f"{platform.machine()}, 2 cores, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, CPU; other jobs shared the CPU",
+        "status": "running",
+        "single_objective": {},
+        "multi_objective": {},
+    }
+    out = Path(args.out)
+    runs = HERE / "runs"
+    for strategy in STRATEGIES:
+        for seed in seeds:
+            cfg = dataclasses.replace(base, strategy=strategy, seed=seed)
+            if strategy != "evopress":  # 6 candidates x 1,024 tokens = EvoPress's 6,144 / gen
+                cfg = dataclasses.replace(cfg, offspring=6, sampler_tokens=1024)
+            t0 = time.perf_counter()
+            res = run_search(cfg, runs / f"{strategy}-s{seed}", resume=True, log=lambda s: None)
+            report["single_objective"].setdefault(strategy, []).append(
+                {
+                    "seed": seed,
+                    "curve": curve(res),
+                    "best_kl": res["best"]["kl"],
+                    "dropped_blocks": res["best"]["dropped_blocks"],
+                    "seconds": round(time.perf_counter() - t0, 1),
+                }
+            )
+            out.write_text(json.dumps(report, indent=1) + "\n")
+            print(strategy, seed, res["best"]["kl"], flush=True)
+    # Part 2: multi-objective over budgets.
+    ks = (3, 6, 9, 12, 15)
+    mo_gens = args.mo_generations
+    single_gens = max(0, (mo_gens + 1) // len(ks) - 1)  # same total generations of 6,144 tok
+    for seed in seeds:
+        mo = dataclasses.replace(
+            base, num_drop=None, strategy="nsga2", drop_range=(3, 15), objectives=("params",),
+            offspring=6, sampler_tokens=1024, generations=mo_gens, seed=seed,
+        )
+        res = run_search(mo, runs / f"mo-nsga2-s{seed}", resume=True, log=lambda s: None)
+        mo_front = [(r["kl"], r["params"]) for r in
+                    json.loads((runs / f"mo-nsga2-s{seed}" / "pareto.json").read_text())["front"]]
+        singles, so_tokens = [], 0
+        for k in ks:
+            cfg = dataclasses.replace(base, num_drop=k, generations=single_gens, seed=seed)
+            r = run_search(cfg, runs / f"so-k{k}-s{seed}", resume=True, log=lambda s: None)
+            singles.append((r["best"]["kl"], r["best"]["params"]))
+            so_tokens += r["tokens"]
+        so_front = [singles[i] for i in pareto_front(singles)]
+        ref = (8.0, res["pareto"]["reference"][1])  # KL 8 nats, the dense parameter count
+        report["multi_objective"][str(seed)] = {
+            "reference": ref,
+            "nsga2_front": mo_front,
+            "nsga2_hypervolume": hypervolume(mo_front, ref),
+            "nsga2_tokens": sum(e["tokens"] for e in res["evaluations"]),
+            "single_objective_front": so_front,
+            "single_objective_hypervolume": hypervolume(so_front, ref),
+            "single_objective_generations_each": single_gens,
+            "single_objective_tokens": so_tokens,
+        }
+        out.write_text(json.dumps(report, indent=1) + "\n")
+    report["status"] = "complete"
+    out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
