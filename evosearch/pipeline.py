@@ -266,7 +266,9 @@ def run_search(
     candidates = {"evopress" if config.strategy == "evopress" else "random": best}
     if config.baselines:
         candidates.update(_baselines(session, config, log, initial))
-        results["baselines"] = {n: space.describe(g) for n, g in candidates.items()}
+        results["baselines"] = {
+            n: {"genome": g.key(), **space.describe(g)} for n, g in candidates.items()
+        }
     # Every candidate scored on all calibration tokens, so the comparison is like for like.
     evaluator = session.evaluator()
     full = session.full_batch()
@@ -280,7 +282,19 @@ def run_search(
         results["model_dir"] = str(run.file("model"))
     run.write_json("results.json", results)
     _log_summary(results, config, log)
+    _write_report(run.path, log)
     return results
+
+
+def _write_report(run_dir: Path, log: Callable[[str], None]) -> None:
+    """The run's report; a failure here is logged, never raised: results.json is written."""
+    try:
+        from evosearch.report import write_report
+
+        log(f"report: {write_report([run_dir])}")
+    except Exception as exc:  # noqa: BLE001 - the search results must survive any report bug
+        log(f"warning: report not written ({type(exc).__name__}: {exc}); "
+            f"retry with `evosearch report {run_dir}`")
 
 
 def _baselines(
