@@ -8,7 +8,7 @@ be rebuilt at any time and for runs made by older versions::
                          scatter whose points show genome and metrics on hover; no network needed
       convergence.png    best fitness vs evaluations, calibration tokens and evaluation time
       layers.png         per-unit levels of every compared candidate (one heat-map strip each)
-      pareto.png         candidates: calibration fitness (and perplexity) vs units dropped
+      pareto.png         candidates: calibration fitness (and perplexity) vs share of units dropped
       pareto.csv/.json   every candidate with its genome, metrics, run and model path
 
 Several runs given together are overlaid in one convergence figure and tabulated side by side.
@@ -76,7 +76,8 @@ class CandidatePoint:
         units_dropped: sum of the genome's levels (dropped blocks or sublayers).
         metrics: ``calibration <fitness>`` and ``ppl <source>`` values.
         model: the run's model path or name.
-        pareto: not dominated by any other point (fewer units dropped or worse on every metric).
+        pareto: not dominated by any other point (a smaller share dropped, or worse on every
+            metric).
     """
 
     run: str
@@ -86,6 +87,12 @@ class CandidatePoint:
     metrics: dict[str, float]
     model: str
     pareto: bool = field(default=False, compare=False)
+
+    @property
+    def dropped_share(self) -> float:
+        """Levels summed over units, per unit: the share of blocks (or of sublayers) dropped,
+        comparable between block and sublayer searches of one model."""
+        return self.units_dropped / max(1, len(self.genome))
 
 
 def load_run(path: str | Path, name: str | None = None) -> RunRecord:
@@ -212,7 +219,7 @@ def candidate_points(runs: Sequence[RunRecord]) -> list[CandidatePoint]:
 def pareto_flags(points: Sequence[CandidatePoint]) -> list[bool]:
     """True for points no other point dominates.
 
-    Objectives: maximise ``units_dropped`` (compression), minimise every metric both points
+    Objectives: maximise ``dropped_share`` (compression), minimise every metric both points
     have (calibration fitness, perplexities). Points sharing no metric do not dominate each
     other.
     """
@@ -225,10 +232,10 @@ def pareto_flags(points: Sequence[CandidatePoint]) -> list[bool]:
             shared = sorted(set(p.metrics) & set(q.metrics))
             if not shared:
                 continue
-            no_worse = q.units_dropped >= p.units_dropped and all(
+            no_worse = q.dropped_share >= p.dropped_share and all(
                 q.metrics[k] <= p.metrics[k] for k in shared
             )
-            better = q.units_dropped > p.units_dropped or any(
+            better = q.dropped_share > p.dropped_share or any(
                 q.metrics[k] < p.metrics[k] for k in shared
             )
             if no_worse and better:
@@ -318,23 +325,23 @@ def _plot_pareto(points: Sequence[CandidatePoint], path: Path) -> None:
         1, max(1, len(metrics)), figsize=(4.6 * max(1, len(metrics)), 3.6),
         constrained_layout=True, squeeze=False,
     )
-    from matplotlib.ticker import MaxNLocator
-
     multi = len({q.run for q in points}) > 1
     for ax, metric in zip(axes[0], metrics):
         # candidates that coincide (same units, same value) share one point and one label
         groups: dict[tuple[int, float], list[CandidatePoint]] = {}
         for p in points:
             if metric in p.metrics:
-                groups.setdefault((p.units_dropped, p.metrics[metric]), []).append(p)
+                groups.setdefault((p.dropped_share, p.metrics[metric]), []).append(p)
         for (x, y), group in groups.items():
             front = any(p.pareto for p in group)
             ax.scatter(x, y, s=60 if front else 36, marker="*" if front else "o",
                        edgecolor="black", linewidth=0.5)
             label = ", ".join(f"{p.run}:{p.candidate}" if multi else p.candidate for p in group)
             ax.annotate(label, (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("units dropped")
+        shares = sorted({x for x, _ in groups})
+        ax.set_xticks(shares, [f"{x:.0%}" for x in shares])
+        ax.set_xlim(shares[0] - 0.05, shares[-1] + 0.05)
+        ax.set_xlabel("share of units dropped")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     fig.suptitle("Compared candidates (star: Pareto-optimal; lower is better)")
@@ -353,13 +360,14 @@ def _write_pareto_files(points: Sequence[CandidatePoint], out: Path) -> None:
             "model": p.model,
             "genome": p.genome,
             "units_dropped": p.units_dropped,
+            "dropped_share": round(p.dropped_share, 6),
             "pareto": p.pareto,
             **p.metrics,
         }
         for p in points
     ]
     (out / "pareto.json").write_text(json.dumps(rows, indent=1) + "\n")
-    columns = ["run", "candidate", "model", "genome", "units_dropped", "pareto"]
+    columns = ["run", "candidate", "model", "genome", "units_dropped", "dropped_share", "pareto"]
     columns += _metric_names(points)
     with (out / "pareto.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
@@ -391,15 +399,15 @@ def _img(path: Path, alt: str) -> str:
 
 
 def _svg_scatter(points: Sequence[CandidatePoint], metric: str) -> str:
-    """An inline SVG scatter of ``metric`` vs units dropped; each point's ``<title>`` is its
+    """An inline SVG scatter of ``metric`` vs share dropped; each point's ``<title>`` is its
     tooltip (genome and metrics), shown by the browser on hover without any script."""
     pts = [p for p in points if metric in p.metrics]
     if not pts:
         return ""
-    w, h, m = 420, 260, 48
-    xs = [p.units_dropped for p in pts]
+    w, h, m = 440, 260, 72
+    xs = [p.dropped_share for p in pts]
     ys = [p.metrics[metric] for p in pts]
-    x0, x1 = min(xs) - 0.5, max(xs) + 0.5
+    x0, x1 = min(xs) - 0.05, max(xs) + 0.05
     y0, y1 = min(ys), max(ys)
     pad = (y1 - y0) * 0.1 or abs(y0) * 0.1 or 1.0
     y0, y1 = y0 - pad, y1 + pad
@@ -415,7 +423,7 @@ def _svg_scatter(points: Sequence[CandidatePoint], metric: str) -> str:
         f'xmlns="http://www.w3.org/2000/svg" role="img">',
         f'<line x1="{m}" y1="{h - m}" x2="{w - m}" y2="{h - m}" stroke="#333"/>',
         f'<line x1="{m}" y1="{m}" x2="{m}" y2="{h - m}" stroke="#333"/>',
-        f'<text x="{w / 2}" y="{h - 12}" text-anchor="middle">units dropped</text>',
+        f'<text x="{w / 2}" y="{h - 12}" text-anchor="middle">share of units dropped</text>',
         f'<text x="14" y="{h / 2}" transform="rotate(-90 14 {h / 2})" '
         f'text-anchor="middle">{html.escape(metric)}</text>',
     ]
@@ -426,20 +434,21 @@ def _svg_scatter(points: Sequence[CandidatePoint], metric: str) -> str:
         )
     for x in sorted(set(xs)):
         parts.append(
-            f'<text x="{sx(x):.1f}" y="{h - m + 14}" text-anchor="middle" class="tick">{x}</text>'
+            f'<text x="{sx(x):.1f}" y="{h - m + 14}" text-anchor="middle" class="tick">'
+            f"{x:.0%}</text>"
         )
     multi = len({p.run for p in pts}) > 1
     for i, p in enumerate(pts):
         tip = "\n".join(
             [f"{p.run}: {p.candidate}" if multi else p.candidate, f"genome {p.genome}",
-             f"units dropped {p.units_dropped}"]
+             f"units dropped {p.units_dropped} ({p.dropped_share:.0%})"]
             + [f"{k} {v:.6g}" for k, v in p.metrics.items()]
             + (["Pareto-optimal"] if p.pareto else [])
         )
         jitter = (i % 5 - 2) * 3  # candidates often share (units, value): fan them out
         klass = "point pareto" if p.pareto else "point"
         parts.append(
-            f'<circle class="{klass}" cx="{sx(p.units_dropped) + jitter:.1f}" '
+            f'<circle class="{klass}" cx="{sx(p.dropped_share) + jitter:.1f}" '
             f'cy="{sy(p.metrics[metric]):.1f}" r="6" data-candidate="{html.escape(p.candidate)}">'
             f"<title>{html.escape(tip)}</title></circle>"
         )
@@ -579,9 +588,13 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = No
     body.append("<h2>Per-layer picture</h2>")
     body.append(_img(out / "layers.png", figures["layers.png"][0]))
     body.append("<h2>Candidates and Pareto front</h2>")
-    body.append("<p>Hover a point for its genome and metrics. Red: Pareto-optimal (more units "
-                "dropped or lower on every shared metric). Also in <code>pareto.csv</code> and "
-                "<code>pareto.json</code>.</p>")
+    body.append(
+        "<p>Hover a point for its genome and metrics. Red (star in the PNG): Pareto-optimal, "
+        "no other candidate drops at least as large a share of units and is at least as good on "
+        "every metric both have. Calibration fitness compares runs only when they share "
+        "calibration data (model, data, seed). Also in <code>pareto.csv</code> and "
+        "<code>pareto.json</code>.</p>"
+    )
     body.append("<div>" + "".join(_svg_scatter(points, m) for m in _metric_names(points))
                 + "</div>")
     body.append(_img(out / "pareto.png", "Compared candidates"))
