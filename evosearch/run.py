@@ -9,6 +9,8 @@ Layout::
       results.json        per-generation best, every evaluation, timings, baselines
       best_genome.json    the best genome and its description
       model/              the best compressed model
+      report.html         the run's report (evosearch.report), with convergence.png,
+                          layers.png, pareto.png, pareto.csv and pareto.json
 """
 
 from __future__ import annotations

@@ -198,7 +198,13 @@ def check_tasks(tasks: Iterable[str]) -> list[str]:
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
         what = f"unknown task(s) {', '.join(map(repr, unknown))}" if unknown else "no tasks"
-        raise ValueError(f"{what}; valid tasks: {', '.join(TASKS)}")
+        hint = (
+            " (wikitext: --ppl <data-dir>/wikitext-2-raw/wiki.test.raw offline, or "
+            "--backend lm-eval)"
+            if any(t.startswith("wikitext") for t in unknown)
+            else ""
+        )
+        raise ValueError(f"{what}; valid tasks: {', '.join(TASKS)}{hint}")
     return tasks
 
 

@@ -158,3 +158,10 @@ def test_hflm_wraps_a_loaded_model():
     request = Instance("loglikelihood", {}, ("the fox", " jumps"), 0)
     (logprob, greedy), = lm.loglikelihood([request], disable_tqdm=True)
     assert logprob < 0 and isinstance(greedy, bool)
+
+
+def test_local_backend_points_wikitext_to_ppl(model_dir, tmp_path, capsys):
+    argv = ["eval", str(model_dir), "--tasks", "piqa,wikitext", "--data-dir", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "valid tasks" in err and "--ppl" in err and "--backend lm-eval" in err
