@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("EVOSEARCH_DATA_DIR"),
         help="folder with arc/, piqa/, hellaswag/, winogrande/ (default: $EVOSEARCH_DATA_DIR)",
     )
+    p.add_argument(
+        "--lm-eval-include", help="folder of extra lm-eval task YAMLs (--backend lm-eval)"
+    )
     p.add_argument("--limit", type=int, help="first N items of each task only (default: all)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward (--tasks)")
     p.add_argument("--device", default="auto")
@@ -268,7 +271,8 @@ def _eval(args: argparse.Namespace) -> None:
     if args.tasks:
         if backend == "lm-eval":
             scores = lm_eval_backend.evaluate_lm_eval(
-                model, tokenizer, args.tasks, args.limit, batch_size=args.batch_size
+                model, tokenizer, args.tasks, args.limit, batch_size=args.batch_size,
+                include_path=args.lm_eval_include,
             )
         else:
             scores = evaluate_tasks(

@@ -126,6 +126,7 @@ def evaluate_lm_eval(
     limit: int | None = None,
     *,
     batch_size: int = 16,
+    include_path: str | None = None,
 ) -> dict[str, dict[str, float | int]]:
     """Zero-shot scores of an already-loaded ``model`` on lm-eval ``tasks``.
 
@@ -136,6 +137,7 @@ def evaluate_lm_eval(
             ``wikitext``...).
         limit: first ``limit`` documents of each task.
         batch_size: sequences per forward.
+        include_path: a folder of extra lm-eval task YAMLs (e.g. tasks over local files).
 
     Returns:
         ``{task: {metric: value, ..., "n": documents scored}}``; metric names as lm-eval's
@@ -143,9 +145,13 @@ def evaluate_lm_eval(
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    out = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, log_samples=False)
+    manager = TaskManager(include_path=include_path) if include_path else None
+    out = simple_evaluate(
+        model=lm, tasks=list(tasks), limit=limit, log_samples=False, task_manager=manager
+    )
     scores: dict[str, dict[str, float | int]] = {}
     for task in tasks:
         metrics: dict[str, float | int] = dict(_metrics(out["results"].get(task, {})))

@@ -108,7 +108,7 @@ def test_cli_auto_uses_lm_eval_on_the_loaded_model(model_dir, tmp_path, monkeypa
     monkeypatch.setattr(backend, "hub_reachable", lambda: True)
     seen = {}
 
-    def fake(model, tokenizer, tasks, limit, *, batch_size):
+    def fake(model, tokenizer, tasks, limit, *, batch_size, include_path):
         seen.update(model=model, tasks=list(tasks), limit=limit, batch_size=batch_size)
         return {t: {"acc": 0.5, "acc_norm": 0.25, "n": 2} for t in tasks} | {
             "wikitext": {"word_perplexity": 30.0, "n": 2}
@@ -165,3 +165,52 @@ def test_local_backend_points_wikitext_to_ppl(model_dir, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "valid tasks" in err and "--ppl" in err and "--backend lm-eval" in err
+
+
+def test_lm_eval_end_to_end_offline_matches_local_scoring(tmp_path, monkeypatch):
+    """The real lm-eval path (a task YAML over a local JSONL, no hub) on a sublayer-dropped
+    model loaded through evosearch's loader; its acc / acc_norm equal the offline scorer's."""
+    pytest.importorskip("lm_eval.models.huggingface", reason="lm-eval not installed")
+    from evosearch.models import load_model
+    from evosearch.zero_shot import MultipleChoiceItem, evaluate_items
+    from search_spaces import LayerDropSpace
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    docs = [
+        {"question": "the quick brown", "choices": ["fox", "dog", "cat"], "label": 0},
+        {"question": "over the lazy", "choices": ["dog", "elephant"], "label": 0},
+        {"question": "it jumps", "choices": ["over", "under the"], "label": 1},
+        {"question": "a b c", "choices": ["d e", "x", "yz"], "label": 2},
+        {"question": "hello", "choices": ["world", "there"], "label": 1},
+    ]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'docs.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\ndoc_to_target: "{{label}}"\n'
+        'doc_to_choice: "{{choices}}"\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n'
+    )
+    space = LayerDropSpace(4, num_drop=1, sublayers=True)
+    saved = tmp_path / "dropped"
+    space.save(build_model("llama", max_position_embeddings=256), hf_tokenizer(),
+               space.from_dropped(attention=[1], mlp=[2]), str(saved))
+    model, tokenizer = load_model(str(saved))
+    assert (saved / "evosearch_drops.json").is_file()  # only evosearch's loader applies it
+    assert len(model.model.layers) == 4
+
+    scores = backend.evaluate_lm_eval(
+        model, tokenizer, ["tiny_mc"], batch_size=2, include_path=str(tmp_path)
+    )["tiny_mc"]
+    items = [
+        MultipleChoiceItem(
+            contexts=(d["question"],) * len(d["choices"]),
+            continuations=tuple(" " + c for c in d["choices"]),
+            gold=d["label"],
+        )
+        for d in docs
+    ]
+    local = evaluate_items(model, tokenizer, items, batch_size=2)
+    assert scores["n"] == local["n"] == 5
+    assert scores["acc"] == pytest.approx(local["acc"])
+    assert scores["acc_norm"] == pytest.approx(local["acc_norm"])
