@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import html
 import json
 from collections.abc import Sequence
@@ -190,11 +191,13 @@ def candidate_points(runs: Sequence[RunRecord]) -> list[CandidatePoint]:
         results = run.results
         calib = results.get("calibration_fitness", {})
         ppl = results.get("perplexity", {})
-        for name, genome in _candidates(run).items():
+        candidates = _candidates(run)
+        result_name = next(iter(candidates))
+        for name, genome in candidates.items():
             metrics: dict[str, float] = {}
             if name in calib:
                 metrics[f"calibration {run.fitness_name}"] = float(calib[name])
-            elif name == next(iter(_candidates(run))):
+            elif name == result_name:  # results without a full-data rescoring: last stage's
                 metrics[f"calibration {run.fitness_name}"] = float(
                     results["best"].get(run.fitness_name, float("nan"))
                 )
@@ -211,9 +214,7 @@ def candidate_points(runs: Sequence[RunRecord]) -> list[CandidatePoint]:
                 )
             )
     flags = pareto_flags(points)
-    return [
-        CandidatePoint(**{**p.__dict__, "pareto": flag}) for p, flag in zip(points, flags)
-    ]
+    return [dataclasses.replace(p, pareto=flag) for p, flag in zip(points, flags)]
 
 
 def pareto_flags(points: Sequence[CandidatePoint]) -> list[bool]:
