@@ -1,4 +1,4 @@
-"""The ``evosearch`` command line: ``search``, ``baseline`` and ``eval``."""
+"""The ``evosearch`` command line: ``search``, ``baseline``, ``eval`` and ``report``."""
 
 from __future__ import annotations
 
@@ -207,17 +207,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--tasks",
         type=lambda s: [t for t in s.split(",") if t],
-        help="zero-shot tasks: arc_easy,arc_challenge,piqa,hellaswag,winogrande",
+        help="zero-shot tasks: arc_easy,arc_challenge,piqa,hellaswag,winogrande (offline or "
+        "lm-eval); with lm-eval any of its tasks, e.g. wikitext",
+    )
+    p.add_argument(
+        "--backend",
+        choices=["auto", "local", "lm-eval"],
+        default="auto",
+        help="--tasks backend; auto: local when --data-dir is given, else lm-eval if installed "
+        "and the hub reachable",
     )
     p.add_argument(
         "--data-dir",
         default=os.environ.get("EVOSEARCH_DATA_DIR"),
         help="folder with arc/, piqa/, hellaswag/, winogrande/ (default: $EVOSEARCH_DATA_DIR)",
     )
+    p.add_argument(
+        "--lm-eval-include", help="folder of extra lm-eval task YAMLs (--backend lm-eval)"
+    )
     p.add_argument("--limit", type=int, help="first N items of each task only (default: all)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward (--tasks)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="write the results JSON here")
+    p.add_argument("--out", help="write the results JSON here (and a markdown table beside it)")
+
+    p = sub.add_parser(
+        "report", help="HTML report with figures for one run, or several runs compared"
+    )
+    p.add_argument("runs", nargs="+", help="run directories (each with results.json)")
+    p.add_argument(
+        "--out", help="output directory (default: the run directory; required for several runs)"
+    )
 
     args = parser.parse_args(argv)
     if args.command == "eval" and not (args.ppl or args.tasks):
@@ -258,20 +277,29 @@ def _run(args: argparse.Namespace) -> int:
         print(f"saved {out}")
     elif args.command == "eval":
         _eval(args)
+    elif args.command == "report":
+        from evosearch.report import write_report
+
+        print(f"report: {write_report(args.runs, args.out)}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from evosearch import lm_eval_backend
     from evosearch.models import load_model
     from evosearch.pipeline import evaluate_perplexity, load_eval_data, resolve_device
     from evosearch.zero_shot import check_tasks, evaluate_tasks, format_table
 
+    backend = None
     if args.tasks is not None:  # fail before loading the model
-        check_tasks(args.tasks)
-        if not args.data_dir:
-            raise ValueError("--tasks needs --data-dir or the EVOSEARCH_DATA_DIR variable")
-        if not Path(args.data_dir).is_dir():
-            raise FileNotFoundError(f"data directory not found: {args.data_dir}")
+        backend, reason = lm_eval_backend.choose_backend(
+            args.backend, data_dir=args.data_dir, installed=lm_eval_backend.lm_eval_installed()
+        )
+        print(f"zero-shot backend: {backend} ({reason})")
+        if backend == "local":
+            check_tasks(args.tasks)
+            if not Path(args.data_dir).is_dir():
+                raise FileNotFoundError(f"data directory not found: {args.data_dir}")
     if args.limit is not None and args.limit < 0:
         raise ValueError(f"--limit must be >= 0, got {args.limit}")
     target = Path(args.model)
@@ -288,14 +316,43 @@ def _eval(args: argparse.Namespace) -> None:
         ppl = evaluate_perplexity(model, data)
         results["perplexity"][source] = {"ppl": ppl, "windows": data.n_sequences}
         print(f"{source}: perplexity {ppl:.3f} ({data.n_sequences} windows of {args.seq_len})")
+    table = ""
     if args.tasks:
-        scores = evaluate_tasks(
-            model, tokenizer, args.tasks, args.data_dir, args.limit, batch_size=args.batch_size
-        )
-        results["zero_shot"] = {"data_dir": args.data_dir, "limit": args.limit, "tasks": scores}
-        print(format_table(scores))
+        if backend == "lm-eval":
+            scores = lm_eval_backend.evaluate_lm_eval(
+                model,
+                tokenizer,
+                args.tasks,
+                args.limit,
+                batch_size=args.batch_size,
+                include_path=args.lm_eval_include,
+            )
+        else:
+            scores = evaluate_tasks(
+                model,
+                tokenizer,
+                args.tasks,
+                args.data_dir,
+                args.limit,
+                batch_size=args.batch_size,
+            )
+        results["zero_shot"] = {
+            "backend": backend,
+            "data_dir": args.data_dir if backend == "local" else None,
+            "limit": args.limit,
+            "tasks": scores,
+        }
+        table = format_table(scores)
+        print(table)
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+        out = Path(args.out)
+        out.write_text(json.dumps(results, indent=1) + "\n")
+        if table:
+            out.with_suffix(".md").write_text(
+                f"Zero-shot, `{args.model}`, backend {backend}"
+                + (f", first {args.limit} items per task" if args.limit is not None else "")
+                + f"\n\n{table}\n"
+            )
 
 
 if __name__ == "__main__":

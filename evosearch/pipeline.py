@@ -349,7 +349,9 @@ def run_search(
     candidates = {config.strategy: best}
     if config.baselines:
         candidates.update(_baselines(session, config, log, initial))
-        results["baselines"] = {n: space.describe(g) for n, g in candidates.items()}
+        results["baselines"] = {
+            n: {"genome": g.key(), **space.describe(g)} for n, g in candidates.items()
+        }
     # Every candidate scored on all calibration tokens, so the comparison is like for like.
     evaluator = session.evaluator()
     full = session.full_batch()
@@ -363,11 +365,12 @@ def run_search(
         results["model_dir"] = str(run.file("model"))
     run.write_json("results.json", results)
     _log_summary(results, config, log)
+    _write_report(run.path, log)
     return results
 
 
 def _pareto(config: SearchConfig, run: RunDir, strategy, space, counts, log) -> dict[str, Any]:
-    """The Pareto front of a multi-objective run, its hypervolume, and pareto.json/.csv."""
+    """The Pareto front of a multi-objective run, its hypervolume, and pareto_front.json/.csv."""
     import csv
 
     from evosearch.pareto import hypervolume
@@ -393,10 +396,10 @@ def _pareto(config: SearchConfig, run: RunDir, strategy, space, counts, log) -> 
         )
     hv = hypervolume([v for _, v in front], reference)
     run.write_json(
-        "pareto.json",
+        "pareto_front.json",
         {"objectives": names, "reference": reference, "hypervolume": hv, "front": rows},
     )
-    with run.file("pareto.csv").open("w", newline="") as fh:
+    with run.file("pareto_front.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else names)
         writer.writeheader()
         for row in rows:
@@ -432,6 +435,19 @@ def export_genome(run_dir: str | Path, genome_key: str, out_dir: str | Path) -> 
         raise ValueError(f"genome {genome_key!r} does not fit this run's space")
     space.save(model, tokenizer, genome, str(out_dir))
     return Path(out_dir)
+
+
+def _write_report(run_dir: Path, log: Callable[[str], None]) -> None:
+    """The run's report; a failure here is logged, never raised: results.json is written."""
+    try:
+        from evosearch.report import write_report
+
+        log(f"report: {write_report([run_dir])}")
+    except Exception as exc:  # noqa: BLE001 - the search results must survive any report bug
+        log(
+            f"warning: report not written ({type(exc).__name__}: {exc}); "
+            f"retry with `evosearch report {run_dir}`"
+        )
 
 
 def _baselines(

@@ -10,6 +10,8 @@ Layout::
       best_genome.json    the best genome and its description
       study.db            the same record as an Optuna study (see evosearch.record)
       model/              the best compressed model
+      report.html         the run's report (evosearch.report), with convergence.png,
+                          layers.png, pareto.png, pareto.csv and pareto.json
 
 With an :class:`~evosearch.record.OptunaRecord` attached, every evaluation and checkpoint is also
 written to the study, and a run whose files are gone (another machine, a shared RDB) resumes

@@ -198,7 +198,13 @@ def check_tasks(tasks: Iterable[str]) -> list[str]:
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
         what = f"unknown task(s) {', '.join(map(repr, unknown))}" if unknown else "no tasks"
-        raise ValueError(f"{what}; valid tasks: {', '.join(TASKS)}")
+        hint = (
+            " (wikitext: --ppl <data-dir>/wikitext-2-raw/wiki.test.raw offline, or "
+            "--backend lm-eval)"
+            if any(t.startswith("wikitext") for t in unknown)
+            else ""
+        )
+        raise ValueError(f"{what}; valid tasks: {', '.join(TASKS)}{hint}")
     return tasks
 
 
@@ -391,8 +397,16 @@ def evaluate_tasks(
 
 
 def format_table(results: dict[str, dict[str, float | int]]) -> str:
-    """A markdown table of :func:`evaluate_tasks` results."""
-    lines = ["| task | n | acc | acc_norm |", "| --- | ---: | ---: | ---: |"]
+    """A markdown table of :func:`evaluate_tasks` results (or lm-eval's: any metric columns,
+    standard errors left out)."""
+    metrics: list[str] = []
+    for r in results.values():
+        metrics += [k for k in r if k != "n" and not k.endswith("_stderr") and k not in metrics]
+    lines = [
+        "| task | n | " + " | ".join(metrics) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in metrics) + " |",
+    ]
     for task, r in results.items():
-        lines.append(f"| {task} | {r['n']} | {r['acc']:.4f} | {r['acc_norm']:.4f} |")
+        cells = [f"{r[m]:.4f}" if m in r else "" for m in metrics]
+        lines.append(f"| {task} | {r.get('n', '')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -150,3 +150,51 @@ def tiny_model(arch):
 @pytest.fixture
 def llama():
     return build_model("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A finished ``evosearch search`` run (with baselines and perplexity) on a 6-block random
+    Llama, made through the CLI: the run directory, with its ``report.html`` already written."""
+    from evosearch.cli import main
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    model_dir = root / "tiny"
+    build_model("llama", n_layers=6, max_position_embeddings=256).save_pretrained(model_dir)
+    hf_tokenizer().save_pretrained(model_dir)
+    text = root / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    out = root / "run"
+    argv = [
+        "search",
+        "--model",
+        str(model_dir),
+        "--drop",
+        "2",
+        "--data",
+        str(text),
+        "--n-sequences",
+        "4",
+        "--seq-len",
+        "16",
+        "--generations",
+        "3",
+        "--offspring",
+        "4",
+        "--initial-population",
+        "4",
+        "--stages",
+        "16:2,64:1",
+        "--out",
+        str(out),
+        "--baselines",
+        "shortgpt,angular,last",
+        "--eval-ppl",
+        str(text),
+        "--eval-seq-len",
+        "32",
+        "--eval-windows",
+        "2",
+    ]
+    assert main(argv) == 0
+    return out

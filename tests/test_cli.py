@@ -28,8 +28,13 @@ class CharTokenizer:
 def tiny_model_dir(tmp_path, monkeypatch):
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
     )
     path = tmp_path / "tiny"
     LlamaForCausalLM(config).save_pretrained(path)
@@ -44,9 +49,28 @@ def tiny_model_dir(tmp_path, monkeypatch):
 
 def _search_args(model, text, out, *extra):
     return [
-        "search", "--model", str(model), "--drop", "2", "--data", str(text),
-        "--n-sequences", "4", "--seq-len", "16", "--generations", "3", "--offspring", "4",
-        "--initial-population", "4", "--stages", "16:2,64:1", "--out", str(out), *extra,
+        "search",
+        "--model",
+        str(model),
+        "--drop",
+        "2",
+        "--data",
+        str(text),
+        "--n-sequences",
+        "4",
+        "--seq-len",
+        "16",
+        "--generations",
+        "3",
+        "--offspring",
+        "4",
+        "--initial-population",
+        "4",
+        "--stages",
+        "16:2,64:1",
+        "--out",
+        str(out),
+        *extra,
     ]
 
 
@@ -120,7 +144,7 @@ def test_bad_yaml_and_config_mismatch(tiny_model_dir, tmp_path, capsys):
     assert main(_search_args(model, text, out)) == 0
     capsys.readouterr()
     argv = _search_args(model, text, out, "--resume")
-    argv[argv.index("--seed") if "--seed" in argv else len(argv):] = []
+    argv[argv.index("--seed") if "--seed" in argv else len(argv) :] = []
     assert main([*argv, "--seed", "5"]) == 2
     assert "seed" in capsys.readouterr().err
 
@@ -132,7 +156,8 @@ def test_warm_start_puts_heuristics_into_generation_zero(tiny_model_dir, tmp_pat
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     gen0 = {r["genome"] for r in results["evaluations"] if r["generation"] == 0}
-    last = "".join("1" if i in results["baselines"]["last"]["dropped_blocks"] else "0"
-                   for i in range(6))
+    last = "".join(
+        "1" if i in results["baselines"]["last"]["dropped_blocks"] else "0" for i in range(6)
+    )
     assert last in gen0
     assert results["config"]["warm_start"] == ["angular", "last"]

@@ -85,7 +85,7 @@ def test_multi_objective_run_exports_a_pareto_front(tiny_model_dir, tmp_path):  
     model, text = tiny_model_dir
     out = tmp_path / "mo"
     assert main(_mo_args(model, text, out)) == 0
-    pareto = json.loads((out / "pareto.json").read_text())
+    pareto = json.loads((out / "pareto_front.json").read_text())
     assert pareto["objectives"] == ["kl", "params"]
     front = pareto["front"]
     points = [(p["kl"], p["params"]) for p in front]
@@ -96,7 +96,7 @@ def test_multi_objective_run_exports_a_pareto_front(tiny_model_dir, tmp_path):  
     for t in _study(out).trials:
         kl, params = t.value, t.user_attrs["params"]
         assert not any(kl < a and params < b for a, b in points)
-    csv_lines = (out / "pareto.csv").read_text().splitlines()
+    csv_lines = (out / "pareto_front.csv").read_text().splitlines()
     assert len(csv_lines) == len(front) + 1
     # materialise one Pareto point as a model
     target = tmp_path / "point"

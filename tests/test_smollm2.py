@@ -41,9 +41,25 @@ def test_builtin_model_is_real(smollm2):
 def test_cli_search_on_smollm2(smollm2, tmp_path):
     out = tmp_path / "run"
     argv = [
-        "search", "--drop", "3", "--generations", "1", "--offspring", "2",
-        "--initial-population", "2", "--stages", "128:1,256:1", "--n-sequences", "2",
-        "--seq-len", "128", "--baselines", "angular", "--out", str(out),
+        "search",
+        "--drop",
+        "3",
+        "--generations",
+        "1",
+        "--offspring",
+        "2",
+        "--initial-population",
+        "2",
+        "--stages",
+        "128:1,256:1",
+        "--n-sequences",
+        "2",
+        "--seq-len",
+        "128",
+        "--baselines",
+        "angular",
+        "--out",
+        str(out),
     ]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())

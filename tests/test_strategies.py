@@ -235,12 +235,17 @@ def test_stage_validation_and_dict_stages():
 def test_initial_genomes_join_generation_zero_and_must_fit_the_budget():
     space = LayerDropSpace(10, num_drop=3)
     seeds = [space.from_dropped(blocks=[0, 1, 2]), space.from_dropped(blocks=[7, 8, 9])]
-    config = EvoPressConfig(generations=1, offspring=2, initial_population=3,
-                            stages=(Stage(tokens=1, survivors=1),))
+    config = EvoPressConfig(
+        generations=1, offspring=2, initial_population=3, stages=(Stage(tokens=1, survivors=1),)
+    )
     strategy = EvoPress(space, config=config, rng=np.random.default_rng(0), initial=seeds)
     request = strategy.ask()
     assert request.genomes[:2] == tuple(seeds)
     assert len(set(request.genomes)) == len(request.genomes) == 5
     with pytest.raises(ValueError, match="budget"):
-        EvoPress(space, config=config, rng=np.random.default_rng(0),
-                 initial=[space.from_dropped(blocks=[0])])
+        EvoPress(
+            space,
+            config=config,
+            rng=np.random.default_rng(0),
+            initial=[space.from_dropped(blocks=[0])],
+        )

@@ -187,6 +187,7 @@ def test_cli_eval_errors(model_dir, tmp_path, capsys, monkeypatch):
     assert main(["eval", str(model_dir), "--tasks", "piqa,nope", "--data-dir", str(DATA)]) == 2
     assert "valid tasks" in capsys.readouterr().err
     monkeypatch.delenv("EVOSEARCH_DATA_DIR", raising=False)
+    monkeypatch.setattr("evosearch.lm_eval_backend.hub_reachable", lambda *a, **k: False)
     assert main(["eval", str(model_dir), "--tasks", "piqa"]) == 2
     assert "--data-dir" in capsys.readouterr().err
     with pytest.raises(SystemExit):

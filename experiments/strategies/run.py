@@ -105,8 +105,8 @@ def main() -> None:
             offspring=6, sampler_tokens=1024, generations=mo_gens, seed=seed,
         )
         res = run_search(mo, runs / f"mo-nsga2-s{seed}", resume=True, log=lambda s: None)
-        mo_front = [(r["kl"], r["params"]) for r in
-                    json.loads((runs / f"mo-nsga2-s{seed}" / "pareto.json").read_text())["front"]]
+        front_file = runs / f"mo-nsga2-s{seed}" / "pareto_front.json"
+        mo_front = [(r["kl"], r["params"]) for r in json.loads(front_file.read_text())["front"]]
         singles, so_tokens = [], 0
         for k in ks:
             cfg = dataclasses.replace(base, num_drop=k, generations=single_gens, seed=seed)

@@ -1,0 +1,222 @@
+"""Run reports: convergence curves, Pareto flags, per-unit levels, the files written, the CLI,
+and the report at the end of a search (whose failure must not lose the results)."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from evosearch import report
+from evosearch.cli import main
+
+
+def _results(strategy: str = "evopress") -> dict:
+    """A hand-written results.json of a 6-block search over two generations."""
+    evals = [
+        {
+            "genome": "110000",
+            "tokens": 16,
+            "value": 0.5,
+            "seconds": 0.1,
+            "generation": 0,
+            "stage": 0,
+        },
+        {
+            "genome": "000011",
+            "tokens": 16,
+            "value": 0.4,
+            "seconds": 0.1,
+            "generation": 0,
+            "stage": 0,
+        },
+        {
+            "genome": "000011",
+            "tokens": 64,
+            "value": 0.3,
+            "seconds": 0.3,
+            "generation": 0,
+            "stage": 1,
+        },
+        {
+            "genome": "000101",
+            "tokens": 16,
+            "value": 0.2,
+            "seconds": 0.1,
+            "generation": 1,
+            "stage": 0,
+        },
+        {
+            "genome": "000101",
+            "tokens": 64,
+            "value": 0.25,
+            "seconds": 0.3,
+            "generation": 1,
+            "stage": 1,
+        },
+        {
+            "genome": "001100",
+            "tokens": 16,
+            "value": 0.9,
+            "seconds": 0.2,
+            "generation": 2,
+            "stage": 0,
+        },
+    ]
+    return {
+        "config": {"model": "tiny-model", "fitness": "kl", "strategy": strategy},
+        "space": {"space": "layer-drop", "n_blocks": 6, "num_drop": 2, "sublayers": False},
+        "best": {"genome": "000101", "dropped_blocks": [3, 5], "kl": 0.25},
+        "history": [
+            {"generation": 0, "best": "000011", "value": 0.3, "tokens": 64},
+            {"generation": 1, "best": "000101", "value": 0.25, "tokens": 64},
+            {"generation": 2, "best": "000101", "value": 0.25, "tokens": 64},
+        ],
+        "n_evaluations": len(evals),
+        "tokens": sum(e["tokens"] for e in evals),
+        "search_seconds": 1.1,
+        "evaluations": evals,
+        # an old-style entry without "genome": the report rebuilds it from dropped_blocks
+        "baselines": {
+            strategy: {"dropped_blocks": [3, 5]},
+            "last": {"dropped_blocks": [4, 5]},
+            "shortgpt": {"genome": "110000", "dropped_blocks": [0, 1]},
+        },
+        "calibration_fitness": {strategy: 0.26, "last": 0.31, "shortgpt": 0.9},
+        "perplexity": {
+            "dense": {"wiki": 10.0},
+            strategy: {"wiki": 14.0},
+            "last": {"wiki": 13.0},
+            "shortgpt": {"wiki": 30.0},
+        },
+    }
+
+
+def _write_run(path, results):
+    path.mkdir(parents=True)
+    (path / "results.json").write_text(json.dumps(results))
+    return path
+
+
+def test_convergence_curve_cumulates_cost_per_generation():
+    curve = report.convergence_curve(_results())
+    assert curve["generation"] == [0, 1, 2]
+    assert curve["value"] == [0.3, 0.25, 0.25]
+    assert curve["evaluations"] == [3, 5, 6]
+    assert curve["tokens"] == [96, 176, 192]
+    assert curve["seconds"] == pytest.approx([0.5, 0.9, 1.1])
+
+
+def test_unit_levels_blocks_sublayers_and_generic():
+    blocks = {"space": "layer-drop", "n_blocks": 4, "sublayers": False}
+    subl = {"space": "layer-drop", "n_blocks": 3, "sublayers": True}
+    assert report.unit_levels("0101", blocks) == {"dropped": [0, 1, 0, 1]}
+    assert report.unit_levels("100011", subl) == {"attention": [1, 0, 0], "mlp": [0, 1, 1]}
+    assert report.unit_levels("0a3", {"space": "width", "n_blocks": 3}) == {"level": [0, 10, 3]}
+
+
+def test_pareto_flags():
+    P = report.CandidatePoint
+    a = P("r", "a", "0011", 2, {"kl": 0.3}, "m")
+    b = P("r", "b", "0101", 2, {"kl": 0.2}, "m")  # dominates a: same units, lower kl
+    c = P("r", "c", "0111", 3, {"kl": 0.5}, "m")  # more units dropped: on the front
+    d = P("r", "d", "1111", 3, {"ppl": 9.0}, "m")  # shares no metric: nobody dominates it
+    e = P("r", "e", "0101", 2, {"kl": 0.2}, "m")  # ties with b: neither dominates
+    assert report.pareto_flags([a, b, c, d, e]) == [False, True, True, True, True]
+
+
+def test_write_report_single_run(tmp_path):
+    run = _write_run(tmp_path / "run", _results())
+    page = report.write_report([run])
+    assert page == run / "report.html"
+    for name in ("convergence.png", "layers.png", "pareto.png", "pareto.csv", "pareto.json"):
+        assert (run / name).stat().st_size > 0, name
+    text = page.read_text()
+    # every figure inlined as a PNG that decodes to the file written beside the page
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
+    assert len(images) == 3
+    assert base64.b64decode(images[0]) == (run / "convergence.png").read_bytes()
+    # self-contained: no external resources
+    assert not re.search(r'(src|href)="(https?:)?//', text)
+    # comparison table: dense, the result and each baseline with their metrics
+    assert "<td>dense</td>" in text and "<td>shortgpt</td>" in text and "<td>0.31</td>" in text
+    # hover: each candidate an SVG point whose <title> names genome and metrics
+    titles = re.findall(r"<circle[^>]*><title>(.*?)</title>", text, re.S)
+    assert any("genome 110000" in t and "calibration kl 0.9" in t for t in titles)
+    rows = {r["candidate"]: r for r in json.loads((run / "pareto.json").read_text())}
+    assert set(rows) == {"evopress", "last", "shortgpt"}
+    assert rows["last"]["genome"] == "000011"  # rebuilt from dropped_blocks
+    assert rows["evopress"]["model"] == "tiny-model"
+    assert rows["evopress"]["pareto"] and rows["last"]["pareto"]  # lower kl vs lower ppl
+    assert not rows["shortgpt"]["pareto"]
+    with (run / "pareto.csv").open() as fh:
+        table = list(csv.DictReader(fh))
+    assert [r["candidate"] for r in table] == ["evopress", "last", "shortgpt"]
+    assert table[0]["ppl wiki"] == "14.0"
+
+
+def test_write_report_compares_runs(tmp_path):
+    a = _write_run(tmp_path / "a", _results())
+    b = _write_run(tmp_path / "b", _results(strategy="random"))
+    with pytest.raises(ValueError, match="--out"):
+        report.write_report([a, b])
+    page = report.write_report([a, b], tmp_path / "cmp")
+    text = page.read_text()
+    assert "2 runs compared" in text
+    assert "<th>a</th><th>b</th>" in text  # side-by-side table
+    rows = json.loads((tmp_path / "cmp" / "pareto.json").read_text())
+    assert {(r["run"], r["candidate"]) for r in rows} >= {("a", "evopress"), ("b", "random")}
+
+
+def test_report_cli_errors(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "results.json" in err and "Traceback" not in err
+
+
+def test_search_writes_report(tiny_run):
+    results = json.loads((tiny_run / "results.json").read_text())
+    assert (tiny_run / "report.html").is_file()
+    rows = json.loads((tiny_run / "pareto.json").read_text())
+    assert {r["candidate"] for r in rows} == {"evopress", "shortgpt", "angular", "last"}
+    best = next(r for r in rows if r["candidate"] == "evopress")
+    assert best["genome"] == results["best"]["genome"]
+    assert best["calibration kl"] == pytest.approx(results["calibration_fitness"]["evopress"])
+    assert any(k.startswith("ppl ") for k in best)
+
+
+def test_report_cli_rebuilds(tiny_run, tmp_path, capsys):
+    assert main(["report", str(tiny_run), "--out", str(tmp_path / "again")]) == 0
+    assert "report.html" in capsys.readouterr().out
+    assert (tmp_path / "again" / "layers.png").is_file()
+
+
+def test_report_failure_keeps_search_results(tiny_run, tmp_path, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("plotting exploded")
+
+    monkeypatch.setattr(report, "write_report", broken)
+    config = json.loads((tiny_run / "config.json").read_text())
+    from evosearch.pipeline import SearchConfig, run_search
+
+    messages: list[str] = []
+    out = tmp_path / "run"
+    run_search(
+        SearchConfig.from_dict({**config, "baselines": [], "eval_ppl": []}),
+        out,
+        log=messages.append,
+    )
+    assert (out / "results.json").is_file()
+    assert not (out / "report.html").exists()
+    assert any("warning: report not written" in m and "plotting exploded" in m for m in messages)
+
+
+def test_import_evosearch_does_not_import_matplotlib():
+    code = "import sys, evosearch, evosearch.report; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
