@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import search_args
 from torch import nn
 
 from evosearch.data import TokenData
@@ -166,27 +167,7 @@ def tiny_run(tmp_path_factory):
     text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
     out = root / "run"
     argv = [
-        "search",
-        "--model",
-        str(model_dir),
-        "--drop",
-        "2",
-        "--data",
-        str(text),
-        "--n-sequences",
-        "4",
-        "--seq-len",
-        "16",
-        "--generations",
-        "3",
-        "--offspring",
-        "4",
-        "--initial-population",
-        "4",
-        "--stages",
-        "16:2,64:1",
-        "--out",
-        str(out),
+        *search_args(model_dir, text, out),
         "--baselines",
         "shortgpt,angular,last",
         "--eval-ppl",

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import search_args
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from evosearch.cli import main
@@ -47,31 +48,7 @@ def tiny_model_dir(tmp_path, monkeypatch):
     return path, text
 
 
-def _search_args(model, text, out, *extra):
-    return [
-        "search",
-        "--model",
-        str(model),
-        "--drop",
-        "2",
-        "--data",
-        str(text),
-        "--n-sequences",
-        "4",
-        "--seq-len",
-        "16",
-        "--generations",
-        "3",
-        "--offspring",
-        "4",
-        "--initial-population",
-        "4",
-        "--stages",
-        "16:2,64:1",
-        "--out",
-        str(out),
-        *extra,
-    ]
+_search_args = search_args
 
 
 def test_search_writes_run_and_loadable_model(tiny_model_dir, tmp_path):
