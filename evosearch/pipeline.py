@@ -287,8 +287,9 @@ def make_runner(session: _Session, log: Callable[[str], None] = print):
     )
     where = config.ray_address or "a local Ray instance"
     log(
-        f"ray: {config.workers} workers on {where}, {config.worker_cpus} CPUs and "
-        f"{config.worker_gpus} GPUs each, started in {time.perf_counter() - t0:.1f}s"
+        f"ray: {config.workers} workers on {len(set(runner.worker_nodes()))} node(s) of {where}, "
+        f"{config.worker_cpus} CPUs and {config.worker_gpus} GPUs each, started in "
+        f"{time.perf_counter() - t0:.1f}s"
     )
     return runner
 

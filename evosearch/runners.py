@@ -157,8 +157,11 @@ class _EvaluatorActor:
         torch.set_num_threads(torch_threads)
         self.evaluator = factory(**shared)
 
-    def pid(self) -> int:
-        return os.getpid()
+    def where(self) -> tuple[int, str]:
+        """``(process id, Ray node id)`` of this worker."""
+        import ray
+
+        return os.getpid(), ray.get_runtime_context().get_node_id()
 
     def evaluate(self, genome: Genome, batch: Batch) -> Outcome:
         return self.evaluator.outcome(genome, batch)
@@ -211,7 +214,7 @@ class RayRunner:
                 max_concurrency=1,
             )
             self.actors = [self._new_actor() for _ in range(self.config.workers)]
-            self._pids = self._wait_ready(self.actors)
+            self._where = self._wait_ready(self.actors)
             self.replaced = 0  # workers replaced after dying
         except BaseException:
             self.close()
@@ -233,10 +236,10 @@ class RayRunner:
     def _new_actor(self):
         return self._actor_cls.remote(self._factory, self.config.threads, **self._shared)
 
-    def _wait_ready(self, actors) -> list[int]:
+    def _wait_ready(self, actors) -> list[tuple[int, str]]:
         ray = self._ray
         try:
-            return ray.get([a.pid.remote() for a in actors], timeout=self.config.start_timeout_s)
+            return ray.get([a.where.remote() for a in actors], timeout=self.config.start_timeout_s)
         except ray.exceptions.GetTimeoutError:
             raise TimeoutError(
                 f"{len(actors)} Ray worker(s) with {self.config.num_cpus} CPUs and "
@@ -248,7 +251,11 @@ class RayRunner:
 
     def worker_pids(self) -> list[int]:
         """Process ids of the current workers (tests kill one to check fault tolerance)."""
-        return list(self._pids)
+        return [pid for pid, _ in self._where]
+
+    def worker_nodes(self) -> list[str]:
+        """Ray node ids of the current workers."""
+        return [node for _, node in self._where]
 
     def evaluate(self, evaluator, genomes: Sequence[Genome], batch: Batch) -> Iterator[Outcome]:
         """Evaluate ``genomes`` on ``batch`` across the pool; outcomes in ``genomes`` order.
@@ -303,7 +310,7 @@ class RayRunner:
         ray = self._ray
         ray.kill(self.actors[slot], no_restart=True)
         self.actors[slot] = self._new_actor()
-        self._pids[slot] = self._wait_ready([self.actors[slot]])[0]
+        self._where[slot] = self._wait_ready([self.actors[slot]])[0]
         self.replaced += 1
 
     def close(self) -> None:
