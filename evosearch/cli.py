@@ -192,12 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "eval" and not (args.ppl or args.tasks):
         eval_parser.error("give --ppl and/or --tasks")
     _quiet_libraries()
+    from evosearch.runners import WorkerLostError
+
     try:
         return _run(args)
     except KeyboardInterrupt:
         print("evosearch: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, OSError, WorkerLostError) as exc:
         if args.debug:
             raise
         print(f"evosearch: error: {exc}", file=sys.stderr)
