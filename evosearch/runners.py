@@ -156,6 +156,8 @@ class _EvaluatorActor:
 
         torch.set_num_threads(torch_threads)
         self.evaluator = factory(**shared)
+        self._request: int | None = None  # the request whose batch is cached
+        self._batch: Batch | None = None
 
     def where(self) -> tuple[int, str]:
         """``(process id, Ray node id)`` of this worker."""
@@ -163,8 +165,15 @@ class _EvaluatorActor:
 
         return os.getpid(), ray.get_runtime_context().get_node_id()
 
-    def evaluate(self, genome: Genome, batch: Batch) -> Outcome:
-        return self.evaluator.outcome(genome, batch)
+    def evaluate(self, genome: Genome, request: int, batch_box: list) -> Outcome:
+        """Evaluate on request ``request``'s batch, fetched from the object store once per
+        request (``batch_box`` holds its reference, boxed so that Ray does not fetch it for
+        every task)."""
+        if self._request != request:
+            import ray
+
+            self._batch, self._request = ray.get(batch_box[0]), request
+        return self.evaluator.outcome(genome, self._batch)
 
 
 class RayRunner:
@@ -216,6 +225,7 @@ class RayRunner:
             self.actors = [self._new_actor() for _ in range(self.config.workers)]
             self._where = self._wait_ready(self.actors)
             self.replaced = 0  # workers replaced after dying
+            self._requests = 0
         except BaseException:
             self.close()
             raise
@@ -261,13 +271,15 @@ class RayRunner:
         """Evaluate ``genomes`` on ``batch`` across the pool; outcomes in ``genomes`` order.
 
         ``evaluator`` is unused: every worker has its own. The batch goes to the object store
-        once per request. An exception the worker's evaluator does not turn into a failed
-        :class:`Outcome` is re-raised here, as it would be in process.
+        once per request and each worker fetches it once per request. An exception the
+        worker's evaluator does not turn into a failed :class:`Outcome` is re-raised here, as it
+        would be in process.
         """
         ray = self._ray
         if not genomes:
             return
-        batch_ref = ray.put(batch)
+        self._requests += 1
+        request, batch_box = self._requests, [ray.put(batch)]
         results: list[Outcome | None] = [None] * len(genomes)
         attempts = [0] * len(genomes)
         queue = deque(range(len(genomes)))
@@ -281,7 +293,8 @@ class RayRunner:
                     break
                 i = queue.popleft()
                 actor = self.actors[slot]
-                in_flight[actor.evaluate.remote(genomes[i], batch_ref)] = (i, slot, actor)
+                ref = actor.evaluate.remote(genomes[i], request, batch_box)
+                in_flight[ref] = (i, slot, actor)
                 load[slot] += 1
             done, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in done:

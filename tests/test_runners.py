@@ -288,3 +288,13 @@ def test_cli_search_on_ray_and_resume_in_process(ray_local, tmp_path):
 def test_local_ray_refuses_more_cpus_than_it_has(ray_local, tiny):
     with pytest.raises(ValueError, match="local Ray instance has 2;"):
         _ray_runner(tiny, 3, num_cpus=1)
+
+
+def test_importing_evosearch_does_not_import_ray():
+    import subprocess
+
+    code = (
+        "import sys, evosearch, evosearch.runners, evosearch.pipeline, evosearch.cli; "
+        "sys.exit('ray' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
