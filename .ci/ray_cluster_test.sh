@@ -38,9 +38,11 @@ export RAY_AUTH_TOKEN
 setsid "$BIN/ray" start --head --port "$PORT" --temp-dir "$WORK/ray" --include-dashboard=false \
     "${COMMON[@]}" >"$WORK/head.log" 2>&1 &
 PGIDS+=($!)
+disown  # its exit at teardown is expected, not a job to report
 # The second node joins once the head answers; `ray start` retries the connection itself.
 setsid "$BIN/ray" start --address "$HEAD" "${COMMON[@]}" >"$WORK/node.log" 2>&1 &
 PGIDS+=($!)
+disown
 
 # A tiny Llama with a real tokenizer, saved where both nodes' workers can load it.
 PYTHONPATH=tests "$BIN/python" - "$WORK" <<'PY'
