@@ -102,7 +102,8 @@ class RayRunnerConfig:
         workers: evaluator actors in the pool.
         address: ``None`` starts a local Ray instance (or uses the one this process already
             joined); ``"auto"`` joins the cluster started on this machine by ``ray start``;
-            ``"host:port"`` or ``"ray://host:10001"`` joins that cluster.
+            ``"host:port"`` or ``"ray://host:10001"`` joins that cluster. A process that has
+            already called ``ray.init`` keeps that connection, whatever ``address`` says.
         num_cpus: CPUs Ray reserves per worker (fractions allowed; 0 for workers that wait on
             something other than the CPU).
         num_gpus: GPUs per worker; fractions pack several workers onto one GPU.
