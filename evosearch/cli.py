@@ -34,6 +34,11 @@ _OVERRIDES = {
     "device": "device",
     "storage": "storage",
     "sampler_tokens": "sampler_tokens",
+    "runner": "runner",
+    "workers": "workers",
+    "ray_address": "ray_address",
+    "worker_cpus": "worker_cpus",
+    "worker_gpus": "worker_gpus",
 }
 
 
@@ -183,6 +188,15 @@ def main(argv: list[str] | None = None) -> int:
         help="heuristics whose choices join the initial population: shortgpt,angular,sleb,last",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument(
+        "--runner", choices=["inprocess", "ray"], help="where candidates are evaluated"
+    )
+    p.add_argument("--workers", type=int, help="Ray evaluator workers (--runner ray)")
+    p.add_argument(
+        "--ray-address", help="join this Ray cluster: auto | host:port | ray://host:port"
+    )
+    p.add_argument("--worker-cpus", type=float, help="CPUs per Ray worker (fractions allowed)")
+    p.add_argument("--worker-gpus", type=float, help="GPUs per Ray worker (e.g. 0.5)")
 
     p = sub.add_parser("baseline", help="apply one published heuristic")
     p.add_argument("method", choices=["shortgpt", "angular", "sleb", "last", "random"])
@@ -242,12 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "eval" and not (args.ppl or args.tasks):
         eval_parser.error("give --ppl and/or --tasks")
     _quiet_libraries()
+    from evosearch.runners import WorkerLostError
+
     try:
         return _run(args)
     except KeyboardInterrupt:
         print("evosearch: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, OSError, WorkerLostError) as exc:
         if args.debug:
             raise
         print(f"evosearch: error: {exc}", file=sys.stderr)

@@ -21,6 +21,7 @@ from evosearch.evaluation import Batch, Candidate, Fitness
 from evosearch.forward import DenseCache
 from evosearch.genome import Genome
 from evosearch.run import RunDir
+from evosearch.runners import InProcessRunner, Outcome, Runner
 from evosearch.surgery import apply_replacements
 
 __all__ = ["Evaluator", "SearchResult", "search", "sample_batch"]
@@ -72,11 +73,10 @@ class Evaluator:
             candidate = Candidate(self.model, genome, start, self.dense)
             return float(self.fitness(candidate, batch))
 
-    def __call__(self, genome: Genome, batch: Batch) -> tuple[float, dict | None]:
-        """``(value, record)``: the value to minimise and a log record (``None`` if cached)."""
-        key = (genome.key(), batch.key())
-        if key in self.cache:
-            return self.cache[key], None
+    def outcome(self, genome: Genome, batch: Batch) -> Outcome:
+        """Evaluate ``genome`` on ``batch`` without touching the cache or the counters; a
+        ``RuntimeError``, ``ValueError``, CUDA out-of-memory or non-finite value becomes a
+        failed :class:`~evosearch.runners.Outcome`. This is what a runner's worker calls."""
         t0 = time.perf_counter()
         error = None
         try:
@@ -84,23 +84,34 @@ class Evaluator:
             if not math.isfinite(value):
                 error = f"non-finite fitness {value}"
         except (RuntimeError, ValueError, torch.cuda.OutOfMemoryError) as exc:
-            value, error = math.inf, f"{type(exc).__name__}: {exc}"
-        seconds = time.perf_counter() - t0
-        minimised = self.sign * value if error is None else math.inf
-        self.cache[key] = minimised
+            value, error = math.nan, f"{type(exc).__name__}: {exc}"
+        return Outcome(value, error, time.perf_counter() - t0)
+
+    def record(self, genome: Genome, batch: Batch, outcome: Outcome) -> tuple[float, dict]:
+        """Memoise ``outcome`` and count it; returns ``(value to minimise, log record)``."""
+        error = outcome.error
+        minimised = self.sign * outcome.value if error is None else math.inf
+        self.cache[(genome.key(), batch.key())] = minimised
         self.evaluations += 1
         self.tokens += batch.n_tokens
-        self.seconds += seconds
+        self.seconds += outcome.seconds
         record = {
             "genome": genome.key(),
             "batch": batch.key(),
             "tokens": batch.n_tokens,
-            "value": value if error is None else None,
-            "seconds": round(seconds, 4),
+            "value": outcome.value if error is None else None,
+            "seconds": round(outcome.seconds, 4),
         }
         if error:
             record["error"] = error
         return minimised, record
+
+    def __call__(self, genome: Genome, batch: Batch) -> tuple[float, dict | None]:
+        """``(value, record)``: the value to minimise and a log record (``None`` if cached)."""
+        key = (genome.key(), batch.key())
+        if key in self.cache:
+            return self.cache[key], None
+        return self.record(genome, batch, self.outcome(genome, batch))
 
 
 @dataclass
@@ -130,8 +141,14 @@ def search(
     run: RunDir | None = None,
     resume: bool = False,
     progress: Callable[[str], None] | None = print,
+    runner: Runner | None = None,
 ) -> SearchResult:
     """Run ``strategy`` to completion, evaluating its requests with ``evaluator`` on ``data``.
+
+    ``runner`` decides where the genomes of a request are evaluated (default: in this process
+    on ``evaluator``'s model; :class:`~evosearch.runners.RayRunner` for a Ray cluster). The
+    engine keeps the memo, the log and the order: values reach the strategy, and records the
+    log, in request order, so the trajectory does not depend on the runner.
 
     With ``run``, every evaluation is appended to ``run/evaluations.jsonl`` and the strategy
     state is checkpointed atomically after each generation; with ``resume`` both are loaded
@@ -151,6 +168,7 @@ def search(
                     f"resuming at generation {strategy.generation} with {len(log)} logged "
                     "evaluations"
                 )
+    runner = runner if runner is not None else InProcessRunner()
     t_start = time.perf_counter()
     evals_at_gen, t_gen = evaluator.evaluations, time.perf_counter()
     name = getattr(evaluator.fitness, "name", "fitness")
@@ -158,15 +176,22 @@ def search(
         batch = sample_batch(
             data, request.tokens, seed=seed, generation=request.generation, stage=request.stage
         )
-        values = []
+        todo: dict[str, Genome] = {}  # not yet memoised, distinct, in request order
         for genome in request.genomes:
-            value, record = evaluator(genome, batch)
-            values.append(value)
-            if record is not None:
-                record.update(generation=request.generation, stage=request.stage)
-                log.append(record)
-                if run is not None:
-                    run.append_evaluation(record)
+            if (genome.key(), batch.key()) not in evaluator.cache:
+                todo.setdefault(genome.key(), genome)
+        pending = list(todo.values())
+        n_done = 0
+        for genome, outcome in zip(pending, runner.evaluate(evaluator, pending, batch)):
+            n_done += 1
+            _, record = evaluator.record(genome, batch, outcome)
+            record.update(generation=request.generation, stage=request.stage)
+            log.append(record)
+            if run is not None:
+                run.append_evaluation(record)
+        if n_done != len(pending):
+            raise RuntimeError(f"the runner returned {n_done} outcomes for {len(pending)} genomes")
+        values = [evaluator.cache[(g.key(), batch.key())] for g in request.genomes]
         if all(math.isinf(v) for v in values):
             errors = [r.get("error") for r in log if r.get("error")]
             raise RuntimeError(

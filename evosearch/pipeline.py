@@ -24,10 +24,21 @@ from evosearch.models import DEFAULT_MODEL, load_model
 from evosearch.run import RunDir
 from evosearch.strategies import EvoPress, EvoPressConfig, RandomSearch, Stage
 
-__all__ = ["SearchConfig", "run_search", "run_baseline", "evaluate_perplexity", "resolve_device"]
+__all__ = [
+    "SearchConfig",
+    "WorkerRecipe",
+    "evaluate_perplexity",
+    "make_runner",
+    "resolve_device",
+    "run_baseline",
+    "run_search",
+]
 
 STRATEGIES = ("evopress", "random", "tpe", "nsga2", "nsga3", "cmaes", "optuna-random")
 OBJECTIVES = ("params", "blocks_kept")  # extra, minimised objectives for Optuna strategies
+RUNNERS = ("inprocess", "ray")
+# Where evaluations run never changes what they return, so these may differ on --resume.
+RUNNER_FIELDS = ("runner", "workers", "ray_address", "worker_cpus", "worker_gpus")
 BASELINE_NAMES = ("shortgpt", "angular", "sleb", "last", "random")
 
 
@@ -66,6 +77,12 @@ class SearchConfig:
             default: the last stage's tokens).
         hv_reference: hypervolume reference point ``(fitness, *objectives)``; default: the
             worst fitness evaluated and the dense model's value of each objective.
+        runner: ``inprocess`` (evaluate in this process) or ``ray`` (a pool of Ray actors;
+            see :class:`evosearch.runners.RayRunner`). The runner fields (``RUNNER_FIELDS``)
+            do not change results and may differ when a run is resumed.
+        workers: Ray evaluator actors; ray_address: ``None`` starts a local Ray instance,
+            ``auto`` / ``host:port`` / ``ray://host:port`` joins a cluster; worker_cpus /
+            worker_gpus: resources per actor (fractions allowed).
     """
 
     model: str = DEFAULT_MODEL
@@ -101,6 +118,11 @@ class SearchConfig:
     drop_range: tuple[int, int] | None = None
     sampler_tokens: int | None = None
     hv_reference: tuple[float, ...] | None = None
+    runner: str = "inprocess"
+    workers: int = 1
+    ray_address: str | None = None
+    worker_cpus: float = 1.0
+    worker_gpus: float = 0.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -149,6 +171,20 @@ class SearchConfig:
         DataSpec(source=self.data, n_sequences=self.n_sequences, seq_len=self.seq_len)
         if self.eval_seq_len < 2:
             raise ValueError(f"eval_seq_len must be >= 2, got {self.eval_seq_len}")
+        if self.runner not in RUNNERS:
+            raise ValueError(f"runner must be one of {RUNNERS}, got {self.runner!r}")
+        self.ray_config()  # validates workers and resources
+
+    def ray_config(self):
+        """The :class:`~evosearch.runners.RayRunnerConfig` of ``runner="ray"``."""
+        from evosearch.runners import RayRunnerConfig
+
+        return RayRunnerConfig(
+            workers=self.workers,
+            address=self.ray_address,
+            num_cpus=self.worker_cpus,
+            num_gpus=self.worker_gpus,
+        )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SearchConfig:
@@ -209,7 +245,6 @@ class _Session:
 
     def __init__(self, config: SearchConfig, log: Callable[[str], None]) -> None:
         from fitness import get_fitness
-        from search_spaces import LayerDropSpace
 
         t0 = time.perf_counter()
         self.config = config
@@ -220,10 +255,7 @@ class _Session:
             f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M parameters "
             f"({time.perf_counter() - t0:.1f}s)"
         )
-        k = config.resolve_num_drop(n_blocks)
-        self.space = LayerDropSpace(
-            n_blocks, num_drop=k, sublayers=config.sublayers, allowed=config.allowed
-        )
+        self.space = _space(config, n_blocks)
         t0 = time.perf_counter()
         self.data: TokenData = load_token_data(config.data_spec(), self.tokenizer, self.model)
         log(f"calibration data: {self.data.description} ({time.perf_counter() - t0:.1f}s)")
@@ -246,6 +278,61 @@ class _Session:
 
     def full_batch(self) -> Batch:
         return Batch(tuple(range(self.data.n_sequences)), self.data.input_ids)
+
+
+def _space(config: SearchConfig, n_blocks: int):
+    from search_spaces import LayerDropSpace
+
+    k = config.resolve_num_drop(n_blocks)
+    return LayerDropSpace(n_blocks, num_drop=k, sublayers=config.sublayers, allowed=config.allowed)
+
+
+@dataclass(frozen=True)
+class WorkerRecipe:
+    """How a Ray worker rebuilds a session's evaluator: it loads the model itself and takes the
+    calibration tokens and the dense cache from the object store (computed once, by the driver).
+
+    Called as ``recipe(input_ids=..., dense=...)`` in each worker; returns an
+    :class:`~evosearch.engine.Evaluator`.
+    """
+
+    config: SearchConfig
+
+    def __call__(self, *, input_ids: torch.Tensor, dense) -> Evaluator:
+        from transformers.utils import logging as hf_logging
+
+        from fitness import get_fitness
+
+        hf_logging.disable_progress_bar()  # one bar per worker would drown the search's log
+        hf_logging.set_verbosity_error()
+        config = self.config
+        model, _ = load_model(config.model, device=resolve_device(config.device))
+        space = _space(config, len(get_blocks(model)))
+        fitness = get_fitness(config.fitness)
+        fitness.prepare(model, input_ids, dense)
+        return Evaluator(model, space, fitness, dense, prefix_reuse=config.prefix_reuse)
+
+
+def make_runner(session: _Session, log: Callable[[str], None] = print):
+    """The runner ``session.config.runner`` names (a started pool, for ``ray``)."""
+    from evosearch.runners import InProcessRunner, RayRunner
+
+    config = session.config
+    if config.runner == "inprocess":
+        return InProcessRunner()
+    t0 = time.perf_counter()
+    runner = RayRunner(
+        WorkerRecipe(config),
+        shared={"input_ids": session.data.input_ids, "dense": session.dense},
+        config=config.ray_config(),
+    )
+    where = config.ray_address or "a local Ray instance"
+    log(
+        f"ray: {config.workers} workers on {len(set(runner.worker_nodes()))} node(s) of {where}, "
+        f"{config.worker_cpus} CPUs and {config.worker_gpus} GPUs each, started in "
+        f"{time.perf_counter() - t0:.1f}s"
+    )
+    return runner
 
 
 def _direction(config: SearchConfig) -> str:
@@ -291,7 +378,7 @@ def run_search(
     out_dir.mkdir(parents=True, exist_ok=True)
     record = OptunaRecord(storage, out_dir.resolve().name, direction=_direction(config))
     run = RunDir(out_dir, record=record)
-    resuming = run.start(config.to_dict(), resume=resume)
+    resuming = run.start(config.to_dict(), resume=resume, ignore=RUNNER_FIELDS)
     session = _Session(config, log)
     space = session.space
     from search_spaces.layer_drop import param_counts
@@ -317,9 +404,17 @@ def run_search(
         f"{config.generations} generations x {config.offspring} offspring, stages "
         f"{list(config.stages)}"
     )
-    result = search(
-        strategy, evaluator, session.data, seed=config.seed, run=run, resume=resuming, progress=log
-    )
+    with make_runner(session, log) as runner:
+        result = search(
+            strategy,
+            evaluator,
+            session.data,
+            seed=config.seed,
+            run=run,
+            resume=resuming,
+            progress=log,
+            runner=runner,
+        )
     best = result.best
     results: dict[str, Any] = {
         "config": config.to_dict(),

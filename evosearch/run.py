@@ -65,8 +65,11 @@ class RunDir:
     def file(self, name: str) -> Path:
         return self.path / name
 
-    def start(self, config: dict, *, resume: bool) -> bool:
+    def start(self, config: dict, *, resume: bool, ignore: tuple[str, ...] = ()) -> bool:
         """Create the directory or, with ``resume``, check it holds the same config.
+
+        Keys in ``ignore`` (settings that cannot change results, such as where evaluations
+        run) may differ on resume; ``config.json`` keeps the first run's values.
 
         Returns True when a previous run's state should be loaded.
         """
@@ -80,8 +83,8 @@ class RunDir:
                     f"{self.path} already holds a run; pass --resume to continue it or choose "
                     "another --out"
                 )
-            if old != config:
-                diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            keys = (set(old) | set(config)) - set(ignore)
+            if diff := sorted(k for k in keys if old.get(k) != config.get(k)):
                 raise RunConfigMismatch(
                     f"cannot resume {self.path}: its config differs in {', '.join(diff)}"
                 )
