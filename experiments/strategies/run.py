@@ -77,8 +77,8 @@ def main() -> None:
     }
     out = Path(args.out)
     runs = HERE / "runs"
-    for strategy in STRATEGIES:
-        for seed in seeds:
+    for seed in seeds:  # seed-major: a partial run already compares every strategy
+        for strategy in STRATEGIES:
             cfg = dataclasses.replace(base, strategy=strategy, seed=seed)
             if strategy != "evopress":  # 6 candidates x 1,024 tokens = EvoPress's 6,144 / gen
                 cfg = dataclasses.replace(cfg, offspring=6, sampler_tokens=1024)
