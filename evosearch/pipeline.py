@@ -510,21 +510,13 @@ def _pareto(config: SearchConfig, run: RunDir, strategy, space, counts, log) -> 
 
 def export_genome(run_dir: str | Path, genome_key: str, out_dir: str | Path) -> Path:
     """Materialise one genome of a finished run (e.g. a Pareto point) as a saved model."""
-    from search_spaces import LayerDropSpace
-
     run_dir = Path(run_dir)
     cfg_file = run_dir / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
     config = SearchConfig.from_dict(json.loads(cfg_file.read_text()))
     model, tokenizer = load_model(config.model)
-    n_blocks = len(get_blocks(model))
-    space = LayerDropSpace(
-        n_blocks,
-        num_drop=config.resolve_num_drop(n_blocks),
-        sublayers=config.sublayers,
-        allowed=config.allowed,
-    )
+    space = _space(config, len(get_blocks(model)))
     genome = Genome.from_key(genome_key)
     if len(genome.levels) != space.spec.n_units:
         raise ValueError(f"genome {genome_key!r} does not fit this run's space")
