@@ -52,6 +52,16 @@ def _stages(text: str) -> list[list[int]]:
         ) from None
 
 
+def _csv(cast=str):
+    """An argparse type: ``"a,b"`` -> ``[cast("a"), cast("b")]``, named for its error messages."""
+
+    def parse(text: str) -> list:
+        return [cast(x) for x in text.split(",")]
+
+    parse.__name__ = f"comma-separated {cast.__name__}"
+    return parse
+
+
 def _int_list(text: str) -> list[int]:
     """``"0-3,7"`` -> ``[0, 1, 2, 3, 7]``."""
     out: list[int] = []
@@ -156,12 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--objectives",
-        type=lambda s: s.split(","),
+        type=_csv(),
         help="extra minimised objectives for Optuna strategies: params,blocks_kept",
     )
     p.add_argument(
         "--drop-range",
-        type=lambda s: [int(x) for x in s.split(",")],
+        type=_csv(int),
         help="search the number of dropped blocks too, e.g. 3,15 (Optuna strategies)",
     )
     p.add_argument(
@@ -169,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--hv-reference",
-        type=lambda s: [float(x) for x in s.split(",")],
+        type=_csv(float),
         help="hypervolume reference point: fitness,objective...",
     )
     p.add_argument("--generations", type=int)
@@ -179,12 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", type=_stages, help="racing stages tokens:survivors,...")
     p.add_argument(
         "--baselines",
-        type=lambda s: s.split(","),
+        type=_csv(),
         help="compare with: shortgpt,angular,sleb,last,random",
     )
     p.add_argument(
         "--warm-start",
-        type=lambda s: s.split(","),
+        type=_csv(),
         help="heuristics whose choices join the initial population: shortgpt,angular,sleb,last",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
