@@ -26,7 +26,7 @@ from evosearch.zero_shot import evaluate_tasks
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parents[2] / "shared" / "data"  # ../shared/data beside the checkout
-TASKS = ("arc_easy", "piqa", "hellaswag", "winogrande")
+TASKS = ("winogrande", "piqa", "arc_easy", "hellaswag")  # cheapest first
 FULL_SIZES = {"arc_easy": 2376, "piqa": 1838, "hellaswag": 10042, "winogrande": 1267}
 
 
@@ -45,7 +45,16 @@ def main() -> None:
     model, tokenizer = load_model(args.model, device=torch.device("cpu"))
     load_seconds = time.perf_counter() - t0
     scores, seconds = {}, {}
+    # Each finished task is kept in partial/, so a killed run resumes at the next task.
+    partial = HERE / "partial" / stem
+    partial.mkdir(parents=True, exist_ok=True)
     for task in TASKS:
+        done = partial / f"{task}.json"
+        if done.is_file():
+            saved = json.loads(done.read_text())
+            scores[task], seconds[task] = saved["scores"], saved["seconds"]
+            print(f"{task}: {scores[task]} (kept from an earlier run)", flush=True)
+            continue
         t0 = time.perf_counter()
         scores.update(
             evaluate_tasks(
@@ -53,6 +62,7 @@ def main() -> None:
             )
         )
         seconds[task] = round(time.perf_counter() - t0, 1)
+        done.write_text(json.dumps({"scores": scores[task], "seconds": seconds[task]}) + "\n")
         print(f"{task}: {scores[task]} ({seconds[task]} s)", flush=True)
     subset = args.limit is not None
     results = {
