@@ -39,15 +39,23 @@ OBJECTIVES = ("params", "blocks_kept")  # extra, minimised objectives for Optuna
 RUNNERS = ("inprocess", "ray")
 # Where evaluations run never changes what they return, so these may differ on --resume.
 RUNNER_FIELDS = ("runner", "workers", "ray_address", "worker_cpus", "worker_gpus")
-BASELINE_NAMES = ("shortgpt", "angular", "sleb", "last", "random")
+SPACES = ("layer-drop", "sparsity")
+# Baselines each space can compute; "random" (random search, same racing and budget) fits all.
+SPACE_BASELINES = {
+    "layer-drop": ("shortgpt", "angular", "sleb", "last", "random"),
+    "sparsity": ("uniform", "owl", "random"),
+}
+BASELINE_NAMES = SPACE_BASELINES["layer-drop"]
 
 
 @dataclass(frozen=True, kw_only=True)
 class SearchConfig:
-    """Everything that defines a layer-drop search; saved as ``config.json`` in the run.
+    """Everything that defines a search; saved as ``config.json`` in the run.
 
     Args:
         model: built-in name, local directory, ``.gguf`` file or hub id.
+        space: ``layer-drop`` (which blocks to drop) or ``sparsity`` (per-layer unstructured
+            or N:M sparsity levels, see :mod:`search_spaces.sparsity`).
         num_drop: blocks (or sublayers of each kind) to drop; or ``drop_fraction`` of blocks.
         sublayers: drop attention and MLP sublayers separately (``num_drop`` of each).
         allowed: blocks that may be dropped (default all).
@@ -71,6 +79,14 @@ class SearchConfig:
             ``sqlite:///RUN_DIR/study.db``); ``journal:PATH`` or an RDB URL to share it.
         objectives: extra minimised objectives beside the fitness (``params``,
             ``blocks_kept``) for a multi-objective search with an Optuna strategy.
+        sparsity: ``sparsity`` space: target average sparsity of the block linears.
+        pruner: ``sparsity`` space: base pruner (``magnitude``, ``wanda``, ``sparsegpt``, or a
+            saved symbolic metric ``.json``).
+        pattern: ``sparsity`` space: N:M pattern (``2:4``, ``4:8``); levels are then N of M.
+        level_step: ``sparsity`` space: sparsity change per level of a layer of average size
+            (every level step removes the same number of weights in every layer).
+        max_level_shift: ``sparsity`` space: most levels a layer may move from uniform.
+        db_dir: where level databases are stored (default: evosearch's cache directory).
         drop_range: ``(low, high)``: search the number of dropped blocks in this range too
             (Optuna strategies), e.g. to trace KL vs parameters across 10-50% depth pruning.
         sampler_tokens: calibration tokens per evaluation of an Optuna strategy (one fidelity;
@@ -86,6 +102,7 @@ class SearchConfig:
     """
 
     model: str = DEFAULT_MODEL
+    space: str = "layer-drop"
     num_drop: int | None = None
     drop_fraction: float | None = None
     sublayers: bool = False
@@ -115,6 +132,12 @@ class SearchConfig:
     save_model: bool = True
     storage: str | None = None
     objectives: tuple[str, ...] = ()
+    sparsity: float | None = None
+    pruner: str = "wanda"
+    pattern: str | None = None
+    level_step: float = 0.02
+    max_level_shift: int = 6
+    db_dir: str | None = None
     drop_range: tuple[int, int] | None = None
     sampler_tokens: int | None = None
     hv_reference: tuple[float, ...] | None = None
@@ -138,8 +161,20 @@ class SearchConfig:
             if value is not None:
                 object.__setattr__(self, name, tuple(value))
         object.__setattr__(self, "stages", tuple(tuple(int(x) for x in s) for s in self.stages))
-        if (self.num_drop is None) == (self.drop_fraction is None) and not self.drop_range:
-            raise ValueError("give exactly one of num_drop (e.g. 7) and drop_fraction (e.g. 0.25)")
+        if self.space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, got {self.space!r}")
+        if self.space == "layer-drop":
+            if (self.num_drop is None) == (self.drop_fraction is None) and not self.drop_range:
+                raise ValueError(
+                    "give exactly one of num_drop (e.g. 7) and drop_fraction (e.g. 0.25)"
+                )
+        elif self.num_drop is not None or self.drop_fraction is not None or self.sublayers:
+            raise ValueError(
+                f"num_drop / drop_fraction / sublayers belong to layer-drop, "
+                f"not to the {self.space} space"
+            )
+        if self.space == "sparsity":
+            self.sparsity_config()  # validates target, pruner name, pattern and levels
         if self.num_drop is not None and self.num_drop < 0:
             raise ValueError(f"num_drop must be >= 0, got {self.num_drop}")
         if self.drop_fraction is not None and not 0 <= self.drop_fraction < 1:
@@ -148,14 +183,19 @@ class SearchConfig:
             raise ValueError(f"fitness must be 'kl' or 'ppl', got {self.fitness!r}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if unknown := [b for b in self.baselines if b not in BASELINE_NAMES]:
-            raise ValueError(f"unknown baselines {unknown}; choose from {BASELINE_NAMES}")
-        heuristics = tuple(b for b in BASELINE_NAMES if b != "random")
+        names = SPACE_BASELINES[self.space]
+        if unknown := [b for b in self.baselines if b not in names]:
+            raise ValueError(
+                f"unknown baselines {unknown} for the {self.space} space; choose from {names}"
+            )
+        heuristics = tuple(b for b in names if b != "random")
         if unknown := [b for b in self.warm_start if b not in heuristics]:
             raise ValueError(f"unknown warm_start {unknown}; choose from {heuristics}")
         if unknown := [o for o in self.objectives if o not in OBJECTIVES]:
             raise ValueError(f"unknown objectives {unknown}; choose from {OBJECTIVES}")
         optuna_based = self.strategy not in ("evopress", "random")
+        if (self.objectives or self.drop_range) and self.space != "layer-drop":
+            raise ValueError("objectives / drop_range are available for the layer-drop space")
         if (self.objectives or self.drop_range) and not optuna_based:
             raise ValueError(
                 "objectives / drop_range need an Optuna strategy (tpe, nsga2, nsga3, "
@@ -174,6 +214,18 @@ class SearchConfig:
         if self.runner not in RUNNERS:
             raise ValueError(f"runner must be one of {RUNNERS}, got {self.runner!r}")
         self.ray_config()  # validates workers and resources
+
+    def sparsity_config(self):
+        """The :class:`~search_spaces.sparsity.SparsityConfig` of ``space="sparsity"``."""
+        from search_spaces.sparsity import SparsityConfig
+
+        return SparsityConfig(
+            sparsity=self.sparsity,
+            pruner=self.pruner,
+            pattern=self.pattern,
+            level_step=self.level_step,
+            max_level_shift=self.max_level_shift,
+        )
 
     def ray_config(self):
         """The :class:`~evosearch.runners.RayRunnerConfig` of ``runner="ray"``."""
@@ -255,10 +307,12 @@ class _Session:
             f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M parameters "
             f"({time.perf_counter() - t0:.1f}s)"
         )
-        self.space = _space(config, n_blocks)
+        if config.space == "layer-drop":
+            config.resolve_num_drop(n_blocks)  # an impossible budget fails before data loads
         t0 = time.perf_counter()
         self.data: TokenData = load_token_data(config.data_spec(), self.tokenizer, self.model)
         log(f"calibration data: {self.data.description} ({time.perf_counter() - t0:.1f}s)")
+        self.space = _space(config, self.model, self.data.input_ids, log)
         t0 = time.perf_counter()
         self.dense = compute_dense_cache(
             self.model, self.data.input_ids, prefix_reuse=config.prefix_reuse
@@ -280,11 +334,32 @@ class _Session:
         return Batch(tuple(range(self.data.n_sequences)), self.data.input_ids)
 
 
-def _space(config: SearchConfig, n_blocks: int):
-    from search_spaces import LayerDropSpace
+def _space(config: SearchConfig, model, input_ids: torch.Tensor, log=print):
+    """The search space ``config.space`` names, for ``model`` (spaces with a level database
+    build it from the calibration ``input_ids`` once, then reuse it from disk)."""
+    if config.space == "sparsity":
+        from search_spaces.sparsity import SparsitySpace
 
+        return SparsitySpace.build(
+            model,
+            input_ids,
+            config.sparsity_config(),
+            db_root=config.db_dir,
+            model_id=config.model,
+            log=log,
+        )
+    from search_spaces import LayerDropSpace
+    from search_spaces.layer_drop import param_counts
+
+    n_blocks = len(get_blocks(model))
     k = config.resolve_num_drop(n_blocks)
-    return LayerDropSpace(n_blocks, num_drop=k, sublayers=config.sublayers, allowed=config.allowed)
+    return LayerDropSpace(
+        n_blocks,
+        num_drop=k,
+        sublayers=config.sublayers,
+        allowed=config.allowed,
+        counts=param_counts(model),
+    )
 
 
 @dataclass(frozen=True)
@@ -307,7 +382,7 @@ class WorkerRecipe:
         hf_logging.set_verbosity_error()
         config = self.config
         model, _ = load_model(config.model, device=resolve_device(config.device))
-        space = _space(config, len(get_blocks(model)))
+        space = _space(config, model, input_ids, log=lambda _: None)
         fitness = get_fitness(config.fitness)
         fitness.prepare(model, input_ids, dense)
         return Evaluator(model, space, fitness, dense, prefix_reuse=config.prefix_reuse)
@@ -381,10 +456,7 @@ def run_search(
     resuming = run.start(config.to_dict(), resume=resume, ignore=RUNNER_FIELDS)
     session = _Session(config, log)
     space = session.space
-    from search_spaces.layer_drop import param_counts
-
-    counts = param_counts(session.model)
-    record.bind(space.spec, lambda g: space.metrics(g, counts))
+    record.bind(space.spec, space.metrics)
     initial: tuple[Genome, ...] = ()
     if config.warm_start:
         warm = _baselines(session, dataclasses.replace(config, baselines=config.warm_start), log)
@@ -393,14 +465,13 @@ def run_search(
     if config.objectives:
 
         def objectives(genome):
-            metrics = space.metrics(genome, counts)
+            metrics = space.metrics(genome)
             return tuple(metrics[o] for o in config.objectives)
 
     strategy = _strategy(config, space, config.strategy, initial, objectives)
     evaluator = session.evaluator()
     log(
-        f"search: {config.strategy}, {space.num_drop} of {space.n_blocks} "
-        f"{'sublayers of each kind' if space.sublayers else 'blocks'}, fitness {config.fitness}, "
+        f"search: {config.strategy}, {space.summary()}, fitness {config.fitness}, "
         f"{config.generations} generations x {config.offspring} offspring, stages "
         f"{list(config.stages)}"
     )
@@ -423,7 +494,7 @@ def run_search(
             "genome": best.key(),
             **space.describe(best),
             config.fitness: result.best_value,
-            **space.metrics(best, counts),
+            **space.metrics(best),
         },
         "study": {"storage": storage, "study_name": record.study.study_name},
         "history": result.history,
@@ -440,7 +511,7 @@ def run_search(
     }
     run.write_json("best_genome.json", {"genome": best.key(), **space.describe(best)})
     if config.objectives or config.drop_range:
-        results["pareto"] = _pareto(config, run, strategy, space, counts, log)
+        results["pareto"] = _pareto(config, run, strategy, space, log)
     candidates = {config.strategy: best}
     if config.baselines:
         candidates.update(_baselines(session, config, log, initial))
@@ -464,7 +535,7 @@ def run_search(
     return results
 
 
-def _pareto(config: SearchConfig, run: RunDir, strategy, space, counts, log) -> dict[str, Any]:
+def _pareto(config: SearchConfig, run: RunDir, strategy, space, log) -> dict[str, Any]:
     """The Pareto front of a multi-objective run, its hypervolume, and pareto_front.json/.csv."""
     import csv
 
@@ -475,7 +546,7 @@ def _pareto(config: SearchConfig, run: RunDir, strategy, space, counts, log) -> 
     if config.hv_reference is not None:
         reference = list(config.hv_reference)
     else:
-        dense = space.metrics(space.from_dropped(), counts)
+        dense = space.metrics(space.dense_genome())
         worst = max(t.values[0] for t in strategy.study.trials if t.values)
         reference = [worst, *(dense[o] for o in config.objectives)]
     rows = []
@@ -484,7 +555,7 @@ def _pareto(config: SearchConfig, run: RunDir, strategy, space, counts, log) -> 
             {
                 "genome": genome.key(),
                 **dict(zip(names, values)),
-                **space.metrics(genome, counts),
+                **space.metrics(genome),
                 **space.describe(genome),
                 "materialise": f"evosearch export {run.path} --genome {genome.key()} --out DIR",
             }
@@ -515,8 +586,11 @@ def export_genome(run_dir: str | Path, genome_key: str, out_dir: str | Path) -> 
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
     config = SearchConfig.from_dict(json.loads(cfg_file.read_text()))
-    model, tokenizer = load_model(config.model)
-    space = _space(config, len(get_blocks(model)))
+    model, tokenizer = load_model(config.model, device=resolve_device(config.device))
+    input_ids = None
+    if config.space != "layer-drop":  # the level database is keyed by the calibration data
+        input_ids = load_token_data(config.data_spec(), tokenizer, model).input_ids
+    space = _space(config, model, input_ids)
     genome = Genome.from_key(genome_key)
     if len(genome.levels) != space.spec.n_units:
         raise ValueError(f"genome {genome_key!r} does not fit this run's space")
@@ -540,10 +614,23 @@ def _write_report(run_dir: Path, log: Callable[[str], None]) -> None:
 def _baselines(
     session: _Session, config: SearchConfig, log, initial: tuple[Genome, ...] = ()
 ) -> dict[str, Genome]:
-    from search_spaces import layer_drop_baselines as bl
-
     space = session.space
     out: dict[str, Genome] = {}
+    if config.space == "sparsity":
+        from search_spaces import sparsity_baselines
+
+        for name in config.baselines:
+            t0 = time.perf_counter()
+            if name == "random":
+                out[name] = _random_baseline(session, config, initial)
+            else:
+                out[name] = sparsity_baselines.compute(
+                    name, space, session.evaluator(), session.data, seed=config.seed, log=log
+                )
+            log(f"baseline {name}: {space.metrics(out[name])} ({time.perf_counter() - t0:.1f}s)")
+        return out
+    from search_spaces import layer_drop_baselines as bl
+
     boundaries = session.dense.boundaries
     if boundaries is None and {"shortgpt", "angular"} & set(config.baselines):
         boundaries = compute_dense_cache(session.model, session.data.input_ids).boundaries
@@ -569,21 +656,27 @@ def _baselines(
             if config.strategy == "random":
                 log("baseline random: skipped, the search itself is random search")
                 continue
-            strategy = _strategy(config, space, "random", initial)
-            res = search(
-                strategy, session.evaluator(), session.data, seed=config.seed, progress=None
-            )
-            out[name] = res.best
+            out[name] = _random_baseline(session, config, initial)
         log(f"baseline {name}: {space.describe(out[name])} ({time.perf_counter() - t0:.1f}s)")
     return out
+
+
+def _random_baseline(session: _Session, config: SearchConfig, initial) -> Genome:
+    """Random search with the search's racing, budget and initial genomes."""
+    strategy = _strategy(config, session.space, "random", initial)
+    evaluator = session.evaluator()
+    return search(strategy, evaluator, session.data, seed=config.seed, progress=None).best
 
 
 def run_baseline(
     config: SearchConfig, method: str, out_dir: str | Path, *, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
     """Compute one baseline's genome, score it on the calibration data and save its model."""
-    if method not in BASELINE_NAMES:
-        raise ValueError(f"unknown baseline {method!r}; choose from {BASELINE_NAMES}")
+    names = SPACE_BASELINES[config.space]
+    if method not in names:
+        raise ValueError(
+            f"unknown baseline {method!r} for the {config.space} space; choose from {names}"
+        )
     config = dataclasses.replace(config, baselines=(method,))
     session = _Session(config, log)
     genome = _baselines(session, config, log)[method]

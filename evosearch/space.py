@@ -42,6 +42,19 @@ class SearchSpace(Protocol):
         """A JSON-able, human-readable description of the genome."""
         ...
 
+    def metrics(self, genome: Genome) -> dict[str, float]:
+        """Compression measures of the genome (parameters, sparsity, ...), for records,
+        reports and multi-objective searches."""
+        ...
+
+    def summary(self) -> str:
+        """One line saying what the space searches (for logs)."""
+        ...
+
+    def config(self) -> dict[str, Any]:
+        """The JSON-able settings that rebuild the space."""
+        ...
+
     def save(self, model: nn.Module, tokenizer, genome: Genome, out_dir: str) -> None:
         """Write the compressed model for ``genome`` to ``out_dir`` (``model`` stays dense)."""
         ...

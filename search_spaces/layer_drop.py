@@ -54,6 +54,7 @@ class LayerDropSpace:
         num_drop: blocks (or sublayers of each kind) to drop.
         sublayers: drop attention and MLP sublayers separately.
         allowed: block indices that may be dropped (default: all).
+        counts: the model's parameter counts, for :meth:`metrics` (see :func:`param_counts`).
 
     Example:
         >>> space = LayerDropSpace(30, num_drop=7)
@@ -71,6 +72,7 @@ class LayerDropSpace:
         num_drop: int,
         sublayers: bool = False,
         allowed: tuple[int, ...] | list[int] | None = None,
+        counts: ParamCounts | None = None,
     ) -> None:
         if n_blocks < 1:
             raise ValueError(f"n_blocks must be >= 1, got {n_blocks}")
@@ -89,6 +91,7 @@ class LayerDropSpace:
         self.num_drop = num_drop
         self.sublayers = sublayers
         self.allowed = tuple(sorted(allowed_set))
+        self.counts = counts
         per_block = tuple(1 if i in allowed_set else 0 for i in range(n_blocks))
         if sublayers:
             names = tuple(f"attn.{i}" for i in range(n_blocks)) + tuple(
@@ -166,11 +169,22 @@ class LayerDropSpace:
         changed = attention | mlp
         return min(changed) if changed else self.n_blocks
 
-    def metrics(self, genome: Genome, counts: ParamCounts) -> dict[str, float]:
-        """Compression measures of ``genome``: blocks kept, parameters left and their share.
+    def summary(self) -> str:
+        kind = "sublayers of each kind" if self.sublayers else "blocks"
+        return f"drop {self.num_drop} of {self.n_blocks} {kind}"
+
+    def dense_genome(self) -> Genome:
+        return self.from_dropped()
+
+    def metrics(self, genome: Genome, counts: ParamCounts | None = None) -> dict[str, float]:
+        """Compression measures of ``genome``: blocks kept, parameters left and their share
+        (``counts`` defaults to the space's own).
 
         A block counts as kept unless both of its sublayers are dropped.
         """
+        counts = counts or self.counts
+        if counts is None:
+            raise ValueError("metrics need parameter counts: LayerDropSpace(..., counts=...)")
         attention, mlp = self.dropped(genome)
         removed = sum(counts.attention[i] for i in attention) + sum(counts.mlp[i] for i in mlp)
         params = counts.total - removed
