@@ -13,6 +13,13 @@ __all__ = ["main"]
 # CLI flag -> SearchConfig field, for flags that override the YAML config.
 _OVERRIDES = {
     "model": "model",
+    "space": "space",
+    "target": "sparsity",
+    "pruner": "pruner",
+    "pattern": "pattern",
+    "level_step": "level_step",
+    "max_level_shift": "max_level_shift",
+    "db_dir": "db_dir",
     "drop": "num_drop",
     "drop_fraction": "drop_fraction",
     "fitness": "fitness",
@@ -77,6 +84,11 @@ def _int_list(text: str) -> list[int]:
 def _add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file with SearchConfig fields (flags override it)")
     p.add_argument("--model", help="built-in name (smollm2-135m), local dir, .gguf or hub id")
+    p.add_argument(
+        "--space",
+        choices=["layer-drop", "sparsity"],
+        help="what to search: which blocks to drop (default) or per-layer sparsity",
+    )
     p.add_argument("--drop", type=int, help="number of blocks (or sublayers of each kind) to drop")
     p.add_argument("--drop-fraction", type=float, help="fraction of blocks to drop instead")
     p.add_argument(
@@ -86,6 +98,18 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
         help="drop attention and MLP sublayers separately",
     )
     p.add_argument("--allowed", type=_int_list, help="blocks that may be dropped, e.g. 2-27")
+    p.add_argument("--target", type=float, help="sparsity space: average sparsity, e.g. 0.6")
+    p.add_argument("--pruner", help="sparsity space: magnitude | wanda | sparsegpt | metric.json")
+    p.add_argument("--pattern", help="sparsity space: N:M pattern, e.g. 2:4 or 4:8")
+    p.add_argument(
+        "--level-step", type=float, help="sparsity space: sparsity per level of a mean-size layer"
+    )
+    p.add_argument(
+        "--max-level-shift",
+        type=int,
+        help="sparsity space: most levels a layer moves from uniform",
+    )
+    p.add_argument("--db-dir", help="where level databases are kept (default: the cache)")
     p.add_argument("--fitness", choices=["kl", "ppl"])
     p.add_argument("--data", help="calibration: generated | file.txt/.raw/.jsonl | HF dataset")
     p.add_argument("--data-config")
@@ -158,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("search", help="search which blocks to drop (EvoPress)")
+    p = sub.add_parser(
+        "search", help="search which blocks to drop or per-layer sparsity (EvoPress)"
+    )
     _add_search_flags(p)
     p.add_argument(
         "--strategy",
@@ -190,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--baselines",
         type=_csv(),
-        help="compare with: shortgpt,angular,sleb,last,random",
+        help="compare with: shortgpt,angular,sleb,last,random (layer-drop); uniform,owl,random "
+        "(sparsity)",
     )
     p.add_argument(
         "--warm-start",
@@ -198,9 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         help="heuristics whose choices join the initial population: shortgpt,angular,sleb,last",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument(
-        "--runner", choices=["inprocess", "ray"], help="where candidates are evaluated"
-    )
+    p.add_argument("--runner", choices=["inprocess", "ray"], help="where candidates are evaluated")
     p.add_argument("--workers", type=int, help="Ray evaluator workers (--runner ray)")
     p.add_argument(
         "--ray-address", help="join this Ray cluster: auto | host:port | ray://host:port"
@@ -209,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker-gpus", type=float, help="GPUs per Ray worker (e.g. 0.5)")
 
     p = sub.add_parser("baseline", help="apply one published heuristic")
-    p.add_argument("method", choices=["shortgpt", "angular", "sleb", "last", "random"])
+    p.add_argument(
+        "method", choices=["shortgpt", "angular", "sleb", "last", "random", "uniform", "owl"]
+    )
     _add_search_flags(p)
 
     p = sub.add_parser("export", help="save one genome of a run (e.g. a Pareto point) as a model")

@@ -461,6 +461,8 @@ def run_search(
     if config.warm_start:
         warm = _baselines(session, dataclasses.replace(config, baselines=config.warm_start), log)
         initial = tuple(warm.values())
+    if config.space == "sparsity":  # EvoPress starts from the uniform allocation
+        initial = (space.uniform_genome(), *initial)
     objectives = None
     if config.objectives:
 

@@ -1,0 +1,415 @@
+"""Non-uniform per-layer sparsity: one level per linear layer of the blocks (EvoPress, Sec. 4.3).
+
+Unstructured: every level step prunes the same absolute number of weights ``step`` in every
+layer (``step = level_step x`` the mean layer size), so a level switch -- one layer up, another
+down -- keeps the total number of pruned weights, and hence the global sparsity, exact. A layer's
+*centre* level is the uniform allocation (``round(target x size)`` pruned); it may move
+``max_level_shift`` levels either way, within ``[0, max_layer_sparsity]``.
+
+N:M (``pattern="2:4"``): a layer's level picks its N in N:M (same M everywhere; the centre is
+the requested N). One step changes a layer's pruned count by ``size / M``, which is the same
+only for layers of the same size, so layers are grouped by size and switches stay inside a group
+(as DarwinLM swaps levels only between layers of one type).
+
+All levels of all layers come from a :class:`~evosearch.leveldb.LevelDatabase` built once from
+the dense model's calibration statistics, so any combination is a valid model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from evosearch.genome import Genome, LevelSpec
+from evosearch.leveldb import LevelDatabase, model_fingerprint, tensor_fingerprint
+from evosearch.models import cache_dir
+from evosearch.operators import level_switch_mutation
+from evosearch.pruning import (
+    LinearRef,
+    SparseGPT,
+    block_linears,
+    collect_stats,
+    get_pruner,
+    parse_pattern,
+    set_weight_,
+)
+
+__all__ = ["PROFILE_FILE", "SparsityConfig", "SparsitySpace", "measure_sparsity"]
+
+PROFILE_FILE = "sparsity_profile.json"
+_STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SparsityConfig:
+    """What a sparsity search allocates.
+
+    Args:
+        sparsity: target average sparsity of all block linears (unstructured), in (0, 1).
+        pattern: N:M pattern instead (``"2:4"``, ``"4:8"``); the target is ``1 - N/M``.
+        pruner: base pruner (``magnitude``, ``wanda``, ``sparsegpt``) or a saved symbolic
+            metric (a ``.json`` file).
+        level_step: sparsity change per level of a layer of mean size (unstructured).
+        max_level_shift: most levels a layer may move away from the uniform allocation.
+        max_layer_sparsity: no layer is pruned beyond this (unstructured).
+        store_dtype: dtype of the pruned weights in the database (``float16`` halves its size;
+            the model's dtype is restored when a level is swapped in).
+    """
+
+    sparsity: float | None = None
+    pattern: str | None = None
+    pruner: str = "wanda"
+    level_step: float = 0.02
+    max_level_shift: int = 6
+    max_layer_sparsity: float = 0.95
+    store_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        nm = parse_pattern(self.pattern)
+        if nm is None and self.sparsity is None:
+            raise ValueError("give a target sparsity (e.g. 0.6) or an N:M pattern (e.g. 2:4)")
+        if nm is not None and self.sparsity is not None:
+            if not math.isclose(self.sparsity, 1 - nm[0] / nm[1]):
+                raise ValueError(
+                    f"pattern {self.pattern} means sparsity {1 - nm[0] / nm[1]:g}, "
+                    f"not {self.sparsity:g}; give one of them"
+                )
+        if self.sparsity is not None and not 0 < self.sparsity < 1:
+            raise ValueError(f"sparsity must lie in (0, 1), got {self.sparsity}")
+        if not 0 < self.max_layer_sparsity < 1:
+            raise ValueError(
+                f"max_layer_sparsity must lie in (0, 1), got {self.max_layer_sparsity}"
+            )
+        if nm is None and self.sparsity > self.max_layer_sparsity:
+            raise ValueError(
+                f"target sparsity {self.sparsity} exceeds max_layer_sparsity "
+                f"{self.max_layer_sparsity}"
+            )
+        if not 0 < self.level_step <= 0.25:
+            raise ValueError(f"level_step must lie in (0, 0.25], got {self.level_step}")
+        if not 0 <= self.max_level_shift <= 17:
+            raise ValueError(f"max_level_shift must lie in 0..17, got {self.max_level_shift}")
+        if self.store_dtype not in _STORE_DTYPES:
+            raise ValueError(f"store_dtype must be one of {sorted(_STORE_DTYPES)}")
+        if not self.pruner.endswith(".json"):
+            get_pruner(self.pruner)  # names the valid choices
+        elif not Path(self.pruner).is_file():
+            raise FileNotFoundError(f"pruner metric file {self.pruner} does not exist")
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_pattern(self.pattern)
+
+    @property
+    def target(self) -> float:
+        nm = self.nm
+        return 1 - nm[0] / nm[1] if nm else float(self.sparsity)
+
+
+@dataclass(frozen=True)
+class _Ladder:
+    """Per unit: pruned weights at level 0, the level of the uniform allocation, the highest
+    level, and the pruned-weight change per level."""
+
+    base: int
+    centre: int
+    top: int
+    step: int
+
+
+def _ladders(refs: list[LinearRef], config: SparsityConfig) -> list[_Ladder]:
+    shift = config.max_level_shift
+    nm = config.nm
+    out = []
+    if nm is not None:
+        n, m = nm
+        for ref in refs:
+            if ref.shape[1] % m:
+                raise ValueError(f"{ref.name}: {ref.shape[1]} inputs are not divisible by M={m}")
+            step = ref.numel // m
+            # level j keeps n + centre - j of every m; keep between 1 and m
+            centre = min(shift, m - n)
+            top = centre + min(shift, n - 1)
+            out.append(_Ladder((m - n - centre) * step, centre, top, step))
+        return out
+    step = max(1, round(config.level_step * sum(r.numel for r in refs) / len(refs)))
+    for ref in refs:
+        uniform = round(config.target * ref.numel)
+        centre = min(shift, uniform // step)
+        up = min(
+            shift, max(0, math.floor(config.max_layer_sparsity * ref.numel) - uniform) // step
+        )
+        out.append(_Ladder(uniform - centre * step, centre, centre + up, step))
+    return out
+
+
+class SparsitySpace:
+    """Per-layer sparsity levels over a level database (see the module docstring).
+
+    Build it with :meth:`build`; ``genome.levels[i]`` is the level of ``refs[i]``.
+    Candidates are materialised by swapping each layer for a persistent pruned copy whose
+    weight is reloaded only when its level changed since the previous candidate, so one extra
+    copy of the block linears is the whole memory cost.
+    """
+
+    name = "sparsity"
+
+    def __init__(self, refs: list[LinearRef], config: SparsityConfig, db: LevelDatabase) -> None:
+        self.refs = refs
+        self.config_ = config
+        self.db = db
+        self.ladders = _ladders(refs, config)
+        nm = config.nm
+        if nm is None:
+            groups = (0,) * len(refs)
+        else:  # switches only between layers of equal size
+            sizes = sorted({r.numel for r in refs})
+            groups = tuple(sizes.index(r.numel) for r in refs)
+        budgets: dict[int, int] = {}
+        for g, lad in zip(groups, self.ladders):
+            budgets[g] = budgets.get(g, 0) + lad.centre
+        self.spec = LevelSpec(
+            max_levels=tuple(lad.top for lad in self.ladders),
+            groups=groups,
+            budgets=budgets,
+            names=tuple(
+                r.name.split(".", 2)[-1] if r.name.count(".") > 2 else r.name for r in refs
+            ),
+        )
+        self.total_weights = sum(r.numel for r in refs)
+        self._copies: dict[str, nn.Module] = {}
+        self._loaded: dict[str, int] = {}
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        config: SparsityConfig,
+        *,
+        db_root: str | Path | None = None,
+        model_id: str = "",
+        log: Callable[[str], None] = print,
+    ) -> SparsitySpace:
+        """Open (or build, then open) the level database of ``model`` pruned by
+        ``config.pruner`` on the calibration ``input_ids``, and return the space over it."""
+        refs = block_linears(model)
+        ladders = _ladders(refs, config)
+        pruner = get_pruner(config.pruner)
+        parts = {
+            "model": model_fingerprint(model),
+            "model_id": model_id,
+            "data": tensor_fingerprint(input_ids),
+            "pruner": pruner.name,
+            "pruner_fingerprint": _pruner_fingerprint(config.pruner),
+            "pattern": config.pattern,
+            "ladders": [asdict(lad) for lad in ladders],
+            "store_dtype": config.store_dtype,
+        }
+        root = Path(db_root) if db_root else cache_dir() / "leveldb"
+        dtype = _STORE_DTYPES[config.store_dtype]
+
+        def levels() -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+            log(
+                f"level database: collecting statistics on {input_ids.numel()} tokens "
+                f"({pruner.name})"
+            )
+            stats = collect_stats(
+                model,
+                input_ids,
+                hessian=pruner.needs_hessian,
+                gradients=pruner.needs_gradients,
+            )
+            n_levels = sum(lad.top + 1 for lad in ladders)
+            log(f"level database: pruning {len(refs)} layers at {n_levels} layer-levels")
+            for i, (ref, lad) in enumerate(zip(refs, ladders)):
+                weight = ref.weight(model).detach()
+                layer_stats = stats.pop(ref.name)
+                extra = {}
+                if isinstance(pruner, SparseGPT):
+                    extra["factor"] = pruner.inverse_factor(layer_stats)
+                tensors = {}
+                for level in range(lad.top + 1):
+                    target = _level_target(ref, lad, level, config.nm)
+                    pruned = pruner.prune(weight, layer_stats, **target, **extra)
+                    tensors[str(level)] = pruned.to(dtype).cpu()
+                yield ref.name, tensors
+                if (i + 1) % max(1, len(refs) // 10) == 0:
+                    log(f"level database: {i + 1}/{len(refs)} layers")
+
+        db = LevelDatabase.open_or_build(
+            root,
+            parts,
+            [r.name for r in refs],
+            levels,
+            log=log,
+            extra_meta={"target": config.target},
+        )
+        return cls(refs, config, db)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "space": self.name,
+            **asdict(self.config_),
+            "n_layers": len(self.refs),
+            "database": str(self.db.path),
+        }
+
+    def summary(self) -> str:
+        c = self.config_
+        target = f"{c.pattern} pattern" if c.nm else f"{c.target:.0%} average sparsity"
+        return (
+            f"{target} over {len(self.refs)} block linears, pruner {c.pruner}, up to "
+            f"{c.max_level_shift} levels from uniform"
+        )
+
+    # -- genomes --------------------------------------------------------------------------
+
+    def uniform_genome(self) -> Genome:
+        """Every layer at the target (the uniform allocation)."""
+        return Genome(tuple(lad.centre for lad in self.ladders))
+
+    def random_genome(self, rng: np.random.Generator) -> Genome:
+        """The uniform allocation after ``U(1, n_layers)`` random level switches: EvoPress
+        starts its search from the uniform allocation."""
+        n = int(rng.integers(1, len(self.refs) + 1))
+        return level_switch_mutation(self.uniform_genome(), self.spec, rng, n)
+
+    def pruned_counts(self, genome: Genome) -> list[int]:
+        """Weights pruned in each layer under ``genome`` (as planned)."""
+        return [lad.base + level * lad.step for lad, level in zip(self.ladders, genome.levels)]
+
+    def layer_sparsities(self, genome: Genome) -> list[float]:
+        return [c / r.numel for c, r in zip(self.pruned_counts(genome), self.refs)]
+
+    def genome_for(self, sparsities: list[float]) -> Genome:
+        """The valid genome closest to per-layer ``sparsities`` (e.g. an OWL allocation):
+        each layer takes its nearest level, then levels are moved one at a time, where the
+        rounding was worst, until every group meets its budget."""
+        if len(sparsities) != len(self.refs):
+            raise ValueError(f"need {len(self.refs)} sparsities, got {len(sparsities)}")
+        want = [
+            (s * r.numel - lad.base) / lad.step
+            for s, r, lad in zip(sparsities, self.refs, self.ladders)
+        ]
+        levels = [min(max(round(w), 0), lad.top) for w, lad in zip(want, self.ladders)]
+        for g, budget in self.spec.budgets.items():
+            units = self.spec.units_of(g)
+            while (excess := sum(levels[i] for i in units) - budget) != 0:
+                sign = 1 if excess > 0 else -1
+                movable = [i for i in units if 0 <= levels[i] - sign <= self.ladders[i].top]
+                # the unit whose level is furthest from its wish in the direction of the fix
+                i = max(movable, key=lambda i: sign * (levels[i] - want[i]))
+                levels[i] -= sign
+        return Genome(tuple(levels))
+
+    # -- materialisation ------------------------------------------------------------------
+
+    def replacements(self, model: nn.Module, genome: Genome) -> dict[str, nn.Module]:
+        out = {}
+        for ref, level in zip(self.refs, genome.levels):
+            copy_ = self._copies.get(ref.name)
+            if copy_ is None:
+                copy_ = self._copies[ref.name] = copy.deepcopy(ref.module(model))
+            if self._loaded.get(ref.name) != level:
+                set_weight_(copy_, self.db.get(ref.name, level).to(copy_.weight.device))
+                self._loaded[ref.name] = level
+            out[ref.name] = copy_
+        return out
+
+    def start_block(self, genome: Genome) -> int:
+        pruned = [r.block for r, c in zip(self.refs, self.pruned_counts(genome)) if c]
+        return min(pruned) if pruned else max(r.block for r in self.refs) + 1
+
+    def metrics(self, genome: Genome) -> dict[str, float]:
+        pruned = sum(self.pruned_counts(genome))
+        return {
+            "sparsity": pruned / self.total_weights,
+            "nonzero_block_weights": self.total_weights - pruned,
+        }
+
+    def describe(self, genome: Genome) -> dict[str, Any]:
+        per_layer = self.layer_sparsities(genome)
+        blocks = sorted({r.block for r in self.refs})
+        by_block = []
+        for b in blocks:
+            idx = [i for i, r in enumerate(self.refs) if r.block == b]
+            pruned = sum(self.pruned_counts(genome)[i] for i in idx)
+            by_block.append(round(pruned / sum(self.refs[i].numel for i in idx), 4))
+        return {
+            "sparsity": round(self.metrics(genome)["sparsity"], 6),
+            "block_sparsity": by_block,
+            "layer_sparsity": {r.name: round(s, 4) for r, s in zip(self.refs, per_layer)},
+        }
+
+    def save(self, model: nn.Module, tokenizer, genome: Genome, out_dir: str) -> None:
+        """Save the pruned model as a normal HF checkpoint (zeros in place) and
+        ``sparsity_profile.json``, whose sparsities are measured from the saved files."""
+        from evosearch.surgery import apply_replacements
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with apply_replacements(model, self.replacements(model, genome)):
+            model.save_pretrained(out)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+        measured = measure_sparsity(out, [r.name for r in self.refs])
+        profile = {
+            "planned_sparsity": self.metrics(genome)["sparsity"],
+            **measured,
+            "planned_layer_sparsity": self.describe(genome)["layer_sparsity"],
+            "genome": genome.key(),
+            "config": asdict(self.config_),
+        }
+        (out / PROFILE_FILE).write_text(json.dumps(profile, indent=1) + "\n")
+
+
+def measure_sparsity(model_dir: str | Path, layers: list[str]) -> dict[str, Any]:
+    """Sparsity of the named linears, counted from the ``.safetensors`` files in
+    ``model_dir``: ``{"measured_sparsity": global, "measured_layer_sparsity": {...}}``."""
+    from safetensors import safe_open
+
+    wanted = {f"{name}.weight": name for name in layers}
+    per_layer: dict[str, float] = {}
+    zeros = total = 0
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as fh:
+            for key in fh.keys():
+                if key in wanted:
+                    w = fh.get_tensor(key)
+                    z = int((w == 0).sum())
+                    per_layer[wanted[key]] = round(z / w.numel(), 6)
+                    zeros, total = zeros + z, total + w.numel()
+    if missing := [n for n in layers if n not in per_layer]:
+        raise ValueError(f"{model_dir} lacks weights of {len(missing)} layers, e.g. {missing[0]}")
+    return {"measured_sparsity": zeros / total, "measured_layer_sparsity": per_layer}
+
+
+def _level_target(ref: LinearRef, lad: _Ladder, level: int, nm) -> dict[str, Any]:
+    if nm is None:
+        return {"sparsity": (lad.base + level * lad.step) / ref.numel}
+    n, m = nm
+    keep = n + lad.centre - level
+    if keep == m:
+        return {"sparsity": 0.0}
+    return {"pattern": (keep, m)}
+
+
+def _pruner_fingerprint(name: str) -> str:
+    """The metric file's contents for a symbolic pruner, so an edited file rebuilds."""
+    if name.endswith(".json"):
+        import hashlib
+
+        return hashlib.sha256(Path(name).read_bytes()).hexdigest()
+    return name

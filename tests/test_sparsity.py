@@ -1,0 +1,235 @@
+"""The sparsity space: level ladders, the level database, materialisation, OWL and saving."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_model, hf_tokenizer, logits, random_ids
+
+from evosearch.leveldb import LevelDatabase
+from evosearch.operators import level_switch_mutation
+from evosearch.pruning import block_linears, collect_stats, get_pruner
+from evosearch.surgery import apply_replacements
+from search_spaces.sparsity import SparsityConfig, SparsitySpace, measure_sparsity
+from search_spaces.sparsity_baselines import owl_sparsities
+
+
+def _space(tmp_path, arch="llama", log=None, **kw):
+    model = build_model(arch)
+    ids = random_ids(4, 16)
+    messages = []
+    config = SparsityConfig(**{"sparsity": 0.5, "level_step": 0.05, "max_level_shift": 3, **kw})
+    space = SparsitySpace.build(
+        model, ids, config, db_root=tmp_path / "db", log=log or messages.append
+    )
+    return model, ids, space, messages
+
+
+def _pruned_weights(space, genome):
+    return sum(space.pruned_counts(genome))
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+def test_level_switches_keep_the_global_sparsity_exact(tmp_path, arch):
+    model, ids, space, _ = _space(tmp_path, arch)
+    uniform = space.uniform_genome()
+    assert space.spec.is_valid(uniform)
+    total = _pruned_weights(space, uniform)
+    assert total == sum(round(0.5 * r.numel) for r in space.refs)
+    rng = np.random.default_rng(0)
+    genome = uniform
+    for _ in range(20):
+        genome = level_switch_mutation(genome, space.spec, rng, 2)
+        assert space.spec.is_valid(genome)
+        assert _pruned_weights(space, genome) == total
+    assert genome != uniform
+    # one level step prunes the same number of weights in every layer
+    steps = {lad.step for lad in space.ladders}
+    assert len(steps) == 1
+
+
+def test_materialised_candidate_equals_direct_pruning(tmp_path):
+    model, ids, space, _ = _space(tmp_path, store_dtype="float32")
+    rng = np.random.default_rng(1)
+    genome = level_switch_mutation(space.uniform_genome(), space.spec, rng, 3)
+    stats = collect_stats(model, ids)
+    pruner = get_pruner("wanda")
+    reference = build_model("llama")
+    for ref, s in zip(block_linears(reference), space.layer_sparsities(genome)):
+        w = pruner.prune(ref.weight(reference).detach(), stats[ref.name], s)
+        with torch.no_grad():
+            ref.module(reference).weight.copy_(w)
+    dense = logits(model, ids)
+    with apply_replacements(model, space.replacements(model, genome)):
+        candidate = logits(model, ids)
+    torch.testing.assert_close(candidate, logits(reference, ids))
+    assert not torch.allclose(candidate, dense)
+    torch.testing.assert_close(logits(model, ids), dense)  # restored
+
+
+def test_only_changed_layers_are_reloaded(tmp_path, monkeypatch):
+    model, ids, space, _ = _space(tmp_path)
+    uniform = space.uniform_genome()
+    space.replacements(model, uniform)
+    calls = []
+    original = space.db.get
+    monkeypatch.setattr(space.db, "get", lambda *a: calls.append(a[0]) or original(*a))
+    genome = level_switch_mutation(uniform, space.spec, np.random.default_rng(2), 1)
+    space.replacements(model, genome)
+    changed = [r.name for r, a, b in zip(space.refs, uniform.levels, genome.levels) if a != b]
+    assert sorted(calls) == sorted(changed) and len(changed) == 2
+
+
+def test_database_is_reused_and_keyed_by_data_and_pruner(tmp_path):
+    model, ids, space, messages = _space(tmp_path)
+    assert any("built" in m for m in messages)
+    assert space.db.size_bytes > 0
+    _, _, again, messages = _space(tmp_path)
+    assert any("reusing" in m for m in messages) and again.db.path == space.db.path
+    _, _, other, _ = _space(tmp_path, pruner="magnitude")
+    assert other.db.path != space.db.path
+    meta = json.loads((space.db.path / "meta.json").read_text())
+    assert meta["parts"]["pruner"] == "wanda" and meta["build_seconds"] >= 0
+
+
+def test_a_killed_build_leaves_no_database(tmp_path):
+    def build():
+        yield "a", {"0": torch.zeros(2)}
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        LevelDatabase.open_or_build(tmp_path, {"x": 1}, ["a", "b"], build, log=lambda m: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+def test_nm_levels_keep_each_size_group_exact(tmp_path, pattern):
+    model, ids, space, _ = _space(tmp_path, sparsity=None, pattern=pattern)
+    n, m = (int(x) for x in pattern.split(":"))
+    uniform = space.uniform_genome()
+    with apply_replacements(model, space.replacements(model, uniform)):
+        for ref in space.refs:
+            w = ref.weight(model)
+            assert ((w != 0).reshape(w.shape[0], -1, m).sum(-1) <= n).all()
+    rng = np.random.default_rng(3)
+    genome = level_switch_mutation(uniform, space.spec, rng, 3)
+    assert _pruned_weights(space, genome) == _pruned_weights(space, uniform)
+    with apply_replacements(model, space.replacements(model, genome)):
+        for ref, level in zip(space.refs, genome.levels):
+            keep = n + space.ladders[space.refs.index(ref)].centre - level
+            w = ref.weight(model)
+            assert ((w != 0).reshape(w.shape[0], -1, m).sum(-1) <= keep).all()
+
+
+def test_genome_for_maps_any_allocation_to_the_budget(tmp_path):
+    _, _, space, _ = _space(tmp_path)
+    rng = np.random.default_rng(4)
+    wishes = list(rng.uniform(0.3, 0.7, len(space.refs)))
+    genome = space.genome_for(wishes)
+    assert space.spec.is_valid(genome)
+    assert space.genome_for(space.layer_sparsities(genome)) == genome
+
+
+def test_owl_sparsities_average_to_the_target_and_favour_outliers():
+    s = owl_sparsities([0.01, 0.02, 0.05, 0.03], target=0.7, lam=0.08)
+    assert np.isclose(np.mean(s), 0.7)
+    assert np.isclose(max(s) - min(s), 0.16)
+    assert s[2] == min(s) and s[0] == max(s)  # most outliers -> least pruned
+
+
+def test_save_writes_a_normal_model_and_a_measured_profile(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, ids, space, _ = _space(tmp_path)
+    genome = level_switch_mutation(space.uniform_genome(), space.spec, np.random.default_rng(5), 2)
+    out = tmp_path / "model"
+    space.save(model, hf_tokenizer(), genome, str(out))
+    profile = json.loads((out / "sparsity_profile.json").read_text())
+    # magnitude of exact zeros can only exceed the plan (a weight may already be 0)
+    assert profile["measured_sparsity"] == pytest.approx(profile["planned_sparsity"], abs=1e-3)
+    assert profile["measured_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    with apply_replacements(model, space.replacements(model, genome)):
+        expected = logits(model, ids)
+    torch.testing.assert_close(logits(loaded, ids), expected, rtol=1e-3, atol=1e-3)
+    assert measure_sparsity(out, [r.name for r in space.refs])["measured_sparsity"] > 0.49
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({}, "target sparsity"),
+        ({"sparsity": 1.2}, "sparsity must lie"),
+        ({"sparsity": 0.5, "pattern": "2:4", "level_step": 0.02}, None),
+        ({"sparsity": 0.6, "pattern": "2:4"}, "means sparsity"),
+        ({"sparsity": 0.5, "pruner": "obs"}, "magnitude"),
+        ({"sparsity": 0.5, "pruner": "missing.json"}, "does not exist"),
+        ({"sparsity": 0.5, "max_level_shift": 40}, "max_level_shift"),
+        ({"sparsity": 0.97}, "max_layer_sparsity"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    if match is None:
+        assert SparsityConfig(**kwargs).target == 0.5
+        return
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        SparsityConfig(**kwargs)
+
+
+def test_sparsegpt_database_matches_exact_sparsities(tmp_path):
+    model, ids, space, _ = _space(tmp_path, pruner="sparsegpt", store_dtype="float32")
+    genome = space.uniform_genome()
+    with apply_replacements(model, space.replacements(model, genome)):
+        for ref in space.refs:
+            w = ref.weight(model)
+            assert int((w == 0).sum()) == round(0.5 * ref.numel)
+
+
+def test_start_block_is_the_first_pruned_block(tmp_path):
+    _, _, space, _ = _space(tmp_path)
+    assert space.start_block(space.uniform_genome()) == 0
+
+
+def test_cli_sparsity_search_end_to_end(tmp_path):
+    from helpers import search_args
+
+    from evosearch.cli import main
+
+    model_dir = tmp_path / "tiny"
+    build_model("llama", max_position_embeddings=256).save_pretrained(model_dir)
+    hf_tokenizer().save_pretrained(model_dir)
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    out = tmp_path / "run"
+    args = [a for a in search_args(model_dir, text, out) if a not in ("--drop", "2")]
+    argv = [*args, "--space", "sparsity", "--target", "0.6", "--pruner", "wanda",
+            "--level-step", "0.05", "--max-level-shift", "3", "--db-dir", str(tmp_path / "db"),
+            "--baselines", "uniform,owl", "--eval-ppl", str(text), "--eval-seq-len", "32",
+            "--eval-windows", "2"]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["best"]["sparsity"] == pytest.approx(0.6, abs=1e-4)
+    assert set(results["calibration_fitness"]) == {"evopress", "uniform", "owl"}
+    # the search starts from the uniform allocation
+    uniform = results["baselines"]["uniform"]["genome"]
+    assert uniform in {e["genome"] for e in results["evaluations"]}
+    assert results["baselines"]["owl"]["genome"] != uniform
+    assert set(results["perplexity"]) == {"dense", "evopress", "uniform", "owl"}
+    profile = json.loads((out / "model" / "sparsity_profile.json").read_text())
+    assert profile["measured_sparsity"] == pytest.approx(0.6, abs=2e-3)
+    assert (out / "report.html").is_file()
+    assert main([*argv, "--resume"]) == 0  # a finished run resumes without new evaluations
+    again = json.loads((out / "results.json").read_text())
+    assert again["best"] == results["best"]
+
+
+def test_cli_rejects_layer_drop_flags_in_the_sparsity_space(tmp_path, capsys):
+    from evosearch.cli import main
+
+    code = main(["search", "--space", "sparsity", "--target", "0.5", "--drop", "2",
+                 "--out", str(tmp_path / "r")])  # fmt: skip
+    assert code != 0
+    assert "layer-drop" in capsys.readouterr().err
