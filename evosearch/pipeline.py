@@ -743,6 +743,10 @@ def _log_summary(results: dict, config: SearchConfig, log) -> None:
         f"calibration {config.fitness} on all {config.n_sequences * config.seq_len} tokens: "
         + ", ".join(f"{n} {v:.4f}" for n, v in sorted(fit.items(), key=lambda kv: kv[1]))
     )
-    log(f"best: {results['best']}")
+    # per-layer detail (e.g. 210 layer sparsities) stays in results.json, not in the log
+    short = {
+        k: v for k, v in results["best"].items() if not isinstance(v, (dict, list)) or len(v) <= 40
+    }
+    log(f"best: {short}")
     if "model_dir" in results:
         log(f"best model saved to {results['model_dir']}")
