@@ -39,6 +39,7 @@ __all__ = [
     "convergence_curve",
     "load_run",
     "pareto_flags",
+    "block_sparsities",
     "unit_levels",
     "write_report",
 ]
@@ -302,11 +303,24 @@ def _plot_convergence(runs: Sequence[RunRecord], path: Path) -> None:
     plt.close(fig)
 
 
+def block_sparsities(run: RunRecord) -> dict[str, list[float]] | None:
+    """``{candidate: sparsity of each block}`` for a sparsity run (``None`` otherwise)."""
+    results = run.results
+    strategy = results.get("config", {}).get("strategy", "evopress")
+    described = {strategy: results.get("best", {}), **results.get("baselines", {})}
+    out = {n: d.get("block_sparsity") for n, d in described.items()}
+    return out if out and all(isinstance(v, list) for v in out.values()) else None
+
+
 def _plot_layers(runs: Sequence[RunRecord], path: Path) -> None:
     plt = _pyplot()
-    rows: list[tuple[str, list[int]]] = []
+    rows: list[tuple[str, list[float]]] = []
+    sparsity = all(block_sparsities(run) for run in runs)
     for run in runs:
         prefix = f"{run.name}: " if len(runs) > 1 else ""
+        if sparsity:
+            rows.extend((f"{prefix}{n}", v) for n, v in block_sparsities(run).items())
+            continue
         for name, genome in _candidates(run).items():
             for kind, levels in unit_levels(genome, run.space).items():
                 suffix = "" if kind in ("dropped", "level") else f" ({kind})"
@@ -314,11 +328,40 @@ def _plot_layers(runs: Sequence[RunRecord], path: Path) -> None:
                 rows.append((label, levels))
     width = max(len(levels) for _, levels in rows)
     grid = [levels + [0] * (width - len(levels)) for _, levels in rows]
+    if sparsity:
+        _heat_map(
+            plt,
+            rows,
+            grid,
+            width,
+            path,
+            vmin=min(min(r) for r in grid),
+            vmax=max(max(r) for r in grid),
+            label="block sparsity",
+            ticks=None,
+        )
+        return
     top = max(1, max(max(r) for r in grid))
+    _heat_map(
+        plt,
+        rows,
+        grid,
+        width,
+        path,
+        vmin=0,
+        vmax=top,
+        label="level (1 = dropped)" if top == 1 else "level",
+        ticks=list(range(top + 1)),
+    )
+
+
+def _heat_map(plt, rows, grid, width, path: Path, *, vmin, vmax, label, ticks) -> None:
     fig, ax = plt.subplots(
         figsize=(min(16, 3 + 0.35 * width), 1 + 0.38 * len(rows)), constrained_layout=True
     )
-    image = ax.imshow(grid, aspect="auto", cmap="Reds", vmin=0, vmax=top, interpolation="nearest")
+    image = ax.imshow(
+        grid, aspect="auto", cmap="Reds", vmin=vmin, vmax=vmax, interpolation="nearest"
+    )
     ax.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=8)
     ax.set_xticks(range(width), [str(i) for i in range(width)], fontsize=7)
     ax.set_xticks([x - 0.5 for x in range(1, width)], minor=True)
@@ -326,8 +369,8 @@ def _plot_layers(runs: Sequence[RunRecord], path: Path) -> None:
     ax.grid(which="minor", color="white", linewidth=1)
     ax.tick_params(which="minor", length=0)
     ax.set_xlabel("block index")
-    bar = fig.colorbar(image, ax=ax, pad=0.01, ticks=list(range(top + 1)))
-    bar.set_label("level (1 = dropped)" if top == 1 else "level")
+    bar = fig.colorbar(image, ax=ax, pad=0.01, ticks=ticks)
+    bar.set_label(label)
     ax.set_title("Per-layer picture of the compared candidates")
     fig.savefig(path, dpi=100)
     plt.close(fig)

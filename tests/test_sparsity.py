@@ -221,6 +221,12 @@ def test_cli_sparsity_search_end_to_end(tmp_path):
     profile = json.loads((out / "model" / "sparsity_profile.json").read_text())
     assert profile["measured_sparsity"] == pytest.approx(0.6, abs=2e-3)
     assert (out / "report.html").is_file()
+    from evosearch.report import block_sparsities, load_run
+
+    per_block = block_sparsities(load_run(out))
+    assert set(per_block) == {"evopress", "uniform", "owl"}
+    assert per_block["uniform"] == pytest.approx([0.6] * 4, abs=1e-3)
+    assert len(per_block["owl"]) == 4
     assert main([*argv, "--resume"]) == 0  # a finished run resumes without new evaluations
     again = json.loads((out / "results.json").read_text())
     assert again["best"] == results["best"]
@@ -233,3 +239,22 @@ def test_cli_rejects_layer_drop_flags_in_the_sparsity_space(tmp_path, capsys):
                  "--out", str(tmp_path / "r")])  # fmt: skip
     assert code != 0
     assert "layer-drop" in capsys.readouterr().err
+
+
+def test_cli_owl_baseline_saves_a_pruned_model(tmp_path):
+    from evosearch.cli import main
+
+    model_dir = tmp_path / "tiny"
+    build_model("llama", max_position_embeddings=256).save_pretrained(model_dir)
+    hf_tokenizer().save_pretrained(model_dir)
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    out = tmp_path / "owl"
+    argv = ["baseline", "owl", "--space", "sparsity", "--target", "0.7", "--model",
+            str(model_dir), "--data", str(text), "--n-sequences", "4", "--seq-len", "16",
+            "--level-step", "0.05", "--db-dir", str(tmp_path / "db"), "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    profile = json.loads((out / "model" / "sparsity_profile.json").read_text())
+    assert profile["measured_sparsity"] == pytest.approx(0.7, abs=2e-3)
+    layers = profile["measured_layer_sparsity"]
+    assert max(layers.values()) - min(layers.values()) > 0.01  # not the uniform allocation
