@@ -19,6 +19,7 @@ _OVERRIDES = {
     "pattern": "pattern",
     "level_step": "level_step",
     "max_level_shift": "max_level_shift",
+    "max_total_shift": "max_total_shift",
     "db_dir": "db_dir",
     "drop": "num_drop",
     "drop_fraction": "drop_fraction",
@@ -108,6 +109,9 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
         "--max-level-shift",
         type=int,
         help="sparsity space: most levels a layer moves from uniform",
+    )
+    p.add_argument(
+        "--max-total-shift", type=int, help="sparsity space: most levels moved in total"
     )
     p.add_argument("--db-dir", help="where level databases are kept (default: the cache)")
     p.add_argument("--fitness", choices=["kl", "ppl"])

@@ -86,6 +86,8 @@ class SearchConfig:
         level_step: ``sparsity`` space: sparsity change per level of a layer of average size
             (every level step removes the same number of weights in every layer).
         max_level_shift: ``sparsity`` space: most levels a layer may move from uniform.
+        max_total_shift: ``sparsity`` space: most levels all layers together may move from
+            uniform (``None``: unbounded).
         db_dir: where level databases are stored (default: evosearch's cache directory).
         drop_range: ``(low, high)``: search the number of dropped blocks in this range too
             (Optuna strategies), e.g. to trace KL vs parameters across 10-50% depth pruning.
@@ -137,6 +139,7 @@ class SearchConfig:
     pattern: str | None = None
     level_step: float = 0.02
     max_level_shift: int = 6
+    max_total_shift: int | None = None
     db_dir: str | None = None
     drop_range: tuple[int, int] | None = None
     sampler_tokens: int | None = None
@@ -225,6 +228,7 @@ class SearchConfig:
             pattern=self.pattern,
             level_step=self.level_step,
             max_level_shift=self.max_level_shift,
+            max_total_shift=self.max_total_shift,
         )
 
     def ray_config(self):

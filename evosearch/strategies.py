@@ -200,10 +200,12 @@ class EvoPress:
                 parent = self.parents[int(rng.integers(len(self.parents)))].genome
                 return self.variation(parent, rng)
 
+        # a space may bound its genomes beyond the budget (e.g. a maximal total deviation)
+        feasible = getattr(self.space, "is_feasible", None) or (lambda genome: True)
         for _ in range(count):
             for _attempt in range(100):  # a tiny space may have fewer distinct genomes
                 genome = make(self.rng)
-                if genome not in seen:
+                if genome not in seen and feasible(genome):
                     seen.add(genome)
                     members.append(_Member(genome))
                     break

@@ -60,6 +60,8 @@ class SparsityConfig:
             metric (a ``.json`` file).
         level_step: sparsity change per level of a layer of mean size (unstructured).
         max_level_shift: most levels a layer may move away from the uniform allocation.
+        max_total_shift: most levels all layers together may move away from it (the sum of
+            ``|level - uniform level|``); ``None``: no bound.
         max_layer_sparsity: no layer is pruned beyond this (unstructured).
         store_dtype: dtype of the pruned weights in the database (``float16`` halves its size;
             the model's dtype is restored when a level is swapped in).
@@ -70,6 +72,7 @@ class SparsityConfig:
     pruner: str = "wanda"
     level_step: float = 0.02
     max_level_shift: int = 6
+    max_total_shift: int | None = None
     max_layer_sparsity: float = 0.95
     store_dtype: str = "float16"
 
@@ -98,6 +101,10 @@ class SparsityConfig:
             raise ValueError(f"level_step must lie in (0, 0.25], got {self.level_step}")
         if not 0 <= self.max_level_shift <= 17:
             raise ValueError(f"max_level_shift must lie in 0..17, got {self.max_level_shift}")
+        if self.max_total_shift is not None and self.max_total_shift < 2:
+            raise ValueError(
+                f"max_total_shift must be >= 2 (one level switch), got {self.max_total_shift}"
+            )
         if self.store_dtype not in _STORE_DTYPES:
             raise ValueError(f"store_dtype must be one of {sorted(_STORE_DTYPES)}")
         if not self.pruner.endswith(".json"):
@@ -283,8 +290,20 @@ class SparsitySpace:
     def random_genome(self, rng: np.random.Generator) -> Genome:
         """The uniform allocation after ``U(1, n_layers)`` random level switches: EvoPress
         starts its search from the uniform allocation."""
-        n = int(rng.integers(1, len(self.refs) + 1))
+        most = len(self.refs)
+        if self.config_.max_total_shift is not None:
+            most = min(most, self.config_.max_total_shift // 2)
+        n = int(rng.integers(1, most + 1))
         return level_switch_mutation(self.uniform_genome(), self.spec, rng, n)
+
+    def total_shift(self, genome: Genome) -> int:
+        """Levels moved away from the uniform allocation, summed over layers."""
+        return sum(abs(v - lad.centre) for v, lad in zip(genome.levels, self.ladders))
+
+    def is_feasible(self, genome: Genome) -> bool:
+        """Whether ``genome`` respects ``max_total_shift`` (strategies skip other genomes)."""
+        bound = self.config_.max_total_shift
+        return bound is None or self.total_shift(genome) <= bound
 
     def pruned_counts(self, genome: Genome) -> list[int]:
         """Weights pruned in each layer under ``genome`` (as planned)."""

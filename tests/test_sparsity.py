@@ -252,9 +252,35 @@ def test_cli_owl_baseline_saves_a_pruned_model(tmp_path):
     out = tmp_path / "owl"
     argv = ["baseline", "owl", "--space", "sparsity", "--target", "0.7", "--model",
             str(model_dir), "--data", str(text), "--n-sequences", "4", "--seq-len", "16",
-            "--level-step", "0.05", "--db-dir", str(tmp_path / "db"), "--out", str(out)]  # fmt: skip
+            "--level-step", "0.05", "--db-dir", str(tmp_path / "db"),
+            "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     profile = json.loads((out / "model" / "sparsity_profile.json").read_text())
     assert profile["measured_sparsity"] == pytest.approx(0.7, abs=2e-3)
     layers = profile["measured_layer_sparsity"]
     assert max(layers.values()) - min(layers.values()) > 0.01  # not the uniform allocation
+
+
+def test_max_total_shift_bounds_every_searched_genome(tmp_path):
+    from evosearch.strategies import EvoPress, EvoPressConfig, Stage
+
+    _, _, space, _ = _space(tmp_path, max_total_shift=4)
+    strategy = EvoPress(
+        space,
+        config=EvoPressConfig(
+            generations=3,
+            offspring=6,
+            initial_population=6,
+            stages=(Stage(tokens=8, survivors=1),),
+        ),
+        rng=np.random.default_rng(0),
+        initial=[space.uniform_genome()],
+    )
+    seen = []
+    while (request := strategy.ask()) is not None:
+        seen.extend(request.genomes)
+        strategy.tell(request, [float(space.total_shift(g) % 3) for g in request.genomes])
+    assert len(set(seen)) > 6
+    assert all(space.is_feasible(g) for g in seen)
+    assert max(space.total_shift(g) for g in seen) <= 4
+    assert max(space.total_shift(g) for g in seen) > 0
