@@ -631,7 +631,13 @@ def _baselines(
                 out[name] = _random_baseline(session, config, initial)
             else:
                 out[name] = sparsity_baselines.compute(
-                    name, space, session.evaluator(), session.data, seed=config.seed, log=log
+                    name,
+                    space,
+                    session.evaluator(),
+                    session.data,
+                    seed=config.seed,
+                    tokens=config.stages[-1][0],  # the fidelity of the search's final stage
+                    log=log,
                 )
             log(f"baseline {name}: {space.metrics(out[name])} ({time.perf_counter() - t0:.1f}s)")
         return out

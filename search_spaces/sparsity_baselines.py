@@ -86,12 +86,15 @@ def owl(
     return best[1], {"grid": grid, "best": {"M": best[2][0], "lambda": best[2][1]}}
 
 
-def compute(name: str, space, evaluator: Evaluator, data, *, seed: int = 0, log=print) -> Genome:
-    """The genome of baseline ``name`` (``uniform`` or ``owl``)."""
+def compute(
+    name: str, space, evaluator: Evaluator, data, *, seed: int = 0, tokens: int = 4096, log=print
+) -> Genome:
+    """The genome of baseline ``name`` (``uniform`` or ``owl``; OWL's grid is scored on
+    ``tokens`` calibration tokens)."""
     if name == "uniform":
         return space.uniform_genome()
     if name == "owl":
         if space.config_.nm is not None:
             raise ValueError("OWL allocates unstructured sparsity; it has no N:M variant")
-        return owl(space, evaluator, data, seed=seed, log=log)[0]
+        return owl(space, evaluator, data, seed=seed, tokens=tokens, log=log)[0]
     raise ValueError(f"unknown sparsity baseline {name!r}; choose from uniform, owl")
