@@ -329,30 +329,13 @@ def _plot_layers(runs: Sequence[RunRecord], path: Path) -> None:
     width = max(len(levels) for _, levels in rows)
     grid = [levels + [0] * (width - len(levels)) for _, levels in rows]
     if sparsity:
-        _heat_map(
-            plt,
-            rows,
-            grid,
-            width,
-            path,
-            vmin=min(min(r) for r in grid),
-            vmax=max(max(r) for r in grid),
-            label="block sparsity",
-            ticks=None,
-        )
-        return
-    top = max(1, max(max(r) for r in grid))
-    _heat_map(
-        plt,
-        rows,
-        grid,
-        width,
-        path,
-        vmin=0,
-        vmax=top,
-        label="level (1 = dropped)" if top == 1 else "level",
-        ticks=list(range(top + 1)),
-    )
+        low, top = min(min(r) for r in grid), max(max(r) for r in grid)
+        label, ticks = "block sparsity", None
+    else:
+        low, top = 0, max(1, max(max(r) for r in grid))
+        label = "level (1 = dropped)" if top == 1 else "level"
+        ticks = list(range(top + 1))
+    _heat_map(plt, rows, grid, width, path, vmin=low, vmax=top, label=label, ticks=ticks)
 
 
 def _heat_map(plt, rows, grid, width, path: Path, *, vmin, vmax, label, ticks) -> None:

@@ -193,16 +193,22 @@ def test_start_block_is_the_first_pruned_block(tmp_path):
     assert space.start_block(space.uniform_genome()) == 0
 
 
-def test_cli_sparsity_search_end_to_end(tmp_path):
-    from helpers import search_args
-
-    from evosearch.cli import main
-
+def _tiny_files(tmp_path):
+    """A saved tiny Llama with its tokenizer, and a calibration text file."""
     model_dir = tmp_path / "tiny"
     build_model("llama", max_position_embeddings=256).save_pretrained(model_dir)
     hf_tokenizer().save_pretrained(model_dir)
     text = tmp_path / "calib.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    return model_dir, text
+
+
+def test_cli_sparsity_search_end_to_end(tmp_path):
+    from helpers import search_args
+
+    from evosearch.cli import main
+
+    model_dir, text = _tiny_files(tmp_path)
     out = tmp_path / "run"
     args = [a for a in search_args(model_dir, text, out) if a not in ("--drop", "2")]
     argv = [*args, "--space", "sparsity", "--target", "0.6", "--pruner", "wanda",
@@ -244,11 +250,7 @@ def test_cli_rejects_layer_drop_flags_in_the_sparsity_space(tmp_path, capsys):
 def test_cli_owl_baseline_saves_a_pruned_model(tmp_path):
     from evosearch.cli import main
 
-    model_dir = tmp_path / "tiny"
-    build_model("llama", max_position_embeddings=256).save_pretrained(model_dir)
-    hf_tokenizer().save_pretrained(model_dir)
-    text = tmp_path / "calib.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    model_dir, text = _tiny_files(tmp_path)
     out = tmp_path / "owl"
     argv = ["baseline", "owl", "--space", "sparsity", "--target", "0.7", "--model",
             str(model_dir), "--data", str(text), "--n-sequences", "4", "--seq-len", "16",
