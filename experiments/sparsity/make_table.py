@@ -57,15 +57,16 @@ def main() -> None:
         )
     lines += ["", "## Cost", ""]
     lines += [
-        "| pruner | sparsity | database MiB | database build s | search s | evaluations | "
-        "evaluations/s |",
-        "|---|---|---|---|---|---|---|",
+        "| pruner | sparsity | generations | database MiB | database build s | search s | "
+        "evaluations | evaluations/s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in order:
         r = results[name]
         db = r["database"]
         lines.append(
-            f"| {r['pruner']} | {r['target']:.0%} | {db['bytes'] / 2**20:.0f} | "
+            f"| {r['pruner']} | {r['target']:.0%} | {r['settings']['generations']} | "
+            f"{db['bytes'] / 2**20:.0f} | "
             f"{db['build_seconds']:.0f} | {r['search_seconds']:.0f} | {r['evaluations']} | "
             f"{r['evaluations_per_second']:.2f} |"
         )

@@ -91,6 +91,16 @@ def main() -> None:
             entry = {
                 "pruner": pruner,
                 "target": target,
+                "settings": {
+                    "generations": gens[target],
+                    "offspring": args.offspring,
+                    "stages": args.stages,
+                    "calibration": f"{args.n_sequences} x {args.seq_len} tokens, wiki.valid",
+                    "level_step": args.level_step,
+                    "max_level_shift": args.max_level_shift,
+                    "eval_windows": args.eval_windows,
+                    "threads": args.threads,
+                },
                 "wall_seconds": round(time.perf_counter() - t0, 1),
                 "search_seconds": res["search_seconds"],
                 "evaluations": res["n_evaluations"],
