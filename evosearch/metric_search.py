@@ -314,6 +314,10 @@ def run_metric_search(
     t0 = time.perf_counter()
     model, tokenizer = load_model(config.model, device=_resolve_device(config.device))
     timings["load_model_s"] = time.perf_counter() - t0
+    if pattern is not None:
+        bad = sorted({r.shape[1] for r in block_linears(model) if r.shape[1] % pattern[1]})
+        if bad:
+            raise ValueError(f"pattern {config.pattern}: input widths {bad} are not divisible")
     t0 = time.perf_counter()
     spec = DataSpec(
         source=config.data,
