@@ -199,12 +199,18 @@ def point_mutation(tree: Node, rng: np.random.Generator, grammar: Grammar) -> No
     return _replace(tree, path, Node(str(rng.choice(others)), node.children))
 
 
-def tournament(fitness: Sequence[float], rng: np.random.Generator, size: int) -> int:
-    """Index of the best (lowest) of ``size`` entries drawn without replacement; ties go to
-    the earlier draw."""
+def tournament(
+    fitness: Sequence[float],
+    rng: np.random.Generator,
+    size: int,
+    sizes: Sequence[int] | None = None,
+) -> int:
+    """Index of the best (lowest) of ``size`` entries drawn without replacement. Ties go to the
+    smaller tree when ``sizes`` (tree sizes) is given (parsimony: equivalent metrics padded
+    with negligible terms lose), then to the earlier draw."""
     size = min(size, len(fitness))
     picks = rng.choice(len(fitness), size=size, replace=False)
-    return int(min(picks, key=lambda i: fitness[i]))
+    return int(min(picks, key=lambda i: (fitness[i], sizes[i] if sizes else 0)))
 
 
 # -- strategy ------------------------------------------------------------------------------------
@@ -261,8 +267,13 @@ class GPConfig:
         return asdict(self)
 
 
+def _rank_key(tree_fitness: tuple[Node, float]) -> tuple[float, int]:
+    """Lower fitness first; among equal fitness, the smaller tree."""
+    return tree_fitness[1], tree_fitness[0].size()
+
+
 class GeneticProgramming:
-    """Ask/tell GP over metric trees (minimises fitness).
+    """Ask/tell GP over metric trees (minimises fitness; ties go to the smaller tree).
 
     Args:
         config: the :class:`GPConfig`.
@@ -311,7 +322,7 @@ class GeneticProgramming:
         ]
         elites = self._ranked()[: self.config.elitism] if self.generation else []
         pop = elites + told
-        self.population = sorted(pop, key=lambda tf: tf[1])[: self.config.population]
+        self.population = sorted(pop, key=_rank_key)[: self.config.population]
         self._asked = None
         self.generation += 1
 
@@ -322,7 +333,7 @@ class GeneticProgramming:
         return self._ranked()[0]
 
     def _ranked(self) -> list[tuple[Node, float]]:
-        return sorted(self.population, key=lambda tf: tf[1])
+        return sorted(self.population, key=_rank_key)
 
     def _initial(self) -> list[Node]:
         cfg, g = self.config, self.config.grammar
@@ -351,15 +362,16 @@ class GeneticProgramming:
         cfg, g = self.config, self.config.grammar
         fitness = [f for _, f in self.population]
         trees = [t for t, _ in self.population]
+        sizes = [t.size() for t in trees]
         keys = {to_string(canonical(t)) for t in trees}
         out: list[Node] = []
         n = cfg.population - cfg.elitism
         while len(out) < n:
             for _ in range(10):
-                parent = trees[tournament(fitness, self.rng, cfg.tournament_size)]
+                parent = trees[tournament(fitness, self.rng, cfg.tournament_size, sizes)]
                 child = parent
                 if self.rng.random() < cfg.crossover_rate:
-                    other = trees[tournament(fitness, self.rng, cfg.tournament_size)]
+                    other = trees[tournament(fitness, self.rng, cfg.tournament_size, sizes)]
                     child = subtree_crossover(child, other, self.rng, g)
                 if self.rng.random() < cfg.subtree_mutation_rate:
                     child = subtree_mutation(child, self.rng, g, depth=cfg.init_depth - 1)

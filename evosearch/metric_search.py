@@ -426,24 +426,31 @@ def run_metric_search(
     timings["search_s"] = time.perf_counter() - t_search
     timings["evaluation_s"] = eval_seconds
 
-    ranked = sorted(
-        ((v, k) for k, (v, _) in memo.items() if v is not None), key=lambda vk: (vk[0], vk[1])
-    )
+    # lowest fitness first; among equal fitness the smallest tree
+    ranked = sorted((v, parse(k).size(), k) for k, (v, _) in memo.items() if v is not None)
     if not ranked:
         raise MetricError("every metric was rejected; see history.jsonl for the reasons")
-    leaderboard = [
-        {
-            "rank": i + 1,
-            "fitness": v,
-            "metric": k,
-            "math": to_math(parse(k)),
-            "first_proposed_as": first_expr.get(k, k),
-            "known_metric": seed_names.get(k),
-            "size": parse(k).size(),
-        }
-        for i, (v, k) in enumerate(ranked[: config.leaderboard_size])
-    ]
-    best_value, best_key = ranked[0]
+    leaderboard: list[dict[str, Any]] = []
+    for v, size, k in ranked:
+        if leaderboard and leaderboard[-1]["fitness"] == v:
+            # bit-identical fitness: in practice the same mask, so the same metric
+            leaderboard[-1]["same_fitness"].append(k)
+            continue
+        if len(leaderboard) == config.leaderboard_size:
+            break
+        leaderboard.append(
+            {
+                "rank": len(leaderboard) + 1,
+                "fitness": v,
+                "metric": k,
+                "math": to_math(parse(k)),
+                "first_proposed_as": first_expr.get(k, k),
+                "known_metric": seed_names.get(k),
+                "size": size,
+                "same_fitness": [],
+            }
+        )
+    best_value, _, best_key = ranked[0]
     best_tree = parse(best_key)
     save_metric(
         best_tree,
@@ -492,12 +499,15 @@ def _leaderboard_md(leaderboard: list[dict[str, Any]], config: MetricSearchConfi
         f"Metric leaderboard: {config.model}, {config.target}, calibration {config.fitness} "
         f"({config.n_sequences} x {config.seq_len} tokens of {config.data})",
         "",
-        f"| rank | {config.fitness} | metric | expression | known as |",
-        "| ---: | ---: | --- | --- | --- |",
+        "Metrics with bit-identical fitness (in practice the same mask) share a row: the "
+        "smallest is shown, the others are counted.",
+        "",
+        f"| rank | {config.fitness} | metric | expression | known as | same fitness |",
+        "| ---: | ---: | --- | --- | --- | ---: |",
     ]
     for row in leaderboard:
         lines.append(
             f"| {row['rank']} | {row['fitness']:.4f} | {row['math']} | `{row['metric']}` | "
-            f"{row['known_metric'] or ''} |"
+            f"{row['known_metric'] or ''} | {len(row['same_fitness'])} |"
         )
     return "\n".join(lines) + "\n"

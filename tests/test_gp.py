@@ -23,6 +23,22 @@ from evosearch.symbolic import KNOWN_METRICS, canonical, parse, to_string
 GRAMMAR = Grammar(max_depth=4, max_size=9)
 
 
+def test_tournament_breaks_ties_by_tree_size():
+    fitness, sizes = [1.0, 1.0, 2.0], [9, 3, 1]
+    assert tournament(fitness, np.random.default_rng(0), 3, sizes) == 1
+    assert tournament(fitness, np.random.default_rng(0), 3) in (0, 1)
+
+
+def test_best_prefers_the_smaller_of_equal_fitness():
+    gp = GeneticProgramming(
+        GPConfig(population=2, generations=0, elitism=0), rng=np.random.default_rng(0)
+    )
+    gp.ask()
+    gp._asked = [parse("add(mul(G, mul(G, W)), mul(W, X))"), parse("mul(W, X)")]
+    gp.tell([0.5, 0.5])
+    assert to_string(gp.best()[0]) == "mul(W, X)"
+
+
 def _fitness(tree) -> float:
     """A cheap deterministic stand-in for a pruned model's KL: prefers trees near |W|*X."""
     key = to_string(canonical(tree))

@@ -75,6 +75,20 @@ def test_search_writes_its_outputs(finished):
     assert results["generations"][-1]["best"] == best["fitness"]
 
 
+def test_leaderboard_groups_bit_identical_fitness(finished):
+    run, _ = finished
+    board = json.loads((run / "leaderboard.json").read_text())
+    fitness = [r["fitness"] for r in board]
+    assert len(set(fitness)) == len(fitness)
+    for row in board:
+        for other in row["same_fitness"]:
+            assert parse(other).size() >= row["size"]
+    # every metric that tied with the best is listed in the best row
+    history = _history(run)
+    ties = {r["canonical"] for r in history if r["fitness"] == board[0]["fitness"]}
+    assert ties == {board[0]["metric"], *board[0]["same_fitness"]}
+
+
 def test_each_canonical_metric_is_evaluated_once(finished):
     run, results = finished
     history = _history(run)
