@@ -1,4 +1,5 @@
-"""The ``evosearch`` command line: ``search``, ``baseline``, ``eval`` and ``report``."""
+"""The ``evosearch`` command line: ``search``, ``baseline``, ``eval``, ``metric-search`` and
+``report``."""
 
 from __future__ import annotations
 
@@ -137,6 +138,53 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
         "sqlite in the run directory; journal:PATH or an RDB URL to share it)",
     )
     p.add_argument("--out", required=True, help="run directory")
+
+
+def _add_metric_search_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="as for search --model")
+    p.add_argument("--data", default="generated", help="calibration text (as for search --data)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--n-sequences", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--sparsity", type=float, default=0.5, help="unstructured, per row")
+    target.add_argument("--pattern", help="semi-structured N:M target instead, e.g. 2:4")
+    p.add_argument("--fitness", choices=["kl", "ppl"], default="kl")
+    p.add_argument("--population", type=int, default=16)
+    p.add_argument("--generations", type=int, default=8)
+    p.add_argument("--tournament-size", type=int, default=3)
+    p.add_argument("--crossover-rate", type=float, default=0.7)
+    p.add_argument("--subtree-mutation-rate", type=float, default=0.2)
+    p.add_argument("--point-mutation-rate", type=float, default=0.2)
+    p.add_argument("--elitism", type=int, default=2)
+    p.add_argument("--max-depth", type=int, default=6)
+    p.add_argument("--max-size", type=int, default=20)
+    p.add_argument("--terminals", type=_csv(), help="default W,X,G")
+    p.add_argument(
+        "--seed-metrics",
+        type=_csv(),
+        help="known metrics (magnitude,wanda,pruner-zero,gblm) or expressions to seed with",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the search in --out")
+
+
+def _metric_search(args: argparse.Namespace) -> None:
+    from evosearch.metric_search import MetricSearchConfig, run_metric_search
+
+    values = {
+        k: getattr(args, k)
+        for k in (
+            "model", "data", "text_field", "n_sequences", "seq_len", "sparsity", "pattern",
+            "fitness", "population", "generations", "tournament_size", "crossover_rate",
+            "subtree_mutation_rate", "point_mutation_rate", "elitism", "max_depth", "max_size",
+            "terminals", "seed_metrics", "seed", "device",
+        )
+        if getattr(args, k) is not None
+    }  # fmt: skip
+    run_metric_search(MetricSearchConfig(**values), args.out, resume=args.resume)
 
 
 def _config(args: argparse.Namespace, extra: dict | None = None):
@@ -286,6 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write the results JSON here (and a markdown table beside it)")
 
     p = sub.add_parser(
+        "metric-search", help="discover a symbolic pruning metric by genetic programming"
+    )
+    _add_metric_search_flags(p)
+
+    p = sub.add_parser(
         "report", help="HTML report with figures for one run, or several runs compared"
     )
     p.add_argument("runs", nargs="+", help="run directories (each with results.json)")
@@ -334,6 +387,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"saved {out}")
     elif args.command == "eval":
         _eval(args)
+    elif args.command == "metric-search":
+        _metric_search(args)
     elif args.command == "report":
         from evosearch.report import write_report
 

@@ -405,7 +405,13 @@ PRUNERS: dict[str, Callable[[], Pruner]] = {
 
 
 def get_pruner(name: str) -> Pruner:
-    """A built-in pruner by name (``magnitude``, ``wanda``, ``sparsegpt``)."""
+    """A built-in pruner by name (``magnitude``, ``wanda``, ``sparsegpt``), or a symbolic
+    metric saved as JSON (a name ending in ``.json``, e.g. a metric search's
+    ``best_metric.json``; see :mod:`evosearch.symbolic`)."""
+    if name.endswith(".json"):
+        from evosearch.symbolic import load_metric
+
+        return load_metric(name)
     try:
         return PRUNERS[name]()
     except KeyError:

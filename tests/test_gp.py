@@ -1,0 +1,198 @@
+"""GP operators and the ask/tell strategy: limits, determinism, elitism, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from evosearch.gp import (
+    GeneticProgramming,
+    GPConfig,
+    Grammar,
+    point_mutation,
+    random_tree,
+    subtree_crossover,
+    subtree_mutation,
+    tournament,
+)
+from evosearch.symbolic import KNOWN_METRICS, canonical, parse, to_string
+
+GRAMMAR = Grammar(max_depth=4, max_size=9)
+
+
+def test_tournament_breaks_ties_by_tree_size():
+    fitness, sizes = [1.0, 1.0, 2.0], [9, 3, 1]
+    assert tournament(fitness, np.random.default_rng(0), 3, sizes) == 1
+    assert tournament(fitness, np.random.default_rng(0), 3) in (0, 1)
+
+
+def test_best_prefers_the_smaller_of_equal_fitness():
+    gp = GeneticProgramming(
+        GPConfig(population=2, generations=0, elitism=0), rng=np.random.default_rng(0)
+    )
+    gp.ask()
+    gp._asked = [parse("add(mul(G, mul(G, W)), mul(W, X))"), parse("mul(W, X)")]
+    gp.tell([0.5, 0.5])
+    assert to_string(gp.best()[0]) == "mul(W, X)"
+
+
+def _fitness(tree) -> float:
+    """A cheap deterministic stand-in for a pruned model's KL: prefers trees near |W|*X."""
+    key = to_string(canonical(tree))
+    return 0.0 if key == "mul(W, X)" else 1.0 + tree.size() + (len(key) % 7) / 10
+
+
+@pytest.mark.parametrize("method", ["grow", "full"])
+def test_random_trees_respect_limits_and_are_deterministic(method):
+    rng = np.random.default_rng(0)
+    trees = [random_tree(rng, GRAMMAR, depth=6, method=method) for _ in range(200)]
+    assert all(t.depth() <= 4 and t.size() <= 9 for t in trees)
+    again = [random_tree(np.random.default_rng(0), GRAMMAR, depth=6, method=method)]
+    assert again[0] == trees[0]
+    if method == "full":  # full trees that fit the size limit reach the requested depth
+        assert any(t.depth() == 4 for t in trees)
+    assert len({to_string(t) for t in trees}) > 50
+
+
+def test_operators_keep_limits_and_are_deterministic():
+    rng = np.random.default_rng(1)
+    pop = [random_tree(rng, GRAMMAR, depth=4) for _ in range(30)]
+    for seed in range(40):
+        a, b = pop[seed % 30], pop[(seed * 7 + 3) % 30]
+        for op in (
+            lambda r, a=a, b=b: subtree_crossover(a, b, r, GRAMMAR),
+            lambda r, a=a: subtree_mutation(a, r, GRAMMAR, depth=3),
+            lambda r, a=a: point_mutation(a, r, GRAMMAR),
+        ):
+            child = op(np.random.default_rng(seed))
+            assert GRAMMAR.fits(child)
+            assert op(np.random.default_rng(seed)) == child
+
+
+def test_point_mutation_changes_one_label_and_keeps_the_shape():
+    tree = parse("mul(sqrt(W), add(X, G))")
+    changed = 0
+    for seed in range(20):
+        child = point_mutation(tree, np.random.default_rng(seed), GRAMMAR)
+        assert child.size() == tree.size() and child.depth() == tree.depth()
+        diffs = sum(a != b for a, b in zip(_labels(tree), _labels(child)))
+        assert diffs <= 1
+        changed += diffs
+    assert changed > 10
+
+
+def _labels(tree):
+    return [tree.op] + [x for c in tree.children for x in _labels(c)]
+
+
+def test_crossover_takes_material_from_both_parents():
+    a, b = parse("mul(W, W)"), parse("sqrt(sqrt(G))")
+    children = {
+        to_string(subtree_crossover(a, b, np.random.default_rng(s), GRAMMAR)) for s in range(30)
+    }
+    assert any("G" in c and "mul" in c for c in children)
+
+
+def test_tournament_picks_the_best_entrant():
+    fitness = [5.0, 1.0, 3.0, math.inf]
+    assert tournament(fitness, np.random.default_rng(0), 4) == 1
+    picks = [tournament(fitness, np.random.default_rng(s), 1) for s in range(50)]
+    assert set(picks) == {0, 1, 2, 3}  # size 1: uniform
+
+
+def _run(config, seed, seeds=()):
+    gp = GeneticProgramming(config, rng=np.random.default_rng(seed), seeds=seeds)
+    asked = []
+    while not gp.done:
+        trees = gp.ask()
+        asked.append([to_string(t) for t in trees])
+        gp.tell([_fitness(t) for t in trees])
+    return gp, asked
+
+
+def test_strategy_is_deterministic_seeded_and_elitist():
+    seeds = [parse(KNOWN_METRICS[k]) for k in ("magnitude", "pruner-zero")]
+    cfg = GPConfig(population=8, generations=5, elitism=2, grammar=GRAMMAR)
+    gp, asked = _run(cfg, 0, seeds)
+    _, again = _run(cfg, 0, seeds)
+    assert asked == again
+    assert asked[0][:2] == ["W", "mul(sqr(W), mms(G))"]  # seeds first
+    assert len(asked[0]) == 8 and all(len(a) == 6 for a in asked[1:])
+    assert len(asked) == 6
+    # elitism: the best fitness never gets worse, and the best is the true minimum told
+    told = [_fitness(parse(t)) for gen in asked for t in gen]
+    assert gp.best()[1] == min(told)
+    # offspring of one generation are distinct in canonical form
+    for gen in asked[1:]:
+        assert len({to_string(canonical(parse(t))) for t in gen}) == len(gen)
+    assert _run(cfg, 1, seeds)[1] != asked
+
+
+def test_strategy_finds_the_planted_optimum():
+    cfg = GPConfig(population=12, generations=10, grammar=Grammar(max_depth=3, max_size=5))
+    gp, _ = _run(cfg, 0)
+    assert to_string(canonical(gp.best()[0])) == "mul(W, X)"
+
+
+def test_state_dict_resumes_exactly():
+    cfg = GPConfig(population=6, generations=4, grammar=GRAMMAR)
+    full, asked = _run(cfg, 3)
+    gp = GeneticProgramming(cfg, rng=np.random.default_rng(3))
+    for _ in range(2):
+        trees = gp.ask()
+        gp.tell([_fitness(t) for t in trees])
+    gp.ask()  # a pending ask is part of the state
+    state = json.loads(json.dumps(gp.state_dict()))
+    resumed = GeneticProgramming(cfg, rng=np.random.default_rng(999))
+    resumed.load_state_dict(state)
+    rest = []
+    while not resumed.done:
+        trees = resumed.ask()
+        rest.append([to_string(t) for t in trees])
+        resumed.tell([_fitness(t) for t in trees])
+    assert rest == asked[2:]
+    assert resumed.best()[1] == full.best()[1]
+
+
+def test_ask_tell_contract():
+    gp = GeneticProgramming(GPConfig(population=4, generations=0), rng=np.random.default_rng(0))
+    with pytest.raises(RuntimeError, match="without ask"):
+        gp.tell([1.0])
+    trees = gp.ask()
+    assert gp.ask() == trees  # same trees until told
+    with pytest.raises(ValueError, match="expected 4"):
+        gp.tell([1.0])
+    gp.tell([math.nan, 2.0, 1.0, math.inf])  # NaN counts as rejected (inf)
+    assert gp.done and gp.best()[1] == 1.0
+    with pytest.raises(RuntimeError, match="finished"):
+        gp.ask()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"population": 1}, "population"),
+        ({"elitism": 4, "population": 4}, "elitism"),
+        ({"crossover_rate": 1.5}, "crossover_rate"),
+        ({"tournament_size": 0}, "tournament_size"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GPConfig(**kwargs)
+
+
+def test_grammar_validation():
+    with pytest.raises(ValueError, match="terminal"):
+        Grammar(terminals=("W", "H"))
+    with pytest.raises(ValueError, match="arity 1"):
+        Grammar(unary=("mul",))
+    with pytest.raises(ValueError, match="exceeds"):
+        GeneticProgramming(
+            GPConfig(grammar=Grammar(max_depth=2)),
+            rng=np.random.default_rng(0),
+            seeds=[parse(KNOWN_METRICS["gblm"])],
+        )

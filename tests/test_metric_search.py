@@ -1,0 +1,230 @@
+"""Metric search end to end on a tiny Llama: outputs, memo, rejection, resume, CLI, loading."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import build_model, hf_tokenizer, random_ids
+
+import evosearch.metric_search as ms
+from evosearch.cli import main
+from evosearch.evaluation import Batch
+from evosearch.forward import compute_dense_cache
+from evosearch.metric_search import MetricEvaluator, MetricSearchConfig, run_metric_search
+from evosearch.pruning import block_linears, collect_stats, get_pruner, sparsity_of
+from evosearch.symbolic import KNOWN_METRICS, parse
+from fitness import KLDivergence
+
+# a metric whose scores overflow to inf (not removable by canonicalisation: sub at the root)
+OVERFLOW = "sub(sqr(pdiv(pdiv(W, 0), 0)), X)"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_metric")
+    model_dir = root / "tiny"
+    build_model("llama", n_layers=2, max_position_embeddings=128).save_pretrained(model_dir)
+    hf_tokenizer().save_pretrained(model_dir)
+    text = root / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 100)
+    return model_dir, text
+
+
+def _config(tiny, **kw):
+    model_dir, text = tiny
+    values = dict(
+        model=str(model_dir),
+        data=str(text),
+        n_sequences=4,
+        seq_len=16,
+        population=6,
+        generations=3,
+        max_depth=5,
+        max_size=9,
+        seed_metrics=("magnitude", "wanda", "pruner-zero", "sub(W, W)", OVERFLOW),
+    )
+    values.update(kw)
+    return MetricSearchConfig(**values)
+
+
+def _history(run):
+    return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def finished(tiny, tmp_path_factory):
+    run = tmp_path_factory.mktemp("ms") / "run"
+    return run, run_metric_search(_config(tiny), run, log=lambda s: None)
+
+
+def test_search_writes_its_outputs(finished):
+    run, results = finished
+    for name in ("config.json", "history.jsonl", "leaderboard.json", "leaderboard.md"):
+        assert (run / name).is_file()
+    history = _history(run)
+    assert len(history) == results["counts"]["proposed"] == 6 + 3 * 4
+    board = json.loads((run / "leaderboard.json").read_text())
+    assert [r["fitness"] for r in board] == sorted(r["fitness"] for r in board)
+    assert len({r["metric"] for r in board}) == len(board)
+    best = json.loads((run / "best_metric.json").read_text())
+    assert best["canonical"] == board[0]["metric"] == results["best"]["metric"]
+    assert best["fitness"] == min(r["fitness"] for r in history if r["fitness"] is not None)
+    assert best["math"] and results["best"]["math"] == best["math"]
+    assert results["generations"][-1]["best"] == best["fitness"]
+
+
+def test_leaderboard_groups_bit_identical_fitness(finished):
+    run, _ = finished
+    board = json.loads((run / "leaderboard.json").read_text())
+    fitness = [r["fitness"] for r in board]
+    assert len(set(fitness)) == len(fitness)
+    for row in board:
+        for other in row["same_fitness"]:
+            assert parse(other).size() >= row["size"]
+    # every metric that tied with the best is listed in the best row
+    history = _history(run)
+    ties = {r["canonical"] for r in history if r["fitness"] == board[0]["fitness"]}
+    assert ties == {board[0]["metric"], *board[0]["same_fitness"]}
+
+
+def test_each_canonical_metric_is_evaluated_once(finished):
+    run, results = finished
+    history = _history(run)
+    evaluated = [r["canonical"] for r in history if not r["memo_hit"]]
+    assert len(evaluated) == len(set(evaluated)) == results["counts"]["evaluated"]
+    hits = [r for r in history if r["memo_hit"]]
+    assert len(hits) == results["counts"]["memo_hits"]
+    assert all(r["canonical"] in evaluated for r in hits)
+    share = results["counts"]["memo_saved_share"]
+    assert share == pytest.approx(len(hits) / len(history))
+
+
+def test_unusable_metrics_are_rejected_with_a_reason(finished):
+    run, results = finished
+    by_expr = {r["expression"]: r for r in _history(run) if r["generation"] == 0}
+    assert "constant" in by_expr["sub(W, W)"]["rejected"]
+    assert by_expr["sub(W, W)"]["fitness"] is None
+    assert "non-finite" in by_expr[OVERFLOW]["rejected"]
+    assert by_expr["mul(W, X)"]["rejected"] is None
+    assert by_expr["mul(W, X)"]["seed_metric"] == "wanda"
+    assert results["counts"]["rejected"] >= 2
+    assert results["known_metrics"]["wanda"] == by_expr["mul(W, X)"]["fitness"]
+
+
+def test_discovered_metric_loads_back_as_a_pruner(finished, tiny):
+    run, _ = finished
+    pruner = get_pruner(str(run / "best_metric.json"))
+    model = build_model("llama", n_layers=2)
+    stats = collect_stats(model, random_ids(2, 16), gradients=True)
+    for ref in block_linears(model):
+        w = pruner.prune(ref.weight(model), stats[ref.name], 0.5)
+        assert sparsity_of(w) == pytest.approx(0.5)
+        w = pruner.prune(ref.weight(model), stats[ref.name], pattern=(2, 4))
+        assert (w.reshape(w.shape[0], -1, 4) != 0).sum(-1).max() <= 2
+
+
+def test_resume_replays_without_re_evaluating(finished, tiny, tmp_path, monkeypatch):
+    run, results = finished
+    history = (run / "history.jsonl").read_text().splitlines()
+    part = tmp_path / "run"
+    part.mkdir()
+    (part / "config.json").write_text((run / "config.json").read_text())
+    keep = 9  # a kill during generation 1, with half a line written
+    (part / "history.jsonl").write_text("\n".join(history[:keep]) + "\n" + history[keep][:20])
+    calls = []
+    original = ms.MetricEvaluator.__call__
+
+    def counting(self, tree):
+        calls.append(tree)
+        return original(self, tree)
+
+    monkeypatch.setattr(ms.MetricEvaluator, "__call__", counting)
+    resumed = run_metric_search(_config(tiny), part, resume=True, log=lambda s: None)
+    new = _history(part)
+    assert [r["canonical"] for r in new] == [json.loads(h)["canonical"] for h in history]
+    expected = sum(not json.loads(h)["memo_hit"] for h in history[keep:])
+    assert len(calls) == expected
+    assert resumed["best"] == results["best"]
+
+
+def test_resume_and_out_dir_guards(finished, tiny):
+    run, _ = finished
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_metric_search(_config(tiny), run, log=lambda s: None)
+    with pytest.raises(ValueError, match="different config"):
+        run_metric_search(_config(tiny, seed=5), run, resume=True, log=lambda s: None)
+
+
+def test_evaluator_matches_a_manual_prune_and_restores_the_model(tiny):
+    model = build_model("llama", n_layers=2)
+    ids = random_ids(3, 16)
+    stats = collect_stats(model, ids, gradients=True)
+    dense = compute_dense_cache(model, ids, prefix_reuse=False)
+    kl = KLDivergence()
+    kl.prepare(model, ids, dense)
+    batch = Batch((0, 1, 2), ids)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    evaluator = MetricEvaluator(model, stats, kl, batch, dense, sparsity=0.5)
+    value = evaluator(parse(KNOWN_METRICS["wanda"]))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ms.MetricError, match="constant"):
+        evaluator(parse("sub(G, G)"))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # the same pruning done by hand through the built-in Wanda pruner
+    from evosearch.evaluation import Candidate
+    from evosearch.genome import Genome
+    from evosearch.pruning import set_weight_
+
+    wanda = get_pruner("wanda")
+    for ref in block_linears(model):
+        set_weight_(ref.module(model), wanda.prune(ref.weight(model), stats[ref.name], 0.5))
+    manual = kl(Candidate(model, Genome((0,)), 0, dense), batch)
+    assert value == pytest.approx(manual, rel=1e-6)
+    assert value > 0
+
+
+def test_cli_metric_search_and_errors(tiny, tmp_path, capsys):
+    model_dir, text = tiny
+    base = ["metric-search", "--model", str(model_dir), "--data", str(text)]
+    small = ["--n-sequences", "2", "--seq-len", "16", "--population", "4", "--generations", "1"]
+    out = tmp_path / "cli"
+    assert main([*base, *small, "--pattern", "2:4", "--out", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["target"] == "2:4"
+    assert "generation 1/1" in capsys.readouterr().out
+    assert main([*base, *small, "--out", str(out), "--resume"]) == 2  # config differs (target)
+    assert "different config" in capsys.readouterr().err
+    assert main([*base, "--sparsity", "1.5", "--out", str(tmp_path / "x")]) == 2
+    assert "sparsity" in capsys.readouterr().err
+    assert main([*base, "--pattern", "2-4", "--out", str(tmp_path / "y")]) == 2
+    assert "pattern" in capsys.readouterr().err
+    assert main([*base, "--pattern", "2:3", *small, "--out", str(tmp_path / "z")]) == 2
+    assert "not divisible" in capsys.readouterr().err
+    assert main([*base, "--seed-metrics", "eval(W)", "--out", str(tmp_path / "w")]) == 2
+    assert "unknown name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"sparsity": 1.0}, "sparsity"),
+        ({"fitness": "acc"}, "fitness"),
+        ({"population": 1}, "population"),
+        ({"terminals": ("W", "Q")}, "terminal"),
+        ({"elitism": 16}, "elitism"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MetricSearchConfig(**kwargs)
+
+
+def test_config_round_trips_through_json():
+    cfg = MetricSearchConfig(pattern="2:4", terminals=("W", "X"), seed_metrics=("wanda",))
+    again = MetricSearchConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+    assert set(cfg.seed_trees()) == {"wanda"}
+    assert set(MetricSearchConfig(terminals=("W", "X")).seed_trees()) == {"magnitude", "wanda"}
+    with pytest.raises(ValueError, match="unknown"):
+        MetricSearchConfig.from_dict({"popsize": 3})
