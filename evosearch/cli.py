@@ -39,6 +39,15 @@ _OVERRIDES = {
     "ray_address": "ray_address",
     "worker_cpus": "worker_cpus",
     "worker_gpus": "worker_gpus",
+    "space": "space",
+    "db_dir": "db_dir",
+    "target_params": "width_target",
+    "attention_target": "width_attention_target",
+    "mlp_levels": "width_mlp_levels",
+    "train_mode": "width_train_mode",
+    "lora_rank": "width_lora_rank",
+    "train_lr": "width_lr",
+    "distill": "width_distill",
 }
 
 
@@ -77,6 +86,40 @@ def _int_list(text: str) -> list[int]:
 def _add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file with SearchConfig fields (flags override it)")
     p.add_argument("--model", help="built-in name (smollm2-135m), local dir, .gguf or hub id")
+    p.add_argument(
+        "--space",
+        choices=["layer-drop", "sparsity", "width"],
+        help="what to search: blocks to drop (default), per-layer sparsity, or per-block widths",
+    )
+    p.add_argument("--db-dir", help="where level databases are stored (default: the cache)")
+    p.add_argument(
+        "--target-params",
+        type=float,
+        help="width space: fraction of the block parameters to remove, e.g. 0.5",
+    )
+    p.add_argument(
+        "--attention-target",
+        type=float,
+        help="width space: fraction of the attention parameters to remove (default: same)",
+    )
+    p.add_argument("--mlp-levels", type=int, help="width space: MLP levels per block (16)")
+    p.add_argument(
+        "--train-tokens",
+        type=_csv(int),
+        help="width space: training-aware selection, training tokens per stage, e.g. 2048,8192",
+    )
+    p.add_argument(
+        "--train-mode", choices=["lora", "full"], help="width space: how candidates train"
+    )
+    p.add_argument("--lora-rank", type=int, help="width space: LoRA rank (8)")
+    p.add_argument("--train-lr", type=float, help="width space: candidate learning rate")
+    p.add_argument(
+        "--distill",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="width space: train candidates on KL to the dense model (default) or on next "
+        "tokens (--no-distill)",
+    )
     p.add_argument("--drop", type=int, help="number of blocks (or sublayers of each kind) to drop")
     p.add_argument("--drop-fraction", type=float, help="fraction of blocks to drop instead")
     p.add_argument(
@@ -147,6 +190,8 @@ def _config(args: argparse.Namespace, extra: dict | None = None):
         value = getattr(args, flag, None)
         if value is not None:
             values[flag] = value
+    if getattr(args, "train_tokens", None) is not None:
+        values["width_train_tokens"] = args.train_tokens
     values.update(extra or {})
     return SearchConfig.from_dict(values)
 
@@ -190,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--baselines",
         type=_csv(),
-        help="compare with: shortgpt,angular,sleb,last,random",
+        help="compare with: shortgpt,angular,sleb,last,random (layer-drop); uniform,random "
+        "(width)",
     )
     p.add_argument(
         "--warm-start",
@@ -198,9 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         help="heuristics whose choices join the initial population: shortgpt,angular,sleb,last",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument(
-        "--runner", choices=["inprocess", "ray"], help="where candidates are evaluated"
-    )
+    p.add_argument("--runner", choices=["inprocess", "ray"], help="where candidates are evaluated")
     p.add_argument("--workers", type=int, help="Ray evaluator workers (--runner ray)")
     p.add_argument(
         "--ray-address", help="join this Ray cluster: auto | host:port | ray://host:port"
@@ -209,13 +253,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker-gpus", type=float, help="GPUs per Ray worker (e.g. 0.5)")
 
     p = sub.add_parser("baseline", help="apply one published heuristic")
-    p.add_argument("method", choices=["shortgpt", "angular", "sleb", "last", "random"])
+    p.add_argument("method", choices=["shortgpt", "angular", "sleb", "last", "random", "uniform"])
     _add_search_flags(p)
 
     p = sub.add_parser("export", help="save one genome of a run (e.g. a Pareto point) as a model")
     p.add_argument("run", help="run directory")
     p.add_argument("--genome", required=True, help="genome key (from results/pareto.json)")
     p.add_argument("--out", required=True, help="where to save the model")
+
+    p = sub.add_parser(
+        "finetune", help="post-compression training of a run's best (e.g. width-shrunk) model"
+    )
+    p.add_argument("run", help="run directory (with model/)")
+    p.add_argument("--tokens", type=int, required=True, help="training tokens")
+    p.add_argument(
+        "--distill", action="store_true", help="train on KL to the run's dense model's logits"
+    )
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    p.add_argument("--micro-batch", type=int, default=4, help="sequences per step")
+    p.add_argument("--out", help="where to save the model (default: RUN/finetuned)")
 
     p = eval_parser = sub.add_parser(
         "eval", help="perplexity and zero-shot accuracy of a model or a run's best model"
@@ -301,6 +357,15 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "export":
         out = pipeline.export_genome(args.run, args.genome, args.out)
         print(f"saved {out}")
+    elif args.command == "finetune":
+        pipeline.finetune_run(
+            args.run,
+            args.tokens,
+            out_dir=args.out,
+            distill=args.distill,
+            lr=args.lr,
+            micro_batch=args.micro_batch,
+        )
     elif args.command == "eval":
         _eval(args)
     elif args.command == "report":

@@ -281,6 +281,7 @@ def throughput(
     """Measured forward tokens per second on random ``(batch, seq_len)`` inputs (median of
     ``repeats`` timed runs after one warm-up), on the model's device, with its thread count."""
     device = next(model.parameters()).device
+    vocab = min(vocab, model.config.vocab_size)
     ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
     model(input_ids=ids, use_cache=False)
