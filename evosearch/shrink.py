@@ -173,9 +173,7 @@ def shrink_block_(
         else:
             attn = block.self_attn
             q_rows, kv_rows = geo.query_columns(kv_groups), geo.kv_rows(kv_groups)
-            o = attn.o_proj
-            if isinstance(o, MaskedLinear):  # a search-time stand-in: take its kept columns
-                o_weight = o.weight[:, q_rows] if o_weight is None else o_weight
+            o = attn.o_proj  # nn.Linear, or a search-time MaskedLinear: same column layout
             weight = o.weight[:, q_rows] if o_weight is None else o_weight
             attn.q_proj = _rows(attn.q_proj, q_rows)
             attn.k_proj = _rows(attn.k_proj, kv_rows)

@@ -254,3 +254,21 @@ def test_cli_impossible_budget_fails_cleanly(tmp_path, capsys):
                  str(tmp_path / "r")])  # fmt: skip
     assert code == 2
     assert "target must lie in [0, 1)" in capsys.readouterr().err
+
+
+def test_width_modules_keep_the_package_direction():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = {
+        root / "fitness" / "training_aware.py": "search_spaces",
+        root / "search_spaces" / "width.py": "fitness",
+        root / "evosearch" / "shrink.py": "search_spaces",
+        root / "evosearch" / "training.py": "search_spaces",
+    }
+    for path, forbidden in files.items():
+        text = path.read_text()
+        assert f"from {forbidden}" not in text and f"import {forbidden}" not in text, path
+    for name in ("shrink.py", "training.py"):
+        text = (root / "evosearch" / name).read_text()
+        assert "from fitness" not in text and "import fitness" not in text
