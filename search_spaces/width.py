@@ -51,7 +51,7 @@ from evosearch.shrink import (
 )
 from evosearch.surgery import ZeroAttention, ZeroOutput
 
-__all__ = ["WidthConfig", "WidthDatabase", "WidthSpace"]
+__all__ = ["WidthConfig", "WidthDatabase", "WidthSpace", "obs_levels"]
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -219,9 +219,11 @@ class WidthDatabase:
         self._file = safe_open(str(self.path / "levels.safetensors"), framework="pt")
 
     def keep(self, kind: str, block: int, level: int) -> list[int]:
+        """Kept KV groups (``kind="attn"``) or MLP channels (``"mlp"``) of a block's level."""
         return self._file.get_tensor(f"{kind}.{block}.{level}.keep").tolist()
 
     def weight(self, kind: str, block: int, level: int) -> torch.Tensor:
+        """The compensated output projection ``(hidden, kept inputs)`` of a block's level."""
         return self._file.get_tensor(f"{kind}.{block}.{level}.weight")
 
     def __getstate__(self) -> dict:  # file handles do not pickle (Ray workers)

@@ -67,7 +67,8 @@ def main() -> None:
         seq_len=args.seq_len,
         generations=args.generations,
         offspring=args.offspring,
-        initial_population=8,
+        initial_population=4,
+        warm_start=("uniform",),  # EvoPress starts from the uniform configuration
         stages=((512, 2), (2048, 1)),
         db_dir=str(work / "db"),
         device="cpu",
