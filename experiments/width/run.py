@@ -1,0 +1,212 @@
+"""Width-search benchmark on SmolLM2-135M at 50% of the block parameters removed: uniform
+widths vs searched widths without and with training-aware selection (TAS), each followed by
+the same post-training, then perplexity, zero-shot accuracy, parameters and CPU throughput.
+
+Run from the repository root (results land next to this file; scaled down for a shared CPU,
+see README.md):
+
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/width/run.py
+
+Every finished step is kept under ``--work`` and skipped on a rerun, so a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from evosearch.data import DataSpec
+from evosearch.models import load_model
+from evosearch.pipeline import (
+    SearchConfig,
+    evaluate_perplexity,
+    finetune,
+    load_eval_data,
+    run_baseline,
+    run_search,
+)
+from evosearch.shrink import n_params, throughput
+from evosearch.zero_shot import evaluate_tasks
+
+HERE = Path(__file__).resolve().parent
+DATA = Path("/work/shared/data")
+TASKS = ("arc_easy", "piqa", "hellaswag", "winogrande")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--work", default="/tmp/evosearch-width-bench")
+    p.add_argument("--target", type=float, default=0.5)
+    p.add_argument("--generations", type=int, default=5)
+    p.add_argument("--offspring", type=int, default=6)
+    p.add_argument("--n-sequences", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--train-tokens", default="512,2048", help="TAS tokens per stage")
+    p.add_argument("--train-lr", type=float, default=5e-4)
+    p.add_argument("--post-tokens", type=int, default=12288)
+    p.add_argument("--post-lr", type=float, default=1e-4)
+    p.add_argument("--eval-windows", type=int, default=16)
+    p.add_argument("--eval-seq-len", type=int, default=512)
+    p.add_argument("--limit", type=int, default=100)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    calib = str(DATA / "wikitext-2-raw" / "wiki.valid.raw")
+    base = SearchConfig(
+        model="smollm2-135m",
+        space="width",
+        width_target=args.target,
+        data=calib,
+        n_sequences=args.n_sequences,
+        seq_len=args.seq_len,
+        generations=args.generations,
+        offspring=args.offspring,
+        initial_population=4,
+        warm_start=("uniform",),  # EvoPress starts from the uniform configuration
+        stages=((512, 2), (2048, 1)),
+        db_dir=str(work / "db"),
+        device="cpu",
+        seed=0,
+    )
+    tas = SearchConfig.from_dict(
+        {
+            **base.to_dict(),
+            "width_train_tokens": [int(t) for t in args.train_tokens.split(",")],
+            "width_lr": args.train_lr,
+            "width_train_mode": "lora",
+            "width_distill": True,
+            "baselines": ["uniform"],
+        }
+    )
+    plain = SearchConfig.from_dict({**base.to_dict(), "baselines": ["uniform"]})
+    timings: dict[str, float] = {}
+    runs = {"searched": work / "search_plain", "searched_tas": work / "search_tas"}
+
+    def step(name, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        timings[name] = round(time.perf_counter() - t0, 1)
+        print(f"[bench] {name}: {timings[name]}s", flush=True)
+        return out
+
+    if not (runs["searched"] / "results.json").is_file():
+        step("search_plain", lambda: run_search(plain, runs["searched"]))
+    if not (runs["searched_tas"] / "results.json").is_file():
+        step("search_tas", lambda: run_search(tas, runs["searched_tas"]))
+    uniform_dir = work / "uniform"
+    if not (uniform_dir / "results.json").is_file():
+        step("uniform", lambda: run_baseline(plain, "uniform", uniform_dir))
+    models = {
+        "uniform": uniform_dir / "model",
+        "searched": runs["searched"] / "model",
+        "searched_tas": runs["searched_tas"] / "model",
+    }
+    post_data = DataSpec(source=calib, seq_len=args.seq_len, seed=1)
+    for name, model_dir in models.items():
+        out = work / f"{name}_post"
+        if not (out / "finetune.json").is_file():
+            step(
+                f"post_{name}",
+                lambda d=model_dir, o=out: finetune(
+                    d,
+                    args.post_tokens,
+                    o,
+                    data=post_data,
+                    teacher="smollm2-135m",
+                    lr=args.post_lr,
+                    device="cpu",
+                ),
+            )
+    evaluated = {"dense": "smollm2-135m"}
+    evaluated.update({name: str(work / f"{name}_post") for name in models})
+    evaluated.update({f"{name}_before_post": str(d) for name, d in models.items()})
+    results_file = HERE / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    rows = results.setdefault("models", {})
+    for name, path in evaluated.items():
+        if name in rows:
+            continue
+        t0 = time.perf_counter()
+        model, tokenizer = load_model(path)
+        row = {"path": path, "params": n_params(model)}
+        for label, source in (
+            ("wikitext2", DATA / "wikitext-2-raw" / "wiki.test.raw"),
+            ("c4", DATA / "c4" / "c4_sample.jsonl"),
+        ):
+            data = load_eval_data(str(source), tokenizer, args.eval_seq_len, args.eval_windows)
+            row[f"ppl_{label}"] = evaluate_perplexity(model, data)
+        if not name.endswith("_before_post"):
+            scores = evaluate_tasks(model, tokenizer, TASKS, DATA, args.limit, batch_size=16)
+            row["zero_shot"] = scores
+            row["tokens_per_s"] = throughput(model)
+        row["eval_seconds"] = round(time.perf_counter() - t0, 1)
+        rows[name] = row
+        print(f"[bench] eval {name}: {row}", flush=True)
+        results_file.write_text(json.dumps(results, indent=1) + "\n")
+    for name, run in runs.items():
+        r = json.loads((run / "results.json").read_text())
+        results.setdefault("searches", {})[name] = {
+            "best": r["best"],
+            "calibration_kl": r["calibration_fitness"],
+            "search_seconds": r["search_seconds"],
+            "n_evaluations": r["n_evaluations"],
+            "export": r.get("export"),
+        }
+    for name in models:
+        results.setdefault("post_training", {})[name] = json.loads(
+            (work / f"{name}_post" / "finetune.json").read_text()
+        )
+    db_meta = next((work / "db").glob("width-*/meta.json"))
+    results["database"] = json.loads(db_meta.read_text())
+    results["settings"] = {**vars(args), "search_config_tas": tas.to_dict()}
+    results["machine"] = {
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    results.setdefault("timings", {}).update(timings)
+    results_file.write_text(json.dumps(results, indent=1) + "\n")
+    write_table(results)
+
+
+def write_table(results: dict) -> None:
+    rows = results["models"]
+    lines = [
+        "| model | params | WikiText-2 ppl | C4 ppl | ARC-E | PIQA | HellaSwag | WinoGrande "
+        "| avg acc | tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in ("dense", "uniform", "searched", "searched_tas"):
+        if name not in rows:
+            continue
+        r = rows[name]
+        accs = [r["zero_shot"][t]["acc_norm" if t != "winogrande" else "acc"] for t in TASKS]
+        lines.append(
+            f"| {name} | {r['params'] / 1e6:.1f}M | {r['ppl_wikitext2']:.2f} | "
+            f"{r['ppl_c4']:.2f} | "
+            + " | ".join(f"{100 * a:.1f}" for a in accs)
+            + f" | {100 * sum(accs) / len(accs):.1f} | {r['tokens_per_s']:.0f} |"
+        )
+    lines += [
+        "",
+        "Before post-training (same models, perplexity only):",
+        "",
+        "| model | WikiText-2 ppl | C4 ppl |",
+        "|---|---|---|",
+    ]
+    for name in ("uniform", "searched", "searched_tas"):
+        r = rows.get(f"{name}_before_post")
+        if r:
+            lines.append(f"| {name} | {r['ppl_wikitext2']:.2f} | {r['ppl_c4']:.2f} |")
+    (HERE / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

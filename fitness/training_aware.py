@@ -1,0 +1,119 @@
+"""Training-aware selection (DarwinLM, Tang et al. 2025, Sec. 3.3): train each candidate for a
+stage-specific number of tokens, then score it with an inner fitness (KL by default).
+
+A racing stage is recognised by the size of its shared batch: ``schedule`` maps the stage's
+scoring tokens to its training tokens, so training grows across stages as the scoring batch
+does (an unknown size, e.g. the final all-token comparison, trains as much as the last stage).
+
+Memory per candidate: nothing of the resident model is copied. ``lora`` adds rank-``r``
+adapters to every projection of the changed blocks (``r (in + out)`` parameters per projection)
+plus AdamW's two moments of them; ``full`` trains the candidate's compensated output projections
+(``o_proj`` / ``down_proj`` of changed blocks), which it holds anyway, plus two moments of each.
+Activations for backpropagation through the blocks from the first changed one are on top.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from evosearch.arch import get_blocks
+from evosearch.evaluation import Batch, Candidate
+from evosearch.forward import DenseCache
+from evosearch.training import TrainConfig, train_, trainable_parameters, with_adapters
+
+__all__ = ["TrainingAware"]
+
+
+class TrainingAware:
+    """Wraps a fitness: ``value = inner(candidate trained for schedule[batch tokens] tokens)``.
+
+    The candidate's trained modules are discarded after scoring; the resident model is never
+    changed. Training sequences are calibration sequences outside the stage's scoring batch
+    when there are enough, chosen from ``(seed, training tokens)`` alone, so every candidate of
+    a stage trains on the same tokens and results are reproducible.
+
+    Args:
+        inner: the fitness after training (e.g. :class:`~fitness.kl.KLDivergence`).
+        schedule: scoring-batch tokens -> training tokens, one entry per racing stage.
+        config: how to train (:class:`~evosearch.training.TrainConfig`); with ``distill`` the
+            teacher logits come from the dense cache (no second model in memory).
+    """
+
+    direction = "minimize"
+
+    def __init__(self, inner, schedule: dict[int, int], config: TrainConfig) -> None:
+        if not schedule:
+            raise ValueError("schedule needs at least one (scoring tokens -> training tokens)")
+        if any(t < 0 for t in schedule.values()):
+            raise ValueError(f"training tokens must be >= 0, got {schedule}")
+        self.inner, self.schedule, self.config = inner, dict(schedule), config
+        self.name = f"{getattr(inner, 'name', 'fitness')}+train"
+        self.direction = getattr(inner, "direction", "minimize")
+        self._ids: torch.Tensor | None = None
+        self._dense: DenseCache | None = None
+
+    def prepare(self, model, input_ids: torch.Tensor, dense: DenseCache) -> None:
+        self._ids, self._dense = input_ids, dense
+        if hasattr(self.inner, "prepare"):
+            self.inner.prepare(model, input_ids, dense)
+
+    def train_tokens(self, batch: Batch) -> int:
+        """Training tokens for a scoring batch of this size."""
+        known = sorted(self.schedule)
+        return self.schedule.get(batch.n_tokens, self.schedule[known[-1]])
+
+    def training_rows(self, batch: Batch, tokens: int) -> list[int]:
+        """Calibration rows to train on, ``ceil(tokens / seq_len)`` of them: rows outside
+        ``batch`` (all rows if ``batch`` holds every one), repeated when there are too few."""
+        n_all, seq_len = self._ids.shape
+        n = math.ceil(tokens / seq_len)
+        outside = [i for i in range(n_all) if i not in set(batch.indices)]
+        pool = outside if outside else list(range(n_all))
+        rng = np.random.default_rng([self.config.seed, tokens])
+        rows: list[int] = []
+        while len(rows) < n:  # more tokens than the pool holds: further passes, reshuffled
+            rows += rng.permutation(pool)[: n - len(rows)].tolist()
+        return rows
+
+    def __call__(self, candidate: Candidate, batch: Batch) -> float:
+        if self._ids is None:
+            raise RuntimeError("TrainingAware.prepare() must run before evaluating candidates")
+        tokens = self.train_tokens(batch)
+        model, start = candidate.model, candidate.start_block
+        blocks = range(start, len(get_blocks(model)))
+        if tokens == 0 or not blocks:
+            return self.inner(candidate, batch)
+        rows = self.training_rows(batch, tokens)
+        ids = self._ids[rows]
+        dense = self._dense
+        start_hidden = None
+        if start > 0 and dense is not None and dense.boundaries is not None:
+            start_hidden = dense.boundaries[start, rows]
+        else:
+            start = 0
+            blocks = range(0, len(get_blocks(model)))
+        teacher = None
+        if self.config.distill and dense is not None:
+            head = model.get_output_embeddings()
+
+            def teacher(_ids, sub, rows=rows):
+                h = dense.final_hidden[[rows[j] for j in sub]]
+                return head(h.to(device=head.weight.device, dtype=head.weight.dtype))
+
+        replacements, params = trainable_parameters(model, blocks, self.config)
+        with with_adapters(model, replacements):
+            if params:
+                train_(
+                    model,
+                    params,
+                    ids,
+                    self.config,
+                    teacher=teacher,
+                    start_block=start,
+                    start_hidden=start_hidden,
+                )
+            with torch.no_grad():
+                return self.inner(candidate, batch)
