@@ -42,8 +42,9 @@ def prefix_speedup(config: SearchConfig, n: int = 8) -> dict:
         values = [ev.raw(g, batch) for g in genomes]
         out["with_reuse" if reuse else "full_forward"] = (time.perf_counter() - t0) / n
         out["values_with_reuse" if reuse else "values_full"] = values
-    out["max_abs_diff"] = max(abs(a - b) for a, b in zip(out.pop("values_full"),
-                                                           out.pop("values_with_reuse")))
+    out["max_abs_diff"] = max(
+        abs(a - b) for a, b in zip(out.pop("values_full"), out.pop("values_with_reuse"))
+    )
     out["speedup"] = out["full_forward"] / out["with_reuse"]
     out["tokens_per_eval"] = batch.n_tokens
     return out

@@ -119,9 +119,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     ray.shutdown()
     result = {
-        "command": "python experiments/ray_scaling/overhead.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-        ),
+        "command": "python experiments/ray_scaling/overhead.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
         "cost_s": args.cost,
         "ray": ray.__version__,
         "machine": f"{os.cpu_count()} CPUs, {platform.platform()}",

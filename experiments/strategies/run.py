@@ -101,8 +101,15 @@ def main() -> None:
     single_gens = max(0, (mo_gens + 1) // len(ks) - 1)  # same total generations of 6,144 tok
     for seed in seeds:
         mo = dataclasses.replace(
-            base, num_drop=None, strategy="nsga2", drop_range=(3, 15), objectives=("params",),
-            offspring=6, sampler_tokens=1024, generations=mo_gens, seed=seed,
+            base,
+            num_drop=None,
+            strategy="nsga2",
+            drop_range=(3, 15),
+            objectives=("params",),
+            offspring=6,
+            sampler_tokens=1024,
+            generations=mo_gens,
+            seed=seed,
         )
         res = run_search(mo, runs / f"mo-nsga2-s{seed}", resume=True, log=lambda s: None)
         front_file = runs / f"mo-nsga2-s{seed}" / "pareto_front.json"
