@@ -286,3 +286,24 @@ def test_max_total_shift_bounds_every_searched_genome(tmp_path):
     assert all(space.is_feasible(g) for g in seen)
     assert max(space.total_shift(g) for g in seen) <= 4
     assert max(space.total_shift(g) for g in seen) > 0
+
+
+@pytest.mark.parametrize("strategy", ["tpe", "nsga2"])
+def test_optuna_strategies_search_the_sparsity_space_at_exact_budget(tmp_path, strategy):
+    from evosearch.cli import main
+
+    model_dir, text = _tiny_files(tmp_path)
+    out = tmp_path / strategy
+    argv = ["search", "--space", "sparsity", "--target", "0.5", "--model", str(model_dir),
+            "--data", str(text), "--n-sequences", "4", "--seq-len", "16", "--generations", "2",
+            "--offspring", "4", "--strategy", strategy, "--level-step", "0.05",
+            "--db-dir", str(tmp_path / "db"), "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert 4 < results["n_evaluations"] <= 12  # a repeated genome is not evaluated twice
+    genomes = {e["genome"] for e in results["evaluations"]}
+    assert len(genomes) > 1
+    # one group: every sampled allocation has the same level sum, the uniform one's
+    sums = {sum(int(c, 36) for c in key) for key in genomes}
+    assert len(sums) == 1
+    assert results["best"]["sparsity"] == pytest.approx(0.5, abs=1e-4)
