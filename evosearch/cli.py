@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
-        "search", help="search which blocks to drop or per-layer sparsity (EvoPress)"
+        "search", help="search which blocks to drop, per-layer sparsity or widths (EvoPress)"
     )
     _add_search_flags(p)
     p.add_argument(

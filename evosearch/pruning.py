@@ -415,7 +415,9 @@ def get_pruner(name: str) -> Pruner:
     try:
         return PRUNERS[name]()
     except KeyError:
-        raise ValueError(f"unknown pruner {name!r}; choose from {sorted(PRUNERS)}") from None
+        raise ValueError(
+            f"unknown pruner {name!r}; choose from {sorted(PRUNERS)} or a saved metric .json"
+        ) from None
 
 
 def sparsity_of(weight: torch.Tensor) -> float:
