@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from evosearch.arch import arch_for, get_blocks
+from evosearch.arch import arch_for, get_blocks, get_submodule
 from evosearch.genome import Genome, LevelSpec
 from evosearch.models import cache_dir, remove_blocks
 from evosearch.operators import random_genome
@@ -94,9 +94,17 @@ class WidthConfig:
 # -- database --------------------------------------------------------------------------------
 
 
+def _paths(model: nn.Module) -> tuple[str, str, str, str]:
+    """Block-relative ``(attention, attention output projection, MLP, MLP output projection)``
+    paths, from the architecture table (the last attention / MLP linear is the output one)."""
+    arch = arch_for(model)
+    return arch.attention[0], arch.attention_linears[-1], arch.mlp[0], arch.mlp_linears[-1]
+
+
 def _projection_hessians(model: nn.Module, input_ids: torch.Tensor, micro_batch: int = 4):
     """Per block, the input Hessians ``X^T X`` (float64) of ``o_proj`` and ``down_proj``."""
     blocks = get_blocks(model)
+    _, attn_out, _, mlp_out = _paths(model)
     hess: dict[tuple[int, str], torch.Tensor] = {}
 
     def hook(key):
@@ -108,8 +116,9 @@ def _projection_hessians(model: nn.Module, input_ids: torch.Tensor, micro_batch:
 
     handles = []
     for i, block in enumerate(blocks):
-        handles.append(block.self_attn.o_proj.register_forward_pre_hook(hook((i, "attn"))))
-        handles.append(block.mlp.down_proj.register_forward_pre_hook(hook((i, "mlp"))))
+        for kind, out_path in (("attn", attn_out), ("mlp", mlp_out)):
+            proj = get_submodule(block, out_path)
+            handles.append(proj.register_forward_pre_hook(hook((i, kind))))
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
@@ -262,17 +271,18 @@ class WidthDatabase:
         t0 = time.perf_counter()
         log(f"width database: building {path} from {input_ids.numel()} calibration tokens")
         hess = _projection_hessians(model, input_ids)
+        _, attn_out, _, mlp_out = _paths(model)
         dtype = _DTYPES[config.db_dtype]
         tensors: dict[str, torch.Tensor] = {}
         heads = [geo.query_columns([g]) for g in range(geo.n_kv)]
         chunk = geo.intermediate // config.mlp_levels
         for i, block in enumerate(get_blocks(model)):
-            o = block.self_attn.o_proj.weight.detach().float().cpu()
+            o = get_submodule(block, attn_out).weight.detach().float().cpu()
             for level, (keep, w) in enumerate(obs_levels(o, hess[i, "attn"], heads, 1,
                                                          config.damp), start=1):  # fmt: skip
                 tensors[f"attn.{i}.{level}.keep"] = torch.tensor(keep, dtype=torch.long)
                 tensors[f"attn.{i}.{level}.weight"] = w.to(dtype).contiguous()
-            down = block.mlp.down_proj.weight.detach().float().cpu()
+            down = get_submodule(block, mlp_out).weight.detach().float().cpu()
             levels = _channel_levels(down, hess[i, "mlp"], chunk, config.damp)
             for level, (keep, w) in enumerate(levels, start=1):
                 tensors[f"mlp.{i}.{level}.keep"] = torch.tensor(keep, dtype=torch.long)
@@ -434,24 +444,25 @@ class WidthSpace:
 
     def replacements(self, model: nn.Module, genome: Genome) -> dict[str, nn.Module]:
         path = arch_for(model).blocks
+        attn, attn_out, mlp, mlp_out = _paths(model)
         blocks = get_blocks(model)
         a, m = self.levels(genome)
         out: dict[str, nn.Module] = {}
         for i in range(self.n_blocks):
             if a[i] == self.geo.n_kv:
-                out[f"{path}.{i}.self_attn"] = ZeroAttention()
+                out[f"{path}.{i}.{attn}"] = ZeroAttention()
             elif a[i]:
                 cols = self.geo.query_columns(self.kept(genome, i)[0])
-                o = blocks[i].self_attn.o_proj
-                out[f"{path}.{i}.self_attn.o_proj"] = _masked(
+                o = get_submodule(blocks[i], attn_out)
+                out[f"{path}.{i}.{attn_out}"] = _masked(
                     o, cols, self._db().weight("attn", i, a[i])
                 )
             if m[i] == self.settings.mlp_levels:
-                out[f"{path}.{i}.mlp"] = ZeroOutput(self.geo.hidden)
+                out[f"{path}.{i}.{mlp}"] = ZeroOutput(self.geo.hidden)
             elif m[i]:
                 cols = torch.tensor(self.kept(genome, i)[1], dtype=torch.long)
-                down = blocks[i].mlp.down_proj
-                out[f"{path}.{i}.mlp.down_proj"] = _masked(
+                down = get_submodule(blocks[i], mlp_out)
+                out[f"{path}.{i}.{mlp_out}"] = _masked(
                     down, cols, self._db().weight("mlp", i, m[i])
                 )
         return out
