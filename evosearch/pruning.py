@@ -19,7 +19,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -137,25 +137,32 @@ def collect_stats(
     hessian: bool = False,
     gradients: bool = False,
     micro_batch: int = 4,
+    layers: Collection[str] | None = None,
+    dtype: torch.dtype = torch.float32,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, LayerStats]:
-    """One pass of the dense model over ``input_ids`` ``(N, T)``, accumulating every block
-    linear's input statistics (and, with ``gradients``, squared weight gradients of the
-    language-modelling loss, one backward per sequence as in GBLM). Statistics are float32 on
-    the CPU. The model is left unchanged (gradients are cleared)."""
+    """One pass of the dense model over ``input_ids`` ``(N, T)``, accumulating the input
+    statistics of every block linear (or only of those named in ``layers``) and, with
+    ``gradients``, squared weight gradients of the language-modelling loss, one backward per
+    sequence as in GBLM. Input statistics are accumulated in ``dtype`` on the CPU. The model is
+    left unchanged (gradients are cleared)."""
     refs = block_linears(model)
+    if layers is not None:
+        if unknown := sorted(set(layers) - {r.name for r in refs}):
+            raise ValueError(f"not block linears of this model: {unknown}")
+        refs = [r for r in refs if r.name in set(layers)]
     stats: dict[str, LayerStats] = {}
     for ref in refs:
         in_features = ref.shape[1]
         stats[ref.name] = LayerStats(
             0,
-            torch.zeros(in_features),
-            torch.zeros(in_features, in_features) if hessian else None,
+            torch.zeros(in_features, dtype=dtype),
+            torch.zeros(in_features, in_features, dtype=dtype) if hessian else None,
         )
 
     def hook(name):
         def fn(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(dtype)  # (tokens, in)
             s = stats[name]
             s.n_tokens += x.shape[0]
             s.x_sq += (x * x).sum(0).cpu()

@@ -41,6 +41,7 @@ from evosearch.arch import arch_for, get_blocks, get_submodule
 from evosearch.genome import Genome, LevelSpec
 from evosearch.models import cache_dir, remove_blocks
 from evosearch.operators import random_genome
+from evosearch.pruning import collect_stats
 from evosearch.shrink import (
     AttentionGeometry,
     MaskedLinear,
@@ -101,33 +102,20 @@ def _paths(model: nn.Module) -> tuple[str, str, str, str]:
     return arch.attention[0], arch.attention_linears[-1], arch.mlp[0], arch.mlp_linears[-1]
 
 
-def _projection_hessians(model: nn.Module, input_ids: torch.Tensor, micro_batch: int = 4):
-    """Per block, the input Hessians ``X^T X`` (float64) of ``o_proj`` and ``down_proj``."""
-    blocks = get_blocks(model)
+def _projection_hessians(model: nn.Module, input_ids: torch.Tensor) -> dict:
+    """Per block, the input Hessians ``X^T X`` (float64) of the attention and MLP output
+    projections: ``{(block, "attn" | "mlp"): (in, in)}``."""
+    path = arch_for(model).blocks
     _, attn_out, _, mlp_out = _paths(model)
-    hess: dict[tuple[int, str], torch.Tensor] = {}
-
-    def hook(key):
-        def fn(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double().cpu()
-            hess[key] = hess.get(key, 0) + x.t() @ x
-
-        return fn
-
-    handles = []
-    for i, block in enumerate(blocks):
-        for kind, out_path in (("attn", attn_out), ("mlp", mlp_out)):
-            proj = get_submodule(block, out_path)
-            handles.append(proj.register_forward_pre_hook(hook((i, kind))))
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            for s in range(0, input_ids.shape[0], micro_batch):
-                model(input_ids=input_ids[s : s + micro_batch].to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return hess
+    names = {
+        (i, kind): f"{path}.{i}.{out}"
+        for i in range(len(get_blocks(model)))
+        for kind, out in (("attn", attn_out), ("mlp", mlp_out))
+    }
+    stats = collect_stats(
+        model, input_ids, hessian=True, layers=set(names.values()), dtype=torch.float64
+    )
+    return {key: stats[name].hessian for key, name in names.items()}
 
 
 def obs_levels(

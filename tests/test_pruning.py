@@ -164,3 +164,18 @@ def test_collect_gradients_leaves_the_model_untouched():
 
 def test_sparsity_of():
     assert sparsity_of(torch.tensor([[0.0, 1.0], [0.0, 0.0]])) == 0.75
+
+
+def test_collect_stats_for_named_layers_only_in_float64():
+    model = build_model("llama")
+    ids = random_ids(2, 8)
+    refs = block_linears(model)
+    wanted = {refs[3].name, refs[-1].name}
+    stats = collect_stats(model, ids, hessian=True, layers=wanted, dtype=torch.float64)
+    assert set(stats) == wanted
+    full = collect_stats(model, ids, hessian=True)
+    for name in wanted:
+        assert stats[name].hessian.dtype == torch.float64
+        torch.testing.assert_close(stats[name].hessian.float(), full[name].hessian)
+    with pytest.raises(ValueError, match="not block linears"):
+        collect_stats(model, ids, layers={"lm_head"})
