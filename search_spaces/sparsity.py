@@ -359,13 +359,14 @@ class SparsitySpace:
         }
 
     def describe(self, genome: Genome) -> dict[str, Any]:
-        per_layer = self.layer_sparsities(genome)
-        blocks = sorted({r.block for r in self.refs})
-        by_block = []
-        for b in blocks:
-            idx = [i for i, r in enumerate(self.refs) if r.block == b]
-            pruned = sum(self.pruned_counts(genome)[i] for i in idx)
-            by_block.append(round(pruned / sum(self.refs[i].numel for i in idx), 4))
+        counts = self.pruned_counts(genome)
+        pruned: dict[int, int] = {}
+        size: dict[int, int] = {}
+        for ref, c in zip(self.refs, counts):
+            pruned[ref.block] = pruned.get(ref.block, 0) + c
+            size[ref.block] = size.get(ref.block, 0) + ref.numel
+        by_block = [round(pruned[b] / size[b], 4) for b in sorted(pruned)]
+        per_layer = [c / r.numel for c, r in zip(counts, self.refs)]
         return {
             "sparsity": round(self.metrics(genome)["sparsity"], 6),
             "block_sparsity": by_block,
