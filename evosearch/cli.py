@@ -282,12 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--objectives",
         type=_csv(),
-        help="extra minimised objectives for Optuna strategies: params,blocks_kept",
+        help="extra minimised objectives beside the fitness: params,blocks_kept (default with "
+        "--drop-range: params)",
     )
     p.add_argument(
         "--drop-range",
         type=_csv(int),
-        help="search the number of dropped blocks too, e.g. 3,15 (Optuna strategies)",
+        help="search every number of dropped blocks in this range, e.g. 3,15, and return the "
+        "Pareto front (evopress: one elite per budget; Optuna strategies: sampled budget)",
     )
     p.add_argument(
         "--sampler-tokens", type=int, help="tokens per evaluation for Optuna strategies"

@@ -6,7 +6,7 @@ import numpy as np
 
 from evosearch.genome import Genome, LevelSpec
 
-__all__ = ["level_switch_mutation", "random_genome", "number_of_switches"]
+__all__ = ["budget_step", "level_switch_mutation", "number_of_switches", "random_genome"]
 
 
 def random_genome(spec: LevelSpec, rng: np.random.Generator) -> Genome:
@@ -55,4 +55,29 @@ def level_switch_mutation(
                 break
         levels[i] -= 1
         levels[j] += 1
+    return Genome(tuple(levels))
+
+
+def budget_step(genome: Genome, spec: LevelSpec, rng: np.random.Generator, delta: int) -> Genome:
+    """Move every group's budget by ``delta`` (+1 or -1): in each group, one random unit that
+    has room gains a level (``+1``) or one random unit above level 0 loses one (``-1``).
+
+    This is how a multi-budget search carries a good genome to the neighbouring budget (e.g.
+    the best set of 6 dropped blocks plus one more block is a strong guess for 7).
+
+    Raises:
+        ValueError: ``delta`` is not +1 or -1, or some group has no unit to change.
+    """
+    if delta not in (1, -1):
+        raise ValueError(f"delta must be +1 or -1, got {delta}")
+    levels = list(genome.levels)
+    for g in sorted(spec.budgets):
+        units = spec.units_of(g)
+        if delta > 0:
+            movable = [u for u in units if levels[u] < spec.max_levels[u]]
+        else:
+            movable = [u for u in units if levels[u] > 0]
+        if not movable:
+            raise ValueError(f"group {g} has no unit whose level can move by {delta}")
+        levels[movable[int(rng.integers(len(movable)))]] += delta
     return Genome(tuple(levels))

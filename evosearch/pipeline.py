@@ -22,7 +22,7 @@ from evosearch.forward import compute_dense_cache
 from evosearch.genome import Genome
 from evosearch.models import DEFAULT_MODEL, load_model
 from evosearch.run import RunDir
-from evosearch.strategies import EvoPress, EvoPressConfig, RandomSearch, Stage
+from evosearch.strategies import EvoPress, EvoPressConfig, MultiBudgetEvoPress, RandomSearch, Stage
 
 __all__ = [
     "SearchConfig",
@@ -104,8 +104,10 @@ class SearchConfig:
             it is scored; empty: no training. width_train_mode (``lora`` / ``full``),
             width_lora_rank, width_lr, width_distill: how candidates are trained (see
             :class:`evosearch.training.TrainConfig`).
-        drop_range: ``(low, high)``: search the number of dropped blocks in this range too
-            (Optuna strategies), e.g. to trace KL vs parameters across 10-50% depth pruning.
+        drop_range: ``(low, high)``: search the number of dropped blocks in this range too,
+            e.g. to trace KL vs parameters across 10-50% depth pruning: ``evopress`` runs
+            :class:`~evosearch.strategies.MultiBudgetEvoPress` (one elite per budget), Optuna
+            strategies sample the budget. ``objectives`` defaults to ``("params",)`` then.
         sampler_tokens: calibration tokens per evaluation of an Optuna strategy (one fidelity;
             default: the last stage's tokens).
         hv_reference: hypervolume reference point ``(fitness, *objectives)``; default: the
@@ -189,6 +191,8 @@ class SearchConfig:
             if value is not None:
                 object.__setattr__(self, name, tuple(value))
         object.__setattr__(self, "stages", tuple(tuple(int(x) for x in s) for s in self.stages))
+        if self.drop_range and not self.objectives:  # a budget range is traced against size
+            object.__setattr__(self, "objectives", ("params",))
         if self.space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {self.space!r}")
         if self.space == "layer-drop":
@@ -235,13 +239,17 @@ class SearchConfig:
             raise ValueError(f"unknown warm_start {unknown}; choose from {heuristics}")
         if unknown := [o for o in self.objectives if o not in OBJECTIVES]:
             raise ValueError(f"unknown objectives {unknown}; choose from {OBJECTIVES}")
-        optuna_based = self.strategy not in ("evopress", "random")
         if (self.objectives or self.drop_range) and self.space != "layer-drop":
             raise ValueError("objectives / drop_range are available for the layer-drop space")
-        if (self.objectives or self.drop_range) and not optuna_based:
+        if (self.objectives or self.drop_range) and self.strategy in ("random", "cmaes"):
             raise ValueError(
-                "objectives / drop_range need an Optuna strategy (tpe, nsga2, nsga3, "
-                "optuna-random)"
+                "objectives / drop_range need evopress (multi-budget EvoPress) or an Optuna "
+                "strategy (tpe, nsga2, nsga3, optuna-random)"
+            )
+        if self.objectives and self.strategy == "evopress" and not self.drop_range:
+            raise ValueError(
+                "evopress searches several objectives over a range of budgets: add drop_range "
+                "(--drop-range LOW,HIGH)"
             )
         if self.drop_range is not None and (
             len(self.drop_range) != 2 or not 0 <= self.drop_range[0] <= self.drop_range[1]
@@ -522,6 +530,15 @@ def _strategy(config: SearchConfig, space, name: str, initial=(), objectives=Non
         return OptunaStrategy(
             space, config=sampler_config, seed=config.seed, objectives=objectives
         )
+    if name == "evopress" and config.drop_range is not None:
+        return MultiBudgetEvoPress(
+            space,
+            budget_range=config.drop_range,
+            config=config.evopress_config(),
+            rng=np.random.default_rng(config.seed),
+            objectives=objectives,
+            initial=initial,
+        )
     cls = EvoPress if name == "evopress" else RandomSearch
     return cls(
         space,
@@ -607,7 +624,7 @@ def run_search(
     }
     run.write_json("best_genome.json", {"genome": best.key(), **space.describe(best)})
     if config.objectives or config.drop_range:
-        results["pareto"] = _pareto(config, run, strategy, space, log)
+        results["pareto"] = _pareto(config, run, strategy, space, log, result.evaluations)
     candidates = {config.strategy: best}
     if config.baselines:
         candidates.update(_baselines(session, config, log, initial))
@@ -633,7 +650,9 @@ def run_search(
     return results
 
 
-def _pareto(config: SearchConfig, run: RunDir, strategy, space, log) -> dict[str, Any]:
+def _pareto(
+    config: SearchConfig, run: RunDir, strategy, space, log, evaluations: list[dict]
+) -> dict[str, Any]:
     """The Pareto front of a multi-objective run, its hypervolume, and pareto_front.json/.csv."""
     import csv
 
@@ -645,7 +664,7 @@ def _pareto(config: SearchConfig, run: RunDir, strategy, space, log) -> dict[str
         reference = list(config.hv_reference)
     else:
         dense = space.metrics(space.dense_genome())
-        worst = max(t.values[0] for t in strategy.study.trials if t.values)
+        worst = max(e["value"] for e in evaluations if e.get("value") is not None)
         reference = [worst, *(dense[o] for o in config.objectives)]
     rows = []
     for genome, values in front:

@@ -7,15 +7,30 @@ better) in the same order. Exactly one function, :func:`evosearch.engine.search`
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from evosearch.genome import Genome
-from evosearch.operators import level_switch_mutation, number_of_switches
+from evosearch.genome import Genome, LevelSpec
+from evosearch.operators import (
+    budget_step,
+    level_switch_mutation,
+    number_of_switches,
+    random_genome,
+)
+from evosearch.pareto import pareto_front
 
-__all__ = ["EvoPress", "EvoPressConfig", "RandomSearch", "Request", "Stage"]
+__all__ = [
+    "EvoPress",
+    "EvoPressConfig",
+    "MultiBudgetEvoPress",
+    "RandomSearch",
+    "Request",
+    "Stage",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -247,3 +262,235 @@ class RandomSearch(EvoPress):
             variation=lambda _parent, r: space.random_genome(r),
             initial=initial,
         )
+
+
+class MultiBudgetEvoPress:
+    """EvoPress over a range of budgets at once: one elite per budget, shared by its neighbours.
+
+    A multi-objective search over compression levels (e.g. KL vs parameters for 3..15 dropped
+    blocks) as a quality-diversity loop: every budget ``b`` in ``budget_range`` (applied to
+    every group of the space, as ``num_drop`` is) is a *niche* holding its best ``mu`` genomes
+    (``mu`` = the last stage's ``survivors``). Each offspring picks a niche at random and is
+    made from one of: a level-switch mutation of that niche's elite (the budget is kept), the
+    elite of budget ``b - 1`` with one level added, or the elite of ``b + 1`` with one level
+    removed (:func:`~evosearch.operators.budget_step`). Because good genomes at neighbouring
+    budgets are alike (the best 7 dropped blocks mostly contain the best 6), a find at one
+    budget seeds the others, which independent single-budget runs cannot do.
+
+    Racing is as in :class:`EvoPress`, with fitness compared *within* a niche: at a non-final
+    stage each niche keeps its elite (or, before it has one, its best candidate), and the
+    other challengers compete globally for ``survivors`` places by their relative improvement
+    over their niche's reference on the same tokens. The final stage sets each niche's elites.
+
+    Args:
+        space: a search space (``spec``, optionally ``is_feasible``).
+        budget_range: ``(low, high)`` budgets searched; ``high`` must fit ``space.spec``.
+        config: loop settings (``initial_population`` random genomes are spread over the
+            niches, at least one each).
+        rng: the only source of randomness.
+        objectives: extra minimised objectives ``f(genome) -> tuple`` reported next to the
+            fitness by :meth:`pareto` (e.g. the parameter count).
+        initial: extra genomes for generation 0 (each with the same budget in every group, in
+            the range).
+    """
+
+    def __init__(
+        self,
+        space,
+        *,
+        budget_range: tuple[int, int],
+        config: EvoPressConfig | None = None,
+        rng: np.random.Generator,
+        objectives: Callable[[Genome], tuple[float, ...]] | None = None,
+        initial: tuple[Genome, ...] | list[Genome] = (),
+    ) -> None:
+        lo, hi = budget_range
+        if not 0 <= lo <= hi:
+            raise ValueError(f"budget_range must satisfy 0 <= low <= high, got {budget_range}")
+        self.space = space
+        self.config = config or EvoPressConfig()
+        self.rng = rng
+        self.objectives = objectives
+        self.budgets = tuple(range(lo, hi + 1))
+        self._specs = {b: self._spec_at(space.spec, b) for b in self.budgets}
+        if bad := [g for g in initial if self.niche_of(g) not in self._specs]:
+            raise ValueError(f"initial genomes are outside the budget range {budget_range}: {bad}")
+        self.initial = tuple(dict.fromkeys(initial))
+        self.generation = 0
+        self.stage = 0
+        self.elites: dict[int, list[_Member]] = {}
+        self.history: list[dict] = []
+        self._pool: list[_Member] | None = None
+
+    @staticmethod
+    def _spec_at(spec: LevelSpec, budget: int) -> LevelSpec:
+        try:
+            return dataclasses.replace(spec, budgets={g: budget for g in spec.budgets})
+        except ValueError as exc:
+            raise ValueError(f"budget {budget} does not fit the space: {exc}") from None
+
+    def niche_of(self, genome: Genome) -> int | None:
+        """The budget ``genome`` meets in every group, or ``None`` when groups differ."""
+        spec = self.space.spec
+        sums = {sum(genome.levels[u] for u in spec.units_of(g)) for g in spec.budgets}
+        return sums.pop() if len(sums) == 1 else None
+
+    # -- ask / tell -----------------------------------------------------------------------
+
+    def ask(self) -> Request | None:
+        if self.generation > self.config.generations:
+            return None
+        if self._pool is None:
+            self._pool = self._new_pool()
+        tokens = self.config.stages[self.stage].tokens
+        return Request(self.generation, self.stage, tokens, tuple(m.genome for m in self._pool))
+
+    def tell(self, request: Request, values: list[float]) -> None:
+        pool = self._pool
+        if pool is None or request.generation != self.generation or request.stage != self.stage:
+            raise RuntimeError("tell() must answer the latest ask()")
+        if len(values) != len(pool):
+            raise ValueError(f"expected {len(pool)} values, got {len(values)}")
+        for member, value in zip(pool, values):
+            member.value = float(value)
+        by_niche: dict[int, list[int]] = {}
+        for i, m in enumerate(pool):
+            by_niche.setdefault(self.niche_of(m.genome), []).append(i)
+        if self.stage == len(self.config.stages) - 1:
+            mu = self.config.parents
+            for b, idx in by_niche.items():
+                ranked = sorted(idx, key=lambda i: (pool[i].value, i))[:mu]
+                if math.isfinite(pool[ranked[0]].value):
+                    self.elites[b] = [_Member(pool[i].genome, pool[i].value, True) for i in ranked]
+            best = self.best
+            self.history.append(
+                {
+                    "generation": self.generation,
+                    "best": best[0].key() if best else None,
+                    "value": best[1] if best else math.inf,
+                    "tokens": request.tokens,
+                    "niches": {str(b): self.elites[b][0].value for b in sorted(self.elites)},
+                }
+            )
+            self.generation += 1
+            self.stage = 0
+            self._pool = None
+            return
+        keep: set[int] = set()
+        scored: list[tuple[float, int]] = []
+        for idx in by_niche.values():
+            parents = [i for i in idx if pool[i].is_parent]
+            challengers = sorted(
+                (i for i in idx if not pool[i].is_parent), key=lambda i: (pool[i].value, i)
+            )
+            if not parents and challengers:  # a niche without an elite keeps its best
+                parents = [challengers.pop(0)]
+            keep.update(parents)
+            reference = min(pool[i].value for i in parents)
+            scale = max(abs(reference), 1e-12)
+            scored += [((pool[i].value - reference) / scale, i) for i in challengers]
+        survivors = self.config.stages[self.stage].survivors
+        keep.update(i for _, i in sorted(scored)[:survivors])
+        self._pool = [pool[i] for i in sorted(keep)]
+        self.stage += 1
+
+    @property
+    def best(self) -> tuple[Genome, float] | None:
+        """The elite with the lowest fitness over all budgets (first objective), as for the
+        Optuna strategies; :meth:`pareto` is the result of a multi-budget search."""
+        elites = [e[0] for e in self.elites.values()]
+        if not elites:
+            return None
+        top = min(elites, key=lambda m: m.value)
+        return top.genome, top.value
+
+    def pareto(self) -> list[tuple[Genome, tuple[float, ...]]]:
+        """The non-dominated niche elites and their objective values ``(fitness, *extra)``."""
+        points = []
+        for b in sorted(self.elites):
+            m = self.elites[b][0]
+            extra = tuple(self.objectives(m.genome)) if self.objectives else (float(b),)
+            points.append((m.genome, (m.value, *extra)))
+        return [points[i] for i in pareto_front([v for _, v in points])]
+
+    # -- offspring ------------------------------------------------------------------------
+
+    def _offspring(self, rng: np.random.Generator) -> Genome:
+        b = self.budgets[int(rng.integers(len(self.budgets)))]
+        sources = []
+        if b in self.elites:
+            sources.append("mutate")
+        if b - 1 in self.elites:
+            sources.append("up")
+        if b + 1 in self.elites:
+            sources.append("down")
+        if not sources:
+            return random_genome(self._specs[b], rng)
+        source = sources[int(rng.integers(len(sources)))]
+        if source == "mutate":
+            parents = self.elites[b]
+            parent = parents[int(rng.integers(len(parents)))].genome
+            n = number_of_switches(rng, self.config.max_switches)
+            return level_switch_mutation(parent, self._specs[b], rng, n)
+        step = 1 if source == "up" else -1
+        parents = self.elites[b - step]
+        parent = parents[int(rng.integers(len(parents)))].genome
+        return budget_step(parent, self._specs[b - step], rng, step)
+
+    def _new_pool(self) -> list[_Member]:
+        feasible = getattr(self.space, "is_feasible", None) or (lambda genome: True)
+        if self.generation == 0:
+            members = [_Member(g) for g in self.initial]
+            seen = set(self.initial)
+            per_niche = max(1, -(-self.config.initial_population // len(self.budgets)))
+            makers = [
+                (lambda rng, b=b: random_genome(self._specs[b], rng))
+                for b in self.budgets
+                for _ in range(per_niche)
+            ]
+        else:
+            members = []
+            seen = {m.genome for ms in self.elites.values() for m in ms}
+            makers = [self._offspring] * self.config.offspring
+        for make in makers:
+            for _attempt in range(100):
+                genome = make(self.rng)
+                if genome not in seen and feasible(genome):
+                    seen.add(genome)
+                    members.append(_Member(genome))
+                    break
+        # The elites of the niches that got offspring race again beside them (elitism; on
+        # new tokens when the stage's batch changes per generation); other niches stand.
+        niches = sorted({self.niche_of(m.genome) for m in members})
+        members = [
+            _Member(m.genome, is_parent=True) for b in niches for m in self.elites.get(b, [])
+        ] + members
+        if not members:
+            raise RuntimeError("the search space has no genome to evaluate")
+        return members
+
+    # -- checkpointing --------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """JSON-able state; valid between generations."""
+        if self._pool is not None:
+            raise RuntimeError("state_dict() is only available between generations")
+        return {
+            "generation": self.generation,
+            "elites": {
+                str(b): [[m.genome.key(), m.value] for m in ms] for b, ms in self.elites.items()
+            },
+            "history": self.history,
+            "rng": self.rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generation = state["generation"]
+        self.stage = 0
+        self._pool = None
+        self.elites = {
+            int(b): [_Member(Genome.from_key(k), v, True) for k, v in ms]
+            for b, ms in state["elites"].items()
+        }
+        self.history = list(state["history"])
+        self.rng.bit_generator.state = state["rng"]

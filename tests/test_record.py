@@ -119,3 +119,39 @@ def test_single_objective_optuna_strategy_runs_and_resumes(tiny_model_dir, tmp_p
     assert main([*args, "--resume"]) == 0
     again = json.loads((out / "results.json").read_text())
     assert again["best"] == first["best"] and len(_study(out).trials) == n
+
+
+def _evopress_mo_args(model, text, out, *extra):
+    return [
+        "search", "--model", str(model), "--drop-range", "1,4", "--strategy", "evopress",
+        "--data", str(text), "--n-sequences", "4", "--seq-len", "16", "--generations", "3",
+        "--offspring", "6", "--initial-population", "4", "--stages", "16:3,64:1",
+        "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+def test_evopress_over_a_budget_range_gives_one_point_per_budget(tiny_model_dir, tmp_path):  # noqa: F811
+    from evosearch.pareto import hypervolume
+
+    model, text = tiny_model_dir
+    out = tmp_path / "mo-evopress"
+    assert main(_evopress_mo_args(model, text, out)) == 0
+    pareto = json.loads((out / "pareto_front.json").read_text())
+    assert pareto["objectives"] == ["kl", "params"]  # params is the default second objective
+    front = pareto["front"]
+    points = [(p["kl"], p["params"]) for p in front]
+    assert pareto["hypervolume"] == hypervolume(points, pareto["reference"]) > 0
+    # one elite per budget, so at most one point per number of dropped blocks
+    sizes = [len(p["dropped_blocks"]) for p in front]
+    assert len(sizes) == len(set(sizes)) >= 2 and set(sizes) <= {1, 2, 3, 4}
+    # no candidate scored on all the calibration tokens beats a front point in both objectives
+    records = [json.loads(x) for x in (out / "evaluations.jsonl").read_text().splitlines()]
+    params = {t.user_attrs["genome"]: t.user_attrs["params"] for t in _study(out).trials}
+    for rec in records:
+        if rec["tokens"] == 64:
+            assert not any(rec["value"] < a and params[rec["genome"]] < b for a, b in points)
+    # a resumed finished run evaluates nothing again and gives the same front
+    n = len(records)
+    assert main(_evopress_mo_args(model, text, out, "--resume")) == 0
+    assert len((out / "evaluations.jsonl").read_text().splitlines()) == n
+    assert json.loads((out / "pareto_front.json").read_text())["front"] == front
