@@ -8,9 +8,10 @@ tokens) so that every strategy's best is measured on the same 1,024 tokens: Optu
 score every candidate on all of them; EvoPress races 12 offspring on 256 tokens, then 2 survivors
 and the parent on all 1,024. Both spend 6,144 tokens per generation.
 
-Part 2 (multi-objective): NSGA-II over 3..15 dropped blocks (10-50%), objectives KL and
-parameter count, vs the front formed by five single-objective EvoPress runs at 3, 6, 9, 12, 15
-blocks sharing the same total token budget. Hypervolume against a fixed reference point.
+Part 2 (multi-objective): multi-budget EvoPress and NSGA-II over 3..15 dropped blocks (10-50%),
+objectives KL and parameter count, vs the front formed by five single-objective EvoPress runs at
+3, 6, 9, 12, 15 blocks; all three spend the same number of 6,144-token generations. Hypervolume
+against a fixed reference point, and whether each front weakly dominates the single-objective one.
 """
 
 from __future__ import annotations
@@ -54,6 +55,13 @@ def main() -> None:
     p.add_argument("--mo-generations", type=int, default=15)
     p.add_argument("--data-dir", default=str(DEFAULT_DATA))
     p.add_argument("--out", default=str(HERE / "results.json"))
+    p.add_argument(
+        "--part",
+        choices=("all", "mo"),
+        default="all",
+        help="mo: rerun only the multi-objective part, keeping the single-objective results "
+        "already in --out",
+    )
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     base = SearchConfig(
@@ -77,7 +85,11 @@ def main() -> None:
     }
     out = Path(args.out)
     runs = HERE / "runs"
-    for seed in seeds:  # seed-major: a partial run already compares every strategy
+    if args.part == "mo":
+        previous = json.loads(Path(args.out).read_text())
+        report["single_objective"] = previous["single_objective"]
+        report["single_objective_command"] = previous["command"]
+    for seed in seeds if args.part == "all" else ():  # seed-major: partial runs compare all
         for strategy in STRATEGIES:
             cfg = dataclasses.replace(base, strategy=strategy, seed=seed)
             if strategy != "evopress":  # 6 candidates x 1,024 tokens = EvoPress's 6,144 / gen
@@ -95,43 +107,61 @@ def main() -> None:
             )
             out.write_text(json.dumps(report, indent=1) + "\n")
             print(strategy, seed, res["best"]["kl"], flush=True)
-    # Part 2: multi-objective over budgets.
+    # Part 2: multi-objective over budgets, all three at the same generations of 6,144 tokens.
     ks = (3, 6, 9, 12, 15)
     mo_gens = args.mo_generations
-    single_gens = max(0, (mo_gens + 1) // len(ks) - 1)  # same total generations of 6,144 tok
+    single_gens = max(0, (mo_gens + 1) // len(ks) - 1)
     for seed in seeds:
-        mo = dataclasses.replace(
-            base,
-            num_drop=None,
-            strategy="nsga2",
-            drop_range=(3, 15),
-            objectives=("params",),
-            offspring=6,
-            sampler_tokens=1024,
-            generations=mo_gens,
-            seed=seed,
-        )
-        res = run_search(mo, runs / f"mo-nsga2-s{seed}", resume=True, log=lambda s: None)
-        front_file = runs / f"mo-nsga2-s{seed}" / "pareto_front.json"
-        mo_front = [(r["kl"], r["params"]) for r in json.loads(front_file.read_text())["front"]]
+        entry: dict = {}
+        fronts = {}
+        for name, strategy, extra in (
+            ("evopress", "evopress", {}),
+            ("nsga2", "nsga2", {"offspring": 6, "sampler_tokens": 1024}),
+        ):
+            mo = dataclasses.replace(
+                base,
+                num_drop=None,
+                strategy=strategy,
+                drop_range=(3, 15),
+                objectives=("params",),
+                generations=mo_gens,
+                seed=seed,
+                **extra,
+            )
+            t0 = time.perf_counter()
+            res = run_search(mo, runs / f"mo-{name}-s{seed}", resume=True, log=lambda s: None)
+            front_file = runs / f"mo-{name}-s{seed}" / "pareto_front.json"
+            rows = json.loads(front_file.read_text())["front"]
+            fronts[name] = [(r["kl"], r["params"]) for r in rows]
+            entry[name] = {
+                "front": fronts[name],
+                "dropped_blocks": [len(r["dropped_blocks"]) for r in rows],
+                "tokens": sum(e["tokens"] for e in res["evaluations"]),
+                "evaluations": len(res["evaluations"]),
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
         singles, so_tokens = [], 0
         for k in ks:
             cfg = dataclasses.replace(base, num_drop=k, generations=single_gens, seed=seed)
             r = run_search(cfg, runs / f"so-k{k}-s{seed}", resume=True, log=lambda s: None)
             singles.append((r["best"]["kl"], r["best"]["params"]))
             so_tokens += r["tokens"]
-        so_front = [singles[i] for i in pareto_front(singles)]
-        ref = (8.0, res["pareto"]["reference"][1])  # KL 8 nats, the dense parameter count
-        report["multi_objective"][str(seed)] = {
-            "reference": ref,
-            "nsga2_front": mo_front,
-            "nsga2_hypervolume": hypervolume(mo_front, ref),
-            "nsga2_tokens": sum(e["tokens"] for e in res["evaluations"]),
-            "single_objective_front": so_front,
-            "single_objective_hypervolume": hypervolume(so_front, ref),
-            "single_objective_generations_each": single_gens,
-            "single_objective_tokens": so_tokens,
+        fronts["single"] = [singles[i] for i in pareto_front(singles)]
+        entry["single"] = {
+            "front": fronts["single"],
+            "generations_each": single_gens,
+            "tokens": so_tokens,
         }
+        ref = (8.0, res["pareto"]["reference"][1])  # KL 8 nats, the dense parameter count
+        entry["reference"] = ref
+        for name, front in fronts.items():
+            entry[name]["hypervolume"] = hypervolume(front, ref)
+            # weak dominance of the single-objective front: every one of its points is matched
+            # or beaten in both objectives by a point of this front
+            entry[name]["dominates_single"] = all(
+                any(a <= kl and b <= params for a, b in front) for kl, params in fronts["single"]
+            )
+        report["multi_objective"][str(seed)] = entry
         out.write_text(json.dumps(report, indent=1) + "\n")
     report["status"] = "complete"
     out.write_text(json.dumps(report, indent=1) + "\n")
