@@ -18,7 +18,7 @@ from evosearch.genome import Genome, LevelSpec
 from evosearch.pareto import pareto_front
 from evosearch.strategies import Request
 
-__all__ = ["SAMPLERS", "OptunaStrategy", "OptunaStrategyConfig", "decode_keys"]
+__all__ = ["SAMPLERS", "OptunaStrategy", "OptunaStrategyConfig", "decode_keys", "encode_genome"]
 
 SAMPLERS = ("tpe", "nsga2", "nsga3", "cmaes", "random")
 
@@ -74,6 +74,17 @@ def decode_keys(spec: LevelSpec, keys: list[float], budgets: dict[int, int]) -> 
     return Genome(tuple(levels))
 
 
+def encode_genome(spec: LevelSpec, genome: Genome) -> list[float]:
+    """Keys in [0, 1] that :func:`decode_keys` turns back into ``genome`` (at its own budgets).
+
+    Unit ``u`` gets a key proportional to ``level_u + 1/2``: its quotients ``key / (l + 1)`` are
+    above the common threshold ``1/scale`` exactly for its first ``level_u`` levels, so the
+    apportionment deals each group's budget back as ``genome`` holds it.
+    """
+    scale = max(spec.max_levels) + 0.5
+    return [(v + 0.5) / scale for v in genome.levels]
+
+
 def _make_sampler(name: str, seed: int, batch_size: int, n_objectives: int):
     import optuna
 
@@ -99,6 +110,8 @@ class OptunaStrategy:
         seed: the sampler's seed.
         objectives: extra minimised objectives ``f(genome) -> tuple`` (e.g. parameter count)
             appended to the fitness for a multi-objective study; ``None``: single objective.
+        initial: genomes enqueued as the first trials (a warm start, e.g. the uniform
+            allocation of a sparsity space), encoded exactly by :func:`encode_genome`.
     """
 
     def __init__(
@@ -108,6 +121,7 @@ class OptunaStrategy:
         config: OptunaStrategyConfig | None = None,
         seed: int = 0,
         objectives: Callable[[Genome], tuple[float, ...]] | None = None,
+        initial: tuple[Genome, ...] | list[Genome] = (),
     ) -> None:
         import optuna
 
@@ -130,6 +144,15 @@ class OptunaStrategy:
             directions=["minimize"] * n_obj,
             sampler=_make_sampler(self.config.sampler, seed, self.config.batch_size, n_obj),
         )
+        for genome in dict.fromkeys(initial):
+            if not spec.is_valid(genome) and self.config.budget_range is None:
+                raise ValueError(f"initial genome {genome.key()} does not fit the space's budget")
+            keys = encode_genome(spec, genome)
+            params = {f"key.{u}": keys[u] for u in self._active}
+            if self.config.budget_range is not None:
+                for g in sorted(spec.budgets):
+                    params[f"budget.{g}"] = sum(genome.levels[u] for u in spec.units_of(g))
+            self.study.enqueue_trial(params)
         self.generation = 0
         self.history: list[dict] = []
         self._pending: list = []

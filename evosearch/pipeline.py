@@ -528,7 +528,11 @@ def _strategy(config: SearchConfig, space, name: str, initial=(), objectives=Non
             budget_range=config.drop_range,
         )
         return OptunaStrategy(
-            space, config=sampler_config, seed=config.seed, objectives=objectives
+            space,
+            config=sampler_config,
+            seed=config.seed,
+            objectives=objectives,
+            initial=initial,
         )
     if name == "evopress" and config.drop_range is not None:
         return MultiBudgetEvoPress(

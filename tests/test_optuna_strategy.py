@@ -94,3 +94,28 @@ def test_pareto_front_and_hypervolume_by_hand():
     assert hypervolume([(7, 1)], (6, 6)) == 0.0
     cube = hypervolume([(0, 0, 0)], (1, 2, 3))
     assert cube == pytest.approx(6.0)
+
+
+def test_encode_genome_round_trips_through_decode_keys():
+    from evosearch.operators import random_genome
+    from evosearch.optuna_strategy import encode_genome
+
+    spec = LevelSpec(
+        max_levels=(8, 8, 5, 0, 8, 3), groups=(0, 0, 0, 0, 1, 1), budgets={0: 9, 1: 6}
+    )
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        genome = random_genome(spec, rng)
+        keys = encode_genome(spec, genome)
+        assert all(0.0 <= k <= 1.0 for k in keys)
+        assert decode_keys(spec, keys, spec.budgets) == genome
+
+
+def test_initial_genomes_are_the_first_trials():
+    space = LayerDropSpace(8, num_drop=3)
+    warm = [space.from_dropped(blocks=[5, 6, 7]), space.from_dropped(blocks=[0, 3, 4])]
+    config = OptunaStrategyConfig(sampler="tpe", generations=1, batch_size=4, tokens=8)
+    strategy = OptunaStrategy(space, config=config, seed=0, initial=warm)
+    assert list(strategy.ask().genomes[:2]) == warm
+    with pytest.raises(ValueError, match="does not fit"):
+        OptunaStrategy(space, config=config, initial=[space.from_dropped(blocks=[1])])
