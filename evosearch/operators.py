@@ -58,26 +58,32 @@ def level_switch_mutation(
     return Genome(tuple(levels))
 
 
-def budget_step(genome: Genome, spec: LevelSpec, rng: np.random.Generator, delta: int) -> Genome:
-    """Move every group's budget by ``delta`` (+1 or -1): in each group, one random unit that
-    has room gains a level (``+1``) or one random unit above level 0 loses one (``-1``).
+def budget_step(
+    genome: Genome, spec: LevelSpec, rng: np.random.Generator, delta: int | dict[int, int]
+) -> Genome:
+    """Move group budgets by ``delta`` levels (an ``int`` for every group, or ``{group:
+    delta}``): one level at a time, a random unit of the group that has room gains a level
+    (``delta > 0``) or a random unit above level 0 loses one (``delta < 0``).
 
-    This is how a multi-budget search carries a good genome to the neighbouring budget (e.g.
+    This is how a multi-budget search carries a good genome to a neighbouring budget (e.g.
     the best set of 6 dropped blocks plus one more block is a strong guess for 7).
 
     Raises:
-        ValueError: ``delta`` is not +1 or -1, or some group has no unit to change.
+        ValueError: a group has no unit left to move, or ``delta`` names an unknown group.
     """
-    if delta not in (1, -1):
-        raise ValueError(f"delta must be +1 or -1, got {delta}")
+    deltas = delta if isinstance(delta, dict) else dict.fromkeys(spec.budgets, delta)
+    if unknown := sorted(set(deltas) - set(spec.groups)):
+        raise ValueError(f"budget_step: unknown groups {unknown}")
     levels = list(genome.levels)
-    for g in sorted(spec.budgets):
+    for g in sorted(deltas):
+        sign = 1 if deltas[g] > 0 else -1
         units = spec.units_of(g)
-        if delta > 0:
-            movable = [u for u in units if levels[u] < spec.max_levels[u]]
-        else:
-            movable = [u for u in units if levels[u] > 0]
-        if not movable:
-            raise ValueError(f"group {g} has no unit whose level can move by {delta}")
-        levels[movable[int(rng.integers(len(movable)))]] += delta
+        for _ in range(abs(deltas[g])):
+            if sign > 0:
+                movable = [u for u in units if levels[u] < spec.max_levels[u]]
+            else:
+                movable = [u for u in units if levels[u] > 0]
+            if not movable:
+                raise ValueError(f"group {g} has no unit whose level can move by {sign}")
+            levels[movable[int(rng.integers(len(movable)))]] += sign
     return Genome(tuple(levels))

@@ -537,7 +537,7 @@ def _strategy(config: SearchConfig, space, name: str, initial=(), objectives=Non
     if name == "evopress" and config.drop_range is not None:
         return MultiBudgetEvoPress(
             space,
-            budget_range=config.drop_range,
+            budgets=range(config.drop_range[0], config.drop_range[1] + 1),
             config=config.evopress_config(),
             rng=np.random.default_rng(config.seed),
             objectives=objectives,

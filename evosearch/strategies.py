@@ -268,14 +268,14 @@ class MultiBudgetEvoPress:
     """EvoPress over a range of budgets at once: one elite per budget, shared by its neighbours.
 
     A multi-objective search over compression levels (e.g. KL vs parameters for 3..15 dropped
-    blocks) as a quality-diversity loop: every budget ``b`` in ``budget_range`` (applied to
-    every group of the space, as ``num_drop`` is) is a *niche* holding its best ``mu`` genomes
-    (``mu`` = the last stage's ``survivors``). Each offspring picks a niche at random and is
-    made from one of: a level-switch mutation of that niche's elite (the budget is kept), the
-    elite of budget ``b - 1`` with one level added, or the elite of ``b + 1`` with one level
-    removed (:func:`~evosearch.operators.budget_step`). Because good genomes at neighbouring
-    budgets are alike (the best 7 dropped blocks mostly contain the best 6), a find at one
-    budget seeds the others, which independent single-budget runs cannot do.
+    blocks, or KL vs average sparsity for 50..70 %) as a quality-diversity loop: every budget
+    of ``budgets`` is a *niche* holding its best ``mu`` genomes (``mu`` = the last stage's
+    ``survivors``). Each offspring picks a niche at random and is made from one of: a
+    level-switch mutation of that niche's elite (the budget is kept), or the elite of the
+    next lower / higher budget with levels added / removed at random units until it meets this
+    niche's budget (:func:`~evosearch.operators.budget_step`). Because good genomes at
+    neighbouring budgets are alike (the best 7 dropped blocks mostly contain the best 6), a
+    find at one budget seeds the others, which independent single-budget runs cannot do.
 
     Racing is as in :class:`EvoPress`, with fitness compared *within* a niche: at a non-final
     stage each niche keeps its elite (or, before it has one, its best candidate), and the
@@ -284,37 +284,56 @@ class MultiBudgetEvoPress:
 
     Args:
         space: a search space (``spec``, optionally ``is_feasible``).
-        budget_range: ``(low, high)`` budgets searched; ``high`` must fit ``space.spec``.
+        budgets: the niches, in increasing order: each an ``int`` (that budget in every group
+            of the space, as ``num_drop`` is) or a ``{group: budget}`` dict.
         config: loop settings (``initial_population`` random genomes are spread over the
             niches, at least one each).
         rng: the only source of randomness.
         objectives: extra minimised objectives ``f(genome) -> tuple`` reported next to the
-            fitness by :meth:`pareto` (e.g. the parameter count).
-        initial: extra genomes for generation 0 (each with the same budget in every group, in
-            the range).
+            fitness by :meth:`pareto` (e.g. the parameter count); default: the niche index.
+        initial: extra genomes for generation 0, each meeting one of the niches' budgets.
+        labels: a name per niche for histories and logs (default: the budget).
     """
 
     def __init__(
         self,
         space,
         *,
-        budget_range: tuple[int, int],
+        budgets,
         config: EvoPressConfig | None = None,
         rng: np.random.Generator,
         objectives: Callable[[Genome], tuple[float, ...]] | None = None,
         initial: tuple[Genome, ...] | list[Genome] = (),
+        labels: tuple[str, ...] | list[str] | None = None,
     ) -> None:
-        lo, hi = budget_range
-        if not 0 <= lo <= hi:
-            raise ValueError(f"budget_range must satisfy 0 <= low <= high, got {budget_range}")
         self.space = space
         self.config = config or EvoPressConfig()
         self.rng = rng
         self.objectives = objectives
-        self.budgets = tuple(range(lo, hi + 1))
-        self._specs = {b: self._spec_at(space.spec, b) for b in self.budgets}
-        if bad := [g for g in initial if self.niche_of(g) not in self._specs]:
-            raise ValueError(f"initial genomes are outside the budget range {budget_range}: {bad}")
+        groups = sorted(space.spec.budgets)
+        niches = []
+        for b in budgets:
+            if isinstance(b, dict):
+                if sorted(b) != groups:
+                    raise ValueError(f"a niche's budgets must name the groups {groups}, got {b}")
+                niches.append(tuple(int(b[g]) for g in groups))
+            else:
+                niches.append((int(b),) * len(groups))
+        if not niches or len(set(niches)) != len(niches):
+            raise ValueError("budgets must be a non-empty list of distinct budgets")
+        self.niches = tuple(niches)
+        self.labels = (
+            tuple(labels)
+            if labels
+            else tuple(str(n[0]) if len(set(n)) == 1 else "/".join(map(str, n)) for n in niches)
+        )
+        if len(self.labels) != len(niches):
+            raise ValueError(f"{len(niches)} budgets but {len(self.labels)} labels")
+        self._groups = groups
+        self._index = {n: i for i, n in enumerate(niches)}
+        self._specs = [self._spec_at(space.spec, dict(zip(groups, n))) for n in niches]
+        if bad := [g.key() for g in initial if self.niche_of(g) is None]:
+            raise ValueError(f"initial genomes meet none of the budgets searched: {bad}")
         self.initial = tuple(dict.fromkeys(initial))
         self.generation = 0
         self.stage = 0
@@ -323,17 +342,17 @@ class MultiBudgetEvoPress:
         self._pool: list[_Member] | None = None
 
     @staticmethod
-    def _spec_at(spec: LevelSpec, budget: int) -> LevelSpec:
+    def _spec_at(spec: LevelSpec, budgets: dict[int, int]) -> LevelSpec:
         try:
-            return dataclasses.replace(spec, budgets={g: budget for g in spec.budgets})
+            return dataclasses.replace(spec, budgets=budgets)
         except ValueError as exc:
-            raise ValueError(f"budget {budget} does not fit the space: {exc}") from None
+            raise ValueError(f"budget {budgets} does not fit the space: {exc}") from None
 
     def niche_of(self, genome: Genome) -> int | None:
-        """The budget ``genome`` meets in every group, or ``None`` when groups differ."""
+        """The index of the niche whose budgets ``genome`` meets, or ``None``."""
         spec = self.space.spec
-        sums = {sum(genome.levels[u] for u in spec.units_of(g)) for g in spec.budgets}
-        return sums.pop() if len(sums) == 1 else None
+        sums = tuple(sum(genome.levels[u] for u in spec.units_of(g)) for g in self._groups)
+        return self._index.get(sums)
 
     # -- ask / tell -----------------------------------------------------------------------
 
@@ -358,10 +377,10 @@ class MultiBudgetEvoPress:
             by_niche.setdefault(self.niche_of(m.genome), []).append(i)
         if self.stage == len(self.config.stages) - 1:
             mu = self.config.parents
-            for b, idx in by_niche.items():
+            for n, idx in by_niche.items():
                 ranked = sorted(idx, key=lambda i: (pool[i].value, i))[:mu]
                 if math.isfinite(pool[ranked[0]].value):
-                    self.elites[b] = [_Member(pool[i].genome, pool[i].value, True) for i in ranked]
+                    self.elites[n] = [_Member(pool[i].genome, pool[i].value, True) for i in ranked]
             best = self.best
             self.history.append(
                 {
@@ -369,7 +388,9 @@ class MultiBudgetEvoPress:
                     "best": best[0].key() if best else None,
                     "value": best[1] if best else math.inf,
                     "tokens": request.tokens,
-                    "niches": {str(b): self.elites[b][0].value for b in sorted(self.elites)},
+                    "niches": {
+                        self.labels[n]: self.elites[n][0].value for n in sorted(self.elites)
+                    },
                 }
             )
             self.generation += 1
@@ -407,45 +428,44 @@ class MultiBudgetEvoPress:
     def pareto(self) -> list[tuple[Genome, tuple[float, ...]]]:
         """The non-dominated niche elites and their objective values ``(fitness, *extra)``."""
         points = []
-        for b in sorted(self.elites):
-            m = self.elites[b][0]
-            extra = tuple(self.objectives(m.genome)) if self.objectives else (float(b),)
+        for n in sorted(self.elites):
+            m = self.elites[n][0]
+            extra = tuple(self.objectives(m.genome)) if self.objectives else (float(-n),)
             points.append((m.genome, (m.value, *extra)))
         return [points[i] for i in pareto_front([v for _, v in points])]
 
     # -- offspring ------------------------------------------------------------------------
 
+    def _step(self, genome: Genome, source: int, target: int, rng) -> Genome:
+        """``genome`` (at niche ``source``) moved to niche ``target``'s budgets at random."""
+        deltas = {
+            g: want - have
+            for g, have, want in zip(self._groups, self.niches[source], self.niches[target])
+        }
+        return budget_step(genome, self.space.spec, rng, deltas)
+
     def _offspring(self, rng: np.random.Generator) -> Genome:
-        b = self.budgets[int(rng.integers(len(self.budgets)))]
-        sources = []
-        if b in self.elites:
-            sources.append("mutate")
-        if b - 1 in self.elites:
-            sources.append("up")
-        if b + 1 in self.elites:
-            sources.append("down")
+        n = int(rng.integers(len(self.niches)))
+        sources = [s for s in (n, n - 1, n + 1) if s in self.elites]
         if not sources:
-            return random_genome(self._specs[b], rng)
+            return random_genome(self._specs[n], rng)
         source = sources[int(rng.integers(len(sources)))]
-        if source == "mutate":
-            parents = self.elites[b]
-            parent = parents[int(rng.integers(len(parents)))].genome
-            n = number_of_switches(rng, self.config.max_switches)
-            return level_switch_mutation(parent, self._specs[b], rng, n)
-        step = 1 if source == "up" else -1
-        parents = self.elites[b - step]
+        parents = self.elites[source]
         parent = parents[int(rng.integers(len(parents)))].genome
-        return budget_step(parent, self._specs[b - step], rng, step)
+        if source == n:
+            k = number_of_switches(rng, self.config.max_switches)
+            return level_switch_mutation(parent, self._specs[n], rng, k)
+        return self._step(parent, source, n, rng)
 
     def _new_pool(self) -> list[_Member]:
         feasible = getattr(self.space, "is_feasible", None) or (lambda genome: True)
         if self.generation == 0:
             members = [_Member(g) for g in self.initial]
             seen = set(self.initial)
-            per_niche = max(1, -(-self.config.initial_population // len(self.budgets)))
+            per_niche = max(1, -(-self.config.initial_population // len(self.niches)))
             makers = [
-                (lambda rng, b=b: random_genome(self._specs[b], rng))
-                for b in self.budgets
+                (lambda rng, n=n: random_genome(self._specs[n], rng))
+                for n in range(len(self.niches))
                 for _ in range(per_niche)
             ]
         else:
@@ -463,7 +483,7 @@ class MultiBudgetEvoPress:
         # new tokens when the stage's batch changes per generation); other niches stand.
         niches = sorted({self.niche_of(m.genome) for m in members})
         members = [
-            _Member(m.genome, is_parent=True) for b in niches for m in self.elites.get(b, [])
+            _Member(m.genome, is_parent=True) for n in niches for m in self.elites.get(n, [])
         ] + members
         if not members:
             raise RuntimeError("the search space has no genome to evaluate")
@@ -478,7 +498,7 @@ class MultiBudgetEvoPress:
         return {
             "generation": self.generation,
             "elites": {
-                str(b): [[m.genome.key(), m.value] for m in ms] for b, ms in self.elites.items()
+                str(n): [[m.genome.key(), m.value] for m in ms] for n, ms in self.elites.items()
             },
             "history": self.history,
             "rng": self.rng.bit_generator.state,
@@ -489,8 +509,8 @@ class MultiBudgetEvoPress:
         self.stage = 0
         self._pool = None
         self.elites = {
-            int(b): [_Member(Genome.from_key(k), v, True) for k, v in ms]
-            for b, ms in state["elites"].items()
+            int(n): [_Member(Genome.from_key(k), v, True) for k, v in ms]
+            for n, ms in state["elites"].items()
         }
         self.history = list(state["history"])
         self.rng.bit_generator.state = state["rng"]

@@ -34,10 +34,10 @@ def optimum(b: int) -> float:
     return float(sum(sorted(DAMAGE)[:b]))
 
 
-def multi(seed=0, config=CONFIG, space=SPACE, budget_range=(2, 6), **kwargs):
+def multi(seed=0, config=CONFIG, space=SPACE, budgets=range(2, 7), **kwargs):
     return MultiBudgetEvoPress(
         space,
-        budget_range=budget_range,
+        budgets=list(budgets),
         config=config,
         rng=np.random.default_rng(seed),
         objectives=lambda g: (12.0 - sum(g.levels),),  # blocks kept
@@ -60,39 +60,39 @@ def test_budget_step_moves_every_group_by_one_level():
     full = SPACE.from_dropped(blocks=range(12))
     with pytest.raises(ValueError, match="no unit"):
         budget_step(full, SPACE.spec, rng, 1)
-    with pytest.raises(ValueError, match="delta"):
-        budget_step(genome, spec, rng, 2)
 
 
 def test_first_generation_covers_every_budget():
     strategy = multi()
     request = strategy.ask()
-    budgets = [strategy.niche_of(g) for g in request.genomes]
-    assert set(budgets) == {2, 3, 4, 5, 6}
+    niches = [strategy.niche_of(g) for g in request.genomes]
+    assert set(niches) == {0, 1, 2, 3, 4}
+    assert {sum(g.levels) for g in request.genomes} == {2, 3, 4, 5, 6}
     assert len(set(request.genomes)) == len(request.genomes)
     drive(strategy, damage, stop_after_generation=0)
-    assert sorted(strategy.elites) == [2, 3, 4, 5, 6]
+    assert sorted(strategy.elites) == [0, 1, 2, 3, 4]
+    assert list(strategy.history[0]["niches"]) == ["2", "3", "4", "5", "6"]
 
 
 def test_every_budget_reaches_its_optimum_and_the_front_is_exact():
     strategy = multi()
     log = drive(strategy, damage)
-    for b in range(2, 7):
-        genome = strategy.elites[b][0].genome
+    for n, b in enumerate(range(2, 7)):
+        genome = strategy.elites[n][0].genome
         assert sum(genome.levels) == b  # the niche's budget, exactly
-        assert strategy.elites[b][0].value == pytest.approx(optimum(b))
+        assert strategy.elites[n][0].value == pytest.approx(optimum(b))
     front = strategy.pareto()
     assert [round(v[0], 6) for _, v in front] == [round(optimum(b), 6) for b in range(2, 7)]
     assert pareto_front([v for _, v in front]) == list(range(len(front)))
     assert strategy.best[1] == pytest.approx(optimum(2))
     # every genome asked for lies in the range and keeps both its groups' budgets equal
-    assert all(strategy.niche_of(g) in range(2, 7) for r, _ in log for g in r.genomes)
+    assert all(strategy.niche_of(g) is not None for r, _ in log for g in r.genomes)
     values = [h["value"] for h in strategy.history]
     assert values == sorted(values, reverse=True)  # elitism per niche
 
 
 def test_sublayer_space_keeps_one_budget_for_both_groups():
-    strategy = multi(space=SUBLAYERS, budget_range=(1, 3))
+    strategy = multi(space=SUBLAYERS, budgets=(1, 2, 3))
     log = drive(strategy, lambda g, r=None: float(sum(i * v for i, v in enumerate(g.levels))))
     spec = SUBLAYERS.spec
     for request, _ in log:
@@ -112,7 +112,7 @@ def test_sharing_between_budgets_beats_independent_runs_at_equal_evaluations():
     for seed in range(8):
         strategy = multi(seed, config)
         calls = sum(len(r.genomes) for r, _ in drive(strategy, damage))
-        shared_gap += sum(strategy.elites[b][0].value - optimum(b) for b in range(2, 7))
+        shared_gap += sum(strategy.elites[n][0].value - optimum(n + 2) for n in range(5))
         share = calls // 5  # per budget; a run makes 1 call, then 2 per generation
         single = EvoPressConfig(
             generations=(share - 1) // 2, offspring=1, initial_population=1, stages=config.stages
@@ -140,10 +140,33 @@ def test_resume_continues_identically():
     assert resumed.pareto() == full.pareto()
 
 
-def test_bad_ranges_and_initial_genomes_are_refused():
-    with pytest.raises(ValueError, match="low <= high"):
-        multi(budget_range=(4, 2))
+def test_uneven_niches_step_by_the_budget_difference():
+    """Niches need not be one level apart (a sparsity range has hundreds of levels between
+    neighbours): stepping moves a neighbour's elite by the whole difference."""
+    strategy = multi(budgets=(1, 4, 8), config=CONFIG)
+    log = drive(strategy, damage)
+    assert {sum(g.levels) for r, _ in log for g in r.genomes} == {1, 4, 8}
+    assert [sum(strategy.elites[n][0].genome.levels) for n in range(3)] == [1, 4, 8]
+    assert strategy.elites[2][0].value == pytest.approx(optimum(8))
+
+
+def test_budget_step_with_per_group_deltas():
+    rng = np.random.default_rng(1)
+    spec = SUBLAYERS.spec
+    genome = SUBLAYERS.random_genome(rng)
+    out = budget_step(genome, spec, rng, {0: 3, 1: -2})
+    sums = [sum(out.levels[u] for u in spec.units_of(g)) for g in (0, 1)]
+    assert sums == [4 + 3, 4 - 2]
+    with pytest.raises(ValueError, match="unknown groups"):
+        budget_step(genome, spec, rng, {7: 1})
+
+
+def test_bad_budgets_and_initial_genomes_are_refused():
+    with pytest.raises(ValueError, match="distinct"):
+        multi(budgets=(2, 2))
     with pytest.raises(ValueError, match="does not fit"):
-        multi(budget_range=(2, 13))
-    with pytest.raises(ValueError, match="outside the budget range"):
+        multi(budgets=(2, 13))
+    with pytest.raises(ValueError, match="none of the budgets"):
         multi(initial=[SPACE.from_dropped(blocks=[0])])
+    with pytest.raises(ValueError, match="name the groups"):
+        multi(budgets=({5: 2},))
