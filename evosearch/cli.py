@@ -136,6 +136,12 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--allowed", type=_int_list, help="blocks that may be dropped, e.g. 2-27")
     p.add_argument("--target", type=float, help="sparsity space: average sparsity, e.g. 0.6")
+    p.add_argument(
+        "--sparsity-range",
+        type=_csv(float),
+        help="sparsity space: search every average sparsity from LOW to HIGH in steps of "
+        "--level-step, e.g. 0.5,0.7, and return the Pareto front (KL vs density)",
+    )
     p.add_argument("--pruner", help="sparsity space: magnitude | wanda | sparsegpt | metric.json")
     p.add_argument("--pattern", help="sparsity space: N:M pattern, e.g. 2:4 or 4:8")
     p.add_argument(
@@ -253,6 +259,7 @@ def _config(args: argparse.Namespace, extra: dict | None = None):
         "warm_start",
         "objectives",
         "drop_range",
+        "sparsity_range",
         "hv_reference",
     ):
         value = getattr(args, flag, None)

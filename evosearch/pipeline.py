@@ -38,7 +38,13 @@ __all__ = [
 ]
 
 STRATEGIES = ("evopress", "random", "tpe", "nsga2", "nsga3", "cmaes", "optuna-random")
-OBJECTIVES = ("params", "blocks_kept")  # extra, minimised objectives for Optuna strategies
+# Extra, minimised objectives per space (the first is the default when a budget range is
+# searched); each is a key of the space's ``metrics``.
+OBJECTIVES = {
+    "layer-drop": ("params", "blocks_kept"),
+    "sparsity": ("density", "nonzero_block_weights"),
+    "width": (),
+}
 RUNNERS = ("inprocess", "ray")
 # Where evaluations run never changes what they return, so these may differ on --resume.
 RUNNER_FIELDS = ("runner", "workers", "ray_address", "worker_cpus", "worker_gpus")
@@ -168,6 +174,7 @@ class SearchConfig:
     width_lr: float = 1e-4
     width_distill: bool = True
     drop_range: tuple[int, int] | None = None
+    sparsity_range: tuple[float, float] | None = None
     sampler_tokens: int | None = None
     hv_reference: tuple[float, ...] | None = None
     runner: str = "inprocess"
@@ -184,6 +191,7 @@ class SearchConfig:
             "eval_ppl",
             "objectives",
             "drop_range",
+            "sparsity_range",
             "hv_reference",
             "width_train_tokens",
         ):
@@ -191,10 +199,11 @@ class SearchConfig:
             if value is not None:
                 object.__setattr__(self, name, tuple(value))
         object.__setattr__(self, "stages", tuple(tuple(int(x) for x in s) for s in self.stages))
-        if self.drop_range and not self.objectives:  # a budget range is traced against size
-            object.__setattr__(self, "objectives", ("params",))
         if self.space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {self.space!r}")
+        if self.budget_range and not self.objectives and OBJECTIVES[self.space]:
+            # a budget range is traced against size
+            object.__setattr__(self, "objectives", OBJECTIVES[self.space][:1])
         if self.space == "layer-drop":
             if (self.num_drop is None) == (self.drop_fraction is None) and not self.drop_range:
                 raise ValueError(
@@ -237,19 +246,24 @@ class SearchConfig:
         heuristics = tuple(b for b in names if b != "random")
         if unknown := [b for b in self.warm_start if b not in heuristics]:
             raise ValueError(f"unknown warm_start {unknown}; choose from {heuristics}")
-        if unknown := [o for o in self.objectives if o not in OBJECTIVES]:
-            raise ValueError(f"unknown objectives {unknown}; choose from {OBJECTIVES}")
-        if (self.objectives or self.drop_range) and self.space != "layer-drop":
-            raise ValueError("objectives / drop_range are available for the layer-drop space")
-        if (self.objectives or self.drop_range) and self.strategy in ("random", "cmaes"):
+        if self.drop_range and self.space != "layer-drop":
+            raise ValueError("drop_range is for the layer-drop space (sparsity: sparsity_range)")
+        if self.sparsity_range and self.space != "sparsity":
+            raise ValueError("sparsity_range is for the sparsity space (layer-drop: drop_range)")
+        if unknown := [o for o in self.objectives if o not in OBJECTIVES[self.space]]:
             raise ValueError(
-                "objectives / drop_range need evopress (multi-budget EvoPress) or an Optuna "
-                "strategy (tpe, nsga2, nsga3, optuna-random)"
+                f"unknown objectives {unknown} for the {self.space} space; choose from "
+                f"{OBJECTIVES[self.space] or 'none: it has no multi-objective search yet'}"
             )
-        if self.objectives and self.strategy == "evopress" and not self.drop_range:
+        if (self.objectives or self.budget_range) and self.strategy in ("random", "cmaes"):
             raise ValueError(
-                "evopress searches several objectives over a range of budgets: add drop_range "
-                "(--drop-range LOW,HIGH)"
+                "objectives / a budget range need evopress (multi-budget EvoPress) or an "
+                "Optuna strategy (tpe, nsga2, nsga3, optuna-random)"
+            )
+        if self.objectives and self.strategy == "evopress" and not self.budget_range:
+            raise ValueError(
+                "evopress searches several objectives over a range of budgets: add "
+                "drop_range (--drop-range LOW,HIGH) or sparsity_range (--sparsity-range LOW,HIGH)"
             )
         if self.drop_range is not None and (
             len(self.drop_range) != 2 or not 0 <= self.drop_range[0] <= self.drop_range[1]
@@ -265,6 +279,12 @@ class SearchConfig:
             raise ValueError(f"runner must be one of {RUNNERS}, got {self.runner!r}")
         self.ray_config()  # validates workers and resources
 
+    @property
+    def budget_range(self) -> tuple | None:
+        """The range of budgets of a multi-budget search (``drop_range`` or
+        ``sparsity_range``), or ``None``."""
+        return self.drop_range or self.sparsity_range
+
     def sparsity_config(self):
         """The :class:`~search_spaces.sparsity.SparsityConfig` of ``space="sparsity"``."""
         from search_spaces.sparsity import SparsityConfig
@@ -276,6 +296,7 @@ class SearchConfig:
             level_step=self.level_step,
             max_level_shift=self.max_level_shift,
             max_total_shift=self.max_total_shift,
+            sparsity_range=self.sparsity_range,
         )
 
     def width_config(self):
@@ -516,7 +537,27 @@ def _direction(config: SearchConfig) -> str:
     return "minimize"  # both built-in fitnesses (kl, ppl) are minimised
 
 
+def _niches(config: SearchConfig, space) -> tuple[list, list[str]] | None:
+    """The budgets (and labels) of a multi-budget search, or ``None`` for a single budget."""
+    if config.drop_range is not None:
+        ks = range(config.drop_range[0], config.drop_range[1] + 1)
+        return list(ks), [str(k) for k in ks]
+    if config.sparsity_range is not None:
+        return space.range_budgets()
+    return None
+
+
+def _low(budget) -> int:
+    """One group's budget of a niche (every group has the same range)."""
+    return budget if isinstance(budget, int) else min(budget.values())
+
+
+def _sparsity_targets(space) -> tuple[list[dict[int, int]], list[float]]:
+    return space.range_budgets()[0], space.range_targets()
+
+
 def _strategy(config: SearchConfig, space, name: str, initial=(), objectives=None):
+    niches = _niches(config, space)
     if name not in ("evopress", "random"):
         from evosearch.optuna_strategy import OptunaStrategy, OptunaStrategyConfig
 
@@ -525,7 +566,9 @@ def _strategy(config: SearchConfig, space, name: str, initial=(), objectives=Non
             generations=config.generations,
             batch_size=config.offspring,
             tokens=config.sampler_tokens or config.stages[-1][0],
-            budget_range=config.drop_range,
+            budget_range=None
+            if niches is None
+            else (min(_low(b) for b in niches[0]), max(_low(b) for b in niches[0])),
         )
         return OptunaStrategy(
             space,
@@ -534,10 +577,11 @@ def _strategy(config: SearchConfig, space, name: str, initial=(), objectives=Non
             objectives=objectives,
             initial=initial,
         )
-    if name == "evopress" and config.drop_range is not None:
+    if name == "evopress" and niches is not None:
         return MultiBudgetEvoPress(
             space,
-            budgets=range(config.drop_range[0], config.drop_range[1] + 1),
+            budgets=niches[0],
+            labels=niches[1],
             config=config.evopress_config(),
             rng=np.random.default_rng(config.seed),
             objectives=objectives,
@@ -576,7 +620,16 @@ def run_search(
     if config.warm_start:
         warm = _baselines(session, dataclasses.replace(config, baselines=config.warm_start), log)
         initial = tuple(warm.values())
-    if config.space in ("sparsity", "width"):  # EvoPress starts from the uniform allocation
+    if config.sparsity_range is not None:  # every budget starts from its uniform allocation
+        n_layers = len(space.spec.max_levels)
+        initial = (
+            tuple(
+                space.genome_for([s] * n_layers, budgets)
+                for budgets, s in zip(*_sparsity_targets(space))
+            )
+            + initial
+        )
+    elif config.space in ("sparsity", "width"):  # EvoPress starts from the uniform allocation
         initial = (space.uniform_genome(), *initial)
     objectives = None
     if config.objectives:
@@ -627,7 +680,7 @@ def run_search(
         "evaluations": result.evaluations,
     }
     run.write_json("best_genome.json", {"genome": best.key(), **space.describe(best)})
-    if config.objectives or config.drop_range:
+    if config.objectives or config.budget_range:
         results["pareto"] = _pareto(config, run, strategy, space, log, result.evaluations)
     candidates = {config.strategy: best}
     if config.baselines:
@@ -667,7 +720,11 @@ def _pareto(
     if config.hv_reference is not None:
         reference = list(config.hv_reference)
     else:
-        dense = space.metrics(space.dense_genome())
+        dense = (
+            space.dense_metrics()
+            if hasattr(space, "dense_metrics")
+            else space.metrics(space.dense_genome())
+        )
         worst = max(e["value"] for e in evaluations if e.get("value") is not None)
         reference = [worst, *(dense[o] for o in config.objectives)]
     rows = []

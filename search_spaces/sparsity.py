@@ -65,6 +65,10 @@ class SparsityConfig:
         max_layer_sparsity: no layer is pruned beyond this (unstructured).
         store_dtype: dtype of the pruned weights in the database (``float16`` halves its size;
             the model's dtype is restored when a level is swapped in).
+        sparsity_range: ``(low, high)``: a multi-budget search of every average sparsity from
+            ``low`` to ``high`` in steps of ``level_step`` (instead of ``sparsity``, which is
+            then their midpoint's uniform allocation); each layer's ladder reaches the uniform
+            allocations at both ends, plus ``max_level_shift`` levels either way.
     """
 
     sparsity: float | None = None
@@ -75,9 +79,25 @@ class SparsityConfig:
     max_total_shift: int | None = None
     max_layer_sparsity: float = 0.95
     store_dtype: str = "float16"
+    sparsity_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         nm = parse_pattern(self.pattern)
+        if self.sparsity_range is not None:
+            lo, hi = (float(x) for x in self.sparsity_range)
+            object.__setattr__(self, "sparsity_range", (lo, hi))
+            if nm is not None or self.sparsity is not None:
+                raise ValueError("give sparsity_range or a target sparsity / pattern, not both")
+            if not 0 < lo < hi < 1:
+                raise ValueError(f"sparsity_range must satisfy 0 < low < high < 1, got {lo, hi}")
+            if self.max_total_shift is not None:
+                raise ValueError("max_total_shift bounds one budget; leave it unset with a range")
+            if hi > self.max_layer_sparsity:
+                raise ValueError(
+                    f"sparsity_range ends at {hi}, above max_layer_sparsity "
+                    f"{self.max_layer_sparsity}"
+                )
+            object.__setattr__(self, "sparsity", round((lo + hi) / 2, 12))
         if nm is None and self.sparsity is None:
             raise ValueError("give a target sparsity (e.g. 0.6) or an N:M pattern (e.g. 2:4)")
         if nm is not None and self.sparsity is not None:
@@ -149,12 +169,14 @@ def _ladders(refs: list[LinearRef], config: SparsityConfig) -> list[_Ladder]:
             out.append(_Ladder((m - n - centre) * step, centre, top, step))
         return out
     step = max(1, round(config.level_step * sum(r.numel for r in refs) / len(refs)))
+    lo, hi = config.sparsity_range or (config.target, config.target)
     for ref in refs:
         uniform = round(config.target * ref.numel)
-        centre = min(shift, uniform // step)
-        up = min(
-            shift, max(0, math.floor(config.max_layer_sparsity * ref.numel) - uniform) // step
-        )
+        # a range: reach both ends' uniform allocations, plus the shift either way
+        down = shift + math.ceil((config.target - lo) * ref.numel / step)
+        up_ = shift + math.ceil((hi - config.target) * ref.numel / step)
+        centre = min(down, uniform // step)
+        up = min(up_, max(0, math.floor(config.max_layer_sparsity * ref.numel) - uniform) // step)
         out.append(_Ladder(uniform - centre * step, centre, centre + up, step))
     return out
 
@@ -275,7 +297,10 @@ class SparsitySpace:
 
     def summary(self) -> str:
         c = self.config_
-        target = f"{c.pattern} pattern" if c.nm else f"{c.target:.0%} average sparsity"
+        if c.sparsity_range:
+            target = f"{c.sparsity_range[0]:.0%}..{c.sparsity_range[1]:.0%} average sparsity"
+        else:
+            target = f"{c.pattern} pattern" if c.nm else f"{c.target:.0%} average sparsity"
         return (
             f"{target} over {len(self.refs)} block linears, pruner {c.pruner}, up to "
             f"{c.max_level_shift} levels from uniform"
@@ -312,10 +337,39 @@ class SparsitySpace:
     def layer_sparsities(self, genome: Genome) -> list[float]:
         return [c / r.numel for c, r in zip(self.pruned_counts(genome), self.refs)]
 
-    def genome_for(self, sparsities: list[float]) -> Genome:
+    def range_targets(self) -> list[float]:
+        """The average sparsities of a ``sparsity_range`` search: low to high in steps of
+        ``level_step`` (high included)."""
+        if self.config_.sparsity_range is None:
+            raise ValueError("this sparsity space was built without a sparsity_range")
+        lo, hi = self.config_.sparsity_range
+        n = int(math.floor((hi - lo) / self.config_.level_step + 1e-9)) + 1
+        targets = [round(lo + i * self.config_.level_step, 10) for i in range(n)]
+        if hi - targets[-1] > 1e-9:
+            targets.append(hi)
+        return targets
+
+    def range_budgets(self) -> tuple[list[dict[int, int]], list[str]]:
+        """The niches of a ``sparsity_range`` search: the level budget of each of
+        :meth:`range_targets`, and a label per niche."""
+        targets = self.range_targets()
+        base = sum(lad.base for lad in self.ladders)
+        step = self.ladders[0].step
+        capacity = sum(lad.top for lad in self.ladders)
+        budgets = [
+            min(max(round((t * self.total_weights - base) / step), 0), capacity) for t in targets
+        ]
+        return [{0: b} for b in budgets], [f"{t:g}" for t in targets]
+
+    def dense_metrics(self) -> dict[str, float]:
+        """The metrics of the unpruned model (the reference point of a Pareto front)."""
+        return {"sparsity": 0.0, "density": 1.0, "nonzero_block_weights": self.total_weights}
+
+    def genome_for(self, sparsities: list[float], budgets: dict[int, int] | None = None) -> Genome:
         """The valid genome closest to per-layer ``sparsities`` (e.g. an OWL allocation):
         each layer takes its nearest level, then levels are moved one at a time, where the
-        rounding was worst, until every group meets its budget."""
+        rounding was worst, until every group meets its budget (``budgets``, default: the
+        space's)."""
         if len(sparsities) != len(self.refs):
             raise ValueError(f"need {len(self.refs)} sparsities, got {len(sparsities)}")
         want = [
@@ -323,7 +377,7 @@ class SparsitySpace:
             for s, r, lad in zip(sparsities, self.refs, self.ladders)
         ]
         levels = [min(max(round(w), 0), lad.top) for w, lad in zip(want, self.ladders)]
-        for g, budget in self.spec.budgets.items():
+        for g, budget in (budgets or self.spec.budgets).items():
             units = self.spec.units_of(g)
             while (excess := sum(levels[i] for i in units) - budget) != 0:
                 sign = 1 if excess > 0 else -1
@@ -355,6 +409,7 @@ class SparsitySpace:
         pruned = sum(self.pruned_counts(genome))
         return {
             "sparsity": pruned / self.total_weights,
+            "density": 1 - pruned / self.total_weights,
             "nonzero_block_weights": self.total_weights - pruned,
         }
 

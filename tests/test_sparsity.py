@@ -307,3 +307,53 @@ def test_optuna_strategies_search_the_sparsity_space_at_exact_budget(tmp_path, s
     sums = {sum(int(c, 36) for c in key) for key in genomes}
     assert len(sums) == 1
     assert results["best"]["sparsity"] == pytest.approx(0.5, abs=1e-4)
+
+
+def test_range_space_reaches_uniform_allocations_at_both_ends(tmp_path):
+    _, _, space, _ = _space(tmp_path, sparsity=None, sparsity_range=(0.4, 0.6))
+    assert space.range_targets() == [0.4, 0.45, 0.5, 0.55, 0.6]
+    budgets, labels = space.range_budgets()
+    assert labels == ["0.4", "0.45", "0.5", "0.55", "0.6"]
+    assert [b[0] for b in budgets] == sorted(b[0] for b in budgets)
+    n = len(space.refs)
+    for b, target in zip(budgets, space.range_targets()):
+        genome = space.genome_for([target] * n, b)
+        assert sum(genome.levels) == b[0]
+        assert space.metrics(genome)["sparsity"] == pytest.approx(target, abs=2e-3)
+        # every layer within one level of the uniform allocation (a level is an absolute
+        # number of weights, so a larger share of a small layer)
+        for sp, ref, lad in zip(space.layer_sparsities(genome), space.refs, space.ladders):
+            assert abs(sp - target) <= lad.step / ref.numel + 1e-9
+    with pytest.raises(ValueError, match="not both"):
+        SparsityConfig(sparsity=0.5, sparsity_range=(0.4, 0.6))
+    with pytest.raises(ValueError, match="low < high"):
+        SparsityConfig(sparsity_range=(0.6, 0.4))
+
+
+@pytest.mark.parametrize("strategy", ["evopress", "nsga2"])
+def test_cli_sparsity_range_search_returns_a_density_front(tmp_path, strategy):
+    from evosearch.cli import main
+    from evosearch.pareto import hypervolume
+
+    model_dir, text = _tiny_files(tmp_path)
+    out = tmp_path / strategy
+    argv = ["search", "--space", "sparsity", "--sparsity-range", "0.4,0.6",
+            "--model", str(model_dir), "--data", str(text), "--n-sequences", "4",
+            "--seq-len", "16", "--generations", "3", "--offspring", "6", "--initial-population",
+            "5", "--strategy", strategy, "--stages", "16:3,64:1", "--level-step", "0.05",
+            "--max-level-shift", "2", "--db-dir", str(tmp_path / "db"), "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    pareto = json.loads((out / "pareto_front.json").read_text())
+    assert pareto["objectives"] == ["kl", "density"]
+    assert pareto["reference"][1] == 1.0  # the dense model
+    points = [(p["kl"], p["density"]) for p in pareto["front"]]
+    assert len(points) >= 2
+    assert pareto["hypervolume"] == hypervolume(points, pareto["reference"]) > 0
+    densities = {round(p["density"], 3) for p in pareto["front"]}
+    assert all(0.4 - 1e-3 <= d <= 0.6 + 1e-3 for d in densities)
+    if strategy == "evopress":  # one niche per step of the range
+        assert densities <= {0.6, 0.55, 0.5, 0.45, 0.4}
+        # every budget is searched, and each starts from its uniform allocation
+        results = json.loads((out / "results.json").read_text())
+        assert set(results["history"][-1]["niches"]) == {"0.4", "0.45", "0.5", "0.55", "0.6"}
+        assert len(points) == 5  # lower density always costs KL on a real model
