@@ -295,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--drop-range",
         type=_csv(int),
-        help="search every number of dropped blocks in this range, e.g. 3,15, and return the "
+        help="search every number of dropped blocks in this range, e.g. 3,15 (or every "
+        "third: 3,15,3), and return the "
         "Pareto front (evopress: one elite per budget; Optuna strategies: sampled budget)",
     )
     p.add_argument(

@@ -59,14 +59,21 @@ def level_switch_mutation(
 
 
 def budget_step(
-    genome: Genome, spec: LevelSpec, rng: np.random.Generator, delta: int | dict[int, int]
+    genome: Genome,
+    spec: LevelSpec,
+    rng: np.random.Generator,
+    delta: int | dict[int, int],
+    guide: Genome | None = None,
 ) -> Genome:
     """Move group budgets by ``delta`` levels (an ``int`` for every group, or ``{group:
     delta}``): one level at a time, a random unit of the group that has room gains a level
     (``delta > 0``) or a random unit above level 0 loses one (``delta < 0``).
 
     This is how a multi-budget search carries a good genome to a neighbouring budget (e.g.
-    the best set of 6 dropped blocks plus one more block is a strong guess for 7).
+    the best set of 6 dropped blocks plus one more block is a strong guess for 7). With a
+    ``guide`` (a good genome on the far side of the move, e.g. the best at 9 when moving from
+    6 to 7), a level is added only where the guide's level is higher (removed only where it is
+    lower) while such units remain: the child interpolates between the two neighbours.
 
     Raises:
         ValueError: a group has no unit left to move, or ``delta`` names an unknown group.
@@ -83,6 +90,9 @@ def budget_step(
                 movable = [u for u in units if levels[u] < spec.max_levels[u]]
             else:
                 movable = [u for u in units if levels[u] > 0]
+            if guide is not None:
+                toward = [u for u in movable if sign * (guide.levels[u] - levels[u]) > 0]
+                movable = toward or movable
             if not movable:
                 raise ValueError(f"group {g} has no unit whose level can move by {sign}")
             levels[movable[int(rng.integers(len(movable)))]] += sign

@@ -32,15 +32,16 @@ class OptunaStrategyConfig:
         generations: batches after the first (``generations + 1`` batches in all, as EvoPress).
         batch_size: trials asked per batch (the population size of NSGA-II/III).
         tokens: calibration tokens every candidate is scored on (one fidelity).
-        budget_range: ``(low, high)``: search every group's budget in this range as well
-            (multi-budget / multi-objective search); ``None`` keeps the space's budgets.
+        budget_range: ``(low, high)`` or ``(low, high, step)``: search every group's budget
+            in this range as well (multi-budget / multi-objective search); ``None`` keeps the
+            space's budgets.
     """
 
     sampler: str = "tpe"
     generations: int = 20
     batch_size: int = 16
     tokens: int = 2048
-    budget_range: tuple[int, int] | None = None
+    budget_range: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -52,9 +53,12 @@ class OptunaStrategyConfig:
         if self.tokens < 1:
             raise ValueError(f"tokens must be >= 1, got {self.tokens}")
         if self.budget_range is not None:
-            lo, hi = self.budget_range
-            if not 0 <= lo <= hi:
-                raise ValueError(f"budget_range must satisfy 0 <= low <= high, got {lo, hi}")
+            lo, hi, *step = self.budget_range
+            if not 0 <= lo <= hi or len(step) > 1 or (step and step[0] < 1):
+                raise ValueError(
+                    f"budget_range must be (low, high[, step]) with 0 <= low <= high and "
+                    f"step >= 1, got {self.budget_range}"
+                )
 
 
 def decode_keys(spec: LevelSpec, keys: list[float], budgets: dict[int, int]) -> Genome:
@@ -135,9 +139,13 @@ class OptunaStrategy:
             f"key.{u}": optuna.distributions.FloatDistribution(0.0, 1.0) for u in self._active
         }
         if self.config.budget_range is not None:
-            lo, hi = self.config.budget_range
+            lo, hi, *step = self.config.budget_range
+            step_ = step[0] if step else 1
+            hi = lo + (hi - lo) // step_ * step_  # Optuna needs high on the step grid
             for g in sorted(spec.budgets):
-                self._distributions[f"budget.{g}"] = optuna.distributions.IntDistribution(lo, hi)
+                self._distributions[f"budget.{g}"] = optuna.distributions.IntDistribution(
+                    lo, hi, step=step_
+                )
         n_obj = 1 + (len(objectives(spec_genome(spec))) if objectives else 0)
         self._n_objectives = n_obj
         self.study = optuna.create_study(

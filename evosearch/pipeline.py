@@ -110,7 +110,8 @@ class SearchConfig:
             it is scored; empty: no training. width_train_mode (``lora`` / ``full``),
             width_lora_rank, width_lr, width_distill: how candidates are trained (see
             :class:`evosearch.training.TrainConfig`).
-        drop_range: ``(low, high)``: search the number of dropped blocks in this range too,
+        drop_range: ``(low, high)`` or ``(low, high, step)``: search every number of dropped
+            blocks in this range (every ``step``-th),
             e.g. to trace KL vs parameters across 10-50% depth pruning: ``evopress`` runs
             :class:`~evosearch.strategies.MultiBudgetEvoPress` (one elite per budget), Optuna
             strategies sample the budget. ``objectives`` defaults to ``("params",)`` then.
@@ -266,9 +267,14 @@ class SearchConfig:
                 "drop_range (--drop-range LOW,HIGH) or sparsity_range (--sparsity-range LOW,HIGH)"
             )
         if self.drop_range is not None and (
-            len(self.drop_range) != 2 or not 0 <= self.drop_range[0] <= self.drop_range[1]
+            len(self.drop_range) not in (2, 3)
+            or not 0 <= self.drop_range[0] <= self.drop_range[1]
+            or (len(self.drop_range) == 3 and self.drop_range[2] < 1)
         ):
-            raise ValueError("drop_range must be (low, high) with 0 <= low <= high")
+            raise ValueError(
+                "drop_range must be (low, high) or (low, high, step) with 0 <= low <= high "
+                "and step >= 1"
+            )
         if any(len(s) != 2 for s in self.stages):
             raise ValueError("each stage is (tokens, survivors)")
         self.evopress_config()  # validates the loop settings
@@ -540,16 +546,20 @@ def _direction(config: SearchConfig) -> str:
 def _niches(config: SearchConfig, space) -> tuple[list, list[str]] | None:
     """The budgets (and labels) of a multi-budget search, or ``None`` for a single budget."""
     if config.drop_range is not None:
-        ks = range(config.drop_range[0], config.drop_range[1] + 1)
+        low, high, *step = config.drop_range
+        ks = range(low, high + 1, step[0] if step else 1)
         return list(ks), [str(k) for k in ks]
     if config.sparsity_range is not None:
         return space.range_budgets()
     return None
 
 
-def _low(budget) -> int:
-    """One group's budget of a niche (every group has the same range)."""
-    return budget if isinstance(budget, int) else min(budget.values())
+def _sampled_range(budgets: list) -> tuple[int, int, int]:
+    """``(low, high, step)`` of the budgets an Optuna sampler draws from (every group has the
+    same range): the niches' span, on their grid when they are evenly spaced."""
+    values = [b if isinstance(b, int) else min(b.values()) for b in budgets]
+    steps = {b - a for a, b in zip(values, values[1:])}
+    return values[0], values[-1], steps.pop() if len(steps) == 1 else 1
 
 
 def _sparsity_targets(space) -> tuple[list[dict[int, int]], list[float]]:
@@ -566,9 +576,7 @@ def _strategy(config: SearchConfig, space, name: str, initial=(), objectives=Non
             generations=config.generations,
             batch_size=config.offspring,
             tokens=config.sampler_tokens or config.stages[-1][0],
-            budget_range=None
-            if niches is None
-            else (min(_low(b) for b in niches[0]), max(_low(b) for b in niches[0])),
+            budget_range=None if niches is None else _sampled_range(niches[0]),
         )
         return OptunaStrategy(
             space,

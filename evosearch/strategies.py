@@ -305,6 +305,7 @@ class MultiBudgetEvoPress:
         objectives: Callable[[Genome], tuple[float, ...]] | None = None,
         initial: tuple[Genome, ...] | list[Genome] = (),
         labels: tuple[str, ...] | list[str] | None = None,
+        focus: int | None = None,
     ) -> None:
         self.space = space
         self.config = config or EvoPressConfig()
@@ -322,6 +323,9 @@ class MultiBudgetEvoPress:
         if not niches or len(set(niches)) != len(niches):
             raise ValueError("budgets must be a non-empty list of distinct budgets")
         self.niches = tuple(niches)
+        self.focus = None if focus is None else min(int(focus), len(niches))
+        if self.focus is not None and self.focus < 1:
+            raise ValueError(f"focus must be >= 1, got {focus}")
         self.labels = (
             tuple(labels)
             if labels
@@ -437,15 +441,19 @@ class MultiBudgetEvoPress:
     # -- offspring ------------------------------------------------------------------------
 
     def _step(self, genome: Genome, source: int, target: int, rng) -> Genome:
-        """``genome`` (at niche ``source``) moved to niche ``target``'s budgets at random."""
+        """``genome`` (at niche ``source``) moved to niche ``target``'s budgets, guided by the
+        elite beyond ``target`` when there is one (see :func:`budget_step`)."""
         deltas = {
             g: want - have
             for g, have, want in zip(self._groups, self.niches[source], self.niches[target])
         }
-        return budget_step(genome, self.space.spec, rng, deltas)
+        beyond = self.elites.get(2 * target - source)
+        guide = beyond[int(rng.integers(len(beyond)))].genome if beyond else None
+        return budget_step(genome, self.space.spec, rng, deltas, guide)
 
-    def _offspring(self, rng: np.random.Generator) -> Genome:
-        n = int(rng.integers(len(self.niches)))
+    def _offspring(self, rng: np.random.Generator, n: int | None = None) -> Genome:
+        if n is None:
+            n = int(rng.integers(len(self.niches)))
         sources = [s for s in (n, n - 1, n + 1) if s in self.elites]
         if not sources:
             return random_genome(self._specs[n], rng)
@@ -471,7 +479,14 @@ class MultiBudgetEvoPress:
         else:
             members = []
             seen = {m.genome for ms in self.elites.values() for m in ms}
-            makers = [self._offspring] * self.config.offspring
+            if self.focus is None:
+                makers = [self._offspring] * self.config.offspring
+            else:  # a few niches per generation, the offspring dealt round-robin among them
+                chosen = self.rng.choice(len(self.niches), size=self.focus, replace=False)
+                makers = [
+                    (lambda rng, n=int(chosen[i % self.focus]): self._offspring(rng, n))
+                    for i in range(self.config.offspring)
+                ]
         for make in makers:
             for _attempt in range(100):
                 genome = make(self.rng)

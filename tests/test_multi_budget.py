@@ -170,3 +170,17 @@ def test_bad_budgets_and_initial_genomes_are_refused():
         multi(initial=[SPACE.from_dropped(blocks=[0])])
     with pytest.raises(ValueError, match="name the groups"):
         multi(budgets=({5: 2},))
+
+
+def test_guided_step_moves_toward_the_guide():
+    rng = np.random.default_rng(3)
+    low = SPACE.from_dropped(blocks=[1, 5])
+    guide = SPACE.from_dropped(blocks=[1, 3, 5, 8])
+    for _ in range(20):
+        up = budget_step(low, SPACE.spec, rng, 1, guide)
+        assert set(SPACE.dropped(up)[0]) - {1, 5} <= {3, 8}
+        down = budget_step(guide, SPACE.spec, rng, -2, low)
+        assert set(SPACE.dropped(down)[0]) == {1, 5}
+    # once the guide offers nothing more, any unit may move
+    beyond = budget_step(guide, SPACE.spec, rng, 1, low)
+    assert sum(beyond.levels) == 5

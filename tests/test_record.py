@@ -155,3 +155,16 @@ def test_evopress_over_a_budget_range_gives_one_point_per_budget(tiny_model_dir,
     assert main(_evopress_mo_args(model, text, out, "--resume")) == 0
     assert len((out / "evaluations.jsonl").read_text().splitlines()) == n
     assert json.loads((out / "pareto_front.json").read_text())["front"] == front
+
+
+def test_a_stepped_drop_range_searches_only_its_grid(tiny_model_dir, tmp_path):  # noqa: F811
+    model, text = tiny_model_dir
+    for strategy in ("evopress", "nsga2"):
+        out = tmp_path / strategy
+        argv = _evopress_mo_args(model, text, out, "--sampler-tokens", "64")
+        argv[argv.index("1,4")] = "1,5,2"
+        argv[argv.index("evopress")] = strategy
+        assert main(argv) == 0
+        records = [json.loads(x) for x in (out / "evaluations.jsonl").read_text().splitlines()]
+        sizes = {sum(int(c, 36) for c in r["genome"]) for r in records}
+        assert sizes <= {1, 3, 5} and len(sizes) >= 2
