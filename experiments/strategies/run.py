@@ -8,10 +8,11 @@ tokens) so that every strategy's best is measured on the same 1,024 tokens: Optu
 score every candidate on all of them; EvoPress races 12 offspring on 256 tokens, then 2 survivors
 and the parent on all 1,024. Both spend 6,144 tokens per generation.
 
-Part 2 (multi-objective): multi-budget EvoPress and NSGA-II over 3..15 dropped blocks (10-50%),
-objectives KL and parameter count, vs the front formed by five single-objective EvoPress runs at
-3, 6, 9, 12, 15 blocks; all three spend the same number of 6,144-token generations. Hypervolume
-against a fixed reference point, and whether each front weakly dominates the single-objective one.
+Part 2 (multi-objective, KL and parameter count): multi-budget EvoPress on the budgets 3, 6, 9,
+12, 15 (``drop_range=(3, 15, 3)``) and on all of 3..15, and NSGA-II on 3..15, vs the front formed
+by five single-objective EvoPress runs at 3, 6, 9, 12, 15 blocks; every one spends the same
+number of 6,144-token generations. Hypervolume against a fixed reference point, and whether each
+front weakly dominates the single-objective one.
 """
 
 from __future__ import annotations
@@ -114,15 +115,16 @@ def main() -> None:
     for seed in seeds:
         entry: dict = {}
         fronts = {}
-        for name, strategy, extra in (
-            ("evopress", "evopress", {}),
-            ("nsga2", "nsga2", {"offspring": 6, "sampler_tokens": 1024}),
+        for name, strategy, drop_range, extra in (
+            ("evopress_grid", "evopress", (3, 15, 3), {}),  # the singles' five budgets
+            ("evopress", "evopress", (3, 15), {}),  # all thirteen budgets
+            ("nsga2", "nsga2", (3, 15), {"offspring": 6, "sampler_tokens": 1024}),
         ):
             mo = dataclasses.replace(
                 base,
                 num_drop=None,
                 strategy=strategy,
-                drop_range=(3, 15),
+                drop_range=drop_range,
                 objectives=("params",),
                 generations=mo_gens,
                 seed=seed,
