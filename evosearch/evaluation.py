@@ -16,7 +16,7 @@ from torch import nn
 from evosearch.forward import DenseCache, final_hidden
 from evosearch.genome import Genome
 
-__all__ = ["Batch", "Candidate", "Fitness", "CallableFitness", "as_fitness"]
+__all__ = ["Batch", "Candidate", "Fitness", "CallableFitness", "as_fitness", "measure_latency"]
 
 
 @dataclass(frozen=True)
@@ -120,3 +120,33 @@ def as_fitness(obj) -> Fitness:
     if callable(obj):
         return CallableFitness(obj)
     raise TypeError(f"a fitness must be callable, got {type(obj).__name__}")
+
+
+@torch.inference_mode()
+def measure_latency(model: nn.Module, input_ids: torch.Tensor, *, repeats: int = 5) -> float:
+    """Median wall-clock seconds of one forward of ``model`` on ``input_ids`` (after one
+    warm-up forward; CUDA work is synchronised), on the device of the model's parameters.
+
+    A measured objective, so it carries the machine's noise: the median of ``repeats`` runs
+    damps it, and it only means something on the hardware the compressed model will run on.
+    """
+    import time
+
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    device = next(model.parameters()).device
+    ids = input_ids.to(device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    model(input_ids=ids, use_cache=False)
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]

@@ -17,12 +17,13 @@ import torch
 from evosearch.arch import get_blocks
 from evosearch.data import DataSpec, TokenData, load_token_data
 from evosearch.engine import Evaluator, sample_batch, search
-from evosearch.evaluation import Batch, Candidate
+from evosearch.evaluation import Batch, Candidate, measure_latency
 from evosearch.forward import compute_dense_cache
 from evosearch.genome import Genome
 from evosearch.models import DEFAULT_MODEL, load_model
 from evosearch.run import RunDir
 from evosearch.strategies import EvoPress, EvoPressConfig, MultiBudgetEvoPress, RandomSearch, Stage
+from evosearch.surgery import apply_replacements
 
 __all__ = [
     "SearchConfig",
@@ -41,10 +42,13 @@ STRATEGIES = ("evopress", "random", "tpe", "nsga2", "nsga3", "cmaes", "optuna-ra
 # Extra, minimised objectives per space (the first is the default when a budget range is
 # searched); each is a key of the space's ``metrics``.
 OBJECTIVES = {
-    "layer-drop": ("params", "blocks_kept"),
-    "sparsity": ("density", "nonzero_block_weights"),
+    "layer-drop": ("params", "blocks_kept", "latency"),
+    "sparsity": ("density", "nonzero_block_weights", "latency"),
     "width": (),
 }
+# ``latency``: measured seconds of one forward of the materialised candidate on one calibration
+# sequence (median of 5, memoised per genome); unstructured zeros do not speed up dense kernels,
+# so for the sparsity space it only shows that.
 RUNNERS = ("inprocess", "ray")
 # Where evaluations run never changes what they return, so these may differ on --resume.
 RUNNER_FIELDS = ("runner", "workers", "ray_address", "worker_cpus", "worker_gpus")
@@ -641,9 +645,18 @@ def run_search(
         initial = (space.uniform_genome(), *initial)
     objectives = None
     if config.objectives:
+        latencies: dict[str, float] = {}
 
         def objectives(genome):
-            metrics = space.metrics(genome)
+            metrics = dict(space.metrics(genome))
+            if "latency" in config.objectives:
+                if genome.key() not in latencies:
+                    model = session.model
+                    with apply_replacements(model, space.replacements(model, genome)):
+                        latencies[genome.key()] = measure_latency(
+                            model, session.data.input_ids[:1]
+                        )
+                metrics["latency"] = latencies[genome.key()]
             return tuple(metrics[o] for o in config.objectives)
 
     strategy = _strategy(config, space, config.strategy, initial, objectives)
@@ -689,7 +702,12 @@ def run_search(
     }
     run.write_json("best_genome.json", {"genome": best.key(), **space.describe(best)})
     if config.objectives or config.budget_range:
-        results["pareto"] = _pareto(config, run, strategy, space, log, result.evaluations)
+        dense_extra = {}
+        if "latency" in config.objectives:
+            dense_extra["latency"] = measure_latency(session.model, session.data.input_ids[:1])
+        results["pareto"] = _pareto(
+            config, run, strategy, space, log, result.evaluations, dense_extra
+        )
     candidates = {config.strategy: best}
     if config.baselines:
         candidates.update(_baselines(session, config, log, initial))
@@ -716,7 +734,13 @@ def run_search(
 
 
 def _pareto(
-    config: SearchConfig, run: RunDir, strategy, space, log, evaluations: list[dict]
+    config: SearchConfig,
+    run: RunDir,
+    strategy,
+    space,
+    log,
+    evaluations: list[dict],
+    dense_extra: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """The Pareto front of a multi-objective run, its hypervolume, and pareto_front.json/.csv."""
     import csv
@@ -733,6 +757,7 @@ def _pareto(
             if hasattr(space, "dense_metrics")
             else space.metrics(space.dense_genome())
         )
+        dense = {**dense, **(dense_extra or {})}
         worst = max(e["value"] for e in evaluations if e.get("value") is not None)
         reference = [worst, *(dense[o] for o in config.objectives)]
     rows = []
@@ -1037,8 +1062,6 @@ def run_baseline(
 
 
 def _evaluate_candidates(session: _Session, candidates: dict[str, Genome], log) -> dict:
-    from evosearch.surgery import apply_replacements
-
     config = session.config
     table: dict[str, dict[str, float]] = {}
     for source in config.eval_ppl:

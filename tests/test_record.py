@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import optuna
+import pytest
 from test_cli import _search_args, tiny_model_dir  # noqa: F401  (fixture re-used)
 
 from evosearch.cli import main
@@ -168,3 +169,35 @@ def test_a_stepped_drop_range_searches_only_its_grid(tiny_model_dir, tmp_path): 
         records = [json.loads(x) for x in (out / "evaluations.jsonl").read_text().splitlines()]
         sizes = {sum(int(c, 36) for c in r["genome"]) for r in records}
         assert sizes <= {1, 3, 5} and len(sizes) >= 2
+
+
+def test_measured_latency_falls_when_blocks_are_dropped():
+    import torch
+    from conftest import build_model, random_ids
+
+    from evosearch.evaluation import measure_latency
+    from evosearch.surgery import apply_replacements
+    from search_spaces import LayerDropSpace
+
+    model = build_model("llama", n_layers=8, hidden_size=256, intermediate_size=1024)
+    ids = random_ids(1, 128)
+    torch.set_num_threads(1)
+    dense = measure_latency(model, ids)
+    space = LayerDropSpace(8, num_drop=6)
+    genome = space.from_dropped(blocks=range(1, 7))
+    with apply_replacements(model, space.replacements(model, genome)):
+        two_blocks = measure_latency(model, ids)
+    assert 0 < two_blocks < 0.8 * dense  # a quarter of the blocks
+    with pytest.raises(ValueError, match="repeats"):
+        measure_latency(model, ids, repeats=0)
+
+
+def test_latency_can_be_an_objective(tiny_model_dir, tmp_path):  # noqa: F811
+    model, text = tiny_model_dir
+    out = tmp_path / "latency"
+    argv = _evopress_mo_args(model, text, out, "--objectives", "params,latency")
+    assert main(argv) == 0
+    pareto = json.loads((out / "pareto_front.json").read_text())
+    assert pareto["objectives"] == ["kl", "params", "latency"]
+    assert pareto["reference"][2] > 0  # the dense model's measured latency
+    assert all(p["latency"] > 0 for p in pareto["front"])

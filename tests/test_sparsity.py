@@ -341,7 +341,8 @@ def test_cli_sparsity_range_search_returns_a_density_front(tmp_path, strategy):
             "--model", str(model_dir), "--data", str(text), "--n-sequences", "4",
             "--seq-len", "16", "--generations", "3", "--offspring", "6", "--initial-population",
             "5", "--strategy", strategy, "--stages", "16:3,64:1", "--level-step", "0.05",
-            "--max-level-shift", "2", "--db-dir", str(tmp_path / "db"), "--out", str(out)]  # fmt: skip
+            "--max-level-shift", "2", "--db-dir", str(tmp_path / "db"),
+            "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     pareto = json.loads((out / "pareto_front.json").read_text())
     assert pareto["objectives"] == ["kl", "density"]
