@@ -24,11 +24,8 @@ one safetensors file keyed by a hash of model, calibration tokens and settings, 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +36,7 @@ from torch import nn
 
 from evosearch.arch import arch_for, get_blocks, get_submodule
 from evosearch.genome import Genome, LevelSpec
+from evosearch.leveldb import LevelDatabase, model_fingerprint, tensor_fingerprint
 from evosearch.models import cache_dir, remove_blocks
 from evosearch.operators import random_genome
 from evosearch.pruning import collect_stats
@@ -190,44 +188,33 @@ def _channel_levels(weight, hessian, per_level: int, damp: float):
     return out
 
 
-def _fingerprint(model: nn.Module, input_ids: torch.Tensor, settings: dict) -> str:
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for name, p in model.named_parameters():
-        flat = p.detach().reshape(-1)
-        h.update(f"{name}|{tuple(p.shape)}".encode())
-        h.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
-    h.update(input_ids.cpu().numpy().tobytes())
-    return h.hexdigest()[:20]
-
-
 class WidthDatabase:
     """The pre-computed levels of every block: kept KV groups / channels and the compensated
-    ``o_proj`` / ``down_proj`` weights, in one memory-mapped safetensors file.
+    ``o_proj`` / ``down_proj`` weights, in a :class:`~evosearch.leveldb.LevelDatabase`.
 
-    Tensor names: ``attn.{block}.{level}.keep`` / ``.weight`` and ``mlp.{block}.{level}.keep`` /
-    ``.weight``, for levels strictly between 0 (dense) and the top (sublayer dropped).
+    Units ``attn.{block}`` and ``mlp.{block}``; tensors ``{level}.keep`` and ``{level}.weight``
+    for levels strictly between 0 (dense) and the top (sublayer dropped). Keyed, built
+    atomically and memory-mapped as every level database.
     """
 
-    def __init__(self, path: str | Path) -> None:
-        from safetensors import safe_open
+    def __init__(self, db: LevelDatabase) -> None:
+        self.db = db
 
-        self.path = Path(path)
-        self.meta = json.loads((self.path / "meta.json").read_text())
-        self._file = safe_open(str(self.path / "levels.safetensors"), framework="pt")
+    @property
+    def path(self) -> Path:
+        return self.db.path
+
+    @property
+    def meta(self) -> dict:
+        return self.db.meta
 
     def keep(self, kind: str, block: int, level: int) -> list[int]:
         """Kept KV groups (``kind="attn"``) or MLP channels (``"mlp"``) of a block's level."""
-        return self._file.get_tensor(f"{kind}.{block}.{level}.keep").tolist()
+        return self.db.get(f"{kind}.{block}", level, "keep").tolist()
 
     def weight(self, kind: str, block: int, level: int) -> torch.Tensor:
         """The compensated output projection ``(hidden, kept inputs)`` of a block's level."""
-        return self._file.get_tensor(f"{kind}.{block}.{level}.weight")
-
-    def __getstate__(self) -> dict:  # file handles do not pickle (Ray workers)
-        return {"path": self.path}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path"])
+        return self.db.get(f"{kind}.{block}", level, "weight")
 
     @classmethod
     def open_or_build(
@@ -240,56 +227,52 @@ class WidthDatabase:
         log: Callable[[str], None] = print,
     ) -> WidthDatabase:
         """The database for (model, calibration tokens, settings); built on first use."""
-        from safetensors.torch import save_file
-
         geo = geometry(model)
-        settings = {
-            "format": 1,
+        parts = {
+            "kind": "width",
+            "model": model_fingerprint(model),
+            "data": tensor_fingerprint(input_ids),
             "mlp_levels": config.mlp_levels,
             "damp": config.damp,
             "dtype": config.db_dtype,
         }
-        key = _fingerprint(model, input_ids, settings)
-        path = Path(root) if root is not None else cache_dir() / "width-db"
-        path = path / f"width-{key}"
-        if (path / "meta.json").is_file():
-            db = cls(path)
-            log(f"width database: reusing {path} ({db.meta['bytes'] / 1e6:.0f} MB)")
-            return db
-        t0 = time.perf_counter()
-        log(f"width database: building {path} from {input_ids.numel()} calibration tokens")
-        hess = _projection_hessians(model, input_ids)
-        _, attn_out, _, mlp_out = _paths(model)
-        dtype = _DTYPES[config.db_dtype]
-        tensors: dict[str, torch.Tensor] = {}
-        heads = [geo.query_columns([g]) for g in range(geo.n_kv)]
-        chunk = geo.intermediate // config.mlp_levels
-        for i, block in enumerate(get_blocks(model)):
-            o = get_submodule(block, attn_out).weight.detach().float().cpu()
-            for level, (keep, w) in enumerate(obs_levels(o, hess[i, "attn"], heads, 1,
-                                                         config.damp), start=1):  # fmt: skip
-                tensors[f"attn.{i}.{level}.keep"] = torch.tensor(keep, dtype=torch.long)
-                tensors[f"attn.{i}.{level}.weight"] = w.to(dtype).contiguous()
-            down = get_submodule(block, mlp_out).weight.detach().float().cpu()
-            levels = _channel_levels(down, hess[i, "mlp"], chunk, config.damp)
-            for level, (keep, w) in enumerate(levels, start=1):
-                tensors[f"mlp.{i}.{level}.keep"] = torch.tensor(keep, dtype=torch.long)
-                tensors[f"mlp.{i}.{level}.weight"] = w.to(dtype).contiguous()
-        path.mkdir(parents=True, exist_ok=True)
-        tmp = path / "levels.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        tmp.replace(path / "levels.safetensors")
-        meta = {
-            "key": key,
-            "settings": settings,
-            "geometry": asdict(geo),
-            "calibration_tokens": int(input_ids.numel()),
-            "build_seconds": round(time.perf_counter() - t0, 2),
-            "bytes": (path / "levels.safetensors").stat().st_size,
-        }
-        (path / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-        log(f"width database: {meta['bytes'] / 1e6:.0f} MB built in {meta['build_seconds']:.1f}s")
-        return cls(path)
+        n_blocks = len(get_blocks(model))
+        units = [f"{kind}.{i}" for i in range(n_blocks) for kind in ("attn", "mlp")]
+
+        def build() -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+            log(f"width database: Hessians from {input_ids.numel()} calibration tokens")
+            hess = _projection_hessians(model, input_ids)
+            _, attn_out, _, mlp_out = _paths(model)
+            dtype = _DTYPES[config.db_dtype]
+            heads = [geo.query_columns([g]) for g in range(geo.n_kv)]
+            chunk = geo.intermediate // config.mlp_levels
+            for i, block in enumerate(get_blocks(model)):
+                o = get_submodule(block, attn_out).weight.detach().float().cpu()
+                levels = obs_levels(o, hess[i, "attn"], heads, 1, config.damp)
+                yield f"attn.{i}", _level_tensors(levels, dtype)
+                down = get_submodule(block, mlp_out).weight.detach().float().cpu()
+                levels = _channel_levels(down, hess[i, "mlp"], chunk, config.damp)
+                yield f"mlp.{i}", _level_tensors(levels, dtype)
+
+        root = Path(root) if root is not None else cache_dir() / "leveldb"
+        db = LevelDatabase.open_or_build(
+            root,
+            parts,
+            units,
+            build,
+            log=log,
+            extra_meta={"geometry": asdict(geo), "calibration_tokens": int(input_ids.numel())},
+        )
+        return cls(db)
+
+
+def _level_tensors(levels, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``{level}.keep`` / ``{level}.weight`` tensors of levels 1, 2, ... of one unit."""
+    out = {}
+    for level, (keep, w) in enumerate(levels, start=1):
+        out[f"{level}.keep"] = torch.tensor(keep, dtype=torch.long)
+        out[f"{level}.weight"] = w.to(dtype).contiguous()
+    return out
 
 
 # -- the space -------------------------------------------------------------------------------

@@ -91,6 +91,12 @@ def test_database_levels_are_nested_and_reused(tmp_path):
     logs = []
     WidthSpace.build(model, ids, space.settings, db_root=tmp_path, log=logs.append)
     assert "reusing" in logs[0]
+    # a level database like the sparsity space's: keyed by data, so other tokens build anew
+    assert space.db.meta["parts"]["kind"] == "width"
+    logs = []
+    WidthSpace.build(model, ids.flip(0), space.settings, db_root=tmp_path, log=logs.append)
+    assert not any("reusing" in line for line in logs)
+    assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".")]) == 2
 
 
 def test_compensation_is_least_squares_on_kept_inputs():
