@@ -109,6 +109,38 @@ class _Member:
     is_parent: bool = False
 
 
+def _scored_pool(strategy, request: Request, values: list[float]) -> list[_Member]:
+    """The pending pool of ``strategy`` with ``values`` set, after checking that ``request``
+    is the one it asked last."""
+    pool = strategy._pool
+    if (
+        pool is None
+        or request.generation != strategy.generation
+        or request.stage != strategy.stage
+    ):
+        raise RuntimeError("tell() must answer the latest ask()")
+    if len(values) != len(pool):
+        raise ValueError(f"expected {len(pool)} values, got {len(values)}")
+    for member, value in zip(pool, values):
+        member.value = float(value)
+    return pool
+
+
+def _draw(space, makers, seen: set[Genome], rng: np.random.Generator) -> list[_Member]:
+    """One new member per maker ``f(rng) -> Genome``: distinct from ``seen`` (which grows) and
+    feasible for the space; a maker that finds none in 100 tries (a tiny space) adds nothing."""
+    feasible = getattr(space, "is_feasible", None) or (lambda genome: True)
+    members = []
+    for make in makers:
+        for _attempt in range(100):
+            genome = make(rng)
+            if genome not in seen and feasible(genome):
+                seen.add(genome)
+                members.append(_Member(genome))
+                break
+    return members
+
+
 class EvoPress:
     """(μ+λ) evolution with budget-preserving level-switch mutation and racing selection.
 
@@ -157,13 +189,7 @@ class EvoPress:
 
     def tell(self, request: Request, values: list[float]) -> None:
         """Fitness values (lower is better) for ``request.genomes``, in order."""
-        pool = self._pool
-        if pool is None or request.generation != self.generation or request.stage != self.stage:
-            raise RuntimeError("tell() must answer the latest ask()")
-        if len(values) != len(pool):
-            raise ValueError(f"expected {len(pool)} values, got {len(values)}")
-        for member, value in zip(pool, values):
-            member.value = float(value)
+        pool = _scored_pool(self, request, values)
         ranked = sorted(range(len(pool)), key=lambda i: (pool[i].value, i))
         last = self.stage == len(self.config.stages) - 1
         if last:
@@ -216,14 +242,7 @@ class EvoPress:
                 return self.variation(parent, rng)
 
         # a space may bound its genomes beyond the budget (e.g. a maximal total deviation)
-        feasible = getattr(self.space, "is_feasible", None) or (lambda genome: True)
-        for _ in range(count):
-            for _attempt in range(100):  # a tiny space may have fewer distinct genomes
-                genome = make(self.rng)
-                if genome not in seen and feasible(genome):
-                    seen.add(genome)
-                    members.append(_Member(genome))
-                    break
+        members += _draw(self.space, [make] * count, seen, self.rng)
         if not members:
             raise RuntimeError("the search space has no genome to evaluate")
         return members
@@ -369,13 +388,7 @@ class MultiBudgetEvoPress:
         return Request(self.generation, self.stage, tokens, tuple(m.genome for m in self._pool))
 
     def tell(self, request: Request, values: list[float]) -> None:
-        pool = self._pool
-        if pool is None or request.generation != self.generation or request.stage != self.stage:
-            raise RuntimeError("tell() must answer the latest ask()")
-        if len(values) != len(pool):
-            raise ValueError(f"expected {len(pool)} values, got {len(values)}")
-        for member, value in zip(pool, values):
-            member.value = float(value)
+        pool = _scored_pool(self, request, values)
         by_niche: dict[int, list[int]] = {}
         for i, m in enumerate(pool):
             by_niche.setdefault(self.niche_of(m.genome), []).append(i)
@@ -466,7 +479,6 @@ class MultiBudgetEvoPress:
         return self._step(parent, source, n, rng)
 
     def _new_pool(self) -> list[_Member]:
-        feasible = getattr(self.space, "is_feasible", None) or (lambda genome: True)
         if self.generation == 0:
             members = [_Member(g) for g in self.initial]
             seen = set(self.initial)
@@ -487,13 +499,7 @@ class MultiBudgetEvoPress:
                     (lambda rng, n=int(chosen[i % self.focus]): self._offspring(rng, n))
                     for i in range(self.config.offspring)
                 ]
-        for make in makers:
-            for _attempt in range(100):
-                genome = make(self.rng)
-                if genome not in seen and feasible(genome):
-                    seen.add(genome)
-                    members.append(_Member(genome))
-                    break
+        members += _draw(self.space, makers, seen, self.rng)
         # The elites of the niches that got offspring race again beside them (elitism; on
         # new tokens when the stage's batch changes per generation); other niches stand.
         niches = sorted({self.niche_of(m.genome) for m in members})
