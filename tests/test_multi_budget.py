@@ -184,3 +184,22 @@ def test_guided_step_moves_toward_the_guide():
     # once the guide offers nothing more, any unit may move
     beyond = budget_step(guide, SPACE.spec, rng, 1, low)
     assert sum(beyond.levels) == 5
+
+
+@pytest.mark.parametrize("lazy", [True, False])
+def test_parents_race_in_the_final_stage_or_in_every_stage(lazy):
+    strategy = multi(1, lazy_parents=lazy)
+    drive(strategy, damage, stop_after_generation=0)
+    elites = {m.genome for ms in strategy.elites.values() for m in ms}
+    first = strategy.ask()
+    assert (first.generation, first.stage) == (1, 0)
+    assert bool(elites & set(first.genomes)) is not lazy  # lazy: offspring only
+    strategy.tell(first, [damage(g) for g in first.genomes])
+    final = strategy.ask()
+    assert final.stage == 1
+    challengers = [g for g in final.genomes if g not in elites]
+    niches = {strategy.niche_of(g) for g in challengers}
+    # every surviving challenger meets its niche's elite on the final tokens; re-raced
+    # parents of niches whose challengers all lost stay in the pool too
+    raced = {strategy.niche_of(g) for g in final.genomes if g in elites}
+    assert raced == niches if lazy else raced >= niches
