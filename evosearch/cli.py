@@ -477,7 +477,10 @@ def _eval(args: argparse.Namespace) -> None:
         )
         print(f"zero-shot backend: {backend} ({reason})")
         if backend == "local":
-            check_tasks(args.tasks)
+            offline = lm_eval_backend.OFFLINE_LM_EVAL_TASKS
+            if not args.tasks:
+                check_tasks(args.tasks)  # says which tasks there are
+            check_tasks([t for t in args.tasks if t not in offline], extra=offline)
             if not Path(args.data_dir).is_dir():
                 raise FileNotFoundError(f"data directory not found: {args.data_dir}")
     if args.limit is not None and args.limit < 0:
@@ -508,14 +511,23 @@ def _eval(args: argparse.Namespace) -> None:
                 include_path=args.lm_eval_include,
             )
         else:
-            scores = evaluate_tasks(
-                model,
-                tokenizer,
-                args.tasks,
-                args.data_dir,
-                args.limit,
-                batch_size=args.batch_size,
-            )
+            offline = lm_eval_backend.OFFLINE_LM_EVAL_TASKS
+            multiple_choice = [t for t in args.tasks if t not in offline]
+            scores = {}
+            if multiple_choice:
+                scores = evaluate_tasks(
+                    model,
+                    tokenizer,
+                    multiple_choice,
+                    args.data_dir,
+                    args.limit,
+                    batch_size=args.batch_size,
+                )
+            if "wikitext" in args.tasks:
+                scores["wikitext"] = lm_eval_backend.evaluate_wikitext_offline(
+                    model, tokenizer, args.data_dir, args.limit, batch_size=args.batch_size
+                )
+            scores = {t: scores[t] for t in args.tasks}
         results["zero_shot"] = {
             "backend": backend,
             "data_dir": args.data_dir if backend == "local" else None,

@@ -16,9 +16,13 @@ given or lm-eval is not installed or the hub is unreachable, else ``lm-eval``.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import re
 import socket
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -26,13 +30,20 @@ from torch import nn
 __all__ = [
     "BACKENDS",
     "HUB_HOST",
+    "OFFLINE_LM_EVAL_TASKS",
     "choose_backend",
     "evaluate_lm_eval",
+    "evaluate_wikitext_offline",
     "hub_reachable",
     "lm_eval_installed",
+    "wikitext_pages",
 ]
 
 BACKENDS = ("auto", "local", "lm-eval")
+# Tasks the offline path runs through lm-eval's own task definition, over local files.
+OFFLINE_LM_EVAL_TASKS = ("wikitext",)
+WIKITEXT_FILE = "wikitext-2-raw/wiki.test.raw"
+_TITLE = re.compile(r"^ = [^=].* = \s*$")
 HUB_HOST = "huggingface.co"
 
 
@@ -159,3 +170,66 @@ def evaluate_lm_eval(
         metrics["n"] = int(n.get("effective", n.get("original", 0))) if n else 0
         scores[task] = metrics
     return scores
+
+
+def wikitext_pages(path: str | Path) -> list[str]:
+    """The articles of a raw WikiText file (``wiki.test.raw``), each as one string.
+
+    A new article starts at every level-1 title line (`` = Title = ``); lines are kept as in
+    the file, so an article is its title line and its paragraphs, as the pages of
+    ``EleutherAI/wikitext_document_level`` (lm-eval's ``wikitext`` dataset) are made from the
+    same file. Text before the first title (the file's leading blank line) is dropped.
+    """
+    pages: list[list[str]] = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if _TITLE.match(line):
+                pages.append([])
+            if pages:
+                pages[-1].append(line)
+    return ["".join(p) for p in pages]
+
+
+def evaluate_wikitext_offline(
+    model: nn.Module,
+    tokenizer,
+    data_dir: str | Path,
+    limit: int | None = None,
+    *,
+    batch_size: int = 16,
+) -> dict[str, float | int]:
+    """lm-eval's ``wikitext`` task (rolling log-likelihood of each whole article;
+    ``word_perplexity``, ``byte_perplexity``, ``bits_per_byte``) over the local
+    ``<data_dir>/wikitext-2-raw/wiki.test.raw``, with no hub.
+
+    lm-eval's own task definition runs (its detokenizer and metrics), with only its dataset
+    replaced by the articles of the local file (:func:`wikitext_pages`) written to a temporary
+    JSONL file.
+
+    Raises:
+        FileNotFoundError: the local file is missing.
+        ValueError: lm-eval is not installed.
+    """
+    src = Path(data_dir) / WIKITEXT_FILE
+    if not src.is_file():
+        raise FileNotFoundError(f"wikitext needs {src} (the raw WikiText-2 test split)")
+    if not lm_eval_installed():
+        raise ValueError(
+            "the wikitext task runs lm-eval's task definition: pip install 'evosearch[eval]' "
+            "(or use --ppl <data-dir>/wikitext-2-raw/wiki.test.raw for token perplexity)"
+        )
+    import lm_eval
+
+    include = Path(lm_eval.__file__).parent / "tasks" / "wikitext" / "wikitext.yaml"
+    with tempfile.TemporaryDirectory(prefix="evosearch-wikitext-") as tmp:
+        docs = Path(tmp) / "wikitext_test.jsonl"
+        docs.write_text("".join(json.dumps({"page": p}) + "\n" for p in wikitext_pages(src)))
+        (Path(tmp) / "wikitext_local.yaml").write_text(
+            f"task: wikitext_local\ninclude: {include}\ndataset_path: json\n"
+            f"dataset_name: null\ndataset_kwargs:\n  data_files:\n    test: {docs}\n"
+            "training_split: null\nvalidation_split: null\ntest_split: test\n"
+        )
+        scores = evaluate_lm_eval(
+            model, tokenizer, ["wikitext_local"], limit, batch_size=batch_size, include_path=tmp
+        )
+    return scores["wikitext_local"]

@@ -188,23 +188,22 @@ TASKS: dict[str, Callable[[Path], Iterator[MultipleChoiceItem]]] = {
 """Task name -> loader of its items from a data directory."""
 
 
-def check_tasks(tasks: Iterable[str]) -> list[str]:
+def check_tasks(tasks: Iterable[str], *, extra: Iterable[str] = ()) -> list[str]:
     """The task names as a list, or a ``ValueError`` naming the valid ones.
+
+    Args:
+        tasks: names to check against :data:`TASKS`.
+        extra: other valid names the caller handles itself (listed in the error); with
+            ``extra`` an empty ``tasks`` is allowed.
 
     Raises:
         ValueError: a name is not in :data:`TASKS`, or there is none.
     """
-    tasks = list(tasks)
+    tasks, extra = list(tasks), list(extra)
     unknown = [t for t in tasks if t not in TASKS]
-    if unknown or not tasks:
+    if unknown or (not tasks and not extra):
         what = f"unknown task(s) {', '.join(map(repr, unknown))}" if unknown else "no tasks"
-        hint = (
-            " (wikitext: --ppl <data-dir>/wikitext-2-raw/wiki.test.raw offline, or "
-            "--backend lm-eval)"
-            if any(t.startswith("wikitext") for t in unknown)
-            else ""
-        )
-        raise ValueError(f"{what}; valid tasks: {', '.join(TASKS)}{hint}")
+        raise ValueError(f"{what}; valid tasks: {', '.join([*TASKS, *extra])}")
     return tasks
 
 

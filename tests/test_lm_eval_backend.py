@@ -4,6 +4,7 @@ is monkeypatched, lm-eval's evaluation is replaced by a recorder."""
 from __future__ import annotations
 
 import json
+import math
 import socket
 from pathlib import Path
 
@@ -178,11 +179,45 @@ def test_hflm_wraps_a_loaded_model():
     assert logprob < 0 and isinstance(greedy, bool)
 
 
-def test_local_backend_points_wikitext_to_ppl(model_dir, tmp_path, capsys):
-    argv = ["eval", str(model_dir), "--tasks", "piqa,wikitext", "--data-dir", str(tmp_path)]
+def test_unknown_offline_task_lists_the_valid_ones(model_dir, tmp_path, capsys):
+    argv = ["eval", str(model_dir), "--tasks", "piqa,wikitext2", "--data-dir", str(tmp_path)]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "valid tasks" in err and "--ppl" in err and "--backend lm-eval" in err
+    assert "'wikitext2'" in err and "valid tasks" in err and "wikitext" in err
+
+
+def test_wikitext_pages_are_the_articles_of_the_raw_file():
+    src = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw"
+    pages = backend.wikitext_pages(src / "wiki.test.raw")
+    text = (src / "wiki.test.raw").read_text(encoding="utf-8")
+    assert pages[0].startswith(" = Robert Boulter = \n")
+    assert all(p.startswith(" = ") and not p.startswith(" = = ") for p in pages)
+    assert "".join(pages) == text[text.index(" = Robert Boulter") :]  # nothing lost
+    assert len(pages) == sum(1 for line in text.splitlines() if backend._TITLE.match(line))
+
+
+def test_offline_wikitext_runs_lm_eval_task_on_local_articles(model_dir, tmp_path, monkeypatch):
+    """``--tasks wikitext`` with a data directory: lm-eval's own wikitext task (its detokenizer
+    and metrics) over the local file's articles, with the hub off."""
+    pytest.importorskip("lm_eval.models.huggingface", reason="lm-eval not installed")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    data = tmp_path / "data"
+    (data / "wikitext-2-raw").mkdir(parents=True)
+    (data / "wikitext-2-raw" / "wiki.test.raw").write_text(
+        " \n = First = \n \n the fox @-@ jumps , over the dog . \n \n"
+        " = = Part = = \n \n it 's late . \n = Second = \n \n hello world . \n"
+    )
+    out = tmp_path / "scores.json"
+    argv = ["eval", str(model_dir), "--tasks", "wikitext", "--data-dir", str(data),
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    scores = json.loads(out.read_text())["zero_shot"]["tasks"]["wikitext"]
+    assert scores["n"] == 2  # two articles
+    assert scores["word_perplexity"] > scores["byte_perplexity"] > 1
+    assert scores["bits_per_byte"] == pytest.approx(math.log2(scores["byte_perplexity"]))
+    (data / "wikitext-2-raw" / "wiki.test.raw").unlink()
+    assert main(argv) == 2  # a missing file is a one-line error
 
 
 def test_lm_eval_end_to_end_offline_matches_local_scoring(tmp_path, monkeypatch):
