@@ -147,7 +147,7 @@ def main() -> None:
             cfg = dataclasses.replace(base, num_drop=k, generations=single_gens, seed=seed)
             r = run_search(cfg, runs / f"so-k{k}-s{seed}", resume=True, log=lambda s: None)
             singles.append((r["best"]["kl"], r["best"]["params"]))
-            so_tokens += r["tokens"]
+            so_tokens += sum(e["tokens"] for e in r["evaluations"])  # resumed runs too
         fronts["single"] = [singles[i] for i in pareto_front(singles)]
         entry["single"] = {
             "front": fronts["single"],

@@ -98,7 +98,7 @@ def main() -> None:
             )
             r = run_search(cfg, runs / f"so-{target}-s{seed}", resume=True, log=print)
             singles.append((r["best"]["kl"], r["best"]["density"]))
-            tokens += r["tokens"]
+            tokens += sum(e["tokens"] for e in r["evaluations"])  # resumed runs too
             entry.setdefault("uniform", []).append(
                 (r["calibration_fitness"]["uniform"], r["best"]["density"])
             )
