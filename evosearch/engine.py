@@ -207,12 +207,13 @@ def search(
                 done = evaluator.evaluations - evals_at_gen
                 rate = done / max(now - t_gen, 1e-9)
                 _, best_value = strategy.best
+                note = getattr(strategy, "progress_note", None)
                 progress(
                     f"gen {request.generation:3d}/{strategy.config.generations}  "
                     f"best {name} {evaluator.sign * best_value:.4f} "
                     f"@{request.tokens} tok  evals {evaluator.evaluations} (+{done}, "
                     f"{rate:.2f}/s)  tokens {evaluator.tokens / 1e6:.2f}M  "
-                    f"{now - t_start:.0f}s"
+                    f"{now - t_start:.0f}s" + (f"  {note(evaluator.sign)}" if note else "")
                 )
                 evals_at_gen, t_gen = evaluator.evaluations, now
     best, best_value = strategy.best

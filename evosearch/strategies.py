@@ -460,6 +460,14 @@ class MultiBudgetEvoPress:
         top = min(elites, key=lambda m: m.value)
         return top.genome, top.value
 
+    def progress_note(self, sign: float = 1.0) -> str:
+        """One line for progress output: every budget's elite fitness (``sign`` turns the
+        minimised values back into the fitness's own direction)."""
+        values = ", ".join(
+            f"{self.labels[n]}: {sign * self.elites[n][0].value:.3g}" for n in sorted(self.elites)
+        )
+        return f"budgets {len(self.elites)}/{len(self.niches)} [{values}]"
+
     def pareto(self) -> list[tuple[Genome, tuple[float, ...]]]:
         """The non-dominated niche elites and their objective values ``(fitness, *extra)``."""
         points = []

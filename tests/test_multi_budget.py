@@ -72,6 +72,8 @@ def test_first_generation_covers_every_budget():
     drive(strategy, damage, stop_after_generation=0)
     assert sorted(strategy.elites) == [0, 1, 2, 3, 4]
     assert list(strategy.history[0]["niches"]) == ["2", "3", "4", "5", "6"]
+    note = strategy.progress_note()
+    assert note.startswith("budgets 5/5 [2: ") and note.count(":") == 5
 
 
 def test_every_budget_reaches_its_optimum_and_the_front_is_exact():
