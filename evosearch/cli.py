@@ -477,10 +477,7 @@ def _eval(args: argparse.Namespace) -> None:
         )
         print(f"zero-shot backend: {backend} ({reason})")
         if backend == "local":
-            offline = lm_eval_backend.OFFLINE_LM_EVAL_TASKS
-            if not args.tasks:
-                check_tasks(args.tasks)  # says which tasks there are
-            check_tasks([t for t in args.tasks if t not in offline], extra=offline)
+            check_tasks(args.tasks, extra=lm_eval_backend.OFFLINE_LM_EVAL_TASKS)
             if not Path(args.data_dir).is_dir():
                 raise FileNotFoundError(f"data directory not found: {args.data_dir}")
     if args.limit is not None and args.limit < 0:

@@ -566,10 +566,6 @@ def _sampled_range(budgets: list) -> tuple[int, int, int]:
     return values[0], values[-1], steps.pop() if len(steps) == 1 else 1
 
 
-def _sparsity_targets(space) -> tuple[list[dict[int, int]], list[float]]:
-    return space.range_budgets()[0], space.range_targets()
-
-
 def _strategy(config: SearchConfig, space, name: str, initial=(), objectives=None):
     niches = _niches(config, space)
     if name not in ("evopress", "random"):
@@ -637,7 +633,7 @@ def run_search(
         initial = (
             tuple(
                 space.genome_for([s] * n_layers, budgets)
-                for budgets, s in zip(*_sparsity_targets(space))
+                for budgets, s in zip(space.range_budgets()[0], space.range_targets())
             )
             + initial
         )

@@ -193,15 +193,14 @@ def check_tasks(tasks: Iterable[str], *, extra: Iterable[str] = ()) -> list[str]
 
     Args:
         tasks: names to check against :data:`TASKS`.
-        extra: other valid names the caller handles itself (listed in the error); with
-            ``extra`` an empty ``tasks`` is allowed.
+        extra: other valid names the caller handles itself (accepted and listed).
 
     Raises:
-        ValueError: a name is not in :data:`TASKS`, or there is none.
+        ValueError: a name is in neither :data:`TASKS` nor ``extra``, or there is none.
     """
     tasks, extra = list(tasks), list(extra)
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown or (not tasks and not extra):
+    unknown = [t for t in tasks if t not in TASKS and t not in extra]
+    if unknown or not tasks:
         what = f"unknown task(s) {', '.join(map(repr, unknown))}" if unknown else "no tasks"
         raise ValueError(f"{what}; valid tasks: {', '.join([*TASKS, *extra])}")
     return tasks

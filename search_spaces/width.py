@@ -19,7 +19,8 @@ least-squares output projection on the kept inputs, ``W_K = W H[:, K] (H[K, K] +
 at each level the structures (KV groups, or single channels) whose removal, after optimal
 compensation of the rest, raises the reconstruction error least, ``tr(W_S (H^-1)_SS^-1
 W_S^T)``, go (ZipLM, Alg. 1; channels of one level are taken together). Levels are stored in
-one safetensors file keyed by a hash of model, calibration tokens and settings, and reused.
+a :class:`~evosearch.leveldb.LevelDatabase` keyed by a hash of model, calibration tokens and
+settings, and reused.
 """
 
 from __future__ import annotations

@@ -49,6 +49,17 @@ def curve(results: dict) -> list[dict]:
     return out
 
 
+def score_fronts(entry: dict, fronts: dict[str, list], reference) -> None:
+    """Add each front's hypervolume and whether it weakly dominates ``fronts["single"]`` (every
+    single-objective point matched or beaten in both objectives by one of its points)."""
+    entry["reference"] = reference
+    for name, front in fronts.items():
+        entry[name]["hypervolume"] = hypervolume(front, reference)
+        entry[name]["dominates_single"] = all(
+            any(a <= x and b <= y for a, b in front) for x, y in fronts["single"]
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--seeds", default="0,1,2")
@@ -154,15 +165,8 @@ def main() -> None:
             "generations_each": single_gens,
             "tokens": so_tokens,
         }
-        ref = (8.0, res["pareto"]["reference"][1])  # KL 8 nats, the dense parameter count
-        entry["reference"] = ref
-        for name, front in fronts.items():
-            entry[name]["hypervolume"] = hypervolume(front, ref)
-            # weak dominance of the single-objective front: every one of its points is matched
-            # or beaten in both objectives by a point of this front
-            entry[name]["dominates_single"] = all(
-                any(a <= kl and b <= params for a, b in front) for kl, params in fronts["single"]
-            )
+        # KL 8 nats, the dense parameter count
+        score_fronts(entry, fronts, (8.0, res["pareto"]["reference"][1]))
         report["multi_objective"][str(seed)] = entry
         out.write_text(json.dumps(report, indent=1) + "\n")
     report["status"] = "complete"

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from evosearch.pareto import hypervolume, pareto_front
+from evosearch.pareto import pareto_front
 from evosearch.pipeline import SearchConfig, run_search
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import DEFAULT_DATA  # noqa: E402
+from run import DEFAULT_DATA, score_fronts  # noqa: E402
 
 TARGETS = (0.5, 0.55, 0.6, 0.65, 0.7)
 
@@ -105,13 +105,7 @@ def main() -> None:
         fronts["single"] = [singles[i] for i in pareto_front(singles)]
         entry["single"] = {"front": fronts["single"], "tokens": tokens}
         entry["single"]["generations_each"] = single_gens
-        reference = (8.0, 1.0)
-        entry["reference"] = reference
-        for name, front in fronts.items():
-            entry[name]["hypervolume"] = hypervolume(front, reference)
-            entry[name]["dominates_single"] = all(
-                any(a <= kl and b <= d for a, b in front) for kl, d in fronts["single"]
-            )
+        score_fronts(entry, fronts, (8.0, 1.0))  # KL 8 nats, the dense model's density
         report["runs"][str(seed)] = entry
         out.write_text(json.dumps(report, indent=1) + "\n")
     report["status"] = "complete"
