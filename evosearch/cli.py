@@ -200,6 +200,16 @@ def _add_metric_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--elitism", type=int, default=2)
     p.add_argument("--max-depth", type=int, default=6)
     p.add_argument("--max-size", type=int, default=20)
+    p.add_argument(
+        "--const-prob", type=float, default=0.1, help="chance a random leaf is a constant"
+    )
+    p.add_argument(
+        "--holdout-sequences",
+        type=int,
+        default=8,
+        help="re-score the leaderboard on this many other windows and pick the best there "
+        "(0: off)",
+    )
     p.add_argument("--terminals", type=_csv(), help="default W,X,G")
     p.add_argument(
         "--seed-metrics",
@@ -221,7 +231,7 @@ def _metric_search(args: argparse.Namespace) -> None:
             "model", "data", "text_field", "n_sequences", "seq_len", "sparsity", "pattern",
             "fitness", "population", "generations", "tournament_size", "crossover_rate",
             "subtree_mutation_rate", "point_mutation_rate", "elitism", "max_depth", "max_size",
-            "terminals", "seed_metrics", "seed", "device",
+            "const_prob", "holdout_sequences", "terminals", "seed_metrics", "seed", "device",
         )
         if getattr(args, k) is not None
     }  # fmt: skip

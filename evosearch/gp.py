@@ -10,8 +10,8 @@ returns the trees to evaluate (the initial population, then each generation's of
 :meth:`~GeneticProgramming.tell` receives their fitness (lower is better; ``inf`` for a rejected
 metric) and forms the next population from the elites and the offspring. Offspring whose
 canonical form (:func:`~evosearch.symbolic.canonical`) is already in the population are
-regenerated a few times, so equivalent metrics do not crowd it (Pruner-Zero's opposing-operation
-simplification serves the same purpose).
+regenerated a few times, then replaced by a fresh random tree, so equivalent metrics do not
+crowd it (Pruner-Zero's opposing-operation simplification serves the same purpose).
 
 Example:
     >>> gp = GeneticProgramming(GPConfig(population=8), rng=np.random.default_rng(0))
@@ -36,6 +36,7 @@ from evosearch.symbolic import (
     UNARY,
     Node,
     canonical,
+    const,
     parse,
     to_string,
 )
@@ -63,6 +64,11 @@ class Grammar:
         unary / binary: operator names (see :data:`~evosearch.symbolic.OPS`).
         max_depth: most nodes on a root-to-leaf path (a leaf has depth 1).
         max_size: most nodes in a tree.
+        const_prob: chance that a random leaf is a constant (an ephemeral random constant)
+            rather than a terminal; constants let a tree weigh one term against another
+            (GBLM's ``|W|·‖X‖ + α·|W|·|G|``). 0 disables them.
+        const_range: ``(low, high)``, both positive: constants are drawn log-uniformly from
+            it, rounded to two significant digits (readable metrics, fewer distinct trees).
     """
 
     terminals: tuple[str, ...] = ("W", "X", "G")
@@ -70,6 +76,8 @@ class Grammar:
     binary: tuple[str, ...] = BINARY
     max_depth: int = 6
     max_size: int = 20
+    const_prob: float = 0.1
+    const_range: tuple[float, float] = (0.01, 10000.0)
 
     def __post_init__(self) -> None:
         if not self.terminals:
@@ -87,6 +95,12 @@ class Grammar:
             raise ValueError(f"max_depth must be >= 1, got {self.max_depth}")
         if self.max_size < 1:
             raise ValueError(f"max_size must be >= 1, got {self.max_size}")
+        if not 0 <= self.const_prob < 1:
+            raise ValueError(f"const_prob must lie in [0, 1), got {self.const_prob}")
+        object.__setattr__(self, "const_range", tuple(float(v) for v in self.const_range))
+        low, high = self.const_range
+        if not 0 < low <= high:
+            raise ValueError(f"const_range must be 0 < low <= high, got {self.const_range}")
 
     def fits(self, tree: Node) -> bool:
         return tree.depth() <= self.max_depth and tree.size() <= self.max_size
@@ -133,7 +147,7 @@ def random_tree(
     depth = max(1, min(depth, grammar.max_depth))
     for _ in range(20):
         tree = _draw(rng, grammar, depth, method)
-        if grammar.fits(tree):
+        if grammar.fits(tree) and tree.terminals():  # a constant-only tree ranks nothing
             return tree
         method = "grow"
     return Node(str(rng.choice(grammar.terminals)))
@@ -144,12 +158,20 @@ def _draw(rng: np.random.Generator, grammar: Grammar, depth: int, method: str) -
     n_term = len(grammar.terminals)
     leaf = depth <= 1 or (method == "grow" and rng.random() < n_term / (n_term + n_ops))
     if leaf:
+        if grammar.const_prob and rng.random() < grammar.const_prob:
+            low, high = np.log10(grammar.const_range)
+            return const(_round2(10.0 ** rng.uniform(low, high)))
         return Node(str(rng.choice(grammar.terminals)))
     k = int(rng.integers(n_ops))
     if k < len(grammar.unary):
         return Node(grammar.unary[k], (_draw(rng, grammar, depth - 1, method),))
     name = grammar.binary[k - len(grammar.unary)]
     return Node(name, tuple(_draw(rng, grammar, depth - 1, method) for _ in range(2)))
+
+
+def _round2(value: float) -> float:
+    """``value`` rounded to two significant digits."""
+    return float(f"{value:.2g}")
 
 
 def subtree_crossover(
@@ -182,13 +204,16 @@ def subtree_mutation(
 
 def point_mutation(tree: Node, rng: np.random.Generator, grammar: Grammar) -> Node:
     """``tree`` with one node's label changed to another of the same arity (a terminal for a
-    terminal; a constant is scaled by 10 or 1/10). Shape, depth and size are unchanged."""
+    terminal; a constant is multiplied by ``10**U(-1, 1)``, rounded to two significant digits,
+    so that repeated mutations tune a weight finely). Shape, depth and size are unchanged."""
     paths = _paths(tree)
     path = paths[int(rng.integers(len(paths)))]
     node = _at(tree, path)
     if node.op == "const":
-        new = Node("const", (), node.value * (10.0 if rng.random() < 0.5 else 0.1))
-        return _replace(tree, path, new)
+        value = _round2(node.value * 10.0 ** rng.uniform(-1.0, 1.0))
+        if value == node.value:  # rounding undid the step
+            value = _round2(node.value * 2.0)
+        return _replace(tree, path, const(value))
     if node.is_leaf:
         pool = grammar.terminals
     else:
@@ -380,6 +405,12 @@ class GeneticProgramming:
                 key = to_string(canonical(child))
                 if key not in keys:
                     break
+            else:  # the population has converged here: a fresh random tree keeps it diverse
+                for _ in range(50):
+                    child = random_tree(self.rng, g, depth=cfg.init_depth, method="grow")
+                    key = to_string(canonical(child))
+                    if key not in keys:
+                        break
             keys.add(key)
             out.append(child)
         return out

@@ -14,19 +14,24 @@ A run directory holds:
   expression, canonical form, fitness or rejection reason, whether the memo answered). A killed
   run resumes (``resume=True``) by replaying the seeded search against it: nothing already
   scored is scored again.
-* ``leaderboard.json`` / ``leaderboard.md``: the best distinct metrics with their fitness.
+* ``leaderboard.json`` / ``leaderboard.md``: the best distinct metrics with their fitness and,
+  with ``holdout_sequences``, their fitness on held-out calibration text.
 * ``best_metric.json``: the best metric (expression, readable math, JSON tree); it loads back
-  with ``get_pruner("best_metric.json")`` as a base pruner.
+  with ``get_pruner("best_metric.json")`` as a base pruner. With ``holdout_sequences`` the best
+  is the leaderboard entry with the lowest held-out fitness: the search fitness of a few
+  thousand tokens cannot separate metrics that differ in a handful of mask decisions, and the
+  held-out check keeps a metric that merely fits the search tokens from being reported.
 * ``results.json``: everything above plus per-generation statistics, memo counts and timings.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +79,17 @@ class MetricSearchConfig:
         population / generations / tournament_size / crossover_rate / subtree_mutation_rate /
             point_mutation_rate / elitism / init_depth: GP parameters (:class:`GPConfig`).
         max_depth / max_size: limits of every tree.
+        const_prob / const_range: ephemeral random constants in random trees (see
+            :class:`~evosearch.gp.Grammar`).
         terminals / unary / binary: the grammar (names from ``symbolic.TERMINALS`` / ``OPS``).
         seed_metrics: known metric names (``symbolic.KNOWN_METRICS``) or expressions placed in
             the initial population; those reading terminals outside the grammar are skipped.
         seed: seeds the GP (and nothing else: calibration windows use ``data_seed``).
         leaderboard_size: distinct metrics in the leaderboard.
+        holdout_sequences: after the search, the leaderboard and the seed metrics are scored
+            again on this many further windows of ``seq_len`` tokens (drawn with seed
+            ``data_seed + 1``, so other windows than the search's; the statistics stay the
+            search's), and the best metric is the leaderboard's lowest there. 0 skips it.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
     """
 
@@ -101,16 +112,19 @@ class MetricSearchConfig:
     init_depth: int = 4
     max_depth: int = 6
     max_size: int = 20
+    const_prob: float = 0.1
+    const_range: tuple[float, float] = (0.01, 10000.0)
     terminals: tuple[str, ...] = ("W", "X", "G")
     unary: tuple[str, ...] = UNARY
     binary: tuple[str, ...] = BINARY
     seed_metrics: tuple[str, ...] = tuple(KNOWN_METRICS)
     seed: int = 0
     leaderboard_size: int = 10
+    holdout_sequences: int = 8
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        for name in ("terminals", "unary", "binary", "seed_metrics"):
+        for name in ("terminals", "unary", "binary", "seed_metrics", "const_range"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if not 0 < self.sparsity < 1:
             raise ValueError(f"sparsity must lie in (0, 1), got {self.sparsity}")
@@ -123,6 +137,8 @@ class MetricSearchConfig:
             raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
         if self.leaderboard_size < 1:
             raise ValueError(f"leaderboard_size must be >= 1, got {self.leaderboard_size}")
+        if self.holdout_sequences < 0:
+            raise ValueError(f"holdout_sequences must be >= 0, got {self.holdout_sequences}")
         self.gp_config()  # validates the GP parameters and the grammar
         for s in self.seed_metrics:
             if s not in KNOWN_METRICS:
@@ -140,6 +156,8 @@ class MetricSearchConfig:
             binary=self.binary,
             max_depth=self.max_depth,
             max_size=self.max_size,
+            const_prob=self.const_prob,
+            const_range=self.const_range,
         )
 
     def gp_config(self) -> GPConfig:
@@ -239,6 +257,12 @@ class MetricEvaluator:
             raise MetricError(f"non-finite fitness {value}")
         return value
 
+    def on_data(self, fitness, batch: Batch, dense: DenseCache | None) -> MetricEvaluator:
+        """The same evaluator scoring on other tokens (sharing the dense weights' copy)."""
+        other = copy.copy(self)
+        other.fitness, other.batch, other.dense = fitness, batch, dense
+        return other
+
     def restore_(self) -> None:
         """Put the dense weights back."""
         for ref in self.refs:
@@ -294,7 +318,8 @@ def run_metric_search(
             raise FileNotFoundError(f"nothing to resume: {config_path} not found")
         saved = json.loads(config_path.read_text())
         if saved != config.to_dict():
-            diff = sorted(k for k in saved if saved.get(k) != config.to_dict().get(k))
+            now = config.to_dict()
+            diff = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
             raise ValueError(f"--resume with a different config (differs in {diff})")
     elif history_path.exists() or config_path.exists():
         raise FileExistsError(f"{out} already holds a metric search; use --resume or a new --out")
@@ -450,32 +475,72 @@ def run_metric_search(
                 "same_fitness": [],
             }
         )
-    best_value, _, best_key = ranked[0]
+    known_keys = {name: to_string(canonical(t)) for name, t in seeds.items()}
+    known = {name: memo.get(k, (None, None))[0] for name, k in known_keys.items()}
+    best_row, known_holdout, holdout_data = leaderboard[0], {}, None
+    if config.holdout_sequences:
+        t0 = time.perf_counter()
+        held = load_token_data(
+            replace(spec, n_sequences=config.holdout_sequences, seed=config.data_seed + 1),
+            tokenizer,
+            model,
+        )
+        holdout_data = held.description
+        log(f"held-out check of the leaderboard and the seed metrics: {held.description}")
+        held_fitness = get_fitness(config.fitness)
+        held_dense = compute_dense_cache(model, held.input_ids, prefix_reuse=False)
+        held_fitness.prepare(model, held.input_ids, held_dense)
+        held_eval = evaluator.on_data(
+            held_fitness, Batch(tuple(range(held.n_sequences)), held.input_ids), held_dense
+        )
+        held_memo: dict[str, float | None] = {}
+
+        def held_out(key: str) -> float | None:
+            if key not in held_memo:
+                try:
+                    held_memo[key] = held_eval(parse(key))
+                except MetricError:
+                    held_memo[key] = None
+                log(f"  held-out {config.fitness} {held_memo[key]}: {to_math(parse(key))}")
+            return held_memo[key]
+
+        for row in leaderboard:
+            row["holdout_fitness"] = held_out(row["metric"])
+        known_holdout = {n: held_out(k) for n, k in known_keys.items() if known[n] is not None}
+        scored = [r for r in leaderboard if r["holdout_fitness"] is not None]
+        if scored:
+            best_row = min(scored, key=lambda r: (r["holdout_fitness"], r["rank"]))
+        timings["holdout_s"] = time.perf_counter() - t0
+    best_value, best_key = best_row["fitness"], best_row["metric"]
     best_tree = parse(best_key)
     save_metric(
         best_tree,
         out / "best_metric.json",
         fitness=best_value,
         fitness_kind=config.fitness,
+        holdout_fitness=best_row.get("holdout_fitness"),
         target=config.target,
         model=config.model,
         calibration=data.description,
+        holdout=holdout_data,
     )
     (out / "leaderboard.json").write_text(json.dumps(leaderboard, indent=1) + "\n")
-    (out / "leaderboard.md").write_text(_leaderboard_md(leaderboard, config))
-    known = {name: memo.get(to_string(canonical(t)), (None, None))[0] for name, t in seeds.items()}
+    (out / "leaderboard.md").write_text(_leaderboard_md(leaderboard, config, known_holdout))
     timings["total_s"] = time.perf_counter() - t_start
     results = {
         "config": config.to_dict(),
         "target": config.target,
         "calibration": data.description,
+        "holdout": holdout_data,
         "best": {
             "metric": best_key,
             "math": to_math(best_tree),
             "fitness": best_value,
+            "holdout_fitness": best_row.get("holdout_fitness"),
             "known_metric": seed_names.get(best_key),
         },
         "known_metrics": known,
+        "known_metrics_holdout": known_holdout,
         "leaderboard": leaderboard,
         "generations": generations,
         "counts": {
@@ -487,14 +552,24 @@ def run_metric_search(
     }
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     log(
-        f"best metric: {to_math(best_tree)}  ({config.fitness} {best_value:.4f}); "
+        f"best metric: {to_math(best_tree)}  ({config.fitness} {best_value:.4f}"
+        + (
+            f", held-out {best_row['holdout_fitness']:.4f}"
+            if best_row.get("holdout_fitness")
+            else ""
+        )
+        + "); "
         f"{counts['evaluated']} evaluated, {counts['memo_hits']} answered by the memo "
         f"({results['counts']['memo_saved_share']:.0%}); written to {out}"
     )
     return results
 
 
-def _leaderboard_md(leaderboard: list[dict[str, Any]], config: MetricSearchConfig) -> str:
+def _leaderboard_md(
+    leaderboard: list[dict[str, Any]],
+    config: MetricSearchConfig,
+    known_holdout: dict[str, float | None],
+) -> str:
     lines = [
         f"Metric leaderboard: {config.model}, {config.target}, calibration {config.fitness} "
         f"({config.n_sequences} x {config.seq_len} tokens of {config.data})",
@@ -502,12 +577,22 @@ def _leaderboard_md(leaderboard: list[dict[str, Any]], config: MetricSearchConfi
         "Metrics with bit-identical fitness (in practice the same mask) share a row: the "
         "smallest is shown, the others are counted.",
         "",
-        f"| rank | {config.fitness} | metric | expression | known as | same fitness |",
-        "| ---: | ---: | --- | --- | --- | ---: |",
+        f"| rank | {config.fitness} | held-out {config.fitness} | metric | expression | known as "
+        "| same fitness |",
+        "| ---: | ---: | ---: | --- | --- | --- | ---: |",
     ]
     for row in leaderboard:
+        held = row.get("holdout_fitness")
         lines.append(
-            f"| {row['rank']} | {row['fitness']:.4f} | {row['math']} | `{row['metric']}` | "
-            f"{row['known_metric'] or ''} | {len(row['same_fitness'])} |"
+            f"| {row['rank']} | {row['fitness']:.4f} | {'–' if held is None else f'{held:.4f}'} "
+            f"| {row['math']} | `{row['metric']}` | {row['known_metric'] or ''} "
+            f"| {len(row['same_fitness'])} |"
         )
+    if known_holdout:
+        lines += [
+            "",
+            f"Held-out {config.fitness} of the seed metrics ({config.holdout_sequences} x "
+            f"{config.seq_len} other tokens): "
+            + ", ".join(f"{n} {v:.4f}" for n, v in known_holdout.items() if v is not None),
+        ]
     return "\n".join(lines) + "\n"

@@ -27,6 +27,10 @@ exp       1      ``exp(min(x, 80))`` (clamped so that float32 cannot overflow)
 tanh      1      ``tanh(x)``
 mms       1      min-max normalisation over the whole tensor: ``(x - min) / (max - min + EPS)``
 zscore    1      ``(x - mean) / (std + EPS)`` over the whole tensor
+rown      1      row-relative: ``x / (sum_j |x_ij| + EPS)``, each entry over its row's l1 norm
+coln      1      column-relative: ``x / (sum_i |x_ij| + EPS)``, over its column's l1 norm (RIA's
+                 relative importance is ``rown(W) + coln(W)``); on a per-channel ``(1, in)``
+                 tensor each column holds one value, so ``coln`` gives its sign
 add       2      ``a + b``
 sub       2      ``a - b``
 mul       2      ``a * b``
@@ -42,6 +46,7 @@ and ``mul``; constant folding) and, with ``ranking=True`` (the default), with th
 increasing transforms at the root stripped, since per-row ranking (and so the pruning mask) is
 the same for a score and any strictly increasing function of it: ``sqrt``/``sqr``/``log``/``abs``
 of a non-negative score, ``exp``, ``tanh``, ``mms``, ``zscore``, ``div`` (a positive scale),
+``rown`` (a positive scale per row),
 multiplication by a positive constant and addition of a constant. The canonical string
 identifies a metric for memoisation: equivalent trees are evaluated once.
 
@@ -229,6 +234,11 @@ def _zscore(x: torch.Tensor) -> torch.Tensor:
     return (x - x.mean()) / (std + EPS)
 
 
+def _l1_relative(x: torch.Tensor, dim: int) -> torch.Tensor:
+    x2 = x.reshape((1,) * (2 - x.dim()) + x.shape) if x.dim() < 2 else x  # scalars: one entry
+    return (x2 / (x2.abs().sum(dim=dim, keepdim=True) + EPS)).reshape(x.shape)
+
+
 @dataclass(frozen=True)
 class Op:
     """An allowed operator.
@@ -238,7 +248,8 @@ class Op:
         arity: 1 or 2.
         fn: the tensor function.
         math: format string for :func:`to_math` (``{0}``, ``{1}`` are the operands).
-        increasing: strictly increasing in its (only) operand on all reals.
+        increasing: strictly increasing in its (only) operand on all reals (within each row,
+            for per-row ops such as ``rown``).
         increasing_nonneg: strictly increasing on non-negative operands.
     """
 
@@ -263,6 +274,9 @@ OPS: dict[str, Op] = {
         Op("tanh", 1, torch.tanh, "tanh({0})", increasing=True),
         Op("mms", 1, _mms, "mms({0})", increasing=True),
         Op("zscore", 1, _zscore, "zscore({0})", increasing=True),
+        # rown scales each row by a positive number: increasing for per-row ranking
+        Op("rown", 1, lambda x: _l1_relative(x, -1), "rown({0})", increasing=True),
+        Op("coln", 1, lambda x: _l1_relative(x, -2), "coln({0})"),
         Op("add", 2, torch.add, "({0} + {1})"),
         Op("sub", 2, torch.sub, "({0} - {1})"),
         Op("mul", 2, torch.mul, "{0} · {1}"),
@@ -493,7 +507,7 @@ def is_nonneg(tree: Node) -> bool:
     kids = tree.children
     if op in ("abs", "sqr", "sqrt", "exp", "mms"):
         return True
-    if op in ("id", "tanh"):
+    if op in ("id", "tanh", "rown", "coln"):
         return is_nonneg(kids[0])
     if op in ("add", "mul"):
         return is_nonneg(kids[0]) and is_nonneg(kids[1])

@@ -196,3 +196,39 @@ def test_grammar_validation():
             rng=np.random.default_rng(0),
             seeds=[parse(KNOWN_METRICS["gblm"])],
         )
+
+
+def test_random_trees_hold_constants_from_the_range():
+    grammar = Grammar(max_depth=4, max_size=9, const_prob=0.3, const_range=(0.5, 200.0))
+    rng = np.random.default_rng(0)
+    trees = [random_tree(rng, grammar, depth=4) for _ in range(200)]
+    consts = [n.value for t in trees for n in _nodes(t) if n.op == "const"]
+    assert len(consts) > 20
+    assert all(0.5 * 0.95 <= c <= 200 * 1.05 and float(f"{c:.2g}") == c for c in consts)
+    assert all(t.terminals() for t in trees)  # never a constant-only tree
+    none = Grammar(max_depth=4, max_size=9, const_prob=0.0)
+    assert not any(
+        n.op == "const" for _ in range(100) for n in _nodes(random_tree(rng, none, depth=4))
+    )
+    with pytest.raises(ValueError, match="const_range"):
+        Grammar(const_range=(0.0, 1.0))
+    with pytest.raises(ValueError, match="const_prob"):
+        Grammar(const_prob=1.0)
+
+
+def test_point_mutation_tunes_a_constant_within_a_factor_of_ten():
+    tree = parse("mul(100, W)")
+    rng = np.random.default_rng(0)
+    values = set()
+    for _ in range(200):
+        child = point_mutation(tree, rng, GRAMMAR)
+        if child.op == "mul" and child.children[1].op == "W":  # the constant was mutated
+            values.add(child.children[0].value)
+    assert len(values) > 20 and 100 not in values
+    assert all(10 <= v <= 1000 for v in values)
+
+
+def _nodes(tree):
+    yield tree
+    for c in tree.children:
+        yield from _nodes(c)

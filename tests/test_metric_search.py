@@ -68,11 +68,35 @@ def test_search_writes_its_outputs(finished):
     board = json.loads((run / "leaderboard.json").read_text())
     assert [r["fitness"] for r in board] == sorted(r["fitness"] for r in board)
     assert len({r["metric"] for r in board}) == len(board)
+    assert board[0]["fitness"] == min(r["fitness"] for r in history if r["fitness"] is not None)
+    assert results["generations"][-1]["best"] == board[0]["fitness"]
+    # the best is the leaderboard entry with the lowest fitness on the held-out windows
+    assert "seed 1" in results["holdout"] and "seed 0" in results["calibration"]
+    assert all(r["holdout_fitness"] is not None for r in board)
+    chosen = min(board, key=lambda r: r["holdout_fitness"])
     best = json.loads((run / "best_metric.json").read_text())
-    assert best["canonical"] == board[0]["metric"] == results["best"]["metric"]
-    assert best["fitness"] == min(r["fitness"] for r in history if r["fitness"] is not None)
+    assert best["canonical"] == chosen["metric"] == results["best"]["metric"]
+    assert best["fitness"] == chosen["fitness"]
+    assert (
+        best["holdout_fitness"] == chosen["holdout_fitness"] == results["best"]["holdout_fitness"]
+    )
     assert best["math"] and results["best"]["math"] == best["math"]
-    assert results["generations"][-1]["best"] == best["fitness"]
+    # the seed metrics are scored on the held-out windows too (not the rejected ones)
+    held = results["known_metrics_holdout"]
+    assert set(held) == {"magnitude", "wanda", "pruner-zero"}
+    for name, value in held.items():
+        rows = [r for r in board if r["known_metric"] == name]
+        if rows:
+            assert rows[0]["holdout_fitness"] == value
+    assert "held-out kl" in (run / "leaderboard.md").read_text()
+
+
+def test_without_holdout_the_best_is_the_search_best(tiny, tmp_path):
+    results = run_metric_search(
+        _config(tiny, generations=1, holdout_sequences=0), tmp_path / "run", log=lambda s: None
+    )
+    assert results["best"]["metric"] == results["leaderboard"][0]["metric"]
+    assert results["best"]["holdout_fitness"] is None and results["known_metrics_holdout"] == {}
 
 
 def test_leaderboard_groups_bit_identical_fitness(finished):
@@ -136,8 +160,9 @@ def test_resume_replays_without_re_evaluating(finished, tiny, tmp_path, monkeypa
     calls = []
     original = ms.MetricEvaluator.__call__
 
-    def counting(self, tree):
-        calls.append(tree)
+    def counting(self, tree):  # search calls only: the held-out check is redone on resume
+        if self.batch.input_ids.shape[0] == 4:
+            calls.append(tree)
         return original(self, tree)
 
     monkeypatch.setattr(ms.MetricEvaluator, "__call__", counting)

@@ -62,6 +62,21 @@ def test_operator_definitions(monkeypatch):
     assert abs(float(z.mean())) < 1e-6 and abs(float(z.std()) - 1.0) < 1e-5
     assert torch.isfinite(ev("exp(mul(A, 1000))")).all()  # clamped before exp
     assert torch.equal(ev("sub(A, B)"), a - b) and torch.equal(ev("neg(A)"), -a)
+    # row- and column-relative (RIA): each entry over its row's / column's l1 norm
+    assert torch.allclose(ev("rown(A)"), a / torch.tensor([[2.5], [7.0]]))
+    assert torch.allclose(ev("coln(A)"), a / torch.tensor([[5.0, 4.5]]))
+    assert torch.allclose(ev("coln(2)"), torch.tensor(1.0))  # a scalar is its own column
+
+
+def test_row_relative_scaling_keeps_the_mask_and_column_relative_does_not():
+    w, stats = _layer(rows=6, cols=8)
+    for text in ("mul(W, X)", "mul(sqr(W), mms(G))"):
+        plain = score_layer(parse(text), w, stats).argsort(1)
+        assert torch.equal(score_layer(parse(f"rown({text})"), w, stats).argsort(1), plain)
+        assert to_string(canonical(parse(f"rown({text})"))) == to_string(canonical(parse(text)))
+    ria = parse("mul(add(coln(W), rown(W)), sqrt(X))")
+    assert canonical(ria) == ria  # nothing to simplify or strip
+    assert not torch.equal(score_layer(parse("coln(W)"), w, stats).argsort(1), w.abs().argsort(1))
 
 
 def _parse_ab(text: str, monkeypatch) -> Node:

@@ -29,17 +29,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--data-dir", default="/work/shared/data")
     p.add_argument("--run-dir", default=str(HERE / "run"))
-    p.add_argument("--population", type=int, default=16)
-    p.add_argument("--generations", type=int, default=8)
-    p.add_argument("--n-sequences", type=int, default=8)
+    p.add_argument("--population", type=int, default=20)
+    p.add_argument("--generations", type=int, default=10)
+    p.add_argument("--n-sequences", type=int, default=16)
+    p.add_argument("--holdout-sequences", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--fitness", default="kl")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--resume", action="store_true")
     args = p.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     data_dir = Path(args.data_dir)
     calib = str(data_dir / "wikitext-2-raw" / "wiki.valid.raw")
 
@@ -52,6 +54,7 @@ def main() -> None:
         fitness=args.fitness,
         population=args.population,
         generations=args.generations,
+        holdout_sequences=args.holdout_sequences,
         seed=args.seed,
     )
     results: dict = {"status": "running", "settings": vars(args), "machine": _machine()}
@@ -64,6 +67,8 @@ def main() -> None:
     results["search"] = {
         "best": search["best"],
         "known_metrics_calibration_fitness": search["known_metrics"],
+        "known_metrics_holdout_fitness": search["known_metrics_holdout"],
+        "holdout": search["holdout"],
         "counts": search["counts"],
         "timings": search["timings"],
         "leaderboard": search["leaderboard"][:5],
@@ -97,6 +102,8 @@ def main() -> None:
         "sparsegpt": get_pruner("sparsegpt"),
         "pruner-zero": metric_pruner(KNOWN_METRICS["pruner-zero"]),
         "gblm": metric_pruner(KNOWN_METRICS["gblm"]),
+        # RIA (Zhang et al. 2024): relative importance (row + column l1) times sqrt(||X||)
+        "ria": metric_pruner("mul(add(coln(W), rown(W)), sqrt(X))"),
         "discovered": get_pruner(str(Path(args.run_dir) / "best_metric.json")),
     }
     table = results.setdefault("perplexity", {})
@@ -136,7 +143,8 @@ def _markdown(r: dict) -> str:
         "# Metric search on SmolLM2-135M",
         "",
         f"Discovered metric: **{s['best']['math']}** (`{s['best']['metric']}`), calibration "
-        f"{r['settings']['fitness']} {s['best']['fitness']:.4f}.",
+        f"{r['settings']['fitness']} {s['best']['fitness']:.4f}, held-out "
+        f"{s['best'].get('holdout_fitness') or float('nan'):.4f}.",
         "",
         f"Perplexity on the first {r['settings']['eval_windows']} windows of "
         f"{r['settings']['eval_seq_len']} tokens (dense: WikiText-2 test "
@@ -162,6 +170,11 @@ def _markdown(r: dict) -> str:
         "Calibration fitness of the seeded known metrics: "
         + ", ".join(
             f"{k} {v:.4f}" for k, v in s["known_metrics_calibration_fitness"].items() if v
+        ),
+        "",
+        f"Held-out fitness of the seed metrics ({s.get('holdout')}): "
+        + ", ".join(
+            f"{k} {v:.4f}" for k, v in s.get("known_metrics_holdout_fitness", {}).items() if v
         ),
         "",
     ]
