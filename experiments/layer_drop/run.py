@@ -61,8 +61,15 @@ def main() -> None:
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--sleb-tokens", type=int, default=1024)
     p.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    p.add_argument(
+        "--warm-start",
+        default="",
+        help="heuristics whose choices join EvoPress's initial population",
+    )
+    p.add_argument("--baselines", default="shortgpt,angular,sleb,last,random")
     p.add_argument("--out", default=str(HERE / "results.json"))
     args = p.parse_args()
+    warm = tuple(x for x in args.warm_start.split(",") if x)
     SHARED = Path(args.data_dir)
     stages = [[int(x) for x in s.split(":")] for s in args.stages.split(",")]
     wiki_valid = str(SHARED / "wikitext-2-raw" / "wiki.valid.raw")
@@ -78,12 +85,13 @@ def main() -> None:
         n_sequences=args.n_sequences,
         seq_len=args.seq_len,
         seed=0,
-        baselines=("shortgpt", "angular", "sleb", "last", "random"),
+        baselines=tuple(args.baselines.split(",")),
         sleb_tokens=args.sleb_tokens,
         eval_ppl=(wiki_test, c4),
         eval_seq_len=1024,
         eval_windows=args.eval_windows,
         save_model=False,
+        warm_start=warm,
     )
     report = {
         "command": "python " + " ".join(sys.argv),
@@ -98,7 +106,8 @@ def main() -> None:
     for k in [int(x) for x in args.drops.split(",")]:
         cfg = dataclasses.replace(base, num_drop=k)
         t0 = time.perf_counter()
-        res = run_search(cfg, HERE / "runs" / f"drop{k}", resume=True)
+        run_dir = HERE / "runs" / (f"drop{k}_warm" if warm else f"drop{k}")
+        res = run_search(cfg, run_dir, resume=True)
         res.pop("evaluations")
         report["runs"][str(k)] = {
             "wall_seconds": round(time.perf_counter() - t0, 1),
