@@ -46,7 +46,7 @@ and ``mul``; constant folding) and, with ``ranking=True`` (the default), with th
 increasing transforms at the root stripped, since per-row ranking (and so the pruning mask) is
 the same for a score and any strictly increasing function of it: ``sqrt``/``sqr``/``log``/``abs``
 of a non-negative score, ``exp``, ``tanh``, ``mms``, ``zscore``, ``div`` (a positive scale),
-``rown`` (a positive scale per row),
+``rown`` (a positive scale per row), a common positive factor of the terms of a sum,
 multiplication by a positive constant and addition of a constant. The canonical string
 identifies a metric for memoisation: equivalent trees are evaluated once.
 
@@ -633,6 +633,8 @@ def _strip_root(tree: Node) -> Node:
             tree = kids[0]
         elif op == "add" and kids[0].op == "const":
             tree = kids[1]
+        elif op == "add" and (new := _unit_scaled_sum(tree)) != tree:
+            tree = new
         elif op == "mul":
             # positive constants and div(a, b) = a / ||b||_F only scale the product
             items = [
@@ -647,6 +649,24 @@ def _strip_root(tree: Node) -> Node:
         else:
             break
     return tree
+
+
+def _split_scale(term: Node) -> tuple[float, Node]:
+    """``term`` as ``(c, rest)``, ``term = c * rest`` (``c = 1`` without a leading constant)."""
+    if term.op == "mul" and term.children[0].op == "const":
+        return term.children[0].value, term.children[1]
+    return 1.0, term
+
+
+def _unit_scaled_sum(tree: Node) -> Node:
+    """A sum divided by a positive common factor so that its last term (by the string of its
+    constant-free part) has scale 1: ``2·a + 96·b`` and ``a + 48·b`` rank alike."""
+    parts = [_split_scale(t) for t in _chain("add", tree)]
+    ref, _ = max(parts, key=lambda p: to_string(p[1]))
+    if ref <= 0 or ref == 1.0:
+        return tree
+    terms = [rest if c == ref else Node("mul", (const(c / ref), rest)) for c, rest in parts]
+    return simplify(_build("add", terms))
 
 
 def canonical(tree: Node, *, ranking: bool = True) -> Node:

@@ -173,6 +173,9 @@ def test_canonical_simplifications(text, expected):
         ("mul(3, mul(W, X))", "mul(W, X)"),
         ("add(5, mul(W, X))", "mul(W, X)"),
         ("tanh(mul(W, 0.1))", "W"),
+        # a common positive factor of a sum: its last term (by constant-free string) gets scale 1
+        ("add(mul(2, mul(W, X)), mul(96, mul(G, W)))", "add(mul(48, mul(G, W)), mul(W, X))"),
+        ("add(mul(6, X), mul(3, W))", "add(X, mul(0.5, W))"),
     ],
 )
 def test_root_monotone_transforms_are_stripped_and_give_the_same_mask(text, stripped):
