@@ -59,6 +59,7 @@ def main() -> None:
         seq_len=128,
         db_dir=args.db_dir,
         save_model=False,
+        sparsity_range=(0.5, 0.7),
     )
     report = {
         "command": "python " + " ".join(sys.argv),
@@ -78,9 +79,7 @@ def main() -> None:
             ("evopress", "evopress", {}),
             ("nsga2", "nsga2", {"offspring": 6, "sampler_tokens": 1024}),
         ):
-            cfg = dataclasses.replace(
-                base, strategy=strategy, sparsity_range=(0.5, 0.7), seed=seed, **extra
-            )
+            cfg = dataclasses.replace(base, strategy=strategy, seed=seed, **extra)
             t0 = time.perf_counter()
             res = run_search(cfg, runs / f"mo-{name}-s{seed}", resume=True, log=print)
             rows = json.loads((runs / f"mo-{name}-s{seed}" / "pareto_front.json").read_text())
@@ -94,7 +93,12 @@ def main() -> None:
         singles, tokens = [], 0
         for target in TARGETS:
             cfg = dataclasses.replace(
-                base, sparsity=target, generations=single_gens, seed=seed, baselines=("uniform",)
+                base,
+                sparsity=target,
+                sparsity_range=None,
+                generations=single_gens,
+                seed=seed,
+                baselines=("uniform",),
             )
             r = run_search(cfg, runs / f"so-{target}-s{seed}", resume=True, log=print)
             singles.append((r["best"]["kl"], r["best"]["density"]))
