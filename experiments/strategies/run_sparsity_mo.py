@@ -96,6 +96,7 @@ def main() -> None:
                 base,
                 sparsity=target,
                 sparsity_range=None,
+                objectives=(),
                 generations=single_gens,
                 seed=seed,
                 baselines=("uniform",),
