@@ -501,7 +501,9 @@ def run_metric_search(
                     held_memo[key] = held_eval(parse(key))
                 except MetricError:
                     held_memo[key] = None
-                log(f"  held-out {config.fitness} {held_memo[key]}: {to_math(parse(key))}")
+                value = held_memo[key]
+                shown = "rejected" if value is None else f"{value:.4f}"
+                log(f"  held-out {config.fitness} {shown}: {to_math(parse(key))}")
             return held_memo[key]
 
         for row in leaderboard:
