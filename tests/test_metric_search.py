@@ -228,6 +228,16 @@ def test_cli_metric_search_and_errors(tiny, tmp_path, capsys):
     assert "not divisible" in capsys.readouterr().err
     assert main([*base, "--seed-metrics", "eval(W)", "--out", str(tmp_path / "w")]) == 2
     assert "unknown name" in capsys.readouterr().err
+    # the grammar's constants and the held-out check reach the config; bad values are errors
+    flags = ["--const-prob", "0", "--holdout-sequences", "0", "--out", str(tmp_path / "c")]
+    assert main([*base, *small, *flags]) == 0
+    saved = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert saved["const_prob"] == 0 and saved["holdout_sequences"] == 0
+    assert "held-out" not in capsys.readouterr().out
+    assert main([*base, "--holdout-sequences", "-1", "--out", str(tmp_path / "h")]) == 2
+    assert "holdout_sequences" in capsys.readouterr().err
+    assert main([*base, "--const-prob", "1.5", "--out", str(tmp_path / "p")]) == 2
+    assert "const_prob" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
