@@ -275,6 +275,18 @@ def _resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _scoring_on(model: nn.Module, kind: str, input_ids: torch.Tensor):
+    """A fitness of ``kind`` prepared on ``input_ids`` (with the dense model's cache as its
+    teacher), the batch of all those tokens, and the cache: what :class:`MetricEvaluator`
+    scores with."""
+    from fitness import get_fitness
+
+    fitness = get_fitness(kind)
+    dense = compute_dense_cache(model, input_ids, prefix_reuse=False)
+    fitness.prepare(model, input_ids, dense)
+    return fitness, Batch(tuple(range(input_ids.shape[0])), input_ids), dense
+
+
 def _read_history(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
@@ -307,7 +319,6 @@ def run_metric_search(
         The contents of ``results.json``.
     """
     from evosearch.models import load_model
-    from fitness import get_fitness
 
     t_start = time.perf_counter()
     out = Path(out_dir)
@@ -361,11 +372,8 @@ def run_metric_search(
         f"({timings['stats_s']:.1f}s)"
     )
     t0 = time.perf_counter()
-    fitness = get_fitness(config.fitness)
-    dense = compute_dense_cache(model, data.input_ids, prefix_reuse=False)
-    fitness.prepare(model, data.input_ids, dense)
+    fitness, batch, dense = _scoring_on(model, config.fitness, data.input_ids)
     timings["dense_s"] = time.perf_counter() - t0
-    batch = Batch(tuple(range(data.n_sequences)), data.input_ids)
     evaluator = MetricEvaluator(
         model, stats, fitness, batch, dense, sparsity=config.sparsity, pattern=pattern
     )
@@ -487,12 +495,7 @@ def run_metric_search(
         )
         holdout_data = held.description
         log(f"held-out check of the leaderboard and the seed metrics: {held.description}")
-        held_fitness = get_fitness(config.fitness)
-        held_dense = compute_dense_cache(model, held.input_ids, prefix_reuse=False)
-        held_fitness.prepare(model, held.input_ids, held_dense)
-        held_eval = evaluator.on_data(
-            held_fitness, Batch(tuple(range(held.n_sequences)), held.input_ids), held_dense
-        )
+        held_eval = evaluator.on_data(*_scoring_on(model, config.fitness, held.input_ids))
         held_memo: dict[str, float | None] = {}
 
         def held_out(key: str) -> float | None:
