@@ -560,7 +560,7 @@ def run_metric_search(
         f"best metric: {to_math(best_tree)}  ({config.fitness} {best_value:.4f}"
         + (
             f", held-out {best_row['holdout_fitness']:.4f}"
-            if best_row.get("holdout_fitness")
+            if best_row.get("holdout_fitness") is not None
             else ""
         )
         + "); "
