@@ -624,10 +624,10 @@ def run_search(
     session = _Session(config, log)
     space = session.space
     record.bind(space.spec, space.metrics)
-    initial: tuple[Genome, ...] = ()
+    warm: dict[str, Genome] = {}
     if config.warm_start:
         warm = _baselines(session, dataclasses.replace(config, baselines=config.warm_start), log)
-        initial = tuple(warm.values())
+    initial: tuple[Genome, ...] = tuple(warm.values())
     if config.sparsity_range is not None:  # every budget starts from its uniform allocation
         n_layers = len(space.spec.max_levels)
         initial = (
@@ -705,8 +705,12 @@ def run_search(
             config, run, strategy, space, log, result.evaluations, dense_extra
         )
     candidates = {config.strategy: best}
-    if config.baselines:
-        candidates.update(_baselines(session, config, log, initial))
+    if config.baselines:  # the warm start's heuristics are not computed again
+        missing = tuple(b for b in config.baselines if b not in warm)
+        computed = _baselines(
+            session, dataclasses.replace(config, baselines=missing), log, initial
+        )
+        candidates.update({b: warm[b] if b in warm else computed[b] for b in config.baselines})
         results["baselines"] = {
             n: {"genome": g.key(), **space.describe(g)} for n, g in candidates.items()
         }

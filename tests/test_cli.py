@@ -126,11 +126,13 @@ def test_bad_yaml_and_config_mismatch(tiny_model_dir, tmp_path, capsys):
     assert "seed" in capsys.readouterr().err
 
 
-def test_warm_start_puts_heuristics_into_generation_zero(tiny_model_dir, tmp_path):
+def test_warm_start_puts_heuristics_into_generation_zero(tiny_model_dir, tmp_path, capsys):
     model, text = tiny_model_dir
     out = tmp_path / "run"
     argv = _search_args(model, text, out, "--warm-start", "angular,last", "--baselines", "last")
     assert main(argv) == 0
+    # a heuristic that is both warm start and baseline is computed once
+    assert capsys.readouterr().out.count("baseline last:") == 1
     results = json.loads((out / "results.json").read_text())
     gen0 = {r["genome"] for r in results["evaluations"] if r["generation"] == 0}
     last = "".join(
