@@ -25,21 +25,25 @@ class Genome:
         object.__setattr__(self, "levels", tuple(int(v) for v in self.levels))
 
     def key(self) -> str:
-        """A short stable string identifying the genome (used in logs and caches)."""
-        return "".join(_digit(v) for v in self.levels)
+        """A short stable string identifying the genome (used in logs and caches): one base-36
+        digit per level, or, when a level exceeds 35, ``"~"`` and two digits per level."""
+        if all(0 <= v < 36 for v in self.levels):
+            return "".join(_DIGITS[v] for v in self.levels)
+        if not all(0 <= v < 36 * 36 for v in self.levels):
+            raise ValueError(f"levels must lie in 0..{36 * 36 - 1}, got {self.levels}")
+        return "~" + "".join(_DIGITS[v // 36] + _DIGITS[v % 36] for v in self.levels)
 
     @classmethod
     def from_key(cls, key: str) -> Genome:
+        if key.startswith("~"):
+            return cls(tuple(int(key[i : i + 2], 36) for i in range(1, len(key), 2)))
         return cls(tuple(int(c, 36) for c in key))
 
     def to_json(self) -> str:
         return json.dumps(list(self.levels))
 
 
-def _digit(v: int) -> str:
-    if not 0 <= v < 36:
-        raise ValueError(f"level {v} out of range 0..35")
-    return "0123456789abcdefghijklmnopqrstuvwxyz"[v]
+_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,12 +55,16 @@ class LevelSpec:
         groups: group id of each unit; level switches only move levels within a group.
         budgets: required sum of levels per group id.
         names: human-readable unit names, for reports.
+        switch_size: levels one mutation switch moves (as far as both units allow); a space
+            whose levels are finer than its natural step (e.g. a sparsity range's aligned
+            ladders) sets it so a switch moves about as many weights as one natural step.
     """
 
     max_levels: tuple[int, ...]
     groups: tuple[int, ...]
     budgets: dict[int, int] = field(hash=False)
     names: tuple[str, ...] = ()
+    switch_size: int = 1
 
     def __post_init__(self) -> None:
         n = len(self.max_levels)
@@ -68,6 +76,8 @@ class LevelSpec:
             raise ValueError(f"names has {len(self.names)} entries, max_levels has {n}")
         if any(m < 0 for m in self.max_levels):
             raise ValueError("max_levels must be >= 0")
+        if self.switch_size < 1:
+            raise ValueError(f"switch_size must be >= 1, got {self.switch_size}")
         if extra := sorted(set(self.budgets) - set(self.groups)):
             raise ValueError(
                 f"budgets name groups without units: {', '.join(f'group {g}' for g in extra)}"

@@ -85,8 +85,9 @@ class LevelDatabase:
     def size_bytes(self) -> int:
         return int(self.meta["bytes"])
 
-    def get(self, unit: str, level: int, part: str | None = None) -> torch.Tensor:
-        """The stored tensor of ``unit`` at ``level`` (and ``part``, when units store several)."""
+    def get(self, unit: str, level: int | str, part: str | None = None) -> torch.Tensor:
+        """The stored tensor of ``unit`` at ``level`` (and ``part``, when units store several);
+        ``level`` may also name a tensor that is not per level (e.g. ``"rank"``)."""
         if unit not in self._files:
             raise KeyError(f"unit {unit!r} is not in the database at {self.path}")
         handle = self._handles.get(unit)

@@ -31,7 +31,8 @@ def level_switch_mutation(
 ) -> Genome:
     """EvoPress level-switch mutation (Sieberling et al., 2024, Sec. 3): ``n_switches`` times,
     raise one unit's level by one and lower another unit's level in the same group by one, so
-    every group's budget stays exact.
+    every group's budget stays exact. With ``spec.switch_size`` > 1, a switch moves that many
+    levels, or as many as both units allow.
 
     Returns ``genome`` itself when no switch is possible (e.g. a budget of 0).
     """
@@ -53,8 +54,9 @@ def level_switch_mutation(
             j = up[int(rng.integers(len(up)))]
             if i != j:
                 break
-        levels[i] -= 1
-        levels[j] += 1
+        size = min(spec.switch_size, levels[i], spec.max_levels[j] - levels[j])
+        levels[i] -= size
+        levels[j] += size
     return Genome(tuple(levels))
 
 

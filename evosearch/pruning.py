@@ -42,6 +42,7 @@ __all__ = [
     "keep_mask",
     "parse_pattern",
     "prune_counts",
+    "row_ranks",
     "set_weight_",
     "sparsity_of",
 ]
@@ -262,11 +263,18 @@ def keep_mask(
         return mask.reshape(rows, cols)
     if sparsity is None:
         raise ValueError("give a sparsity or an N:M pattern")
-    counts = prune_counts(rows, cols, sparsity)
+    return row_ranks(scores) >= prune_counts(rows, cols, sparsity)[:, None]
+
+
+def row_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Each weight's rank within its row, ascending by score, ties broken by position: the
+    lowest ``k`` ranks of a row are its ``k`` weights to prune, at any sparsity. Returned as
+    ``int16`` when rows are shorter than 32,768 (half the bytes of a float16 weight copy)."""
+    rows, cols = scores.shape
     order = torch.argsort(scores, dim=1, stable=True)  # ascending: lowest first
     rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(cols).expand(rows, cols))
-    return rank >= counts[:, None]
+    rank.scatter_(1, order, torch.arange(cols, device=order.device).expand(rows, cols))
+    return rank.to(torch.int16) if cols < 2**15 else rank.to(torch.int32)
 
 
 # -- pruners -------------------------------------------------------------------------------------
@@ -319,13 +327,18 @@ class ScorePruner:
     needs_hessian: bool = False
     needs_gradients: bool = False
 
-    def prune(self, weight, stats, sparsity=None, *, pattern=None):
+    def scores(self, weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:
+        """The checked float32 ``(out, in)`` score of ``weight``."""
         scores = self.score(weight.detach().float(), stats)
         if scores.shape != weight.shape:
             raise ValueError(f"{self.name}: score shape {tuple(scores.shape)} != weight shape")
         if not torch.isfinite(scores).all():
             raise ValueError(f"{self.name}: the score has non-finite values")
-        return weight * keep_mask(scores, sparsity, pattern=pattern).to(weight.dtype)
+        return scores
+
+    def prune(self, weight, stats, sparsity=None, *, pattern=None):
+        mask = keep_mask(self.scores(weight, stats), sparsity, pattern=pattern)
+        return weight * mask.to(weight.dtype)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evosearch.genome import Genome
+
 __all__ = [
     "CandidatePoint",
     "RunRecord",
@@ -178,7 +180,7 @@ def unit_levels(genome: str, space: dict[str, Any]) -> dict[str, list[int]]:
     (attention, MLP). Any other space is one row over its units, so per-layer sparsity or width
     levels show the same way.
     """
-    levels = [int(c, 36) for c in genome]
+    levels = list(Genome.from_key(genome).levels)
     n = int(space.get("n_blocks", len(levels)))
     if space.get("space") == "layer-drop" and space.get("sublayers") and len(levels) == 2 * n:
         return {"attention": levels[:n], "mlp": levels[n:]}
@@ -209,7 +211,7 @@ def candidate_points(runs: Sequence[RunRecord]) -> list[CandidatePoint]:
                     run=run.name,
                     candidate=name,
                     genome=genome,
-                    units_dropped=sum(int(c, 36) for c in genome),
+                    units_dropped=sum(Genome.from_key(genome).levels),
                     metrics=metrics,
                     model=str(results.get("config", {}).get("model", "")),
                 )
@@ -230,7 +232,7 @@ def _front_points(run: RunRecord) -> list[CandidatePoint]:
             run=run.name,
             candidate=f"front-{i + 1}",
             genome=row["genome"],
-            units_dropped=sum(int(c, 36) for c in row["genome"]),
+            units_dropped=sum(Genome.from_key(row["genome"]).levels),
             metrics={f"calibration {run.fitness_name}": float(row[run.fitness_name])},
             model=row.get("materialise", ""),
         )

@@ -11,8 +11,17 @@ the requested N). One step changes a layer's pruned count by ``size / M``, which
 only for layers of the same size, so layers are grouped by size and switches stay inside a group
 (as DarwinLM swaps levels only between layers of one type).
 
+A range of targets (``sparsity_range``) uses finer, *aligned* ladders: one level is
+``level_step x gcd(layer sizes)`` weights, so that each step of the range is a whole number of
+levels in every layer and every target's uniform allocation is a genome (with one global step
+of ``level_step x`` mean size, a small layer cannot sit at more than one target exactly).
+
 All levels of all layers come from a :class:`~evosearch.leveldb.LevelDatabase` built once from
-the dense model's calibration statistics, so any combination is a valid model.
+the dense model's calibration statistics, so any combination is a valid model. For score
+pruners (magnitude, Wanda, symbolic metrics) the database holds each layer's weight and the
+per-row rank of each weight's score, from which any level's mask is one comparison: its size
+does not grow with the number of levels, and one database serves every target and range.
+SparseGPT (which updates the kept weights) and N:M patterns store every level's weight.
 """
 
 from __future__ import annotations
@@ -35,11 +44,14 @@ from evosearch.models import cache_dir
 from evosearch.operators import level_switch_mutation
 from evosearch.pruning import (
     LinearRef,
+    ScorePruner,
     SparseGPT,
     block_linears,
     collect_stats,
     get_pruner,
     parse_pattern,
+    prune_counts,
+    row_ranks,
     set_weight_,
 )
 
@@ -67,8 +79,10 @@ class SparsityConfig:
             the model's dtype is restored when a level is swapped in).
         sparsity_range: ``(low, high)``: a multi-budget search of every average sparsity from
             ``low`` to ``high`` in steps of ``level_step`` (instead of ``sparsity``, which is
-            then their midpoint's uniform allocation); each layer's ladder reaches the uniform
-            allocations at both ends, plus ``max_level_shift`` levels either way.
+            then their midpoint's uniform allocation). The ladders are *aligned*: one level
+            prunes ``level_step x gcd(layer sizes)`` weights, so every target's uniform
+            allocation is a genome, and each ladder reaches the uniform allocations at both
+            ends plus the weights of ``max_level_shift`` single-target levels either way.
     """
 
     sparsity: float | None = None
@@ -145,12 +159,13 @@ class SparsityConfig:
 @dataclass(frozen=True)
 class _Ladder:
     """Per unit: pruned weights at level 0, the level of the uniform allocation, the highest
-    level, and the pruned-weight change per level."""
+    level, and the pruned-weight change per level (level ``k`` prunes ``round(base + k *
+    step)`` weights; ``base`` and ``step`` are integers except on a range's aligned ladders)."""
 
-    base: int
+    base: float
     centre: int
     top: int
-    step: int
+    step: float
 
 
 def _ladders(refs: list[LinearRef], config: SparsityConfig) -> list[_Ladder]:
@@ -168,16 +183,43 @@ def _ladders(refs: list[LinearRef], config: SparsityConfig) -> list[_Ladder]:
             top = centre + min(shift, n - 1)
             out.append(_Ladder((m - n - centre) * step, centre, top, step))
         return out
-    step = max(1, round(config.level_step * sum(r.numel for r in refs) / len(refs)))
-    lo, hi = config.sparsity_range or (config.target, config.target)
+    mean = sum(r.numel for r in refs) / len(refs)
+    if config.sparsity_range is not None:
+        return _aligned_ladders(refs, config, mean)
+    step = max(1, round(config.level_step * mean))
     for ref in refs:
         uniform = round(config.target * ref.numel)
-        # a range: reach both ends' uniform allocations, plus the shift either way
-        down = shift + math.ceil((config.target - lo) * ref.numel / step)
-        up_ = shift + math.ceil((hi - config.target) * ref.numel / step)
-        centre = min(down, uniform // step)
-        up = min(up_, max(0, math.floor(config.max_layer_sparsity * ref.numel) - uniform) // step)
+        centre = min(shift, uniform // step)
+        room = max(0, math.floor(config.max_layer_sparsity * ref.numel) - uniform)
+        up = min(shift, room // step)
         out.append(_Ladder(uniform - centre * step, centre, centre + up, step))
+    return out
+
+
+def _aligned_ladders(refs: list[LinearRef], config: SparsityConfig, mean: float) -> list[_Ladder]:
+    """A range's ladders: one step of ``level_step x gcd(layer sizes)`` weights in every layer,
+    so that moving from one target of the range to the next is a whole number of steps in
+    every layer (``size / gcd`` of them) and *every* target's uniform allocation lies on the
+    ladders, not only the middle one's. The step is finer than a single target's
+    ``level_step x mean size`` (by ``mean / gcd``); the shift either way is kept the same in
+    weights, i.e. ``max_level_shift x mean / gcd`` of these steps."""
+    lo, hi = config.sparsity_range
+    step = config.level_step * math.gcd(*(r.numel for r in refs))
+    shift = math.ceil(config.max_level_shift * config.level_step * mean / step - 1e-9)
+    out = []
+    for ref in refs:
+        per_target = ref.numel / math.gcd(*(r.numel for r in refs))  # steps per level_step
+        low = min(shift, math.floor(lo * ref.numel / step + 1e-9))  # level of lo's uniform
+        span = math.ceil((hi - lo) / config.level_step * per_target - 1e-9)
+        room = math.floor((config.max_layer_sparsity - hi) * ref.numel / step + 1e-9)
+        top = low + span + max(0, min(shift, room))
+        if top >= 36 * 36:
+            raise ValueError(
+                f"{ref.name}: a ladder of {top + 1} levels (more than {36 * 36}); use a larger "
+                "level_step or a smaller max_level_shift for this range"
+            )
+        centre = low + round((config.target - lo) / config.level_step * per_target)
+        out.append(_Ladder(lo * ref.numel - low * step, centre, top, step))
     return out
 
 
@@ -203,6 +245,8 @@ class SparsitySpace:
         else:  # switches only between layers of equal size
             sizes = sorted({r.numel for r in refs})
             groups = tuple(sizes.index(r.numel) for r in refs)
+        self.total_weights = sum(r.numel for r in refs)
+        self._index = {r.name: i for i, r in enumerate(refs)}
         budgets: dict[int, int] = {}
         for g, lad in zip(groups, self.ladders):
             budgets[g] = budgets.get(g, 0) + lad.centre
@@ -213,10 +257,18 @@ class SparsitySpace:
             names=tuple(
                 r.name.split(".", 2)[-1] if r.name.count(".") > 2 else r.name for r in refs
             ),
+            switch_size=self._switch_size(),
         )
-        self.total_weights = sum(r.numel for r in refs)
         self._copies: dict[str, nn.Module] = {}
         self._loaded: dict[str, int] = {}
+
+    def _switch_size(self) -> int:
+        """Aligned range ladders are finer than ``level_step x`` mean size: a mutation switch
+        moves as many of their levels as make one such step, as on a single target's ladders."""
+        if self.config_.sparsity_range is None:
+            return 1
+        mean = self.total_weights / len(self.refs)
+        return max(1, round(self.config_.level_step * mean / self.ladders[0].step))
 
     # -- construction ---------------------------------------------------------------------
 
@@ -236,16 +288,20 @@ class SparsitySpace:
         refs = block_linears(model)
         ladders = _ladders(refs, config)
         pruner = get_pruner(config.pruner)
+        ranked = _stores_ranks(pruner, config)
         parts = {
             "model": model_fingerprint(model),
             "model_id": model_id,
             "data": tensor_fingerprint(input_ids),
             "pruner": pruner.name,
             "pruner_fingerprint": _pruner_fingerprint(config.pruner),
-            "pattern": config.pattern,
-            "ladders": [asdict(lad) for lad in ladders],
             "store_dtype": config.store_dtype,
         }
+        if ranked:  # one database serves every ladder, range and target
+            parts["storage"] = "ranks"
+        else:
+            parts["pattern"] = config.pattern
+            parts["ladders"] = [asdict(lad) for lad in ladders]
         root = Path(db_root) if db_root else cache_dir() / "leveldb"
         dtype = _STORE_DTYPES[config.store_dtype]
 
@@ -261,10 +317,17 @@ class SparsitySpace:
                 gradients=pruner.needs_gradients,
             )
             n_levels = sum(lad.top + 1 for lad in ladders)
-            log(f"level database: pruning {len(refs)} layers at {n_levels} layer-levels")
+            if ranked:
+                log(f"level database: ranking the weights of {len(refs)} layers")
+            else:
+                log(f"level database: pruning {len(refs)} layers at {n_levels} layer-levels")
             for i, (ref, lad) in enumerate(zip(refs, ladders)):
                 weight = ref.weight(model).detach()
                 layer_stats = stats.pop(ref.name)
+                if ranked:
+                    ranks = row_ranks(pruner.scores(weight, layer_stats)).cpu()
+                    yield ref.name, {"weight": weight.to(dtype).cpu(), "rank": ranks}
+                    continue
                 extra = {}
                 if isinstance(pruner, SparseGPT):
                     extra["factor"] = pruner.inverse_factor(layer_stats)
@@ -332,7 +395,7 @@ class SparsitySpace:
 
     def pruned_counts(self, genome: Genome) -> list[int]:
         """Weights pruned in each layer under ``genome`` (as planned)."""
-        return [lad.base + level * lad.step for lad, level in zip(self.ladders, genome.levels)]
+        return [round(lad.base + v * lad.step) for lad, v in zip(self.ladders, genome.levels)]
 
     def layer_sparsities(self, genome: Genome) -> list[float]:
         return [c / r.numel for c, r in zip(self.pruned_counts(genome), self.refs)]
@@ -396,10 +459,20 @@ class SparsitySpace:
             if copy_ is None:
                 copy_ = self._copies[ref.name] = copy.deepcopy(ref.module(model))
             if self._loaded.get(ref.name) != level:
-                set_weight_(copy_, self.db.get(ref.name, level).to(copy_.weight.device))
+                set_weight_(copy_, self._level_weight(ref, level).to(copy_.weight.device))
                 self._loaded[ref.name] = level
             out[ref.name] = copy_
         return out
+
+    def _level_weight(self, ref: LinearRef, level: int) -> torch.Tensor:
+        if self.db.meta["parts"].get("storage") != "ranks":
+            return self.db.get(ref.name, level)
+        lad = self.ladders[self._index[ref.name]]
+        rows, cols = ref.shape
+        counts = prune_counts(rows, cols, round(lad.base + level * lad.step) / ref.numel)
+        keep = self.db.get(ref.name, "rank") >= counts[:, None]
+        weight = self.db.get(ref.name, "weight")
+        return weight * keep.to(weight.dtype)
 
     def start_block(self, genome: Genome) -> int:
         pruned = [r.block for r, c in zip(self.refs, self.pruned_counts(genome)) if c]
@@ -471,9 +544,18 @@ def measure_sparsity(model_dir: str | Path, layers: list[str]) -> dict[str, Any]
     return {"measured_sparsity": zeros / total, "measured_layer_sparsity": per_layer}
 
 
+def _stores_ranks(pruner, config: SparsityConfig) -> bool:
+    """Whether the database stores each layer's weight and per-row score ranks once (any
+    level is then a comparison away: a fixed-size database for any number of levels) rather
+    than every level's pruned weight: so for unstructured score pruners (magnitude, Wanda,
+    symbolic metrics); SparseGPT updates the kept weights and N:M masks are not prefixes of
+    one ranking."""
+    return isinstance(pruner, ScorePruner) and config.nm is None
+
+
 def _level_target(ref: LinearRef, lad: _Ladder, level: int, nm) -> dict[str, Any]:
     if nm is None:
-        return {"sparsity": (lad.base + level * lad.step) / ref.numel}
+        return {"sparsity": round(lad.base + level * lad.step) / ref.numel}
     n, m = nm
     keep = n + lad.centre - level
     if keep == m:

@@ -65,8 +65,10 @@ def test_keys_of_different_genomes_differ():
 
 
 def test_key_rejects_levels_it_cannot_encode():
-    with pytest.raises(ValueError, match="36"):
-        Genome((0, 36)).key()
+    with pytest.raises(ValueError, match="1295"):
+        Genome((0, 36 * 36)).key()
+    with pytest.raises(ValueError, match="1295"):
+        Genome((-1, 3)).key()
 
 
 # -- LevelSpec -------------------------------------------------------------------------------
@@ -222,3 +224,27 @@ def test_number_of_switches_respects_high():
     rng = np.random.default_rng(0)
     assert {number_of_switches(rng, 1) for _ in range(50)} == {1}
     assert max(number_of_switches(rng, 5) for _ in range(2000)) == 5
+
+
+def test_keys_of_levels_above_35_round_trip_and_old_keys_still_parse():
+    wide = Genome((0, 35, 36, 1295, 7))
+    assert wide.key().startswith("~")
+    assert Genome.from_key(wide.key()) == wide
+    narrow = Genome((0, 35, 7))
+    assert narrow.key() == "0z7" and Genome.from_key("0z7") == narrow
+
+
+def test_a_switch_moves_switch_size_levels_as_far_as_both_units_allow():
+    spec = LevelSpec(max_levels=(10, 10, 2), groups=(0, 0, 0), budgets={0: 10}, switch_size=4)
+    rng = np.random.default_rng(0)
+    moves = Counter()
+    for _ in range(200):
+        parent = Genome((5, 5, 0))
+        child = level_switch_mutation(parent, spec, rng, 1)
+        assert spec.is_valid(child)
+        moves[max(abs(a - b) for a, b in zip(child.levels, parent.levels))] += 1
+        if child.levels[2] > 0:  # unit 2 has room for only 2 levels
+            assert child.levels[2] == 2
+    assert set(moves) == {2, 4}
+    with pytest.raises(ValueError, match="switch_size"):
+        LevelSpec(max_levels=(1, 1), groups=(0, 0), budgets={0: 1}, switch_size=0)

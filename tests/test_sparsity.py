@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -80,7 +81,8 @@ def test_only_changed_layers_are_reloaded(tmp_path, monkeypatch):
     genome = level_switch_mutation(uniform, space.spec, np.random.default_rng(2), 1)
     space.replacements(model, genome)
     changed = [r.name for r, a, b in zip(space.refs, uniform.levels, genome.levels) if a != b]
-    assert sorted(calls) == sorted(changed) and len(changed) == 2
+    # a score pruner's database stores a weight and its ranks per layer: both are read once
+    assert sorted(calls) == sorted(changed * 2) and len(changed) == 2
 
 
 def test_database_is_reused_and_keyed_by_data_and_pruner(tmp_path):
@@ -93,6 +95,25 @@ def test_database_is_reused_and_keyed_by_data_and_pruner(tmp_path):
     assert other.db.path != space.db.path
     meta = json.loads((space.db.path / "meta.json").read_text())
     assert meta["parts"]["pruner"] == "wanda" and meta["build_seconds"] >= 0
+    # ranks serve any ladder: another target or level step reuses the database
+    _, _, finer, messages = _space(tmp_path, sparsity=0.6, level_step=0.01)
+    assert any("reusing" in m for m in messages) and finer.db.path == space.db.path
+    # SparseGPT stores every level's weight, so its key depends on the ladders
+    _, _, sgpt, _ = _space(tmp_path, pruner="sparsegpt")
+    _, _, sgpt_finer, _ = _space(tmp_path, pruner="sparsegpt", level_step=0.02)
+    assert sgpt_finer.db.path != sgpt.db.path
+
+
+def test_ranked_database_size_does_not_grow_with_levels(tmp_path):
+    _, _, coarse, _ = _space(tmp_path / "a", max_level_shift=1)
+    _, _, fine, _ = _space(tmp_path / "b", level_step=0.01, max_level_shift=12)
+    assert sum(lad.top + 1 for lad in fine.ladders) > 5 * sum(
+        lad.top + 1 for lad in coarse.ladders
+    )
+    assert fine.db.size_bytes == coarse.db.size_bytes
+    # weight (float16) + int16 ranks: 4 bytes per weight, plus safetensors headers
+    weights = sum(r.numel for r in coarse.refs)
+    assert 4 * weights <= coarse.db.size_bytes < 4 * weights + 4096 * len(coarse.refs)
 
 
 def test_a_killed_build_leaves_no_database(tmp_path):
@@ -319,11 +340,24 @@ def test_range_space_reaches_uniform_allocations_at_both_ends(tmp_path):
     for b, target in zip(budgets, space.range_targets()):
         genome = space.genome_for([target] * n, b)
         assert sum(genome.levels) == b[0]
-        assert space.metrics(genome)["sparsity"] == pytest.approx(target, abs=2e-3)
-        # every layer within one level of the uniform allocation (a level is an absolute
-        # number of weights, so a larger share of a small layer)
-        for sp, ref, lad in zip(space.layer_sparsities(genome), space.refs, space.ladders):
-            assert abs(sp - target) <= lad.step / ref.numel + 1e-9
+        # within half a weight per layer of the target (a layer prunes a whole number)
+        slack = 0.5 * len(space.refs) / space.total_weights
+        assert space.metrics(genome)["sparsity"] == pytest.approx(target, abs=slack)
+        # aligned ladders: every layer sits at the target's uniform allocation exactly
+        for count, ref in zip(space.pruned_counts(genome), space.refs):
+            assert abs(count - target * ref.numel) <= 1
+    # one level is level_step x gcd of the layer sizes, finer than a single target's step
+    sizes = [r.numel for r in space.refs]
+    assert len(set(sizes)) > 1
+    assert space.ladders[0].step == pytest.approx(0.05 * math.gcd(*sizes))
+    mean = sum(sizes) / len(sizes)
+    assert space.ladders[0].step < 0.05 * mean
+    # a mutation switch moves about one single-target step's weights
+    assert space.spec.switch_size == round(0.05 * mean / space.ladders[0].step) > 1
+    # beyond the top target, a ladder reaches as many weights as a single target's 3 levels
+    for lad, ref in zip(space.ladders, space.refs):
+        above = lad.base + lad.top * lad.step - 0.6 * ref.numel
+        assert above >= min(3 * 0.05 * mean, (0.95 - 0.6) * ref.numel - lad.step) - 1e-6
     with pytest.raises(ValueError, match="not both"):
         SparsityConfig(sparsity=0.5, sparsity_range=(0.4, 0.6))
     with pytest.raises(ValueError, match="low < high"):
