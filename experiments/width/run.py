@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -53,8 +54,13 @@ def main() -> None:
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--initial-population", type=int, default=4)
+    p.add_argument(
+        "--results", default=str(HERE / "results.json"), help="JSON to write (table: .md beside)"
+    )
     args = p.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     calib = str(DATA / "wikitext-2-raw" / "wiki.valid.raw")
@@ -67,7 +73,7 @@ def main() -> None:
         seq_len=args.seq_len,
         generations=args.generations,
         offspring=args.offspring,
-        initial_population=4,
+        initial_population=args.initial_population,
         warm_start=("uniform",),  # EvoPress starts from the uniform configuration
         stages=((512, 2), (2048, 1)),
         db_dir=str(work / "db"),
@@ -126,7 +132,7 @@ def main() -> None:
     evaluated = {"dense": "smollm2-135m"}
     evaluated.update({name: str(work / f"{name}_post") for name in models})
     evaluated.update({f"{name}_before_post": str(d) for name, d in models.items()})
-    results_file = HERE / "results.json"
+    results_file = Path(args.results)
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     rows = results.setdefault("models", {})
     for name, path in evaluated.items():
@@ -164,6 +170,7 @@ def main() -> None:
         )
     db_meta = next((work / "db").glob("width-*/meta.json"))
     results["database"] = json.loads(db_meta.read_text())
+    results["command"] = "python " + " ".join(sys.argv)
     results["settings"] = {**vars(args), "search_config_tas": tas.to_dict()}
     results["machine"] = {
         "cpu": platform.processor() or platform.machine(),
@@ -172,10 +179,10 @@ def main() -> None:
     }
     results.setdefault("timings", {}).update(timings)
     results_file.write_text(json.dumps(results, indent=1) + "\n")
-    write_table(results)
+    write_table(results, results_file.with_suffix(".md"))
 
 
-def write_table(results: dict) -> None:
+def write_table(results: dict, out: Path) -> None:
     rows = results["models"]
     lines = [
         "| model | params | WikiText-2 ppl | C4 ppl | ARC-E | PIQA | HellaSwag | WinoGrande "
@@ -204,7 +211,7 @@ def write_table(results: dict) -> None:
         r = rows.get(f"{name}_before_post")
         if r:
             lines.append(f"| {name} | {r['ppl_wikitext2']:.2f} | {r['ppl_c4']:.2f} |")
-    (HERE / "results.md").write_text("\n".join(lines) + "\n")
+    out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
