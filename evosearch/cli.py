@@ -43,6 +43,7 @@ _OVERRIDES = {
     "device": "device",
     "storage": "storage",
     "sampler_tokens": "sampler_tokens",
+    "budget_focus": "budget_focus",
     "runner": "runner",
     "workers": "workers",
     "ray_address": "ray_address",
@@ -311,6 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--sampler-tokens", type=int, help="tokens per evaluation for Optuna strategies"
+    )
+    p.add_argument(
+        "--budget-focus",
+        type=int,
+        help="multi-budget evopress: give each generation's offspring to this many budgets "
+        "of the range, in turn (default: every offspring picks a budget at random)",
     )
     p.add_argument(
         "--hv-reference",

@@ -119,6 +119,9 @@ class SearchConfig:
             e.g. to trace KL vs parameters across 10-50% depth pruning: ``evopress`` runs
             :class:`~evosearch.strategies.MultiBudgetEvoPress` (one elite per budget), Optuna
             strategies sample the budget. ``objectives`` defaults to ``("params",)`` then.
+        budget_focus: multi-budget ``evopress`` (a range): give each generation's offspring
+            to this many budgets, taken in turn (``None``: every offspring picks a budget at
+            random); see :class:`~evosearch.strategies.MultiBudgetEvoPress` ``focus``.
         sampler_tokens: calibration tokens per evaluation of an Optuna strategy (one fidelity;
             default: the last stage's tokens).
         hv_reference: hypervolume reference point ``(fitness, *objectives)``; default: the
@@ -180,6 +183,7 @@ class SearchConfig:
     width_distill: bool = True
     drop_range: tuple[int, int] | None = None
     sparsity_range: tuple[float, float] | None = None
+    budget_focus: int | None = None
     sampler_tokens: int | None = None
     hv_reference: tuple[float, ...] | None = None
     runner: str = "inprocess"
@@ -269,6 +273,14 @@ class SearchConfig:
             raise ValueError(
                 "evopress searches several objectives over a range of budgets: add "
                 "drop_range (--drop-range LOW,HIGH) or sparsity_range (--sparsity-range LOW,HIGH)"
+            )
+        if self.budget_focus is not None and (
+            self.budget_focus < 1 or self.strategy != "evopress" or not self.budget_range
+        ):
+            raise ValueError(
+                "budget_focus (>= 1) is for multi-budget evopress: a drop_range or "
+                f"sparsity_range with strategy evopress (got {self.budget_focus}, "
+                f"strategy {self.strategy}, range {self.budget_range})"
             )
         if self.drop_range is not None and (
             len(self.drop_range) not in (2, 3)
@@ -594,6 +606,7 @@ def _strategy(config: SearchConfig, space, name: str, initial=(), objectives=Non
             rng=np.random.default_rng(config.seed),
             objectives=objectives,
             initial=initial,
+            focus=config.budget_focus,
         )
     cls = EvoPress if name == "evopress" else RandomSearch
     return cls(

@@ -319,8 +319,11 @@ class MultiBudgetEvoPress:
             fitness by :meth:`pareto` (e.g. the parameter count); default: the niche index.
         initial: extra genomes for generation 0, each meeting one of the niches' budgets.
         labels: a name per niche for histories and logs (default: the budget).
-        focus: give offspring to only this many random niches per generation (``None``: each
-            offspring picks its niche at random).
+        focus: give each generation's offspring to only this many niches, taken in turn
+            (generation ``g`` >= 1 serves niches ``(g - 1) * focus ...`` modulo their number),
+            so every niche gets the same share of whole generations, as separate single-budget
+            runs would, and its challengers race only each other (``None``: each offspring
+            picks its niche at random, and all challengers race for the survivor places).
         lazy_parents: elites join the final racing stage only (see above).
     """
 
@@ -532,8 +535,9 @@ class MultiBudgetEvoPress:
             seen = {m.genome for ms in self.elites.values() for m in ms}
             if self.focus is None:
                 makers = [self._offspring] * self.config.offspring
-            else:  # a few niches per generation, the offspring dealt round-robin among them
-                chosen = self.rng.choice(len(self.niches), size=self.focus, replace=False)
+            else:  # the next niches in turn, the offspring dealt round-robin among them
+                first = (self.generation - 1) * self.focus
+                chosen = [(first + i) % len(self.niches) for i in range(self.focus)]
                 makers = [
                     (lambda rng, n=int(chosen[i % self.focus]): self._offspring(rng, n))
                     for i in range(self.config.offspring)

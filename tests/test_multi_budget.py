@@ -205,3 +205,16 @@ def test_parents_race_in_the_final_stage_or_in_every_stage(lazy):
     # parents of niches whose challengers all lost stay in the pool too
     raced = {strategy.niche_of(g) for g in final.genomes if g in elites}
     assert raced == niches if lazy else raced >= niches
+
+
+def test_focus_serves_the_budgets_in_turn():
+    strategy = multi(focus=2)
+    log = drive(strategy, damage, stop_after_generation=6)
+    served = {}
+    for request, _ in log:
+        if request.generation > 0 and request.stage == 0:
+            served[request.generation] = {strategy.niche_of(g) for g in request.genomes}
+    # generation g serves niches 2(g-1), 2(g-1)+1 modulo 5: each niche equally often
+    assert served == {1: {0, 1}, 2: {2, 3}, 3: {4, 0}, 4: {1, 2}, 5: {3, 4}, 6: {0, 1}}
+    with pytest.raises(ValueError, match="focus"):
+        multi(focus=0)

@@ -9,6 +9,7 @@ import pytest
 from test_cli import _search_args, tiny_model_dir  # noqa: F401  (fixture re-used)
 
 from evosearch.cli import main
+from evosearch.genome import Genome
 
 
 def _study(out):
@@ -169,6 +170,25 @@ def test_a_stepped_drop_range_searches_only_its_grid(tiny_model_dir, tmp_path): 
         records = [json.loads(x) for x in (out / "evaluations.jsonl").read_text().splitlines()]
         sizes = {sum(int(c, 36) for c in r["genome"]) for r in records}
         assert sizes <= {1, 3, 5} and len(sizes) >= 2
+
+
+def test_budget_focus_serves_one_budget_per_generation(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    model, text = tiny_model_dir
+    out = tmp_path / "focus"
+    assert main(_evopress_mo_args(model, text, out, "--budget-focus", "1")) == 0
+    assert json.loads((out / "config.json").read_text())["budget_focus"] == 1
+    records = [json.loads(x) for x in (out / "evaluations.jsonl").read_text().splitlines()]
+    first_stage = {}
+    for r in records:  # generations 1..3 on 16 tokens: offspring of budgets 1, 2, 3 in turn
+        if r["generation"] > 0 and r["tokens"] == 16:
+            first_stage.setdefault(r["generation"], set()).add(
+                sum(Genome.from_key(r["genome"]).levels)
+            )
+    assert first_stage == {1: {1}, 2: {2}, 3: {3}}
+    bad = _evopress_mo_args(model, text, tmp_path / "bad", "--budget-focus", "1")
+    bad[bad.index("--drop-range") : bad.index("--drop-range") + 2] = ["--drop", "2"]
+    assert main(bad) == 2
+    assert "budget_focus" in capsys.readouterr().err
 
 
 def test_measured_latency_falls_when_blocks_are_dropped():

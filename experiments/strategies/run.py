@@ -60,6 +60,34 @@ def score_fronts(entry: dict, fronts: dict[str, list], reference) -> None:
         )
 
 
+def base_config(data_dir: str, generations: int) -> SearchConfig:
+    """The layer-drop settings every strategy of this benchmark shares (7 of 30 blocks)."""
+    return SearchConfig(
+        num_drop=7,
+        generations=generations,
+        offspring=12,
+        initial_population=12,
+        stages=((256, 2), (1024, 1)),
+        data=str(Path(data_dir) / "wikitext-2-raw" / "wiki.valid.raw"),
+        n_sequences=8,
+        seq_len=128,
+        save_model=False,
+    )
+
+
+def mo_config(base: SearchConfig, generations: int, seed: int, **extra) -> SearchConfig:
+    """The multi-objective layer-drop settings: KL vs parameters, ``generations`` + 1
+    generations (``extra``: strategy, drop_range, ...)."""
+    return dataclasses.replace(
+        base,
+        num_drop=None,
+        objectives=("params",),
+        generations=generations,
+        seed=seed,
+        **extra,
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--seeds", default="0,1,2")
@@ -76,17 +104,7 @@ def main() -> None:
     )
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    base = SearchConfig(
-        num_drop=7,
-        generations=args.generations,
-        offspring=12,
-        initial_population=12,
-        stages=((256, 2), (1024, 1)),
-        data=str(Path(args.data_dir) / "wikitext-2-raw" / "wiki.valid.raw"),
-        n_sequences=8,
-        seq_len=128,
-        save_model=False,
-    )
+    base = base_config(args.data_dir, args.generations)
     report = {
         "command": "python " + " ".join(sys.argv),
         "machine": f"{platform.machine()}, 2 cores, {torch.get_num_threads()} torch threads, "
@@ -131,16 +149,7 @@ def main() -> None:
             ("evopress", "evopress", (3, 15), {}),  # all thirteen budgets
             ("nsga2", "nsga2", (3, 15), {"offspring": 6, "sampler_tokens": 1024}),
         ):
-            mo = dataclasses.replace(
-                base,
-                num_drop=None,
-                strategy=strategy,
-                drop_range=drop_range,
-                objectives=("params",),
-                generations=mo_gens,
-                seed=seed,
-                **extra,
-            )
+            mo = mo_config(base, mo_gens, seed, strategy=strategy, drop_range=drop_range, **extra)
             t0 = time.perf_counter()
             res = run_search(mo, runs / f"mo-{name}-s{seed}", resume=True, log=lambda s: None)
             front_file = runs / f"mo-{name}-s{seed}" / "pareto_front.json"

@@ -35,6 +35,26 @@ from run import DEFAULT_DATA, score_fronts  # noqa: E402
 TARGETS = (0.5, 0.55, 0.6, 0.65, 0.7)
 
 
+def base_config(data_dir: str, generations: int, db_dir: str | None) -> SearchConfig:
+    """The multi-budget settings of this benchmark: Wanda levels over 50..70 %."""
+    return SearchConfig(
+        space="sparsity",
+        pruner="wanda",
+        level_step=0.05,
+        max_level_shift=4,
+        generations=generations,
+        offspring=12,
+        initial_population=12,
+        stages=((256, 2), (1024, 1)),
+        data=str(Path(data_dir) / "wikitext-2-raw" / "wiki.valid.raw"),
+        n_sequences=8,
+        seq_len=128,
+        db_dir=db_dir,
+        save_model=False,
+        sparsity_range=(0.5, 0.7),
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--seeds", default="0")
@@ -45,22 +65,7 @@ def main() -> None:
     p.add_argument("--out", default=str(HERE / "results_sparsity_mo.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    base = SearchConfig(
-        space="sparsity",
-        pruner="wanda",
-        level_step=0.05,
-        max_level_shift=4,
-        generations=args.generations,
-        offspring=12,
-        initial_population=12,
-        stages=((256, 2), (1024, 1)),
-        data=str(Path(args.data_dir) / "wikitext-2-raw" / "wiki.valid.raw"),
-        n_sequences=8,
-        seq_len=128,
-        db_dir=args.db_dir,
-        save_model=False,
-        sparsity_range=(0.5, 0.7),
-    )
+    base = base_config(args.data_dir, args.generations, args.db_dir)
     report = {
         "command": "python " + " ".join(sys.argv),
         "machine": f"{platform.machine()}, 2 cores, {torch.get_num_threads()} torch thread(s), "
