@@ -40,6 +40,7 @@ def main() -> None:
     p.add_argument("--db-dir", help="level databases (default: evosearch's cache)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(HERE / "results_sparsity.json"))
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help="a subset, in order")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -71,7 +72,7 @@ def main() -> None:
     out = Path(args.out)
     runs = HERE / "runs_sparsity"
     for seed in seeds:
-        for strategy in STRATEGIES:
+        for strategy in args.strategies.split(","):
             cfg = dataclasses.replace(base, strategy=strategy, seed=seed)
             if strategy != "evopress":
                 cfg = dataclasses.replace(cfg, offspring=6, sampler_tokens=1024)
