@@ -97,7 +97,45 @@ def main() -> None:
         out.write_text(json.dumps(report, indent=1) + "\n")
     entry["status"] = "complete"
     out.write_text(json.dumps(report, indent=1) + "\n")
+    write_table(report, out.with_suffix(".md"))
+
+
+def write_table(report: dict, path: Path) -> None:
+    """``results_focus.md``: per space and seed, each front's points, hypervolume and whether
+    it weakly dominates the single-objective front."""
+    lines = ["# Multi-budget EvoPress with budget_focus vs the default and the single runs", ""]
+    for space, entry in report.items():
+        reference = next(iter(entry["seeds"].values()))["reference"]
+        lines += [
+            f"## {space} (status: {entry['status']})",
+            "",
+            f"Command: `{entry['command']}`. {entry['machine']}. Focus {entry['focus']}, "
+            f"{entry['generations']} generations; hypervolume against {reference}.",
+            "",
+            "| seed | front | fitness of its points | tokens | hypervolume "
+            "| dominates the single front |",
+            "|---|---|---|---|---|---|",
+        ]
+        names = {
+            "focus": "focus (this run)",
+            "default": "default multi-budget",
+            "single": "5 single runs",
+        }
+        for seed, e in entry["seeds"].items():
+            for key, label in names.items():
+                pts = ", ".join(f"{a:.3f}" for a, _ in e[key]["front"])
+                dom = "—" if key == "single" else ("yes" if e[key]["dominates_single"] else "no")
+                lines.append(
+                    f"| {seed} | {label} | {pts} | {e[key]['tokens']} | "
+                    f"{e[key]['hypervolume']:.4g} | {dom} |"
+                )
+        lines.append("")
+    path.write_text("\n".join(lines))
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--table"]:
+        table_source = HERE / "results_focus.json"
+        write_table(json.loads(table_source.read_text()), table_source.with_suffix(".md"))
+    else:
+        main()
