@@ -204,11 +204,12 @@ def _aligned_ladders(refs: list[LinearRef], config: SparsityConfig, mean: float)
     ``level_step x mean size`` (by ``mean / gcd``); the shift either way is kept the same in
     weights, i.e. ``max_level_shift x mean / gcd`` of these steps."""
     lo, hi = config.sparsity_range
-    step = config.level_step * math.gcd(*(r.numel for r in refs))
+    gcd = math.gcd(*(r.numel for r in refs))
+    step = config.level_step * gcd
     shift = math.ceil(config.max_level_shift * config.level_step * mean / step - 1e-9)
     out = []
     for ref in refs:
-        per_target = ref.numel / math.gcd(*(r.numel for r in refs))  # steps per level_step
+        per_target = ref.numel // gcd  # steps per level_step of sparsity
         low = min(shift, math.floor(lo * ref.numel / step + 1e-9))  # level of lo's uniform
         span = math.ceil((hi - lo) / config.level_step * per_target - 1e-9)
         room = math.floor((config.max_layer_sparsity - hi) * ref.numel / step + 1e-9)

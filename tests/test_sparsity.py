@@ -12,7 +12,7 @@ from conftest import build_model, hf_tokenizer, logits, random_ids
 
 from evosearch.leveldb import LevelDatabase
 from evosearch.operators import level_switch_mutation
-from evosearch.pruning import block_linears, collect_stats, get_pruner
+from evosearch.pruning import block_linears, collect_stats, get_pruner, set_weight_
 from evosearch.surgery import apply_replacements
 from search_spaces.sparsity import SparsityConfig, SparsitySpace, measure_sparsity
 from search_spaces.sparsity_baselines import owl_sparsities
@@ -52,17 +52,17 @@ def test_level_switches_keep_the_global_sparsity_exact(tmp_path, arch):
     assert len(steps) == 1
 
 
-def test_materialised_candidate_equals_direct_pruning(tmp_path):
-    model, ids, space, _ = _space(tmp_path, store_dtype="float32")
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: Conv1D stores (in, out)
+def test_materialised_candidate_equals_direct_pruning(tmp_path, arch):
+    model, ids, space, _ = _space(tmp_path, arch, store_dtype="float32")
     rng = np.random.default_rng(1)
     genome = level_switch_mutation(space.uniform_genome(), space.spec, rng, 3)
     stats = collect_stats(model, ids)
     pruner = get_pruner("wanda")
-    reference = build_model("llama")
+    reference = build_model(arch)
     for ref, s in zip(block_linears(reference), space.layer_sparsities(genome)):
         w = pruner.prune(ref.weight(reference).detach(), stats[ref.name], s)
-        with torch.no_grad():
-            ref.module(reference).weight.copy_(w)
+        set_weight_(ref.module(reference), w)
     dense = logits(model, ids)
     with apply_replacements(model, space.replacements(model, genome)):
         candidate = logits(model, ids)
