@@ -168,7 +168,7 @@ def main() -> None:
         results.setdefault("post_training", {})[name] = json.loads(
             (work / f"{name}_post" / "finetune.json").read_text()
         )
-    db_meta = next((work / "db").glob("width-*/meta.json"))
+    db_meta = next((work / "db").glob("*/meta.json"))  # the one width database
     results["database"] = json.loads(db_meta.read_text())
     results["command"] = "python " + " ".join(sys.argv)
     results["settings"] = {**vars(args), "search_config_tas": tas.to_dict()}
