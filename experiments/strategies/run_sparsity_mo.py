@@ -31,26 +31,22 @@ from evosearch.pipeline import SearchConfig, run_search
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from run import DEFAULT_DATA, score_fronts  # noqa: E402
+from run import base_config as layer_drop_base  # noqa: E402
 
 TARGETS = (0.5, 0.55, 0.6, 0.65, 0.7)
 
 
 def base_config(data_dir: str, generations: int, db_dir: str | None) -> SearchConfig:
-    """The multi-budget settings of this benchmark: Wanda levels over 50..70 %."""
-    return SearchConfig(
+    """The multi-budget settings of this benchmark: Wanda levels over 50..70 %, with the
+    layer-drop benchmark's loop, stages and calibration data (``run.base_config``)."""
+    return dataclasses.replace(
+        layer_drop_base(data_dir, generations),
+        num_drop=None,
         space="sparsity",
         pruner="wanda",
         level_step=0.05,
         max_level_shift=4,
-        generations=generations,
-        offspring=12,
-        initial_population=12,
-        stages=((256, 2), (1024, 1)),
-        data=str(Path(data_dir) / "wikitext-2-raw" / "wiki.valid.raw"),
-        n_sequences=8,
-        seq_len=128,
         db_dir=db_dir,
-        save_model=False,
         sparsity_range=(0.5, 0.7),
     )
 
