@@ -167,6 +167,10 @@ class _Ladder:
     top: int
     step: float
 
+    def count(self, level: int) -> int:
+        """Weights pruned at ``level``."""
+        return round(self.base + level * self.step)
+
 
 def _ladders(refs: list[LinearRef], config: SparsityConfig) -> list[_Ladder]:
     shift = config.max_level_shift
@@ -248,6 +252,7 @@ class SparsitySpace:
             groups = tuple(sizes.index(r.numel) for r in refs)
         self.total_weights = sum(r.numel for r in refs)
         self._index = {r.name: i for i, r in enumerate(refs)}
+        self._ranked = db.meta["parts"].get("storage") == "ranks"
         budgets: dict[int, int] = {}
         for g, lad in zip(groups, self.ladders):
             budgets[g] = budgets.get(g, 0) + lad.centre
@@ -396,7 +401,7 @@ class SparsitySpace:
 
     def pruned_counts(self, genome: Genome) -> list[int]:
         """Weights pruned in each layer under ``genome`` (as planned)."""
-        return [round(lad.base + v * lad.step) for lad, v in zip(self.ladders, genome.levels)]
+        return [lad.count(v) for lad, v in zip(self.ladders, genome.levels)]
 
     def layer_sparsities(self, genome: Genome) -> list[float]:
         return [c / r.numel for c, r in zip(self.pruned_counts(genome), self.refs)]
@@ -466,11 +471,11 @@ class SparsitySpace:
         return out
 
     def _level_weight(self, ref: LinearRef, level: int) -> torch.Tensor:
-        if self.db.meta["parts"].get("storage") != "ranks":
+        if not self._ranked:
             return self.db.get(ref.name, level)
-        lad = self.ladders[self._index[ref.name]]
         rows, cols = ref.shape
-        counts = prune_counts(rows, cols, round(lad.base + level * lad.step) / ref.numel)
+        count = self.ladders[self._index[ref.name]].count(level)
+        counts = prune_counts(rows, cols, count / ref.numel)
         keep = self.db.get(ref.name, "rank") >= counts[:, None]
         weight = self.db.get(ref.name, "weight")
         return weight * keep.to(weight.dtype)
@@ -556,7 +561,7 @@ def _stores_ranks(pruner, config: SparsityConfig) -> bool:
 
 def _level_target(ref: LinearRef, lad: _Ladder, level: int, nm) -> dict[str, Any]:
     if nm is None:
-        return {"sparsity": round(lad.base + level * lad.step) / ref.numel}
+        return {"sparsity": lad.count(level) / ref.numel}
     n, m = nm
     keep = n + lad.centre - level
     if keep == m:

@@ -15,6 +15,7 @@ again). Writes ``results_focus.json``, one entry per space.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -59,8 +60,9 @@ def main() -> None:
         source = json.loads((HERE / "results_sparsity_mo.json").read_text())["runs"]
         default_name, objective = "evopress", "density"
         gens = args.generations or 14
-        config = sparsity_base(args.data_dir, gens, args.db_dir)
-        config = type(config).from_dict({**config.to_dict(), "budget_focus": args.focus})
+        config = dataclasses.replace(
+            sparsity_base(args.data_dir, gens, args.db_dir), budget_focus=args.focus
+        )
     out = Path(args.out)
     report = json.loads(out.read_text()) if out.is_file() else {}
     entry = report[args.space] = {
@@ -73,7 +75,7 @@ def main() -> None:
         "seeds": {},
     }
     for seed in (int(s) for s in args.seeds.split(",")):
-        cfg = type(config).from_dict({**config.to_dict(), "seed": seed})
+        cfg = dataclasses.replace(config, seed=seed)
         run_dir = HERE / "runs_focus" / f"{args.space}-focus{args.focus}-s{seed}"
         t0 = time.perf_counter()
         res = run_search(cfg, run_dir, resume=True, log=print)
