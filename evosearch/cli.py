@@ -30,6 +30,7 @@ _OVERRIDES = {
     "offspring": "offspring",
     "initial_population": "initial_population",
     "max_switches": "max_switches",
+    "adaptive_switches": "adaptive_switches",
     "data": "data",
     "data_config": "data_config",
     "data_split": "data_split",
@@ -328,6 +329,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--offspring", type=int)
     p.add_argument("--initial-population", type=int)
     p.add_argument("--max-switches", type=int)
+    p.add_argument(
+        "--adaptive-switches",
+        action="store_true",
+        default=None,
+        help="evopress: self-adjust the number of level switches per mutation (half the "
+        "offspring try half as many, half twice as many); for spaces with many units",
+    )
     p.add_argument("--stages", type=_stages, help="racing stages tokens:survivors,...")
     p.add_argument(
         "--baselines",

@@ -76,6 +76,8 @@ class SearchConfig:
         fitness: ``kl`` (KL from the dense model) or ``ppl``.
         strategy: ``evopress`` or ``random`` (random search, same racing and budget).
         generations, offspring, initial_population, max_switches: EvoPress loop settings.
+        adaptive_switches: EvoPress self-adjusts its number of switches per mutation (see
+            :class:`~evosearch.strategies.EvoPressConfig`).
         stages: ``(tokens, survivors)`` per racing stage.
         data: calibration source (``generated``, a local file, a hub alias or dataset name);
             data_config / data_split / text_field select inside an HF dataset.
@@ -147,6 +149,7 @@ class SearchConfig:
     initial_population: int = 16
     stages: tuple[tuple[int, int], ...] = ((2048, 2), (16384, 1))
     max_switches: int = 3
+    adaptive_switches: bool = False
     data: str = "generated"
     data_config: str | None = None
     data_split: str = "train"
@@ -282,6 +285,11 @@ class SearchConfig:
                 f"sparsity_range with strategy evopress (got {self.budget_focus}, "
                 f"strategy {self.strategy}, range {self.budget_range})"
             )
+        if self.adaptive_switches and (self.strategy != "evopress" or self.budget_range):
+            raise ValueError(
+                "adaptive_switches is for single-budget evopress (got strategy "
+                f"{self.strategy}, range {self.budget_range})"
+            )
         if self.drop_range is not None and (
             len(self.drop_range) not in (2, 3)
             or not 0 <= self.drop_range[0] <= self.drop_range[1]
@@ -388,6 +396,7 @@ class SearchConfig:
             initial_population=self.initial_population,
             stages=tuple(Stage(tokens=t, survivors=s) for t, s in self.stages),
             max_switches=self.max_switches,
+            adaptive_switches=self.adaptive_switches,
         )
 
     def data_spec(self) -> DataSpec:

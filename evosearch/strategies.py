@@ -60,6 +60,13 @@ class EvoPressConfig:
             number of parents. Parents re-enter every stage (elitism) and are never eliminated
             before the last one, so they are always compared at the highest fidelity.
         max_switches: mutations apply min(U{1..m}, U{1..m}) level switches.
+        adaptive_switches: self-adjust ``m`` (after Doerr et al., 2017, "The (1+λ) EA with
+            self-adjusting mutation rate"): half of each generation's offspring draw their
+            switches with ``m / 2``, half with ``2 m``, and ``m`` moves to the half whose
+            offspring ranked best in the first racing stage. ``m`` starts at
+            ``max_switches`` and stays within [1, number of units]. For spaces with many units
+            (per-layer sparsity: hundreds of linears), where one to three switches a generation
+            are a tiny step; off by default.
     """
 
     generations: int = 20
@@ -70,6 +77,7 @@ class EvoPressConfig:
         Stage(tokens=16384, survivors=1),
     )
     max_switches: int = 3
+    adaptive_switches: bool = False
 
     def __post_init__(self) -> None:
         if self.generations < 0:
@@ -174,6 +182,8 @@ class EvoPress:
         self.parents: list[_Member] = []
         self.history: list[dict] = []
         self._pool: list[_Member] | None = None
+        self.switch_scale = self.config.max_switches  # m, moved by adaptive_switches
+        self._origin: dict[Genome, int] = {}  # offspring -> the m it was drawn with
 
     # -- ask / tell -----------------------------------------------------------------------
 
@@ -191,6 +201,13 @@ class EvoPress:
         """Fitness values (lower is better) for ``request.genomes``, in order."""
         pool = _scored_pool(self, request, values)
         ranked = sorted(range(len(pool)), key=lambda i: (pool[i].value, i))
+        if self.stage == 0 and self._origin:
+            origin = self._origin
+            won = [pool[i].genome for i in ranked if not pool[i].is_parent]
+            best = next((g for g in won if g in origin), None)
+            if best is not None:
+                self.switch_scale = origin[best]
+            self._origin = {}
         last = self.stage == len(self.config.stages) - 1
         if last:
             self.parents = [
@@ -204,6 +221,8 @@ class EvoPress:
                     "tokens": request.tokens,
                 }
             )
+            if self.config.adaptive_switches:
+                self.history[-1]["switch_scale"] = self.switch_scale
             self.generation += 1
             self.stage = 0
             self._pool = None
@@ -227,6 +246,18 @@ class EvoPress:
         n = number_of_switches(rng, self.config.max_switches)
         return level_switch_mutation(parent, self.space.spec, rng, n)
 
+    def _maker(self, m: int) -> Callable[[np.random.Generator], Genome]:
+        """An offspring maker that mutates with ``min(U{1..m}, U{1..m})`` switches and records
+        ``m`` as the offspring's origin (for ``adaptive_switches``)."""
+
+        def make(rng):
+            parent = self.parents[int(rng.integers(len(self.parents)))].genome
+            child = level_switch_mutation(parent, self.space.spec, rng, number_of_switches(rng, m))
+            self._origin[child] = m
+            return child
+
+        return make
+
     def _new_pool(self) -> list[_Member]:
         if self.generation == 0:
             make, count = self.space.random_genome, self.config.initial_population
@@ -240,6 +271,13 @@ class EvoPress:
             def make(rng):
                 parent = self.parents[int(rng.integers(len(self.parents)))].genome
                 return self.variation(parent, rng)
+
+            if self.config.adaptive_switches and self.variation == self._mutate:
+                m = self.switch_scale
+                low, high = max(1, round(m / 2)), min(self.space.spec.n_units, 2 * m)
+                makers = [self._maker(low)] * (count - count // 2)
+                makers += [self._maker(high)] * (count // 2)
+                return members + _draw(self.space, makers, seen, self.rng)
 
         # a space may bound its genomes beyond the budget (e.g. a maximal total deviation)
         members += _draw(self.space, [make] * count, seen, self.rng)
@@ -258,15 +296,18 @@ class EvoPress:
             "parents": [[p.genome.key(), p.value] for p in self.parents],
             "history": self.history,
             "rng": self.rng.bit_generator.state,
+            "switch_scale": self.switch_scale,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.generation = state["generation"]
         self.stage = 0
         self._pool = None
+        self._origin = {}
         self.parents = [_Member(Genome.from_key(k), v, True) for k, v in state["parents"]]
         self.history = list(state["history"])
         self.rng.bit_generator.state = state["rng"]
+        self.switch_scale = state.get("switch_scale", self.config.max_switches)
 
 
 class RandomSearch(EvoPress):

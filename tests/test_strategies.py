@@ -3,6 +3,7 @@ Python loop (no model, no data)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -249,3 +250,62 @@ def test_initial_genomes_join_generation_zero_and_must_fit_the_budget():
             rng=np.random.default_rng(0),
             initial=[space.from_dropped(blocks=[0])],
         )
+
+
+WIDE = LayerDropSpace(200, num_drop=100)  # many units, as a per-layer sparsity space has
+ADAPTIVE = EvoPressConfig(
+    generations=5,
+    offspring=8,
+    initial_population=1,
+    stages=(Stage(tokens=16, survivors=2), Stage(tokens=64, survivors=1)),
+    adaptive_switches=True,
+)
+
+
+def _changes_from(start):
+    return lambda g, request=None: float(sum(a != b for a, b in zip(g.levels, start.levels)))
+
+
+def _from_start(start, sign):
+    """Generation 0 keeps ``start`` as the parent; then ``sign`` x the distance from it."""
+    changes = _changes_from(start)
+    return lambda g, r: float(g != start) if r.generation == 0 else sign * changes(g)
+
+
+@pytest.mark.parametrize("sign", [-1.0, 1.0])
+def test_adaptive_switches_follow_the_half_whose_offspring_won(sign):
+    """Rewarding distance from the start, the best offspring come from the half with twice the
+    switches and ``m`` doubles; punishing it, the half with half the switches wins and ``m``
+    falls to 1."""
+    start = WIDE.from_dropped(blocks=range(100))
+    strategy = EvoPress(WIDE, config=ADAPTIVE, rng=np.random.default_rng(0), initial=(start,))
+    log = drive(strategy, _from_start(start, sign))
+    scales = [h["switch_scale"] for h in strategy.history]
+    assert scales[0] == ADAPTIVE.max_switches  # generation 0 has no offspring
+    if sign < 0:
+        assert scales == [3 * 2**i for i in range(len(scales))]
+    else:
+        assert scales[-1] == 1
+    # each offspring pool: half drawn with m / 2 switches, half with 2 m
+    gen1 = next(r for r, _ in log if r.generation == 1 and r.stage == 0)
+    parent = gen1.genomes[0]
+    dist = [_changes_from(parent)(g) / 2 for g in gen1.genomes[1:]]  # a switch changes 2 units
+    assert max(dist[:4]) <= 2 < max(dist[4:]) <= 6
+
+
+def test_adaptive_switches_survive_resume_and_are_off_by_default():
+    start = WIDE.from_dropped(blocks=range(100))
+    fitness = _from_start(start, -1.0)
+    full = EvoPress(WIDE, config=ADAPTIVE, rng=np.random.default_rng(1), initial=(start,))
+    full_log = drive(full, fitness)
+    first = EvoPress(WIDE, config=ADAPTIVE, rng=np.random.default_rng(1), initial=(start,))
+    head = drive(first, fitness, stop_after_generation=2)
+    state = json.loads(json.dumps(first.state_dict()))
+    assert state["switch_scale"] == 12
+    resumed = EvoPress(WIDE, config=ADAPTIVE, rng=np.random.default_rng(9), initial=(start,))
+    resumed.load_state_dict(state)
+    assert _trace(head + drive(resumed, fitness)) == _trace(full_log)
+    config = dataclasses.replace(ADAPTIVE, adaptive_switches=False)
+    plain = EvoPress(WIDE, config=config, rng=np.random.default_rng(1), initial=(start,))
+    drive(plain, fitness)
+    assert plain.switch_scale == 3 and "switch_scale" not in plain.history[-1]

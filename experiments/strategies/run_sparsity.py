@@ -40,7 +40,11 @@ def main() -> None:
     p.add_argument("--db-dir", help="level databases (default: evosearch's cache)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(HERE / "results_sparsity.json"))
-    p.add_argument("--strategies", default=",".join(STRATEGIES), help="a subset, in order")
+    p.add_argument(
+        "--strategies",
+        default=",".join(STRATEGIES),
+        help="a subset, in order; evopress-adaptive is EvoPress with --adaptive-switches",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -73,8 +77,11 @@ def main() -> None:
     runs = HERE / "runs_sparsity"
     for seed in seeds:
         for strategy in args.strategies.split(","):
-            cfg = dataclasses.replace(base, strategy=strategy, seed=seed)
-            if strategy != "evopress":
+            if strategy == "evopress-adaptive":  # EvoPress with adaptive_switches
+                cfg = dataclasses.replace(base, adaptive_switches=True, seed=seed)
+            else:
+                cfg = dataclasses.replace(base, strategy=strategy, seed=seed)
+            if not strategy.startswith("evopress"):
                 cfg = dataclasses.replace(cfg, offspring=6, sampler_tokens=1024)
             t0 = time.perf_counter()
             res = run_search(cfg, runs / f"{strategy}-s{seed}", resume=True, log=lambda s: None)
