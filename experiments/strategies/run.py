@@ -75,6 +75,18 @@ def base_config(data_dir: str, generations: int) -> SearchConfig:
     )
 
 
+def strategy_config(base: SearchConfig, strategy: str, seed: int) -> SearchConfig:
+    """``base`` for one strategy at equal tokens per generation: Optuna samplers score 6
+    candidates on 1,024 tokens (EvoPress's 6,144 a generation); ``evopress-adaptive`` is
+    EvoPress with ``adaptive_switches``."""
+    if strategy == "evopress-adaptive":
+        return dataclasses.replace(base, adaptive_switches=True, seed=seed)
+    cfg = dataclasses.replace(base, strategy=strategy, seed=seed)
+    if strategy != "evopress":
+        cfg = dataclasses.replace(cfg, offspring=6, sampler_tokens=1024)
+    return cfg
+
+
 def mo_config(base: SearchConfig, generations: int, seed: int, **extra) -> SearchConfig:
     """The multi-objective layer-drop settings: KL vs parameters, ``generations`` + 1
     generations (``extra``: strategy, drop_range, ...)."""
@@ -97,10 +109,16 @@ def main() -> None:
     p.add_argument("--out", default=str(HERE / "results.json"))
     p.add_argument(
         "--part",
-        choices=("all", "mo"),
+        choices=("all", "mo", "single"),
         default="all",
         help="mo: rerun only the multi-objective part, keeping the single-objective results "
-        "already in --out",
+        "already in --out; single: only the single-objective part",
+    )
+    p.add_argument(
+        "--strategies",
+        default=",".join(STRATEGIES),
+        help="single-objective strategies, a subset in order (evopress-adaptive: EvoPress "
+        "with --adaptive-switches)",
     )
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -119,11 +137,9 @@ def main() -> None:
         previous = json.loads(Path(args.out).read_text())
         report["single_objective"] = previous["single_objective"]
         report["single_objective_command"] = previous["command"]
-    for seed in seeds if args.part == "all" else ():  # seed-major: partial runs compare all
-        for strategy in STRATEGIES:
-            cfg = dataclasses.replace(base, strategy=strategy, seed=seed)
-            if strategy != "evopress":  # 6 candidates x 1,024 tokens = EvoPress's 6,144 / gen
-                cfg = dataclasses.replace(cfg, offspring=6, sampler_tokens=1024)
+    for seed in seeds if args.part != "mo" else ():  # seed-major: partial runs compare all
+        for strategy in args.strategies.split(","):
+            cfg = strategy_config(base, strategy, seed)
             t0 = time.perf_counter()
             res = run_search(cfg, runs / f"{strategy}-s{seed}", resume=True, log=lambda s: None)
             report["single_objective"].setdefault(strategy, []).append(
@@ -137,6 +153,10 @@ def main() -> None:
             )
             out.write_text(json.dumps(report, indent=1) + "\n")
             print(strategy, seed, res["best"]["kl"], flush=True)
+    if args.part == "single":
+        report["status"] = "complete"
+        out.write_text(json.dumps(report, indent=1) + "\n")
+        return
     # Part 2: multi-objective over budgets, all three at the same generations of 6,144 tokens.
     ks = (3, 6, 9, 12, 15)
     mo_gens = args.mo_generations

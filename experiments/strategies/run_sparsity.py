@@ -16,7 +16,6 @@ Writes ``results_sparsity.json`` (``"status": "running"`` until every run finish
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import sys
@@ -29,7 +28,7 @@ from evosearch.pipeline import SearchConfig, run_search
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import DEFAULT_DATA, STRATEGIES, curve  # noqa: E402
+from run import DEFAULT_DATA, STRATEGIES, curve, strategy_config  # noqa: E402
 
 
 def main() -> None:
@@ -77,12 +76,7 @@ def main() -> None:
     runs = HERE / "runs_sparsity"
     for seed in seeds:
         for strategy in args.strategies.split(","):
-            if strategy == "evopress-adaptive":  # EvoPress with adaptive_switches
-                cfg = dataclasses.replace(base, adaptive_switches=True, seed=seed)
-            else:
-                cfg = dataclasses.replace(base, strategy=strategy, seed=seed)
-            if not strategy.startswith("evopress"):
-                cfg = dataclasses.replace(cfg, offspring=6, sampler_tokens=1024)
+            cfg = strategy_config(base, strategy, seed)
             t0 = time.perf_counter()
             res = run_search(cfg, runs / f"{strategy}-s{seed}", resume=True, log=lambda s: None)
             report["single_objective"].setdefault(strategy, []).append(
