@@ -285,11 +285,8 @@ class SearchConfig:
                 f"sparsity_range with strategy evopress (got {self.budget_focus}, "
                 f"strategy {self.strategy}, range {self.budget_range})"
             )
-        if self.adaptive_switches and (self.strategy != "evopress" or self.budget_range):
-            raise ValueError(
-                "adaptive_switches is for single-budget evopress (got strategy "
-                f"{self.strategy}, range {self.budget_range})"
-            )
+        if self.adaptive_switches and self.strategy != "evopress":
+            raise ValueError(f"adaptive_switches is for strategy evopress (got {self.strategy})")
         if self.drop_range is not None and (
             len(self.drop_range) not in (2, 3)
             or not 0 <= self.drop_range[0] <= self.drop_range[1]

@@ -149,6 +149,36 @@ def _draw(space, makers, seen: set[Genome], rng: np.random.Generator) -> list[_M
     return members
 
 
+class _SwitchCount:
+    """The ``m`` of ``min(U{1..m}, U{1..m})`` level switches per mutation and, with
+    ``adaptive_switches``, its self-adjustment: :meth:`plan` gives half the offspring
+    ``m / 2`` and half ``2 m``, :meth:`record` notes what each offspring was drawn with, and
+    :meth:`update` moves ``m`` to the value of the best ranked offspring."""
+
+    def __init__(self, config: EvoPressConfig, n_units: int) -> None:
+        self.adaptive = config.adaptive_switches
+        self.m = config.max_switches
+        self.n_units = n_units
+        self.origin: dict[Genome, int] = {}
+
+    def plan(self, count: int) -> list[int]:
+        if not self.adaptive:
+            return [self.m] * count
+        low, high = max(1, round(self.m / 2)), max(1, min(self.n_units, 2 * self.m))
+        return [low] * (count - count // 2) + [high] * (count // 2)
+
+    def record(self, child: Genome, m: int) -> None:
+        if self.adaptive:
+            self.origin[child] = m
+
+    def update(self, ranked: list[Genome]) -> None:
+        """``ranked``: the offspring, best first (other genomes are ignored)."""
+        best = next((g for g in ranked if g in self.origin), None)
+        if best is not None:
+            self.m = self.origin[best]
+        self.origin = {}
+
+
 class EvoPress:
     """(μ+λ) evolution with budget-preserving level-switch mutation and racing selection.
 
@@ -182,8 +212,7 @@ class EvoPress:
         self.parents: list[_Member] = []
         self.history: list[dict] = []
         self._pool: list[_Member] | None = None
-        self.switch_scale = self.config.max_switches  # m, moved by adaptive_switches
-        self._origin: dict[Genome, int] = {}  # offspring -> the m it was drawn with
+        self._switches = _SwitchCount(self.config, space.spec.n_units)
 
     # -- ask / tell -----------------------------------------------------------------------
 
@@ -201,13 +230,8 @@ class EvoPress:
         """Fitness values (lower is better) for ``request.genomes``, in order."""
         pool = _scored_pool(self, request, values)
         ranked = sorted(range(len(pool)), key=lambda i: (pool[i].value, i))
-        if self.stage == 0 and self._origin:
-            origin = self._origin
-            won = [pool[i].genome for i in ranked if not pool[i].is_parent]
-            best = next((g for g in won if g in origin), None)
-            if best is not None:
-                self.switch_scale = origin[best]
-            self._origin = {}
+        if self.stage == 0:
+            self._switches.update([pool[i].genome for i in ranked if not pool[i].is_parent])
         last = self.stage == len(self.config.stages) - 1
         if last:
             self.parents = [
@@ -234,6 +258,11 @@ class EvoPress:
             self.stage += 1
 
     @property
+    def switch_scale(self) -> int:
+        """The ``m`` of the next generation's mutations (moves with ``adaptive_switches``)."""
+        return self._switches.m
+
+    @property
     def best(self) -> tuple[Genome, float] | None:
         """The best parent and its value at the last stage's fidelity, once there is one."""
         if not self.parents:
@@ -242,21 +271,11 @@ class EvoPress:
 
     # -- offspring ------------------------------------------------------------------------
 
-    def _mutate(self, parent: Genome, rng: np.random.Generator) -> Genome:
-        n = number_of_switches(rng, self.config.max_switches)
-        return level_switch_mutation(parent, self.space.spec, rng, n)
-
-    def _maker(self, m: int) -> Callable[[np.random.Generator], Genome]:
-        """An offspring maker that mutates with ``min(U{1..m}, U{1..m})`` switches and records
-        ``m`` as the offspring's origin (for ``adaptive_switches``)."""
-
-        def make(rng):
-            parent = self.parents[int(rng.integers(len(self.parents)))].genome
-            child = level_switch_mutation(parent, self.space.spec, rng, number_of_switches(rng, m))
-            self._origin[child] = m
-            return child
-
-        return make
+    def _mutate(self, parent: Genome, rng: np.random.Generator, m: int | None = None) -> Genome:
+        m = m or self.config.max_switches
+        child = level_switch_mutation(parent, self.space.spec, rng, number_of_switches(rng, m))
+        self._switches.record(child, m)
+        return child
 
     def _new_pool(self) -> list[_Member]:
         if self.generation == 0:
@@ -268,16 +287,19 @@ class EvoPress:
             seen = {p.genome for p in self.parents}
             count = self.config.offspring
 
-            def make(rng):
+            def make(rng, m=None):
                 parent = self.parents[int(rng.integers(len(self.parents)))].genome
-                return self.variation(parent, rng)
+                if m is None:  # a user's variation
+                    return self.variation(parent, rng)
+                return self._mutate(parent, rng, m)
 
-            if self.config.adaptive_switches and self.variation == self._mutate:
-                m = self.switch_scale
-                low, high = max(1, round(m / 2)), min(self.space.spec.n_units, 2 * m)
-                makers = [self._maker(low)] * (count - count // 2)
-                makers += [self._maker(high)] * (count // 2)
-                return members + _draw(self.space, makers, seen, self.rng)
+            if self.variation == self._mutate:
+                return members + _draw(
+                    self.space,
+                    [lambda rng, m=m: make(rng, m) for m in self._switches.plan(count)],
+                    seen,
+                    self.rng,
+                )
 
         # a space may bound its genomes beyond the budget (e.g. a maximal total deviation)
         members += _draw(self.space, [make] * count, seen, self.rng)
@@ -296,18 +318,18 @@ class EvoPress:
             "parents": [[p.genome.key(), p.value] for p in self.parents],
             "history": self.history,
             "rng": self.rng.bit_generator.state,
-            "switch_scale": self.switch_scale,
+            "switch_scale": self._switches.m,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.generation = state["generation"]
         self.stage = 0
         self._pool = None
-        self._origin = {}
         self.parents = [_Member(Genome.from_key(k), v, True) for k, v in state["parents"]]
         self.history = list(state["history"])
         self.rng.bit_generator.state = state["rng"]
-        self.switch_scale = state.get("switch_scale", self.config.max_switches)
+        self._switches = _SwitchCount(self.config, self.space.spec.n_units)
+        self._switches.m = state.get("switch_scale", self.config.max_switches)
 
 
 class RandomSearch(EvoPress):
@@ -419,6 +441,7 @@ class MultiBudgetEvoPress:
         self.elites: dict[int, list[_Member]] = {}
         self.history: list[dict] = []
         self._pool: list[_Member] | None = None
+        self._switches = _SwitchCount(self.config, space.spec.n_units)
 
     @staticmethod
     def _spec_at(spec: LevelSpec, budgets: dict[int, int]) -> LevelSpec:
@@ -448,6 +471,13 @@ class MultiBudgetEvoPress:
         by_niche: dict[int, list[int]] = {}
         for i, m in enumerate(pool):
             by_niche.setdefault(self.niche_of(m.genome), []).append(i)
+        if self.stage == 0 and self._switches.origin:  # rank by improvement on their elite
+            gains = []
+            for i, m in enumerate(pool):
+                elite = self.elites.get(self.niche_of(m.genome))
+                if elite and not m.is_parent:
+                    gains.append(((m.value - elite[0].value) / max(abs(elite[0].value), 1e-12), i))
+            self._switches.update([pool[i].genome for _, i in sorted(gains)])
         if self.stage == len(self.config.stages) - 1:
             mu = self.config.parents
             for n, idx in by_niche.items():
@@ -466,6 +496,8 @@ class MultiBudgetEvoPress:
                     },
                 }
             )
+            if self.config.adaptive_switches:
+                self.history[-1]["switch_scale"] = self._switches.m
             self.generation += 1
             self.stage = 0
             self._pool = None
@@ -547,7 +579,11 @@ class MultiBudgetEvoPress:
         ]
         return parents + members
 
-    def _offspring(self, rng: np.random.Generator, n: int | None = None) -> Genome:
+    def _offspring(
+        self, rng: np.random.Generator, n: int | None = None, m: int | None = None
+    ) -> Genome:
+        """A child for niche ``n`` (random if ``None``); a mutation of its elite uses
+        ``min(U{1..m}, U{1..m})`` switches (``m``: ``max_switches`` if ``None``)."""
         if n is None:
             n = int(rng.integers(len(self.niches)))
         sources = [s for s in (n, n - 1, n + 1) if s in self.elites]
@@ -557,8 +593,11 @@ class MultiBudgetEvoPress:
         parents = self.elites[source]
         parent = parents[int(rng.integers(len(parents)))].genome
         if source == n:
-            k = number_of_switches(rng, self.config.max_switches)
-            return level_switch_mutation(parent, self._specs[n], rng, k)
+            m = m or self.config.max_switches
+            k = number_of_switches(rng, m)
+            child = level_switch_mutation(parent, self._specs[n], rng, k)
+            self._switches.record(child, m)
+            return child
         return self._step(parent, source, n, rng)
 
     def _new_pool(self) -> list[_Member]:
@@ -574,14 +613,15 @@ class MultiBudgetEvoPress:
         else:
             members = []
             seen = {m.genome for ms in self.elites.values() for m in ms}
+            plan = self._switches.plan(self.config.offspring)
             if self.focus is None:
-                makers = [self._offspring] * self.config.offspring
+                makers = [(lambda rng, m=m: self._offspring(rng, None, m)) for m in plan]
             else:  # the next niches in turn, the offspring dealt round-robin among them
                 first = (self.generation - 1) * self.focus
                 chosen = [(first + i) % len(self.niches) for i in range(self.focus)]
                 makers = [
-                    (lambda rng, n=int(chosen[i % self.focus]): self._offspring(rng, n))
-                    for i in range(self.config.offspring)
+                    (lambda rng, n=int(chosen[i % self.focus]), m=m: self._offspring(rng, n, m))
+                    for i, m in enumerate(plan)
                 ]
         members += _draw(self.space, makers, seen, self.rng)
         if not self.lazy_parents:
@@ -603,12 +643,15 @@ class MultiBudgetEvoPress:
             },
             "history": self.history,
             "rng": self.rng.bit_generator.state,
+            "switch_scale": self._switches.m,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.generation = state["generation"]
         self.stage = 0
         self._pool = None
+        self._switches = _SwitchCount(self.config, self.space.spec.n_units)
+        self._switches.m = state.get("switch_scale", self.config.max_switches)
         self.elites = {
             int(n): [_Member(Genome.from_key(k), v, True) for k, v in ms]
             for n, ms in state["elites"].items()

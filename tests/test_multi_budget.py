@@ -218,3 +218,53 @@ def test_focus_serves_the_budgets_in_turn():
     assert served == {1: {0, 1}, 2: {2, 3}, 3: {4, 0}, 4: {1, 2}, 5: {3, 4}, 6: {0, 1}}
     with pytest.raises(ValueError, match="focus"):
         multi(focus=0)
+
+
+WIDE = LayerDropSpace(200, num_drop=100)
+WIDE_BUDGETS = (90, 100, 110)
+WIDE_STARTS = {b: WIDE.from_dropped(blocks=range(b)) for b in WIDE_BUDGETS}
+
+
+def _from_starts(sign):
+    """Generation 0 keeps each budget's start as its elite; then ``sign`` x the number of
+    blocks that differ from the start of the genome's budget."""
+
+    def fitness(g, r):
+        start = WIDE_STARTS[sum(g.levels)]
+        if r.generation == 0:
+            return float(g != start)
+        return sign * float(sum(a != b for a, b in zip(g.levels, start.levels)))
+
+    return fitness
+
+
+@pytest.mark.parametrize("sign", [-1.0, 1.0])
+def test_adaptive_switches_follow_the_best_improving_offspring(sign):
+    config = EvoPressConfig(
+        generations=5,
+        offspring=12,
+        initial_population=3,
+        stages=(Stage(tokens=16, survivors=2), Stage(tokens=64, survivors=1)),
+        adaptive_switches=True,
+    )
+    strategy = MultiBudgetEvoPress(
+        WIDE,
+        budgets=WIDE_BUDGETS,
+        config=config,
+        rng=np.random.default_rng(0),
+        initial=tuple(WIDE_STARTS.values()),
+    )
+    drive(strategy, _from_starts(sign))
+    scales = [h["switch_scale"] for h in strategy.history]
+    assert scales[0] == config.max_switches
+    if sign < 0:  # rewarding change: the half with twice the switches wins
+        assert scales[-1] >= 24 and scales == sorted(scales)
+    else:
+        assert scales[-1] == 1
+    state = json.loads(json.dumps(strategy.state_dict()))
+    assert state["switch_scale"] == scales[-1]
+    again = MultiBudgetEvoPress(
+        WIDE, budgets=WIDE_BUDGETS, config=config, rng=np.random.default_rng(5)
+    )
+    again.load_state_dict(state)
+    assert again._switches.m == scales[-1]

@@ -191,6 +191,26 @@ def test_budget_focus_serves_one_budget_per_generation(tiny_model_dir, tmp_path,
     assert "budget_focus" in capsys.readouterr().err
 
 
+def test_adaptive_switches_from_the_cli(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    model, text = tiny_model_dir
+    for extra in ((), ("--drop-range", "1,4")):  # single budget, then multi-budget
+        out = tmp_path / f"adaptive{len(extra)}"
+        argv = _evopress_mo_args(model, text, out, "--adaptive-switches")
+        if extra:
+            argv += ["--budget-focus", "1"]  # combines with the other multi-budget options
+        else:
+            argv[argv.index("--drop-range") : argv.index("--drop-range") + 2] = ["--drop", "2"]
+        assert main(argv) == 0
+        assert json.loads((out / "config.json").read_text())["adaptive_switches"] is True
+        state = json.loads((out / "checkpoint.json").read_text())["strategy"]
+        assert state["switch_scale"] >= 1
+        assert all("switch_scale" in h for h in state["history"])
+    bad = _evopress_mo_args(model, text, tmp_path / "bad", "--adaptive-switches")
+    bad[bad.index("evopress")] = "tpe"
+    assert main(bad) == 2
+    assert "adaptive_switches" in capsys.readouterr().err
+
+
 def test_measured_latency_falls_when_blocks_are_dropped():
     import torch
     from conftest import build_model, random_ids
