@@ -59,9 +59,17 @@ def main() -> None:
     p.add_argument("--db-dir", help="level databases (default: evosearch's cache)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(HERE / "results_sparsity_mo.json"))
+    p.add_argument(
+        "--adaptive-switches",
+        action="store_true",
+        help="EvoPress (multi-budget and the single runs) with adaptive_switches",
+    )
+    p.add_argument("--no-nsga2", action="store_true", help="skip the NSGA-II front")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     base = base_config(args.data_dir, args.generations, args.db_dir)
+    base = dataclasses.replace(base, adaptive_switches=args.adaptive_switches)
+    tag = "-adaptive" if args.adaptive_switches else ""
     report = {
         "command": "python " + " ".join(sys.argv),
         "machine": f"{platform.machine()}, 2 cores, {torch.get_num_threads()} torch thread(s), "
@@ -78,12 +86,17 @@ def main() -> None:
         fronts = {}
         for name, strategy, extra in (
             ("evopress", "evopress", {}),
-            ("nsga2", "nsga2", {"offspring": 6, "sampler_tokens": 1024}),
-        ):
+            (
+                "nsga2",
+                "nsga2",
+                {"offspring": 6, "sampler_tokens": 1024, "adaptive_switches": False},
+            ),
+        )[: 1 if args.no_nsga2 else 2]:
             cfg = dataclasses.replace(base, strategy=strategy, seed=seed, **extra)
             t0 = time.perf_counter()
-            res = run_search(cfg, runs / f"mo-{name}-s{seed}", resume=True, log=print)
-            rows = json.loads((runs / f"mo-{name}-s{seed}" / "pareto_front.json").read_text())
+            run_dir = runs / f"mo-{name}{tag if name == 'evopress' else ''}-s{seed}"
+            res = run_search(cfg, run_dir, resume=True, log=print)
+            rows = json.loads((run_dir / "pareto_front.json").read_text())
             fronts[name] = [(r["kl"], r["density"]) for r in rows["front"]]
             entry[name] = {
                 "front": fronts[name],
@@ -102,7 +115,7 @@ def main() -> None:
                 seed=seed,
                 baselines=("uniform",),
             )
-            r = run_search(cfg, runs / f"so-{target}-s{seed}", resume=True, log=print)
+            r = run_search(cfg, runs / f"so-{target}{tag}-s{seed}", resume=True, log=print)
             singles.append((r["best"]["kl"], r["best"]["density"]))
             tokens += sum(e["tokens"] for e in r["evaluations"])  # resumed runs too
             entry.setdefault("uniform", []).append(
