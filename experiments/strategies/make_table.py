@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -171,6 +172,68 @@ def sparsity_mo(r: dict) -> list[str]:
     return lines
 
 
+def at_tokens(run: dict, tokens: int) -> float:
+    """A run's best-so-far value once it had spent at most ``tokens``."""
+    return min((c["best"] for c in run["curve"] if c["tokens"] <= tokens), default=math.inf)
+
+
+def per_seed(reports: list[dict], title: str) -> list[str]:
+    """One row per seed, one column per strategy, from several reports of the same benchmark
+    (e.g. more seeds or a new strategy run later), plus each strategy's best at the tokens
+    ``evopress-adaptive`` spent and the means over the seeds every strategy shares."""
+    runs: dict[str, dict[int, dict]] = {}
+    for r in reports:
+        for name, rs in r["single_objective"].items():
+            for x in rs:
+                runs.setdefault(name, {})[x["seed"]] = x
+    names = list(runs)
+    seeds = sorted({s for rs in runs.values() for s in rs})
+    lines = [
+        f"# {title}",
+        "",
+        "Commands (each wrote one of the JSON files this table merges):",
+        "",
+        *[f"- `{c}`" for r in reports for c in r.get("commands", [r.get("command")])],
+        "",
+        f"Machine: {reports[-1]['machine']}. {BUDGET} Best KL after the whole budget "
+        "(lower is better; bold: the seed's best); in brackets the best once the strategy "
+        "had spent no more tokens than `evopress-adaptive`.",
+        "",
+        "| seed | " + " | ".join(names) + " | uniform |",
+        "|---" * (len(names) + 2) + "|",
+    ]
+    for seed in seeds:
+        ref = runs.get("evopress-adaptive", {}).get(seed)
+        budget = ref["curve"][-1]["tokens"] if ref else math.inf
+        best = min(rs[seed]["best_kl"] for rs in runs.values() if seed in rs)
+        cells = []
+        for name in names:
+            x = runs[name].get(seed)
+            if x is None:
+                cells.append("–")
+                continue
+            v = f"**{x['best_kl']:.3f}**" if x["best_kl"] == best else f"{x['best_kl']:.3f}"
+            eq = at_tokens(x, budget)
+            cells.append(v + (f" ({eq:.3f})" if eq != x["best_kl"] else ""))
+        uniform = next((rs[seed].get("uniform_kl") for rs in runs.values() if seed in rs), None)
+        lines.append(f"| {seed} | " + " | ".join(cells) + f" | {uniform or math.nan:.3f} |")
+    common = [s for s in seeds if all(s in rs for rs in runs.values() if len(rs) == len(seeds))]
+    full = [n for n in names if len(runs[n]) == len(seeds)]
+    lines += [
+        f"| mean of seeds {','.join(map(str, common))} | "
+        + " | ".join(
+            f"{statistics.mean(runs[n][s]['best_kl'] for s in common):.3f}" if n in full else "–"
+            for n in names
+        )
+        + " | |",
+    ]
+    wins = {n: sum(1 for s in common if all(
+        runs[n][s]["best_kl"] <= runs[o][s]["best_kl"] for o in full)) for n in full}  # fmt: skip
+    lines += ["", "Seeds won among the strategies run on every seed: "
+              + ", ".join(f"{n} {w}" for n, w in wins.items()) + "."]  # fmt: skip
+    return lines
+
+
 def main() -> None:
     for stem, render in (
         ("results", layer_drop),
@@ -180,6 +243,22 @@ def main() -> None:
         src = HERE / f"{stem}.json"
         if src.is_file():
             (HERE / f"{stem}.md").write_text("\n".join(render(json.loads(src.read_text()))) + "\n")
+    for out, sources, title in (
+        (
+            "results_sparsity_adaptive",
+            ("results_sparsity", "results_sparsity_seeds34", "results_sparsity_adaptive"),
+            "Per-layer sparsity 60 %, five seeds: EvoPress with adaptive switches vs the rest",
+        ),
+        (
+            "results_layerdrop_adaptive",
+            ("results", "results_layerdrop_seeds34", "results_layerdrop_adaptive"),
+            "Layer drop 7 of 30, five seeds: EvoPress with adaptive switches vs the rest",
+        ),
+    ):
+        files = [HERE / f"{stem}.json" for stem in sources]
+        if all(f.is_file() for f in files):
+            lines = per_seed([json.loads(f.read_text()) for f in files], title)
+            (HERE / f"{out}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
