@@ -199,8 +199,13 @@ def per_seed(reports: list[dict], title: str) -> list[str]:
         "(lower is better; bold: the seed's best); in brackets the best once the strategy "
         "had spent no more tokens than `evopress-adaptive`.",
         "",
-        "| seed | " + " | ".join(names) + " | uniform |",
-        "|---" * (len(names) + 2) + "|",
+    ]
+    uniform = {
+        s: x["uniform_kl"] for rs in runs.values() for s, x in rs.items() if x.get("uniform_kl")
+    }
+    lines += [
+        "| seed | " + " | ".join(names) + (" | uniform |" if uniform else " |"),
+        "|---" * (len(names) + 1 + bool(uniform)) + "|",
     ]
     for seed in seeds:
         ref = runs.get("evopress-adaptive", {}).get(seed)
@@ -215,8 +220,8 @@ def per_seed(reports: list[dict], title: str) -> list[str]:
             v = f"**{x['best_kl']:.3f}**" if x["best_kl"] == best else f"{x['best_kl']:.3f}"
             eq = at_tokens(x, budget)
             cells.append(v + (f" ({eq:.3f})" if eq != x["best_kl"] else ""))
-        uniform = next((rs[seed].get("uniform_kl") for rs in runs.values() if seed in rs), None)
-        lines.append(f"| {seed} | " + " | ".join(cells) + f" | {uniform or math.nan:.3f} |")
+        tail = f" {uniform[seed]:.3f} |" if seed in uniform else (" – |" if uniform else "")
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |" + tail)
     common = [s for s in seeds if all(s in rs for rs in runs.values() if len(rs) == len(seeds))]
     full = [n for n in names if len(runs[n]) == len(seeds)]
     lines += [
@@ -225,7 +230,7 @@ def per_seed(reports: list[dict], title: str) -> list[str]:
             f"{statistics.mean(runs[n][s]['best_kl'] for s in common):.3f}" if n in full else "–"
             for n in names
         )
-        + " | |",
+        + (" | |" if uniform else " |"),
     ]
     wins = {n: sum(1 for s in common if all(
         runs[n][s]["best_kl"] <= runs[o][s]["best_kl"] for o in full)) for n in full}  # fmt: skip
