@@ -52,6 +52,8 @@ OBJECTIVES = {
 RUNNERS = ("inprocess", "ray")
 # Where evaluations run never changes what they return, so these may differ on --resume.
 RUNNER_FIELDS = ("runner", "workers", "ray_address", "worker_cpus", "worker_gpus")
+# Settings added after runs were written, with the value those runs had (for --resume).
+LEGACY_FIELDS = {"adaptive_switches": False}
 SPACES = ("layer-drop", "sparsity", "width")
 # Baselines each space can compute; "random" (random search, same racing and budget) fits all.
 SPACE_BASELINES = {
@@ -639,7 +641,9 @@ def run_search(
     out_dir.mkdir(parents=True, exist_ok=True)
     record = OptunaRecord(storage, out_dir.resolve().name, direction=_direction(config))
     run = RunDir(out_dir, record=record)
-    resuming = run.start(config.to_dict(), resume=resume, ignore=RUNNER_FIELDS)
+    resuming = run.start(
+        config.to_dict(), resume=resume, ignore=RUNNER_FIELDS, legacy=LEGACY_FIELDS
+    )
     session = _Session(config, log)
     space = session.space
     record.bind(space.spec, space.metrics)

@@ -65,11 +65,20 @@ class RunDir:
     def file(self, name: str) -> Path:
         return self.path / name
 
-    def start(self, config: dict, *, resume: bool, ignore: tuple[str, ...] = ()) -> bool:
+    def start(
+        self,
+        config: dict,
+        *,
+        resume: bool,
+        ignore: tuple[str, ...] = (),
+        legacy: dict | None = None,
+    ) -> bool:
         """Create the directory or, with ``resume``, check it holds the same config.
 
         Keys in ``ignore`` (settings that cannot change results, such as where evaluations
-        run) may differ on resume; ``config.json`` keeps the first run's values.
+        run) may differ on resume; ``config.json`` keeps the first run's values. ``legacy``
+        gives the value of settings added after a run was written, as that run used them
+        (its ``config.json`` lacks the key).
 
         Returns True when a previous run's state should be loaded.
         """
@@ -83,6 +92,7 @@ class RunDir:
                     f"{self.path} already holds a run; pass --resume to continue it or choose "
                     "another --out"
                 )
+            old = {**(legacy or {}), **old}
             keys = (set(old) | set(config)) - set(ignore)
             if diff := sorted(k for k in keys if old.get(k) != config.get(k)):
                 raise RunConfigMismatch(

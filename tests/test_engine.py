@@ -188,6 +188,10 @@ def test_run_dir_start(tmp_path):
     with pytest.raises(RunConfigMismatch) as info:
         RunDir(tmp_path / "run").start({"a": 1, "b": 2, "c": 0}, resume=True)
     assert str(info.value).split("differs in")[1].strip() == "c"
+    # a setting added after the run was written: the run had its legacy value
+    assert RunDir(tmp_path / "run").start({"a": 1, "b": 2, "c": 0}, resume=True, legacy={"c": 0})
+    with pytest.raises(RunConfigMismatch, match="differs in c"):
+        RunDir(tmp_path / "run").start({"a": 1, "b": 2, "c": 1}, resume=True, legacy={"c": 0})
 
 
 def test_run_dir_ignores_a_truncated_last_line(tmp_path):

@@ -209,6 +209,16 @@ def test_adaptive_switches_from_the_cli(tiny_model_dir, tmp_path, capsys):  # no
     bad[bad.index("evopress")] = "tpe"
     assert main(bad) == 2
     assert "adaptive_switches" in capsys.readouterr().err
+    # a run written before the setting existed resumes (it ran without adaptive switches)
+    old = tmp_path / "old"
+    argv = _evopress_mo_args(model, text, old)
+    assert main(argv) == 0
+    cfg = json.loads((old / "config.json").read_text())
+    del cfg["adaptive_switches"]
+    (old / "config.json").write_text(json.dumps(cfg))
+    assert main([*argv, "--resume"]) == 0
+    assert main([*argv, "--resume", "--adaptive-switches"]) == 2
+    assert "differs in adaptive_switches" in capsys.readouterr().err
 
 
 def test_measured_latency_falls_when_blocks_are_dropped():
