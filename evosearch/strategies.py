@@ -279,30 +279,23 @@ class EvoPress:
 
     def _new_pool(self) -> list[_Member]:
         if self.generation == 0:
-            make, count = self.space.random_genome, self.config.initial_population
             members = [_Member(g) for g in self.initial]
             seen = set(self.initial)
+            makers = [self.space.random_genome] * self.config.initial_population
         else:
             members = [_Member(p.genome, is_parent=True) for p in self.parents]
             seen = {p.genome for p in self.parents}
-            count = self.config.offspring
 
-            def make(rng, m=None):
+            def make(rng, m):
                 parent = self.parents[int(rng.integers(len(self.parents)))].genome
-                if m is None:  # a user's variation
+                if self.variation != self._mutate:  # a user's variation
                     return self.variation(parent, rng)
                 return self._mutate(parent, rng, m)
 
-            if self.variation == self._mutate:
-                return members + _draw(
-                    self.space,
-                    [lambda rng, m=m: make(rng, m) for m in self._switches.plan(count)],
-                    seen,
-                    self.rng,
-                )
-
+            plan = self._switches.plan(self.config.offspring)
+            makers = [lambda rng, m=m: make(rng, m) for m in plan]
         # a space may bound its genomes beyond the budget (e.g. a maximal total deviation)
-        members += _draw(self.space, [make] * count, seen, self.rng)
+        members += _draw(self.space, makers, seen, self.rng)
         if not members:
             raise RuntimeError("the search space has no genome to evaluate")
         return members
