@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -58,6 +59,12 @@ def main() -> None:
     p.add_argument("--initial-population", type=int, default=4)
     p.add_argument(
         "--results", default=str(HERE / "results.json"), help="JSON to write (table: .md beside)"
+    )
+    p.add_argument(
+        "--post-seeds",
+        default="1",
+        help="seeds of the post-training windows; the first is the main run, the others repeat "
+        "the post-training (perplexity only) to show its spread",
     )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -113,25 +120,29 @@ def main() -> None:
         "searched": runs["searched"] / "model",
         "searched_tas": runs["searched_tas"] / "model",
     }
-    post_data = DataSpec(source=calib, seq_len=args.seq_len, seed=1)
-    for name, model_dir in models.items():
-        out = work / f"{name}_post"
-        if not (out / "finetune.json").is_file():
-            step(
-                f"post_{name}",
-                lambda d=model_dir, o=out: finetune(
-                    d,
-                    args.post_tokens,
-                    o,
-                    data=post_data,
-                    teacher="smollm2-135m",
-                    lr=args.post_lr,
-                    device="cpu",
-                ),
-            )
+    post_seeds = [int(x) for x in args.post_seeds.split(",")]
+    for seed in post_seeds:
+        post_data = DataSpec(source=calib, seq_len=args.seq_len, seed=seed)
+        for name, model_dir in models.items():
+            out = work / (f"{name}_post" + (f"_s{seed}" if seed != post_seeds[0] else ""))
+            if not (out / "finetune.json").is_file():
+                step(
+                    f"post_{name}_s{seed}",
+                    lambda d=model_dir, o=out, data=post_data: finetune(
+                        d,
+                        args.post_tokens,
+                        o,
+                        data=data,
+                        teacher="smollm2-135m",
+                        lr=args.post_lr,
+                        device="cpu",
+                    ),
+                )
     evaluated = {"dense": "smollm2-135m"}
     evaluated.update({name: str(work / f"{name}_post") for name in models})
     evaluated.update({f"{name}_before_post": str(d) for name, d in models.items()})
+    for seed in post_seeds[1:]:
+        evaluated.update({f"{n}_post_s{seed}": str(work / f"{n}_post_s{seed}") for n in models})
     results_file = Path(args.results)
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     rows = results.setdefault("models", {})
@@ -147,7 +158,7 @@ def main() -> None:
         ):
             data = load_eval_data(str(source), tokenizer, args.eval_seq_len, args.eval_windows)
             row[f"ppl_{label}"] = evaluate_perplexity(model, data)
-        if not name.endswith("_before_post"):
+        if name in models or name == "dense":  # the main rows: zero-shot and speed too
             scores = evaluate_tasks(model, tokenizer, TASKS, DATA, args.limit, batch_size=16)
             row["zero_shot"] = scores
             row["tokens_per_s"] = throughput(model)
@@ -170,6 +181,7 @@ def main() -> None:
         )
     db_meta = next((work / "db").glob("*/meta.json"))  # the one width database
     results["database"] = json.loads(db_meta.read_text())
+    results["post_seeds"] = post_seeds
     results["command"] = "python " + " ".join(sys.argv)
     results["settings"] = {**vars(args), "search_config_tas": tas.to_dict()}
     results["machine"] = {
@@ -211,6 +223,28 @@ def write_table(results: dict, out: Path) -> None:
         r = rows.get(f"{name}_before_post")
         if r:
             lines.append(f"| {name} | {r['ppl_wikitext2']:.2f} | {r['ppl_c4']:.2f} |")
+    seeds = results.get("post_seeds", [1])
+    if len(seeds) > 1:
+        lines += [
+            "",
+            f"The same post-training on other windows (seeds {', '.join(map(str, seeds))}; the "
+            "first is the table above): perplexity per seed, then mean ± sd.",
+            "",
+            "| model | WikiText-2 ppl | C4 ppl |",
+            "|---|---|---|",
+        ]
+        for name in ("uniform", "searched", "searched_tas"):
+            names = [name] + [f"{name}_post_s{s}" for s in seeds[1:]]
+            if not all(n in rows for n in names):
+                continue
+            cells = []
+            for key in ("ppl_wikitext2", "ppl_c4"):
+                v = [rows[n][key] for n in names]
+                cells.append(
+                    ", ".join(f"{x:.2f}" for x in v)
+                    + f" ({statistics.mean(v):.2f} ± {statistics.stdev(v):.2f})"
+                )
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
