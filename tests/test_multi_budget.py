@@ -3,11 +3,12 @@ driven by a pure Python loop (no model, no data)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
-from test_strategies import _trace, drive
+from test_strategies import ADAPTIVE, WIDE, _trace, drive
 
 from evosearch.operators import budget_step
 from evosearch.pareto import pareto_front
@@ -220,7 +221,6 @@ def test_focus_serves_the_budgets_in_turn():
         multi(focus=0)
 
 
-WIDE = LayerDropSpace(200, num_drop=100)
 WIDE_BUDGETS = (90, 100, 110)
 WIDE_STARTS = {b: WIDE.from_dropped(blocks=range(b)) for b in WIDE_BUDGETS}
 
@@ -240,13 +240,7 @@ def _from_starts(sign):
 
 @pytest.mark.parametrize("sign", [-1.0, 1.0])
 def test_adaptive_switches_follow_the_best_improving_offspring(sign):
-    config = EvoPressConfig(
-        generations=5,
-        offspring=12,
-        initial_population=3,
-        stages=(Stage(tokens=16, survivors=2), Stage(tokens=64, survivors=1)),
-        adaptive_switches=True,
-    )
+    config = dataclasses.replace(ADAPTIVE, offspring=12, initial_population=3)
     strategy = MultiBudgetEvoPress(
         WIDE,
         budgets=WIDE_BUDGETS,
