@@ -144,8 +144,10 @@ def sparsity(r: dict) -> list[str]:
 
 
 def sparsity_mo(r: dict) -> list[str]:
+    adaptive = "adaptive" in " ".join(r.get("commands", [r["command"]]))
     lines = [
-        "# Multi-objective per-layer sparsity on SmolLM2-135M: KL vs density, 50..70 % (Wanda)",
+        "# Multi-objective per-layer sparsity on SmolLM2-135M: KL vs density, 50..70 % (Wanda)"
+        + (", EvoPress with adaptive switches" if adaptive else ""),
         "",
         f"Status: **{r['status']}**. Command: `{r['command']}`",
         "",
@@ -244,6 +246,7 @@ def main() -> None:
         ("results", layer_drop),
         ("results_sparsity", sparsity),
         ("results_sparsity_mo", sparsity_mo),
+        ("results_sparsity_mo_adaptive", sparsity_mo),
     ):
         src = HERE / f"{stem}.json"
         if src.is_file():
