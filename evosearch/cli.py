@@ -45,6 +45,7 @@ _OVERRIDES = {
     "storage": "storage",
     "sampler_tokens": "sampler_tokens",
     "budget_focus": "budget_focus",
+    "offset_steps": "offset_steps",
     "runner": "runner",
     "workers": "workers",
     "ray_address": "ray_address",
@@ -319,6 +320,13 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="multi-budget evopress: give each generation's offspring to this many budgets "
         "of the range, in turn (default: every offspring picks a budget at random)",
+    )
+    p.add_argument(
+        "--offset-steps",
+        action="store_true",
+        default=None,
+        help="multi-budget evopress over --sparsity-range: move an elite to a neighbouring "
+        "sparsity as its offset from uniform (default: the budget difference on random layers)",
     )
     p.add_argument(
         "--hv-reference",

@@ -6,7 +6,13 @@ import numpy as np
 
 from evosearch.genome import Genome, LevelSpec
 
-__all__ = ["budget_step", "level_switch_mutation", "number_of_switches", "random_genome"]
+__all__ = [
+    "anchored_step",
+    "budget_step",
+    "level_switch_mutation",
+    "number_of_switches",
+    "random_genome",
+]
 
 
 def random_genome(spec: LevelSpec, rng: np.random.Generator) -> Genome:
@@ -99,3 +105,33 @@ def budget_step(
                 raise ValueError(f"group {g} has no unit whose level can move by {sign}")
             levels[movable[int(rng.integers(len(movable)))]] += sign
     return Genome(tuple(levels))
+
+
+def anchored_step(
+    genome: Genome,
+    spec: LevelSpec,
+    rng: np.random.Generator,
+    source: Genome,
+    target: Genome,
+    guide: Genome | None = None,
+) -> Genome:
+    """Move ``genome`` from the budget of the reference genome ``source`` to that of
+    ``target`` by keeping its offset from the reference: ``genome - source + target``, each
+    level clipped to its unit's range. Clipping can leave a group off ``target``'s budget;
+    :func:`budget_step` (with ``guide``) then makes it exact.
+
+    With each sparsity's uniform allocation as the reference, a good allocation at 60 %
+    (which layers are pruned more or less than uniform) becomes the same pattern at 65 %.
+    """
+    levels = tuple(
+        min(max(v - a + b, 0), top)
+        for v, a, b, top in zip(genome.levels, source.levels, target.levels, spec.max_levels)
+    )
+    deltas = {}
+    for g in sorted(spec.budgets):
+        units = spec.units_of(g)
+        if gap := sum(target.levels[u] for u in units) - sum(levels[u] for u in units):
+            deltas[g] = gap
+    if not deltas:
+        return Genome(levels)
+    return budget_step(Genome(levels), spec, rng, deltas, guide)

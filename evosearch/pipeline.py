@@ -53,7 +53,7 @@ RUNNERS = ("inprocess", "ray")
 # Where evaluations run never changes what they return, so these may differ on --resume.
 RUNNER_FIELDS = ("runner", "workers", "ray_address", "worker_cpus", "worker_gpus")
 # Settings added after runs were written, with the value those runs had (for --resume).
-LEGACY_FIELDS = {"adaptive_switches": False}
+LEGACY_FIELDS = {"adaptive_switches": False, "offset_steps": False}
 SPACES = ("layer-drop", "sparsity", "width")
 # Baselines each space can compute; "random" (random search, same racing and budget) fits all.
 SPACE_BASELINES = {
@@ -126,6 +126,9 @@ class SearchConfig:
         budget_focus: multi-budget ``evopress`` (a range): give each generation's offspring
             to this many budgets, taken in turn (``None``: every offspring picks a budget at
             random); see :class:`~evosearch.strategies.MultiBudgetEvoPress` ``focus``.
+        offset_steps: multi-budget ``evopress`` over a ``sparsity_range``: carry an elite to
+            a neighbouring sparsity as its offset from its own uniform allocation, added to
+            the neighbour's (``anchors`` of :class:`~evosearch.strategies.MultiBudgetEvoPress`).
         sampler_tokens: calibration tokens per evaluation of an Optuna strategy (one fidelity;
             default: the last stage's tokens).
         hv_reference: hypervolume reference point ``(fitness, *objectives)``; default: the
@@ -189,6 +192,7 @@ class SearchConfig:
     drop_range: tuple[int, int] | None = None
     sparsity_range: tuple[float, float] | None = None
     budget_focus: int | None = None
+    offset_steps: bool = False
     sampler_tokens: int | None = None
     hv_reference: tuple[float, ...] | None = None
     runner: str = "inprocess"
@@ -289,6 +293,11 @@ class SearchConfig:
             )
         if self.adaptive_switches and self.strategy != "evopress":
             raise ValueError(f"adaptive_switches is for strategy evopress (got {self.strategy})")
+        if self.offset_steps and (self.strategy != "evopress" or not self.sparsity_range):
+            raise ValueError(
+                "offset_steps is for multi-budget evopress over a sparsity_range (got strategy "
+                f"{self.strategy}, sparsity_range {self.sparsity_range})"
+            )
         if self.drop_range is not None and (
             len(self.drop_range) not in (2, 3)
             or not 0 <= self.drop_range[0] <= self.drop_range[1]
@@ -615,6 +624,7 @@ def _strategy(config: SearchConfig, space, name: str, initial=(), objectives=Non
             objectives=objectives,
             initial=initial,
             focus=config.budget_focus,
+            anchors=space.range_uniform_genomes() if config.offset_steps else None,
         )
     cls = EvoPress if name == "evopress" else RandomSearch
     return cls(
@@ -652,14 +662,7 @@ def run_search(
         warm = _baselines(session, dataclasses.replace(config, baselines=config.warm_start), log)
     initial: tuple[Genome, ...] = tuple(warm.values())
     if config.sparsity_range is not None:  # every budget starts from its uniform allocation
-        n_layers = len(space.spec.max_levels)
-        initial = (
-            tuple(
-                space.genome_for([s] * n_layers, budgets)
-                for budgets, s in zip(space.range_budgets()[0], space.range_targets())
-            )
-            + initial
-        )
+        initial = (*space.range_uniform_genomes(), *initial)
     elif config.space in ("sparsity", "width"):  # EvoPress starts from the uniform allocation
         initial = (space.uniform_genome(), *initial)
     objectives = None

@@ -16,6 +16,7 @@ import numpy as np
 
 from evosearch.genome import Genome, LevelSpec
 from evosearch.operators import (
+    anchored_step,
     budget_step,
     level_switch_mutation,
     number_of_switches,
@@ -381,6 +382,12 @@ class MultiBudgetEvoPress:
             runs would, and its challengers race only each other (``None``: each offspring
             picks its niche at random, and all challengers race for the survivor places).
         lazy_parents: elites join the final racing stage only (see above).
+        anchors: a reference genome per niche, e.g. each sparsity's uniform allocation. A
+            neighbour's elite then moves to a niche as its offset from its own anchor added to
+            this niche's anchor (levels clipped to each unit's range, the budget then made
+            exact by :func:`~evosearch.operators.budget_step`): the elite's *pattern* (which
+            layers are pruned more or less than uniform) carries over, instead of the budget
+            difference landing on random units. ``None``: budget steps as above.
     """
 
     def __init__(
@@ -395,6 +402,7 @@ class MultiBudgetEvoPress:
         labels: tuple[str, ...] | list[str] | None = None,
         focus: int | None = None,
         lazy_parents: bool = True,
+        anchors: tuple[Genome, ...] | list[Genome] | None = None,
     ) -> None:
         self.space = space
         self.config = config or EvoPressConfig()
@@ -429,6 +437,9 @@ class MultiBudgetEvoPress:
         if bad := [g.key() for g in initial if self.niche_of(g) is None]:
             raise ValueError(f"initial genomes meet none of the budgets searched: {bad}")
         self.initial = tuple(dict.fromkeys(initial))
+        if anchors is not None and [self.niche_of(a) for a in anchors] != list(range(len(niches))):
+            raise ValueError("anchors must hold one genome per budget, in the budgets' order")
+        self.anchors = None if anchors is None else tuple(anchors)
         self.generation = 0
         self.stage = 0
         self.elites: dict[int, list[_Member]] = {}
@@ -551,12 +562,15 @@ class MultiBudgetEvoPress:
     def _step(self, genome: Genome, source: int, target: int, rng) -> Genome:
         """``genome`` (at niche ``source``) moved to niche ``target``'s budgets, guided by the
         elite beyond ``target`` when there is one (see :func:`budget_step`)."""
+        beyond = self.elites.get(2 * target - source)
+        guide = beyond[int(rng.integers(len(beyond)))].genome if beyond else None
+        if self.anchors is not None:
+            a = self.anchors
+            return anchored_step(genome, self.space.spec, rng, a[source], a[target], guide)
         deltas = {
             g: want - have
             for g, have, want in zip(self._groups, self.niches[source], self.niches[target])
         }
-        beyond = self.elites.get(2 * target - source)
-        guide = beyond[int(rng.integers(len(beyond)))].genome if beyond else None
         return budget_step(genome, self.space.spec, rng, deltas, guide)
 
     def _with_parents(self, members: list[_Member]) -> list[_Member]:

@@ -430,6 +430,14 @@ class SparsitySpace:
         ]
         return [{0: b} for b in budgets], [f"{t:g}" for t in targets]
 
+    def range_uniform_genomes(self) -> list[Genome]:
+        """The uniform allocation of each of :meth:`range_targets`, at its niche's budget."""
+        n = len(self.refs)
+        return [
+            self.genome_for([t] * n, b)
+            for b, t in zip(self.range_budgets()[0], self.range_targets())
+        ]
+
     def dense_metrics(self) -> dict[str, float]:
         """The metrics of the unpruned model (the reference point of a Pareto front)."""
         return {"sparsity": 0.0, "density": 1.0, "nonzero_block_weights": self.total_weights}

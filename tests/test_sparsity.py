@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from conftest import build_model, hf_tokenizer, logits, random_ids
 
+from evosearch.genome import Genome
 from evosearch.leveldb import LevelDatabase
 from evosearch.operators import level_switch_mutation
 from evosearch.pruning import block_linears, collect_stats, get_pruner, set_weight_
@@ -392,3 +394,48 @@ def test_cli_sparsity_range_search_returns_a_density_front(tmp_path, strategy):
         results = json.loads((out / "results.json").read_text())
         assert set(results["history"][-1]["niches"]) == {"0.4", "0.45", "0.5", "0.55", "0.6"}
         assert len(points) == 5  # lower density always costs KL on a real model
+
+
+def test_anchored_step_carries_an_allocation_pattern_to_another_sparsity(tmp_path):
+    from evosearch.operators import anchored_step
+
+    _, _, space, _ = _space(tmp_path, sparsity=None, sparsity_range=(0.4, 0.6))
+    uniforms = space.range_uniform_genomes()
+    budgets = space.range_budgets()[0]
+    assert [sum(u.levels) for u in uniforms] == [b[0] for b in budgets]
+    rng = np.random.default_rng(0)
+    spec = dataclasses.replace(space.spec, budgets=budgets[2])
+    elite = level_switch_mutation(uniforms[2], spec, rng, 3)  # a pattern at 50 %
+    offset = [e - u for e, u in zip(elite.levels, uniforms[2].levels)]
+    assert any(offset)
+    for target in (1, 3):  # 45 % and 55 %: the same offsets from their uniform allocations
+        child = anchored_step(elite, space.spec, rng, uniforms[2], uniforms[target])
+        assert [c - u for c, u in zip(child.levels, uniforms[target].levels)] == offset
+    # where a layer cannot follow (its ladder ends), the budget is still met exactly
+    top = Genome(tuple(space.spec.max_levels))
+    child = anchored_step(top, space.spec, rng, uniforms[0], uniforms[4])
+    assert sum(child.levels) == budgets[4][0]
+    assert all(0 <= v <= m for v, m in zip(child.levels, space.spec.max_levels))
+
+
+def test_cli_offset_steps(tmp_path, capsys):
+    from evosearch.cli import main
+
+    model_dir, text = _tiny_files(tmp_path)
+    argv = ["search", "--space", "sparsity", "--sparsity-range", "0.4,0.6", "--offset-steps",
+            "--model", str(model_dir), "--data", str(text), "--n-sequences", "4",
+            "--seq-len", "16", "--generations", "2", "--offspring", "6", "--initial-population",
+            "5", "--stages", "16:3,64:1", "--level-step", "0.05", "--max-level-shift", "2",
+            "--db-dir", str(tmp_path / "db"), "--out", str(tmp_path / "run")]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["offset_steps"] is True
+    front = json.loads((tmp_path / "run" / "pareto_front.json").read_text())["front"]
+    assert len(front) == 5
+    single = (
+        argv[: argv.index("--sparsity-range")]
+        + ["--target", "0.5"]
+        + argv[argv.index("--offset-steps") :]
+    )
+    single[-1] = str(tmp_path / "bad")
+    assert main(single) == 2
+    assert "offset_steps" in capsys.readouterr().err

@@ -64,12 +64,18 @@ def main() -> None:
         action="store_true",
         help="EvoPress (multi-budget and the single runs) with adaptive_switches",
     )
+    p.add_argument(
+        "--offset-steps",
+        action="store_true",
+        help="multi-budget EvoPress with offset_steps (the single runs are unchanged)",
+    )
     p.add_argument("--no-nsga2", action="store_true", help="skip the NSGA-II front")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     base = base_config(args.data_dir, args.generations, args.db_dir)
     base = dataclasses.replace(base, adaptive_switches=args.adaptive_switches)
     tag = "-adaptive" if args.adaptive_switches else ""
+    mb_tag = tag + ("-offset" if args.offset_steps else "")
     report = {
         "command": "python " + " ".join(sys.argv),
         "machine": f"{platform.machine()}, 2 cores, {torch.get_num_threads()} torch thread(s), "
@@ -85,7 +91,7 @@ def main() -> None:
         entry: dict = {}
         fronts = {}
         for name, strategy, extra in (
-            ("evopress", "evopress", {}),
+            ("evopress", "evopress", {"offset_steps": args.offset_steps}),
             (
                 "nsga2",
                 "nsga2",
@@ -94,7 +100,7 @@ def main() -> None:
         )[: 1 if args.no_nsga2 else 2]:
             cfg = dataclasses.replace(base, strategy=strategy, seed=seed, **extra)
             t0 = time.perf_counter()
-            run_dir = runs / f"mo-{name}{tag if name == 'evopress' else ''}-s{seed}"
+            run_dir = runs / f"mo-{name}{mb_tag if name == 'evopress' else ''}-s{seed}"
             res = run_search(cfg, run_dir, resume=True, log=print)
             rows = json.loads((run_dir / "pareto_front.json").read_text())
             fronts[name] = [(r["kl"], r["density"]) for r in rows["front"]]
