@@ -144,10 +144,12 @@ def sparsity(r: dict) -> list[str]:
 
 
 def sparsity_mo(r: dict) -> list[str]:
-    adaptive = "adaptive" in " ".join(r.get("commands", [r["command"]]))
+    commands = " ".join(r.get("commands", [r["command"]]))
+    variant = ", EvoPress with adaptive switches" if "adaptive" in commands else ""
+    variant += ", multi-budget EvoPress with offset steps" if "offset-steps" in commands else ""
     lines = [
         "# Multi-objective per-layer sparsity on SmolLM2-135M: KL vs density, 50..70 % (Wanda)"
-        + (", EvoPress with adaptive switches" if adaptive else ""),
+        + variant,
         "",
         f"Status: **{r['status']}**. Command: `{r['command']}`",
         "",
@@ -247,6 +249,7 @@ def main() -> None:
         ("results_sparsity", sparsity),
         ("results_sparsity_mo", sparsity_mo),
         ("results_sparsity_mo_adaptive", sparsity_mo),
+        ("results_sparsity_mo_offset", sparsity_mo),
     ):
         src = HERE / f"{stem}.json"
         if src.is_file():
