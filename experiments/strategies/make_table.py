@@ -262,8 +262,13 @@ def main() -> None:
         ),
         (
             "results_layerdrop_adaptive",
-            ("results", "results_layerdrop_seeds34", "results_layerdrop_adaptive"),
-            "Layer drop 7 of 30, five seeds: EvoPress with adaptive switches vs the rest",
+            (
+                "results",
+                "results_layerdrop_seeds34",
+                "results_layerdrop_adaptive",
+                "results_layerdrop_seeds567",
+            ),
+            "Layer drop 7 of 30, eight seeds: EvoPress with adaptive switches vs the rest",
         ),
     ):
         files = [HERE / f"{stem}.json" for stem in sources]
