@@ -257,8 +257,13 @@ def main() -> None:
     for out, sources, title in (
         (
             "results_sparsity_adaptive",
-            ("results_sparsity", "results_sparsity_seeds34", "results_sparsity_adaptive"),
-            "Per-layer sparsity 60 %, five seeds: EvoPress with adaptive switches vs the rest",
+            (
+                "results_sparsity",
+                "results_sparsity_seeds34",
+                "results_sparsity_adaptive",
+                "results_sparsity_seeds567",
+            ),
+            "Per-layer sparsity 60 %, eight seeds: EvoPress with adaptive switches vs the rest",
         ),
         (
             "results_layerdrop_adaptive",
