@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         default=None,
         help="evopress: self-adjust the number of level switches per mutation (half the "
-        "offspring try half as many, half twice as many); for spaces with many units",
+        "offspring try half as many, half twice as many)",
     )
     p.add_argument("--stages", type=_stages, help="racing stages tokens:survivors,...")
     p.add_argument(

@@ -65,9 +65,9 @@ class EvoPressConfig:
             self-adjusting mutation rate"): half of each generation's offspring draw their
             switches with ``m / 2``, half with ``2 m``, and ``m`` moves to the half whose
             offspring ranked best in the first racing stage. ``m`` starts at
-            ``max_switches`` and stays within [1, number of units]. For spaces with many units
-            (per-layer sparsity: hundreds of linears), where one to three switches a generation
-            are a tiny step; off by default.
+            ``max_switches`` and stays within [1, number of units]. Meant for spaces with
+            many units, where one to three switches are a tiny step. Off by default: on
+            SmolLM2-135M its gain was within the seed spread (experiments/strategies).
     """
 
     generations: int = 20
