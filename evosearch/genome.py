@@ -99,12 +99,14 @@ class LevelSpec:
     def units_of(self, group: int) -> list[int]:
         return [i for i, g in enumerate(self.groups) if g == group]
 
+    def group_total(self, levels: tuple[int, ...] | list[int], group: int) -> int:
+        """The levels of ``group``'s units in ``levels``, summed (its budget when valid)."""
+        return sum(levels[i] for i in self.units_of(group))
+
     def is_valid(self, genome: Genome) -> bool:
         """True when ``genome`` respects every unit's range and every group's budget exactly."""
         if len(genome.levels) != self.n_units:
             return False
         if any(not 0 <= v <= m for v, m in zip(genome.levels, self.max_levels)):
             return False
-        return all(
-            sum(genome.levels[i] for i in self.units_of(g)) == b for g, b in self.budgets.items()
-        )
+        return all(self.group_total(genome.levels, g) == b for g, b in self.budgets.items())

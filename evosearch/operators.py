@@ -129,8 +129,7 @@ def anchored_step(
     )
     deltas = {}
     for g in sorted(spec.budgets):
-        units = spec.units_of(g)
-        if gap := sum(target.levels[u] for u in units) - sum(levels[u] for u in units):
+        if gap := spec.group_total(target.levels, g) - spec.group_total(levels, g):
             deltas[g] = gap
     if not deltas:
         return Genome(levels)

@@ -159,7 +159,7 @@ class OptunaStrategy:
             params = {f"key.{u}": keys[u] for u in self._active}
             if self.config.budget_range is not None:
                 for g in sorted(spec.budgets):
-                    params[f"budget.{g}"] = sum(genome.levels[u] for u in spec.units_of(g))
+                    params[f"budget.{g}"] = spec.group_total(genome.levels, g)
             self.study.enqueue_trial(params)
         self.generation = 0
         self.history: list[dict] = []

@@ -153,12 +153,14 @@ def _draw(space, makers, seen: set[Genome], rng: np.random.Generator) -> list[_M
 class _SwitchCount:
     """The ``m`` of ``min(U{1..m}, U{1..m})`` level switches per mutation and, with
     ``adaptive_switches``, its self-adjustment: :meth:`plan` gives half the offspring
-    ``m / 2`` and half ``2 m``, :meth:`record` notes what each offspring was drawn with, and
-    :meth:`update` moves ``m`` to the value of the best ranked offspring."""
+    ``m / 2`` and half ``2 m``, :meth:`mutate` makes a child and notes the ``m`` it was drawn
+    with, and :meth:`update` moves ``m`` to the value of the best ranked offspring. ``m``
+    (default ``max_switches``) restores a checkpoint's value."""
 
-    def __init__(self, config: EvoPressConfig, n_units: int) -> None:
+    def __init__(self, config: EvoPressConfig, n_units: int, m: int | None = None) -> None:
         self.adaptive = config.adaptive_switches
-        self.m = config.max_switches
+        self.max_switches = config.max_switches
+        self.m = config.max_switches if m is None else m
         self.n_units = n_units
         self.origin: dict[Genome, int] = {}
 
@@ -168,9 +170,14 @@ class _SwitchCount:
         low, high = max(1, round(self.m / 2)), max(1, min(self.n_units, 2 * self.m))
         return [low] * (count - count // 2) + [high] * (count // 2)
 
-    def record(self, child: Genome, m: int) -> None:
+    def mutate(self, parent: Genome, spec: LevelSpec, rng, m: int | None = None) -> Genome:
+        """A level-switch mutant of ``parent`` with ``min(U{1..m}, U{1..m})`` switches (``m``
+        default: ``max_switches``), recorded as drawn with ``m``."""
+        m = m or self.max_switches
+        child = level_switch_mutation(parent, spec, rng, number_of_switches(rng, m))
         if self.adaptive:
             self.origin[child] = m
+        return child
 
     def update(self, ranked: list[Genome]) -> None:
         """``ranked``: the offspring, best first (other genomes are ignored)."""
@@ -273,10 +280,7 @@ class EvoPress:
     # -- offspring ------------------------------------------------------------------------
 
     def _mutate(self, parent: Genome, rng: np.random.Generator, m: int | None = None) -> Genome:
-        m = m or self.config.max_switches
-        child = level_switch_mutation(parent, self.space.spec, rng, number_of_switches(rng, m))
-        self._switches.record(child, m)
-        return child
+        return self._switches.mutate(parent, self.space.spec, rng, m)
 
     def _new_pool(self) -> list[_Member]:
         if self.generation == 0:
@@ -322,8 +326,8 @@ class EvoPress:
         self.parents = [_Member(Genome.from_key(k), v, True) for k, v in state["parents"]]
         self.history = list(state["history"])
         self.rng.bit_generator.state = state["rng"]
-        self._switches = _SwitchCount(self.config, self.space.spec.n_units)
-        self._switches.m = state.get("switch_scale", self.config.max_switches)
+        n_units = self.space.spec.n_units
+        self._switches = _SwitchCount(self.config, n_units, state.get("switch_scale"))
 
 
 class RandomSearch(EvoPress):
@@ -457,7 +461,7 @@ class MultiBudgetEvoPress:
     def niche_of(self, genome: Genome) -> int | None:
         """The index of the niche whose budgets ``genome`` meets, or ``None``."""
         spec = self.space.spec
-        sums = tuple(sum(genome.levels[u] for u in spec.units_of(g)) for g in self._groups)
+        sums = tuple(spec.group_total(genome.levels, g) for g in self._groups)
         return self._index.get(sums)
 
     # -- ask / tell -----------------------------------------------------------------------
@@ -600,11 +604,7 @@ class MultiBudgetEvoPress:
         parents = self.elites[source]
         parent = parents[int(rng.integers(len(parents)))].genome
         if source == n:
-            m = m or self.config.max_switches
-            k = number_of_switches(rng, m)
-            child = level_switch_mutation(parent, self._specs[n], rng, k)
-            self._switches.record(child, m)
-            return child
+            return self._switches.mutate(parent, self._specs[n], rng, m)
         return self._step(parent, source, n, rng)
 
     def _new_pool(self) -> list[_Member]:
@@ -657,8 +657,8 @@ class MultiBudgetEvoPress:
         self.generation = state["generation"]
         self.stage = 0
         self._pool = None
-        self._switches = _SwitchCount(self.config, self.space.spec.n_units)
-        self._switches.m = state.get("switch_scale", self.config.max_switches)
+        n_units = self.space.spec.n_units
+        self._switches = _SwitchCount(self.config, n_units, state.get("switch_scale"))
         self.elites = {
             int(n): [_Member(Genome.from_key(k), v, True) for k, v in ms]
             for n, ms in state["elites"].items()

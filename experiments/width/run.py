@@ -121,10 +121,14 @@ def main() -> None:
         "searched_tas": runs["searched_tas"] / "model",
     }
     post_seeds = [int(x) for x in args.post_seeds.split(",")]
+
+    def post_dir(name: str, seed: int) -> Path:  # the first seed's is the main run
+        return work / (f"{name}_post" + (f"_s{seed}" if seed != post_seeds[0] else ""))
+
     for seed in post_seeds:
         post_data = DataSpec(source=calib, seq_len=args.seq_len, seed=seed)
         for name, model_dir in models.items():
-            out = work / (f"{name}_post" + (f"_s{seed}" if seed != post_seeds[0] else ""))
+            out = post_dir(name, seed)
             if not (out / "finetune.json").is_file():
                 step(
                     f"post_{name}_s{seed}",
@@ -139,10 +143,10 @@ def main() -> None:
                     ),
                 )
     evaluated = {"dense": "smollm2-135m"}
-    evaluated.update({name: str(work / f"{name}_post") for name in models})
+    evaluated.update({name: str(post_dir(name, post_seeds[0])) for name in models})
     evaluated.update({f"{name}_before_post": str(d) for name, d in models.items()})
     for seed in post_seeds[1:]:
-        evaluated.update({f"{n}_post_s{seed}": str(work / f"{n}_post_s{seed}") for n in models})
+        evaluated.update({f"{n}_post_s{seed}": str(post_dir(n, seed)) for n in models})
     results_file = Path(args.results)
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     rows = results.setdefault("models", {})
@@ -177,7 +181,7 @@ def main() -> None:
         }
     for name in models:
         results.setdefault("post_training", {})[name] = json.loads(
-            (work / f"{name}_post" / "finetune.json").read_text()
+            (post_dir(name, post_seeds[0]) / "finetune.json").read_text()
         )
     db_meta = next((work / "db").glob("*/meta.json"))  # the one width database
     results["database"] = json.loads(db_meta.read_text())
