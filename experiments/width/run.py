@@ -58,15 +58,24 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--initial-population", type=int, default=4)
     p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the searches: calibration windows, level database, offspring, minibatches",
+    )
+    p.add_argument(
         "--results", default=str(HERE / "results.json"), help="JSON to write (table: .md beside)"
     )
     p.add_argument(
         "--post-seeds",
-        default="1",
-        help="seeds of the post-training windows; the first is the main run, the others repeat "
-        "the post-training (perplexity only) to show its spread",
+        default=None,
+        help="seeds of the post-training windows (default: --seed + 1, never the calibration "
+        "windows); the first is the main run, the others repeat the post-training (perplexity "
+        "only) to show its spread",
     )
     args = p.parse_args()
+    if args.post_seeds is None:
+        args.post_seeds = str(args.seed + 1)
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -85,7 +94,7 @@ def main() -> None:
         stages=((512, 2), (2048, 1)),
         db_dir=str(work / "db"),
         device="cpu",
-        seed=0,
+        seed=args.seed,
     )
     tas = SearchConfig.from_dict(
         {
