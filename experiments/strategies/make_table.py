@@ -94,7 +94,7 @@ def layer_drop(r: dict) -> list[str]:
         f"Machine: {r['machine']}. Calibration: 8 x 128 WikiText-2 valid tokens; fitness "
         f"KL(dense‖candidate) on all 1,024 of them. {BUDGET}",
         "",
-        *single_objective_tables(r["single_objective"]),
+        *(single_objective_tables(r["single_objective"]) if r["single_objective"] else []),
     ]
     if r["multi_objective"]:
         lines += [
@@ -246,6 +246,7 @@ def per_seed(reports: list[dict], title: str) -> list[str]:
 def main() -> None:
     for stem, render in (
         ("results", layer_drop),
+        ("results_layerdrop_mo_adaptive", layer_drop),
         ("results_sparsity", sparsity),
         ("results_sparsity_mo", sparsity_mo),
         ("results_sparsity_mo_adaptive", sparsity_mo),

@@ -120,6 +120,18 @@ def main() -> None:
         help="single-objective strategies, a subset in order (evopress-adaptive: EvoPress "
         "with --adaptive-switches)",
     )
+    p.add_argument(
+        "--mo-fronts",
+        default="evopress_grid,evopress,nsga2",
+        help="multi-objective fronts to run, a subset in order (the single-objective runs at "
+        "the five budgets always run)",
+    )
+    p.add_argument(
+        "--adaptive-switches",
+        action="store_true",
+        help="multi-objective part: EvoPress (multi-budget and the five single runs) with "
+        "--adaptive-switches; runs go to runs/adaptive/",
+    )
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     base = base_config(args.data_dir, args.generations)
@@ -133,8 +145,8 @@ def main() -> None:
     }
     out = Path(args.out)
     runs = HERE / "runs"
-    if args.part == "mo":
-        previous = json.loads(Path(args.out).read_text())
+    if args.part == "mo" and out.is_file():
+        previous = json.loads(out.read_text())
         report["single_objective"] = previous["single_objective"]
         report["single_objective_command"] = previous["command"]
     for seed in seeds if args.part != "mo" else ():  # seed-major: partial runs compare all
@@ -160,6 +172,10 @@ def main() -> None:
     # Part 2: multi-objective over budgets, all three at the same generations of 6,144 tokens.
     ks = (3, 6, 9, 12, 15)
     mo_gens = args.mo_generations
+    if args.adaptive_switches:
+        base = dataclasses.replace(base, adaptive_switches=True)
+        runs = runs / "adaptive"
+    fronts_to_run = args.mo_fronts.split(",")
     single_gens = max(0, (mo_gens + 1) // len(ks) - 1)
     for seed in seeds:
         entry: dict = {}
@@ -169,6 +185,8 @@ def main() -> None:
             ("evopress", "evopress", (3, 15), {}),  # all thirteen budgets
             ("nsga2", "nsga2", (3, 15), {"offspring": 6, "sampler_tokens": 1024}),
         ):
+            if name not in fronts_to_run:
+                continue
             mo = mo_config(base, mo_gens, seed, strategy=strategy, drop_range=drop_range, **extra)
             t0 = time.perf_counter()
             res = run_search(mo, runs / f"mo-{name}-s{seed}", resume=True, log=lambda s: None)
