@@ -348,13 +348,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--baselines",
         type=_csv(),
-        help="compare with: shortgpt,angular,sleb,last,random (layer-drop); uniform,owl,random "
-        "(sparsity); uniform,random (width)",
+        help="compare with: shortgpt,angular,sleb,last,random (layer-drop); uniform,owl,"
+        "layer-error,random (sparsity); uniform,random (width)",
     )
     p.add_argument(
         "--warm-start",
         type=_csv(),
-        help="heuristics whose choices join the initial population: shortgpt,angular,sleb,last",
+        help="heuristics whose choices join the initial population: shortgpt,angular,sleb,last "
+        "(layer-drop); owl,layer-error (sparsity)",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--runner", choices=["inprocess", "ray"], help="where candidates are evaluated")
@@ -367,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("baseline", help="apply one published heuristic")
     p.add_argument(
-        "method", choices=["shortgpt", "angular", "sleb", "last", "random", "uniform", "owl"]
+        "method",
+        choices=["shortgpt", "angular", "sleb", "last", "random", "uniform", "owl", "layer-error"],
     )
     _add_search_flags(p)
 

@@ -58,7 +58,7 @@ SPACES = ("layer-drop", "sparsity", "width")
 # Baselines each space can compute; "random" (random search, same racing and budget) fits all.
 SPACE_BASELINES = {
     "layer-drop": ("shortgpt", "angular", "sleb", "last", "random"),
-    "sparsity": ("uniform", "owl", "random"),
+    "sparsity": ("uniform", "owl", "layer-error", "random"),
     "width": ("uniform", "random"),
 }
 BASELINE_NAMES = SPACE_BASELINES["layer-drop"]
@@ -86,10 +86,11 @@ class SearchConfig:
         n_sequences, seq_len: calibration sequences and their length in tokens.
         seed: seeds data windows, generated text, the strategy and stage minibatches.
         prefix_reuse: reuse the dense hidden states of unchanged leading blocks.
-        baselines: heuristics to compute and compare at the end (shortgpt, angular, sleb, last,
+        baselines: heuristics to compute and compare at the end (layer-drop: shortgpt, angular,
+            sleb, last, random; sparsity: uniform, owl, layer-error, random; width: uniform,
             random); sleb_tokens: calibration tokens per SLEB evaluation.
-        warm_start: heuristics (shortgpt, angular, sleb, last) whose genomes join the random
-            initial population, so the search starts from the best published choice.
+        warm_start: heuristics (the baselines but random) whose genomes join the initial
+            population, so the search starts from the best heuristic choice.
         eval_ppl: datasets/files on which to report perplexity of dense, best and baselines;
             eval_seq_len / eval_windows: window length and count (None = all windows).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``...

@@ -473,12 +473,13 @@ class SparsitySpace:
             if copy_ is None:
                 copy_ = self._copies[ref.name] = copy.deepcopy(ref.module(model))
             if self._loaded.get(ref.name) != level:
-                set_weight_(copy_, self._level_weight(ref, level).to(copy_.weight.device))
+                set_weight_(copy_, self.level_weight(ref, level).to(copy_.weight.device))
                 self._loaded[ref.name] = level
             out[ref.name] = copy_
         return out
 
-    def _level_weight(self, ref: LinearRef, level: int) -> torch.Tensor:
+    def level_weight(self, ref: LinearRef, level: int) -> torch.Tensor:
+        """``ref``'s weight ``(out, in)`` at ``level``, as the database holds it."""
         if not self._ranked:
             return self.db.get(ref.name, level)
         rows, cols = ref.shape

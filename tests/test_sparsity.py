@@ -17,7 +17,7 @@ from evosearch.operators import level_switch_mutation
 from evosearch.pruning import block_linears, collect_stats, get_pruner, set_weight_
 from evosearch.surgery import apply_replacements
 from search_spaces.sparsity import SparsityConfig, SparsitySpace, measure_sparsity
-from search_spaces.sparsity_baselines import owl_sparsities
+from search_spaces.sparsity_baselines import allocate, layer_errors, owl_sparsities
 
 
 def _space(tmp_path, arch="llama", log=None, **kw):
@@ -161,6 +161,75 @@ def test_owl_sparsities_average_to_the_target_and_favour_outliers():
     assert np.isclose(np.mean(s), 0.7)
     assert np.isclose(max(s) - min(s), 0.16)
     assert s[2] == min(s) and s[0] == max(s)  # most outliers -> least pruned
+
+
+def test_allocate_reaches_the_brute_force_optimum_at_the_exact_budget():
+    import itertools
+
+    from evosearch.genome import LevelSpec
+
+    rng = np.random.default_rng(0)
+    # convex error curves of random steepness, four units, budget 6 of 12 levels
+    errors = [list(np.cumsum(np.sort(rng.uniform(0, a, 3)))) for a in (0.1, 1.0, 3.0, 0.5)]
+    errors = [[0.0, *e] for e in errors]
+    spec = LevelSpec(max_levels=(3, 3, 3, 3), groups=(0, 0, 0, 0), budgets={0: 6})
+    start = Genome((2, 1, 1, 2))
+    best = min(
+        (c for c in itertools.product(range(4), repeat=4) if sum(c) == 6),
+        key=lambda c: sum(e[v] for e, v in zip(errors, c)),
+    )
+    got = allocate(errors, spec, start)
+    assert spec.is_valid(got)
+    assert got.levels == best
+    assert got != start
+    # with a bound on the total shift from the start, the result stays within it
+    bounded = allocate(errors, spec, start, max_shift=2)
+    assert spec.is_valid(bounded)
+    assert sum(abs(a - b) for a, b in zip(bounded.levels, start.levels)) <= 2
+    assert sum(e[v] for e, v in zip(errors, bounded.levels)) < sum(
+        e[v] for e, v in zip(errors, start.levels)
+    )
+
+
+def test_layer_errors_match_the_pruned_models_output_error(tmp_path):
+    model, ids, space, _ = _space(tmp_path, store_dtype="float32")
+    errors = layer_errors(model, space, ids, log=None)
+    assert len(errors) == len(space.refs)
+    ref = space.refs[1]
+    inputs = []
+    handle = ref.module(model).register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs]).float()
+    w = ref.weight(model).detach().float()
+    for level in (0, space.ladders[1].top):
+        d = w - space.level_weight(ref, level).float()
+        expected = float((x @ d.t()).pow(2).sum() / (x @ w.t()).pow(2).sum())
+        assert errors[1][level] == pytest.approx(expected, rel=1e-3)
+    assert all(e == sorted(e) for e in errors)  # Wanda's levels nest: error grows with level
+
+
+def test_layer_error_prunes_small_layers_less_and_is_a_warm_start(tmp_path):
+    from helpers import search_args
+
+    from evosearch.cli import main
+
+    model_dir, text = _tiny_files(tmp_path)
+    out = tmp_path / "run"
+    args = [a for a in search_args(model_dir, text, out) if a not in ("--drop", "2")]
+    argv = [*args, "--space", "sparsity", "--target", "0.6", "--level-step", "0.05",
+            "--max-level-shift", "3", "--db-dir", str(tmp_path / "db"),
+            "--warm-start", "layer-error", "--baselines", "uniform,layer-error"]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    warm = results["baselines"]["layer-error"]
+    assert warm["genome"] in {e["genome"] for e in results["evaluations"]}  # it was searched
+    assert warm["sparsity"] == pytest.approx(0.6, abs=1e-4)
+    layers = warm["layer_sparsity"]
+    small = [s for n, s in layers.items() if n.endswith(("k_proj", "v_proj"))]
+    large = [s for n, s in layers.items() if n.endswith(("gate_proj", "up_proj", "down_proj"))]
+    assert max(small) < 0.6 < min(large)
 
 
 def test_save_writes_a_normal_model_and_a_measured_profile(tmp_path):

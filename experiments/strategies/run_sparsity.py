@@ -9,7 +9,8 @@ database) at equal token budgets, as the layer-drop comparison in ``run.py`` doe
 races 12 offspring on 256 tokens, then 2 survivors and the parent on all 1,024; Optuna samplers
 score 6 candidates a generation on all 1,024 (6,144 tokens a generation for every strategy).
 Every strategy starts from the uniform 60 % allocation (EvoPress as its parent, Optuna samplers
-as their first enqueued trial), so the curves measure improvement over uniform.
+as their first enqueued trial), so the curves measure improvement over uniform; with
+``--warm-start`` the named heuristics' allocations join them.
 Writes ``results_sparsity.json`` (``"status": "running"`` until every run finished).
 """
 
@@ -44,8 +45,16 @@ def main() -> None:
         default=",".join(STRATEGIES),
         help="a subset, in order; evopress-adaptive is EvoPress with --adaptive-switches",
     )
+    p.add_argument(
+        "--warm-start",
+        default="",
+        help="sparsity heuristics (owl, layer-error) whose allocations join every strategy's "
+        "initial genomes (EvoPress's population, the samplers' enqueued trials); runs go to "
+        "runs_sparsity_warm-<names>/",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    warm = tuple(w for w in args.warm_start.split(",") if w)
     seeds = [int(s) for s in args.seeds.split(",")]
     base = SearchConfig(
         space="sparsity",
@@ -61,7 +70,8 @@ def main() -> None:
         n_sequences=8,
         seq_len=128,
         db_dir=args.db_dir,
-        baselines=("uniform",),
+        baselines=("uniform", *warm),
+        warm_start=warm,
         save_model=False,
     )
     report = {
@@ -70,10 +80,11 @@ def main() -> None:
         f"torch {torch.__version__}, CPU; one other benchmark shared the CPU",
         "status": "running",
         "space": "sparsity 60 %, wanda, level_step 0.02, max_level_shift 4, 210 block linears",
+        "warm_start": list(warm),
         "single_objective": {},
     }
     out = Path(args.out)
-    runs = HERE / "runs_sparsity"
+    runs = HERE / ("runs_sparsity" + (f"_warm-{'-'.join(warm)}" if warm else ""))
     for seed in seeds:
         for strategy in args.strategies.split(","):
             cfg = strategy_config(base, strategy, seed)
@@ -85,6 +96,7 @@ def main() -> None:
                     "curve": curve(res),
                     "best_kl": res["best"]["kl"],
                     "uniform_kl": res["calibration_fitness"].get("uniform"),
+                    **{f"{w}_kl": res["calibration_fitness"].get(w) for w in warm},
                     "seconds": round(time.perf_counter() - t0, 1),
                 }
             )
