@@ -349,13 +349,13 @@ def main(argv: list[str] | None = None) -> int:
         "--baselines",
         type=_csv(),
         help="compare with: shortgpt,angular,sleb,last,random (layer-drop); uniform,owl,"
-        "layer-error,random (sparsity); uniform,random (width)",
+        "fisher,random (sparsity); uniform,random (width)",
     )
     p.add_argument(
         "--warm-start",
         type=_csv(),
         help="heuristics whose choices join the initial population: shortgpt,angular,sleb,last "
-        "(layer-drop); owl,layer-error (sparsity)",
+        "(layer-drop); owl,fisher (sparsity)",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--runner", choices=["inprocess", "ray"], help="where candidates are evaluated")
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("baseline", help="apply one published heuristic")
     p.add_argument(
         "method",
-        choices=["shortgpt", "angular", "sleb", "last", "random", "uniform", "owl", "layer-error"],
+        choices=["shortgpt", "angular", "sleb", "last", "random", "uniform", "owl", "fisher"],
     )
     _add_search_flags(p)
 

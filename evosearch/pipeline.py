@@ -58,7 +58,7 @@ SPACES = ("layer-drop", "sparsity", "width")
 # Baselines each space can compute; "random" (random search, same racing and budget) fits all.
 SPACE_BASELINES = {
     "layer-drop": ("shortgpt", "angular", "sleb", "last", "random"),
-    "sparsity": ("uniform", "owl", "layer-error", "random"),
+    "sparsity": ("uniform", "owl", "fisher", "random"),
     "width": ("uniform", "random"),
 }
 BASELINE_NAMES = SPACE_BASELINES["layer-drop"]
@@ -87,7 +87,7 @@ class SearchConfig:
         seed: seeds data windows, generated text, the strategy and stage minibatches.
         prefix_reuse: reuse the dense hidden states of unchanged leading blocks.
         baselines: heuristics to compute and compare at the end (layer-drop: shortgpt, angular,
-            sleb, last, random; sparsity: uniform, owl, layer-error, random; width: uniform,
+            sleb, last, random; sparsity: uniform, owl, fisher, random; width: uniform,
             random); sleb_tokens: calibration tokens per SLEB evaluation.
         warm_start: heuristics (the baselines but random) whose genomes join the initial
             population, so the search starts from the best heuristic choice.

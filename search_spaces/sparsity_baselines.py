@@ -1,5 +1,4 @@
-"""Allocations a sparsity search is compared with (or starts from): uniform, OWL and
-layer-error.
+"""Allocations a sparsity search is compared with (or starts from): uniform, OWL and Fisher.
 
 OWL (Yin et al. 2024, "Outlier Weighed Layerwise Sparsity", Sec. 3): a block's *outlier ratio*
 ``D_l`` is the share of its Wanda scores ``|W_ij| * ||X_j||`` above ``M`` times their mean;
@@ -8,14 +7,14 @@ blocks with more outliers are pruned less. The ratios are min-max scaled into
 the average stays at the target and sparsities span ``target +- lambda``. All linears of a
 block share its sparsity. ``M`` and ``lambda`` are chosen by a grid search on calibration data.
 
-Layer-error: each layer's relative output error at each level of the database,
-``tr(dW H dW^T) / tr(W H W^T)`` with ``H = X^T X`` of its calibration inputs and ``dW`` the
-weights the level removes (or changes), then the allocation that minimises the sum of these
-errors at the exact budget (:func:`allocate`). It costs one forward pass of the dense model and
-no candidate evaluation. Since a level step removes the same number of weights in every layer,
-a step is a large share of a small layer (k/v projections) and a small share of a large one
-(MLP): the allocation prunes small layers less, which uniform and OWL (one sparsity per block)
-cannot express.
+Fisher: the second-order estimate of the loss increase of each layer at each level of the
+database, ``sum_ij F_ij (W_ij - W'_ij)^2`` with ``F`` the empirical diagonal Fisher (squared
+language-modelling gradients, one backward pass per calibration sequence) and ``W'`` the
+level's weights (Optimal Brain Damage's saliency with the Fisher for the Hessian). The
+allocation minimises the sum of these estimates at the exact budget (:func:`allocate`): layers
+are independent in the estimate, so it costs one gradient pass and no candidate evaluation.
+Unlike a per-block allocation (OWL) it sets every linear on its own: on SmolLM2-135M at 60 %
+it prunes the first blocks and the v projections less and the q projections more.
 """
 
 from __future__ import annotations
@@ -34,14 +33,13 @@ __all__ = [
     "OWL_MS",
     "allocate",
     "compute",
-    "layer_error",
-    "layer_errors",
+    "fisher",
+    "fisher_errors",
     "outlier_ratios",
     "owl",
     "owl_sparsities",
 ]
 
-HESSIAN_BYTES = 2**30  # input statistics held at once by layer_errors (one pass per chunk)
 
 OWL_MS = (3.0, 5.0, 7.0, 10.0)
 OWL_LAMBDAS = (0.02, 0.05, 0.08, 0.12)
@@ -108,38 +106,25 @@ def owl(
     return best[1], {"grid": grid, "best": {"M": best[2][0], "lambda": best[2][1]}}
 
 
-def layer_errors(
+def fisher_errors(
     model, space, input_ids: torch.Tensor, *, log: Callable[[str], None] | None = print
 ) -> list[list[float]]:
-    """Per layer of ``space`` and per level ``0..top``: the relative output error
-    ``tr(dW H dW^T) / tr(W H W^T)`` on ``input_ids``. The input statistics ``H`` are collected
-    in chunks of layers of at most :data:`HESSIAN_BYTES` (one dense forward pass each)."""
-    chunks: list[list] = [[]]
-    size = 0
-    for ref in space.refs:
-        need = ref.shape[1] ** 2 * 4
-        if chunks[-1] and size + need > HESSIAN_BYTES:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(ref)
-        size += need
-    out: dict[str, list[float]] = {}
-    for i, chunk in enumerate(chunks):
-        if log and len(chunks) > 1:
-            log(f"layer-error: input statistics, pass {i + 1}/{len(chunks)}")
-        stats = collect_stats(model, input_ids, hessian=True, layers=[r.name for r in chunk])
-        for ref in chunk:
-            h = stats[ref.name].hessian
-            w = ref.weight(model).detach().float().cpu()
-            total = float((w @ h * w).sum())
-            ladder = space.ladders[space.refs.index(ref)]
-            errors = []
-            for level in range(ladder.top + 1):
-                d = w - space.level_weight(ref, level).float().cpu()
-                errors.append(float((d @ h * d).sum()) / max(total, 1e-30))
-            out[ref.name] = errors
-        del stats
-    return [out[r.name] for r in space.refs]
+    """Per layer of ``space`` and per level ``0..top``: ``sum_ij F_ij (W_ij - W'_ij)^2``, the
+    diagonal-Fisher estimate of the loss increase when only that layer is at that level.
+    ``F`` sums the squared gradients of one backward pass per sequence of ``input_ids``; it
+    holds one float32 copy of the block linears while it is used."""
+    stats = collect_stats(model, input_ids, gradients=True, progress=log)
+    out = []
+    for ref, ladder in zip(space.refs, space.ladders):
+        fisher = stats.pop(ref.name).grad_sq
+        w = ref.weight(model).detach().float().cpu()
+        out.append(
+            [
+                float((fisher * (w - space.level_weight(ref, k).float().cpu()).pow(2)).sum())
+                for k in range(ladder.top + 1)
+            ]
+        )
+    return out
 
 
 def allocate(
@@ -194,39 +179,39 @@ def allocate(
         levels[j] += 1
 
 
-def layer_error(
+def fisher(
     space, model, input_ids: torch.Tensor, *, log: Callable[[str], None] | None = print
 ) -> tuple[Genome, dict]:
-    """The layer-error allocation of ``space`` (see the module docstring) and its summed
-    relative error next to uniform's."""
-    errors = layer_errors(model, space, input_ids, log=log)
+    """The Fisher allocation of ``space`` (see the module docstring) and its estimated loss
+    increase next to uniform's."""
+    errors = fisher_errors(model, space, input_ids, log=log)
     uniform = space.uniform_genome()
     genome = allocate(
         errors, space.spec, uniform, max_shift=space.config_.max_total_shift, centre=uniform
     )
     total = {
-        "layer_error": sum(e[v] for e, v in zip(errors, genome.levels)),
+        "fisher": sum(e[v] for e, v in zip(errors, genome.levels)),
         "uniform": sum(e[v] for e, v in zip(errors, uniform.levels)),
     }
     if log:
         log(
-            f"layer-error: summed relative error {total['layer_error']:.4g} "
-            f"(uniform {total['uniform']:.4g}), {space.total_shift(genome)} levels moved"
+            f"fisher: estimated loss increase {total['fisher']:.4g} (uniform "
+            f"{total['uniform']:.4g}), {space.total_shift(genome)} levels moved"
         )
-    return genome, {"summed_error": total}
+    return genome, {"estimated_loss_increase": total}
 
 
 def compute(
     name: str, space, evaluator: Evaluator, data, *, seed: int = 0, tokens: int = 4096, log=print
 ) -> Genome:
-    """The genome of baseline ``name`` (``uniform``, ``owl`` or ``layer-error``; OWL's grid
-    is scored on ``tokens`` calibration tokens)."""
+    """The genome of baseline ``name`` (``uniform``, ``owl`` or ``fisher``; OWL's grid is
+    scored on ``tokens`` calibration tokens)."""
     if name == "uniform":
         return space.uniform_genome()
-    if name == "layer-error":
-        return layer_error(space, evaluator.model, data.input_ids, log=log)[0]
+    if name == "fisher":
+        return fisher(space, evaluator.model, data.input_ids, log=log)[0]
     if name == "owl":
         if space.config_.nm is not None:
             raise ValueError("OWL allocates unstructured sparsity; it has no N:M variant")
         return owl(space, evaluator, data, seed=seed, tokens=tokens, log=log)[0]
-    raise ValueError(f"unknown sparsity baseline {name!r}; choose from uniform, owl, layer-error")
+    raise ValueError(f"unknown sparsity baseline {name!r}; choose from uniform, owl, fisher")

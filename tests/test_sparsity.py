@@ -17,7 +17,7 @@ from evosearch.operators import level_switch_mutation
 from evosearch.pruning import block_linears, collect_stats, get_pruner, set_weight_
 from evosearch.surgery import apply_replacements
 from search_spaces.sparsity import SparsityConfig, SparsitySpace, measure_sparsity
-from search_spaces.sparsity_baselines import allocate, layer_errors, owl_sparsities
+from search_spaces.sparsity_baselines import allocate, fisher_errors, owl_sparsities
 
 
 def _space(tmp_path, arch="llama", log=None, **kw):
@@ -191,26 +191,28 @@ def test_allocate_reaches_the_brute_force_optimum_at_the_exact_budget():
     )
 
 
-def test_layer_errors_match_the_pruned_models_output_error(tmp_path):
+def test_fisher_errors_weight_each_removed_weight_by_its_squared_gradient(tmp_path):
     model, ids, space, _ = _space(tmp_path, store_dtype="float32")
-    errors = layer_errors(model, space, ids, log=None)
+    errors = fisher_errors(model, space, ids, log=None)
     assert len(errors) == len(space.refs)
-    ref = space.refs[1]
-    inputs = []
-    handle = ref.module(model).register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
-    with torch.no_grad():
-        model(ids)
-    handle.remove()
-    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs]).float()
-    w = ref.weight(model).detach().float()
-    for level in (0, space.ladders[1].top):
-        d = w - space.level_weight(ref, level).float()
-        expected = float((x @ d.t()).pow(2).sum() / (x @ w.t()).pow(2).sum())
-        assert errors[1][level] == pytest.approx(expected, rel=1e-3)
-    assert all(e == sorted(e) for e in errors)  # Wanda's levels nest: error grows with level
+    assert [len(e) for e in errors] == [lad.top + 1 for lad in space.ladders]
+    ref = space.refs[2]
+    weight = ref.module(model).weight.requires_grad_(True)
+    model.eval()
+    fisher = torch.zeros_like(weight)
+    for seq in ids:  # an independent empirical Fisher: one backward per sequence
+        model.zero_grad()
+        model(input_ids=seq[None], labels=seq[None]).loss.backward()
+        fisher += weight.grad.detach() ** 2
+    model.zero_grad()
+    w = weight.detach()
+    for level in (0, space.ladders[2].top):
+        removed = w - space.level_weight(ref, level).float()
+        assert errors[2][level] == pytest.approx(float((fisher * removed**2).sum()), rel=1e-4)
+    assert all(e == sorted(e) and e[-1] > e[0] for e in errors)  # Wanda's levels nest
 
 
-def test_layer_error_prunes_small_layers_less_and_is_a_warm_start(tmp_path):
+def test_fisher_allocation_is_a_warm_start_and_a_baseline(tmp_path):
     from helpers import search_args
 
     from evosearch.cli import main
@@ -220,16 +222,17 @@ def test_layer_error_prunes_small_layers_less_and_is_a_warm_start(tmp_path):
     args = [a for a in search_args(model_dir, text, out) if a not in ("--drop", "2")]
     argv = [*args, "--space", "sparsity", "--target", "0.6", "--level-step", "0.05",
             "--max-level-shift", "3", "--db-dir", str(tmp_path / "db"),
-            "--warm-start", "layer-error", "--baselines", "uniform,layer-error"]  # fmt: skip
+            "--warm-start", "fisher", "--baselines", "uniform,fisher"]  # fmt: skip
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
-    warm = results["baselines"]["layer-error"]
+    warm = results["baselines"]["fisher"]
     assert warm["genome"] in {e["genome"] for e in results["evaluations"]}  # it was searched
+    assert warm["genome"] != results["baselines"]["uniform"]["genome"]
     assert warm["sparsity"] == pytest.approx(0.6, abs=1e-4)
-    layers = warm["layer_sparsity"]
-    small = [s for n, s in layers.items() if n.endswith(("k_proj", "v_proj"))]
-    large = [s for n, s in layers.items() if n.endswith(("gate_proj", "up_proj", "down_proj"))]
-    assert max(small) < 0.6 < min(large)
+    assert set(results["calibration_fitness"]) == {"evopress", "uniform", "fisher"}
+    # the search keeps the best it saw, so it is no worse than its warm start
+    fit = results["calibration_fitness"]
+    assert fit["evopress"] <= fit["fisher"] + 1e-6
 
 
 def test_save_writes_a_normal_model_and_a_measured_profile(tmp_path):

@@ -48,7 +48,7 @@ def main() -> None:
     p.add_argument(
         "--warm-start",
         default="",
-        help="sparsity heuristics (owl, layer-error) whose allocations join every strategy's "
+        help="sparsity heuristics (owl, fisher) whose allocations join every strategy's "
         "initial genomes (EvoPress's population, the samplers' enqueued trials); runs go to "
         "runs_sparsity_warm-<names>/",
     )
