@@ -659,11 +659,21 @@ def run_search(
     space = session.space
     record.bind(space.spec, space.metrics)
     warm: dict[str, Genome] = {}
-    if config.warm_start:
-        warm = _baselines(session, dataclasses.replace(config, baselines=config.warm_start), log)
+    # over a sparsity range, every budget gets its own Fisher allocation (one gradient pass)
+    range_fisher = config.sparsity_range is not None and "fisher" in config.warm_start
+    if heuristics := tuple(h for h in config.warm_start if not (range_fisher and h == "fisher")):
+        warm = _baselines(session, dataclasses.replace(config, baselines=heuristics), log)
     initial: tuple[Genome, ...] = tuple(warm.values())
     if config.sparsity_range is not None:  # every budget starts from its uniform allocation
-        initial = (*space.range_uniform_genomes(), *initial)
+        starts = space.range_uniform_genomes()
+        initial = (*starts, *initial)
+        if range_fisher:
+            from search_spaces.sparsity_baselines import fisher
+
+            allocations = fisher(space, session.model, session.data.input_ids, starts, log=log)
+            initial = (*initial, *allocations)
+            if space.uniform_genome() in starts:  # the baseline is the middle sparsity's
+                warm["fisher"] = allocations[starts.index(space.uniform_genome())]
     elif config.space in ("sparsity", "width"):  # EvoPress starts from the uniform allocation
         initial = (space.uniform_genome(), *initial)
     objectives = None

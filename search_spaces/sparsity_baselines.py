@@ -180,25 +180,30 @@ def allocate(
 
 
 def fisher(
-    space, model, input_ids: torch.Tensor, *, log: Callable[[str], None] | None = print
-) -> tuple[Genome, dict]:
-    """The Fisher allocation of ``space`` (see the module docstring) and its estimated loss
-    increase next to uniform's."""
+    space,
+    model,
+    input_ids: torch.Tensor,
+    starts: Sequence[Genome] | None = None,
+    *,
+    log: Callable[[str], None] | None = print,
+) -> list[Genome]:
+    """The Fisher allocation (see the module docstring) at the budget of each of ``starts``
+    (default: the uniform allocation), each found from its start; one gradient pass serves
+    them all, e.g. every sparsity of a range."""
     errors = fisher_errors(model, space, input_ids, log=log)
-    uniform = space.uniform_genome()
-    genome = allocate(
-        errors, space.spec, uniform, max_shift=space.config_.max_total_shift, centre=uniform
-    )
-    total = {
-        "fisher": sum(e[v] for e, v in zip(errors, genome.levels)),
-        "uniform": sum(e[v] for e, v in zip(errors, uniform.levels)),
-    }
+    starts = list(starts or [space.uniform_genome()])
+    bound = space.config_.max_total_shift
+    out = [allocate(errors, space.spec, g, max_shift=bound, centre=g) for g in starts]
     if log:
-        log(
-            f"fisher: estimated loss increase {total['fisher']:.4g} (uniform "
-            f"{total['uniform']:.4g}), {space.total_shift(genome)} levels moved"
-        )
-    return genome, {"estimated_loss_increase": total}
+        for start, genome in zip(starts, out):
+            log(
+                f"fisher: estimated loss increase "
+                f"{sum(e[v] for e, v in zip(errors, genome.levels)):.4g} (uniform "
+                f"{sum(e[v] for e, v in zip(errors, start.levels)):.4g}) at sparsity "
+                f"{space.metrics(genome)['sparsity']:.3f}, {space.total_shift(genome)} levels "
+                "moved from uniform"
+            )
+    return out
 
 
 def compute(

@@ -468,6 +468,31 @@ def test_cli_sparsity_range_search_returns_a_density_front(tmp_path, strategy):
         assert len(points) == 5  # lower density always costs KL on a real model
 
 
+def test_range_warm_start_gives_every_sparsity_its_fisher_allocation(tmp_path, capsys):
+    from evosearch.cli import main
+
+    model_dir, text = _tiny_files(tmp_path)
+    out = tmp_path / "range"
+    argv = ["search", "--space", "sparsity", "--sparsity-range", "0.4,0.6",
+            "--model", str(model_dir), "--data", str(text), "--n-sequences", "4",
+            "--seq-len", "16", "--generations", "1", "--offspring", "4", "--stages", "16:2,64:1",
+            "--level-step", "0.05", "--max-level-shift", "2", "--db-dir", str(tmp_path / "db"),
+            "--warm-start", "fisher", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    _, _, space, _ = _space(tmp_path / "x", sparsity=None, sparsity_range=(0.4, 0.6),
+                            level_step=0.05, max_level_shift=2)  # fmt: skip
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("fisher:")]
+    found = {float(x.split("at sparsity ")[1].split(",")[0]) for x in lines}
+    assert found == {0.4, 0.45, 0.5, 0.55, 0.6}  # one allocation per sparsity of the range
+    assert all(int(x.split(", ")[-1].split()[0]) > 0 for x in lines)  # none is uniform
+    seen = {e["genome"] for e in results["evaluations"]}
+    for target in (0.4, 0.45, 0.5, 0.55, 0.6):  # a non-uniform genome at every budget
+        at = [Genome.from_key(g) for g in seen]
+        at = [g for g in at if abs(space.metrics(g)["sparsity"] - target) < 1e-3]
+        assert any(space.total_shift(g) > 0 for g in at), target
+
+
 def test_anchored_step_carries_an_allocation_pattern_to_another_sparsity(tmp_path):
     from evosearch.operators import anchored_step
 
