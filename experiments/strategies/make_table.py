@@ -204,12 +204,18 @@ def per_seed(reports: list[dict], title: str) -> list[str]:
         "had spent no more tokens than `evopress-adaptive`.",
         "",
     ]
-    uniform = {
-        s: x["uniform_kl"] for rs in runs.values() for s, x in rs.items() if x.get("uniform_kl")
+    # the heuristics' KL (uniform, and the warm starts), one column each
+    keys = {k for rs in runs.values() for x in rs.values() for k in x if k.endswith("_kl")}
+    heuristics = {
+        key[: -len("_kl")]: {
+            s: x[key] for rs in runs.values() for s, x in rs.items() if x.get(key)
+        }
+        for key in sorted(keys - {"best_kl"}, key=lambda k: k != "uniform_kl")  # uniform first
     }
+    heuristics = {h: v for h, v in heuristics.items() if v}
     lines += [
-        "| seed | " + " | ".join(names) + (" | uniform |" if uniform else " |"),
-        "|---" * (len(names) + 1 + bool(uniform)) + "|",
+        "| seed | " + " | ".join([*names, *heuristics]) + " |",
+        "|---" * (len(names) + 1 + len(heuristics)) + "|",
     ]
     for seed in seeds:
         ref = runs.get("evopress-adaptive", {}).get(seed)
@@ -224,8 +230,8 @@ def per_seed(reports: list[dict], title: str) -> list[str]:
             v = f"**{x['best_kl']:.3f}**" if x["best_kl"] == best else f"{x['best_kl']:.3f}"
             eq = at_tokens(x, budget)
             cells.append(v + (f" ({eq:.3f})" if eq != x["best_kl"] else ""))
-        tail = f" {uniform[seed]:.3f} |" if seed in uniform else (" – |" if uniform else "")
-        lines.append(f"| {seed} | " + " | ".join(cells) + " |" + tail)
+        cells += [f"{v[seed]:.3f}" if seed in v else "–" for v in heuristics.values()]
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     common = [s for s in seeds if all(s in rs for rs in runs.values() if len(rs) == len(seeds))]
     full = [n for n in names if len(runs[n]) == len(seeds)]
     lines += [
@@ -234,7 +240,7 @@ def per_seed(reports: list[dict], title: str) -> list[str]:
             f"{statistics.mean(runs[n][s]['best_kl'] for s in common):.3f}" if n in full else "–"
             for n in names
         )
-        + (" | |" if uniform else " |"),
+        + " |" * (len(heuristics) + 1),
     ]
     wins = {n: sum(1 for s in common if all(
         runs[n][s]["best_kl"] <= runs[o][s]["best_kl"] for o in full)) for n in full}  # fmt: skip
@@ -265,6 +271,11 @@ def main() -> None:
                 "results_sparsity_seeds567",
             ),
             "Per-layer sparsity 60 %, eight seeds: EvoPress with adaptive switches vs the rest",
+        ),
+        (
+            "results_sparsity_fisher",
+            ("results_sparsity_fisher",),
+            "Per-layer sparsity 60 %, every strategy warm-started from the Fisher allocation",
         ),
         (
             "results_layerdrop_adaptive",
