@@ -1,0 +1,74 @@
+"""Calibration KL of the Fisher allocation against uniform at several sparsities, no search.
+
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/strategies/fisher_targets.py \\
+        --targets 0.5,0.7 --seed 0 --data-dir ../shared/data --db-dir /tmp/leveldb
+
+Same space and calibration as ``run_sparsity.py`` (Wanda, level step 2 %, at most 4 levels from
+uniform, 8 x 128 WikiText-2 valid tokens, KL on all 1,024). Writes ``results_fisher_targets.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from evosearch.pipeline import SearchConfig, _Session
+from search_spaces.sparsity_baselines import fisher
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from run import DEFAULT_DATA  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--targets", default="0.5,0.7")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    p.add_argument("--db-dir", help="level databases (default: evosearch's cache)")
+    p.add_argument("--out", default=str(HERE / "results_fisher_targets.json"))
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    report = {
+        "command": "python " + " ".join(sys.argv),
+        "machine": f"{platform.machine()}, 2 cores, 1 torch thread, torch {torch.__version__}",
+        "seed": args.seed,
+        "targets": {},
+    }
+    for target in (float(t) for t in args.targets.split(",")):
+        config = SearchConfig(
+            space="sparsity",
+            sparsity=target,
+            pruner="wanda",
+            level_step=0.02,
+            max_level_shift=4,
+            data=str(Path(args.data_dir) / "wikitext-2-raw" / "wiki.valid.raw"),
+            n_sequences=8,
+            seq_len=128,
+            db_dir=args.db_dir,
+            save_model=False,
+            seed=args.seed,
+        )
+        session = _Session(config, print)
+        evaluator, batch = session.evaluator(), session.full_batch()
+        t0 = time.perf_counter()
+        genome = fisher(session.space, session.model, session.data.input_ids)[0]
+        seconds = time.perf_counter() - t0
+        report["targets"][str(target)] = {
+            "uniform_kl": evaluator(session.space.uniform_genome(), batch)[0],
+            "fisher_kl": evaluator(genome, batch)[0],
+            "fisher_seconds": round(seconds, 1),
+            "genome": genome.key(),
+        }
+        print(target, report["targets"][str(target)], flush=True)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
