@@ -200,8 +200,9 @@ def fisher(
                 f"fisher: estimated loss increase "
                 f"{sum(e[v] for e, v in zip(errors, genome.levels)):.4g} (uniform "
                 f"{sum(e[v] for e, v in zip(errors, start.levels)):.4g}) at sparsity "
-                f"{space.metrics(genome)['sparsity']:.3f}, {space.total_shift(genome)} levels "
-                "moved from uniform"
+                f"{space.metrics(genome)['sparsity']:.3f}, "
+                f"{sum(abs(a - b) for a, b in zip(genome.levels, start.levels))} levels moved "
+                "from uniform"
             )
     return out
 
