@@ -3,13 +3,15 @@
     OMP_NUM_THREADS=1 .venv/bin/python experiments/strategies/fisher_targets.py \\
         --targets 0.5,0.7 --seed 0 --data-dir ../shared/data --db-dir /tmp/leveldb
 
-Same space and calibration as ``run_sparsity.py`` (Wanda, level step 2 %, at most 4 levels from
-uniform, 8 x 128 WikiText-2 valid tokens, KL on all 1,024). Writes ``results_fisher_targets.json``.
+The space and calibration of ``run_sparsity.py`` (its ``base_config``: Wanda, level step 2 %, at
+most 4 levels from uniform, 8 x 128 WikiText-2 valid tokens), at other targets; KL on all 1,024
+tokens. Writes ``results_fisher_targets.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -18,12 +20,13 @@ from pathlib import Path
 
 import torch
 
-from evosearch.pipeline import SearchConfig, _Session
+from evosearch.pipeline import _Session
 from search_spaces.sparsity_baselines import fisher
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from run import DEFAULT_DATA  # noqa: E402
+from run_sparsity import base_config  # noqa: E402
 
 
 def main() -> None:
@@ -42,18 +45,8 @@ def main() -> None:
         "targets": {},
     }
     for target in (float(t) for t in args.targets.split(",")):
-        config = SearchConfig(
-            space="sparsity",
-            sparsity=target,
-            pruner="wanda",
-            level_step=0.02,
-            max_level_shift=4,
-            data=str(Path(args.data_dir) / "wikitext-2-raw" / "wiki.valid.raw"),
-            n_sequences=8,
-            seq_len=128,
-            db_dir=args.db_dir,
-            save_model=False,
-            seed=args.seed,
+        config = dataclasses.replace(
+            base_config(args.data_dir, 0, args.db_dir), sparsity=target, seed=args.seed
         )
         session = _Session(config, print)
         evaluator, batch = session.evaluator(), session.full_batch()

@@ -17,6 +17,7 @@ Writes ``results_sparsity.json`` (``"status": "running"`` until every run finish
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -30,6 +31,27 @@ from evosearch.pipeline import SearchConfig, run_search
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from run import DEFAULT_DATA, STRATEGIES, curve, strategy_config  # noqa: E402
+from run import base_config as layer_drop_base  # noqa: E402
+
+
+def base_config(
+    data_dir: str, generations: int, db_dir: str | None, warm: tuple[str, ...] = ()
+) -> SearchConfig:
+    """The settings of this benchmark: Wanda levels around 60 %, with the layer-drop
+    benchmark's loop, stages and calibration data (``run.base_config``); ``warm`` heuristics
+    join the initial genomes and the baselines."""
+    return dataclasses.replace(
+        layer_drop_base(data_dir, generations),
+        num_drop=None,
+        space="sparsity",
+        sparsity=0.6,
+        pruner="wanda",
+        level_step=0.02,
+        max_level_shift=4,
+        db_dir=db_dir,
+        baselines=("uniform", *warm),
+        warm_start=warm,
+    )
 
 
 def main() -> None:
@@ -56,24 +78,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warm = tuple(w for w in args.warm_start.split(",") if w)
     seeds = [int(s) for s in args.seeds.split(",")]
-    base = SearchConfig(
-        space="sparsity",
-        sparsity=0.6,
-        pruner="wanda",
-        level_step=0.02,
-        max_level_shift=4,
-        generations=args.generations,
-        offspring=12,
-        initial_population=12,
-        stages=((256, 2), (1024, 1)),
-        data=str(Path(args.data_dir) / "wikitext-2-raw" / "wiki.valid.raw"),
-        n_sequences=8,
-        seq_len=128,
-        db_dir=args.db_dir,
-        baselines=("uniform", *warm),
-        warm_start=warm,
-        save_model=False,
-    )
+    base = base_config(args.data_dir, args.generations, args.db_dir, warm)
     report = {
         "command": "python " + " ".join(sys.argv),
         "machine": f"{platform.machine()}, 2 cores, {torch.get_num_threads()} torch thread(s), "
