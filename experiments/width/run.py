@@ -18,6 +18,7 @@ import platform
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -117,10 +118,14 @@ def main() -> None:
         print(f"[bench] {name}: {timings[name]}s", flush=True)
         return out
 
-    if not (runs["searched"] / "results.json").is_file():
-        step("search_plain", lambda: run_search(plain, runs["searched"]))
-    if not (runs["searched_tas"] / "results.json").is_file():
-        step("search_tas", lambda: run_search(tas, runs["searched_tas"]))
+    for label, name, config in (
+        ("search_plain", "searched", plain),
+        ("search_tas", "searched_tas", tas),
+    ):
+        out = runs[name]
+        if not (out / "results.json").is_file():  # a killed search resumes from its checkpoint
+            resume = (out / "checkpoint.json").is_file()
+            step(label, partial(run_search, config, out, resume=resume))
     uniform_dir = work / "uniform"
     if not (uniform_dir / "results.json").is_file():
         step("uniform", lambda: run_baseline(plain, "uniform", uniform_dir))
