@@ -757,6 +757,9 @@ def run_search(
     results["calibration_fitness"] = {
         name: evaluator.raw(g, full) for name, g in candidates.items()
     }
+    if warning := _selection_warning(results["calibration_fitness"], config):
+        results["warnings"] = [warning]
+        log(f"warning: {warning}")
     if config.eval_ppl:
         results["perplexity"] = _evaluate_candidates(session, candidates, log)
     if config.save_model:
@@ -1132,6 +1135,23 @@ def evaluate_perplexity(model, data: TokenData, *, micro_batch: int = 1) -> floa
     candidate = Candidate(model, Genome((0,)))
     batch = Batch(tuple(range(data.n_sequences)), data.input_ids)
     return Perplexity(micro_batch=micro_batch)(candidate, batch)
+
+
+def _selection_warning(fitness: dict[str, float], config: SearchConfig) -> str | None:
+    """A warning when a baseline scores better than the search's best on all calibration
+    tokens (``fitness``: name -> value, lower is better, the search under its strategy's name):
+    the search selected on minibatches too small to tell them apart."""
+    best = fitness[config.strategy]
+    beaten = {n: v for n, v in fitness.items() if n != config.strategy and v < best}
+    if not beaten:
+        return None
+    return (
+        f"{', '.join(f'{n} ({v:.4f})' for n, v in sorted(beaten.items(), key=lambda kv: kv[1]))} "
+        f"beat{'s' if len(beaten) == 1 else ''} the search's best ({best:.4f}) on all "
+        f"{config.n_sequences * config.seq_len} calibration tokens, though the search selected "
+        f"on {config.stages[-1][0]}-token batches: give the last stage more tokens "
+        "(--stages) or the search more generations"
+    )
 
 
 def _log_summary(results: dict, config: SearchConfig, log) -> None:

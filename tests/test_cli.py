@@ -140,3 +140,15 @@ def test_warm_start_puts_heuristics_into_generation_zero(tiny_model_dir, tmp_pat
     )
     assert last in gen0
     assert results["config"]["warm_start"] == ["angular", "last"]
+
+
+def test_a_baseline_beating_the_search_on_all_tokens_is_a_warning():
+    from evosearch.pipeline import SearchConfig, _selection_warning
+
+    config = SearchConfig(num_drop=2, n_sequences=4, seq_len=16, stages=((16, 2), (32, 1)))
+    assert _selection_warning({"evopress": 1.0, "uniform": 1.2, "random": 1.5}, config) is None
+    warning = _selection_warning({"evopress": 1.0, "uniform": 0.9, "random": 1.5}, config)
+    assert warning.startswith("uniform (0.9000) beats the search's best (1.0000) on all 64")
+    assert "32-token batches" in warning and "random" not in warning
+    two = _selection_warning({"evopress": 1.0, "uniform": 0.9, "random": 0.8}, config)
+    assert two.startswith("random (0.8000), uniform (0.9000) beat the search's best")
