@@ -41,6 +41,12 @@ DATA = Path("/work/shared/data")
 TASKS = ("arc_easy", "piqa", "hellaswag", "winogrande")
 
 
+def accuracies(row: dict) -> list[float]:
+    """Zero-shot accuracy of a results row per task of ``TASKS``: ``acc_norm``, WinoGrande's
+    ``acc`` (its choices are whole sentences of equal length)."""
+    return [row["zero_shot"][t]["acc_norm" if t != "winogrande" else "acc"] for t in TASKS]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--work", default="/tmp/evosearch-width-bench")
@@ -223,7 +229,7 @@ def write_table(results: dict, out: Path) -> None:
         if name not in rows:
             continue
         r = rows[name]
-        accs = [r["zero_shot"][t]["acc_norm" if t != "winogrande" else "acc"] for t in TASKS]
+        accs = accuracies(r)
         lines.append(
             f"| {name} | {r['params'] / 1e6:.1f}M | {r['ppl_wikitext2']:.2f} | "
             f"{r['ppl_c4']:.2f} | "

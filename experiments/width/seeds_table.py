@@ -14,16 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import accuracies  # noqa: E402
 
 METHODS = ("uniform", "searched", "searched_tas")
 LABELS = {"uniform": "uniform", "searched": "searched", "searched_tas": "searched with TAS"}
 DATASETS = (("ppl_wikitext2", "WikiText-2"), ("ppl_c4", "C4"))
-TASKS = ("arc_easy", "piqa", "hellaswag", "winogrande")
 
 
 def avg_acc(row: dict) -> float:
-    accs = [row["zero_shot"][t]["acc_norm" if t != "winogrande" else "acc"] for t in TASKS]
+    accs = accuracies(row)
     return 100 * sum(accs) / len(accs)
 
 
