@@ -335,7 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--generations", type=int)
     p.add_argument("--offspring", type=int)
-    p.add_argument("--initial-population", type=int)
+    p.add_argument(
+        "--initial-population",
+        type=int,
+        help="random genomes in generation 0 beside the uniform / warm start (0: none)",
+    )
     p.add_argument("--max-switches", type=int)
     p.add_argument(
         "--adaptive-switches",

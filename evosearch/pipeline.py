@@ -77,7 +77,9 @@ class SearchConfig:
         allowed: blocks that may be dropped (default all).
         fitness: ``kl`` (KL from the dense model) or ``ppl``.
         strategy: ``evopress`` or ``random`` (random search, same racing and budget).
-        generations, offspring, initial_population, max_switches: EvoPress loop settings.
+        generations, offspring, initial_population, max_switches: EvoPress loop settings
+            (``initial_population`` random genomes next to the uniform start of sparsity and
+            width and the ``warm_start`` genomes; 0: start from those alone).
         adaptive_switches: EvoPress self-adjusts its number of switches per mutation (see
             :class:`~evosearch.strategies.EvoPressConfig`).
         stages: ``(tokens, survivors)`` per racing stage.
@@ -310,6 +312,11 @@ class SearchConfig:
             )
         if any(len(s) != 2 for s in self.stages):
             raise ValueError("each stage is (tokens, survivors)")
+        if self.initial_population == 0 and self.space == "layer-drop" and not self.warm_start:
+            raise ValueError(
+                "initial_population=0 starts from the warm start alone (sparsity and width start "
+                "from uniform): give the layer-drop space a warm_start or initial_population >= 1"
+            )
         self.evopress_config()  # validates the loop settings
         DataSpec(source=self.data, n_sequences=self.n_sequences, seq_len=self.seq_len)
         if self.eval_seq_len < 2:

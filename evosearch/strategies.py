@@ -56,7 +56,9 @@ class EvoPressConfig:
     Args:
         generations: generations after the initial one.
         offspring: λ, new candidates per generation.
-        initial_population: random genomes raced in generation 0.
+        initial_population: random genomes raced in generation 0 next to the strategy's
+            ``initial`` genomes; 0 starts from the initial genomes alone (EvoPress's start from
+            the uniform allocation, so no random genome can take its place by a noisy win).
         stages: racing stages of increasing fidelity; the last stage's ``survivors`` is μ, the
             number of parents. Parents re-enter every stage (elitism) and are never eliminated
             before the last one, so they are always compared at the highest fidelity.
@@ -85,8 +87,8 @@ class EvoPressConfig:
             raise ValueError(f"generations must be >= 0, got {self.generations}")
         if self.offspring < 1:
             raise ValueError(f"offspring must be >= 1, got {self.offspring}")
-        if self.initial_population < 1:
-            raise ValueError(f"initial_population must be >= 1, got {self.initial_population}")
+        if self.initial_population < 0:
+            raise ValueError(f"initial_population must be >= 0, got {self.initial_population}")
         if not self.stages:
             raise ValueError("stages must not be empty")
         object.__setattr__(
@@ -213,6 +215,8 @@ class EvoPress:
         self.initial = tuple(dict.fromkeys(initial))  # de-duplicated, order kept
         self.space = space
         self.config = config or EvoPressConfig()
+        if self.config.initial_population == 0 and not self.initial:
+            raise ValueError("initial_population=0 needs initial genomes to start from")
         self.rng = rng
         self.variation = variation or self._mutate
         self.generation = 0
@@ -374,7 +378,7 @@ class MultiBudgetEvoPress:
         budgets: the niches, in increasing order: each an ``int`` (that budget in every group
             of the space, as ``num_drop`` is) or a ``{group: budget}`` dict.
         config: loop settings (``initial_population`` random genomes are spread over the
-            niches, at least one each).
+            niches, at least one each; 0: none, every niche starts from its initial genomes).
         rng: the only source of randomness.
         objectives: extra minimised objectives ``f(genome) -> tuple`` reported next to the
             fitness by :meth:`pareto` (e.g. the parameter count); default: the niche index.
@@ -441,6 +445,13 @@ class MultiBudgetEvoPress:
         if bad := [g.key() for g in initial if self.niche_of(g) is None]:
             raise ValueError(f"initial genomes meet none of the budgets searched: {bad}")
         self.initial = tuple(dict.fromkeys(initial))
+        covered = {self.niche_of(g) for g in self.initial}
+        if self.config.initial_population == 0 and (
+            empty := [lab for i, lab in enumerate(self.labels) if i not in covered]
+        ):
+            raise ValueError(
+                f"initial_population=0 needs an initial genome at every budget; none at {empty}"
+            )
         if anchors is not None and [self.niche_of(a) for a in anchors] != list(range(len(niches))):
             raise ValueError("anchors must hold one genome per budget, in the budgets' order")
         self.anchors = None if anchors is None else tuple(anchors)
@@ -611,7 +622,8 @@ class MultiBudgetEvoPress:
         if self.generation == 0:
             members = [_Member(g) for g in self.initial]
             seen = set(self.initial)
-            per_niche = max(1, -(-self.config.initial_population // len(self.niches)))
+            n = self.config.initial_population
+            per_niche = max(1, -(-n // len(self.niches))) if n else 0
             makers = [
                 (lambda rng, n=n: random_genome(self._specs[n], rng))
                 for n in range(len(self.niches))

@@ -142,6 +142,16 @@ def test_warm_start_puts_heuristics_into_generation_zero(tiny_model_dir, tmp_pat
     assert results["config"]["warm_start"] == ["angular", "last"]
 
 
+def test_zero_initial_population_needs_a_start_genome():
+    from evosearch.pipeline import SearchConfig
+
+    with pytest.raises(ValueError, match="warm_start or initial_population >= 1"):
+        SearchConfig(num_drop=2, initial_population=0)
+    warm = SearchConfig(num_drop=2, initial_population=0, warm_start=("angular",))
+    assert warm.evopress_config().initial_population == 0
+    assert SearchConfig(space="width", width_target=0.5, initial_population=0)
+
+
 def test_a_baseline_beating_the_search_on_all_tokens_is_a_warning():
     from evosearch.pipeline import SearchConfig, _selection_warning
 

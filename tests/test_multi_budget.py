@@ -173,6 +173,12 @@ def test_bad_budgets_and_initial_genomes_are_refused():
         multi(initial=[SPACE.from_dropped(blocks=[0])])
     with pytest.raises(ValueError, match="name the groups"):
         multi(budgets=({5: 2},))
+    zero = dataclasses.replace(CONFIG, initial_population=0)
+    starts = [SPACE.from_dropped(blocks=range(n)) for n in (2, 3)]
+    with pytest.raises(ValueError, match=r"every budget; none at \['4', '5', '6'\]"):
+        multi(config=zero, initial=starts)
+    request = multi(config=zero, budgets=(2, 3), initial=starts).ask()
+    assert request.genomes == tuple(starts)
 
 
 def test_guided_step_moves_toward_the_guide():

@@ -213,7 +213,7 @@ def test_random_search_spends_the_same_evaluations_as_evopress():
     [
         (dict(generations=-1), "generations"),
         (dict(offspring=0), "offspring"),
-        (dict(initial_population=0), "initial_population"),
+        (dict(initial_population=-1), "initial_population"),
         (dict(stages=()), "stages"),
         (dict(max_switches=0), "max_switches"),
     ],
@@ -250,6 +250,21 @@ def test_initial_genomes_join_generation_zero_and_must_fit_the_budget():
             rng=np.random.default_rng(0),
             initial=[space.from_dropped(blocks=[0])],
         )
+
+
+def test_zero_initial_population_starts_from_the_initial_genomes_alone():
+    start = SPACE.from_dropped(blocks=[0, 1, 2])
+    config = dataclasses.replace(CONFIG, initial_population=0)
+    strategy = evopress(config=config, initial=[start])
+    request = strategy.ask()
+    assert request.genomes == (start,)
+    for _ in CONFIG.stages:  # the start is the first parent, whatever it scores
+        request = strategy.ask()
+        strategy.tell(request, [5.0] * len(request.genomes))
+    assert strategy.best == (start, 5.0)
+    assert len(set(strategy.ask().genomes) - {start}) == CONFIG.offspring
+    with pytest.raises(ValueError, match="initial genomes"):
+        evopress(config=config)
 
 
 WIDE = LayerDropSpace(200, num_drop=100)  # many units, as a per-layer sparsity space has

@@ -232,7 +232,7 @@ def test_cli_search_with_training_and_finetune(tmp_path):
         "search", "--space", "width", "--target-params", "0.5", "--mlp-levels", "8",
         "--model", str(model_dir), "--data", str(text), "--n-sequences", "6",
         "--seq-len", "16", "--generations", "2", "--offspring", "3",
-        "--initial-population", "3", "--stages", "16:2,48:1", "--train-tokens", "16,32",
+        "--initial-population", "0", "--stages", "16:2,48:1", "--train-tokens", "16,32",
         "--train-lr", "1e-3", "--baselines", "uniform", "--db-dir", str(tmp_path / "db"),
         "--out", str(out),
     ]  # fmt: skip
@@ -240,6 +240,10 @@ def test_cli_search_with_training_and_finetune(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["best"]["block_params_removed"] == pytest.approx(0.5)
     assert set(results["calibration_fitness"]) == {"evopress", "uniform"}
+    # no random genome: generation 0 is the uniform start alone, which the offspring race
+    gen0 = {e["genome"] for e in results["evaluations"] if e["generation"] == 0}
+    assert gen0 == {results["baselines"]["uniform"]["genome"]}
+    assert len({e["genome"] for e in results["evaluations"]}) > 1
     assert results["export"]["params"] < results["export"]["dense_params"]
     assert results["export"]["tokens_per_s"] > 0
     assert (out / "model" / WIDTH_FILE).is_file()
