@@ -622,8 +622,8 @@ class MultiBudgetEvoPress:
         if self.generation == 0:
             members = [_Member(g) for g in self.initial]
             seen = set(self.initial)
-            n = self.config.initial_population
-            per_niche = max(1, -(-n // len(self.niches))) if n else 0
+            n_random = self.config.initial_population
+            per_niche = max(1, -(-n_random // len(self.niches))) if n_random else 0
             makers = [
                 (lambda rng, n=n: random_genome(self._specs[n], rng))
                 for n in range(len(self.niches))
