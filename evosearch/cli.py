@@ -393,6 +393,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     p.add_argument("--micro-batch", type=int, default=4, help="sequences per step")
     p.add_argument("--out", help="where to save the model (default: RUN/finetuned)")
+    p.add_argument(
+        "--data",
+        help="training text: file.txt/.raw/.jsonl | HF dataset (default: new random windows "
+        "of the run's calibration source)",
+    )
+    p.add_argument("--data-config", help="HF dataset config of --data")
+    p.add_argument("--data-split", default="train", help="HF split of --data")
+    p.add_argument("--text-field", default="text", help="jsonl key / dataset column of --data")
 
     p = eval_parser = sub.add_parser(
         "eval", help="perplexity and zero-shot accuracy of a model or a run's best model"
@@ -484,6 +492,14 @@ def _run(args: argparse.Namespace) -> int:
         out = pipeline.export_genome(args.run, args.genome, args.out)
         print(f"saved {out}")
     elif args.command == "finetune":
+        data = None  # the run's calibration source
+        if args.data is not None:
+            data = {
+                "source": args.data,
+                "config": args.data_config,
+                "split": args.data_split,
+                "text_field": args.text_field,
+            }
         pipeline.finetune_run(
             args.run,
             args.tokens,
@@ -491,6 +507,7 @@ def _run(args: argparse.Namespace) -> int:
             distill=args.distill,
             lr=args.lr,
             micro_batch=args.micro_batch,
+            data=data,
         )
     elif args.command == "eval":
         _eval(args)

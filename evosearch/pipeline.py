@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -970,17 +970,24 @@ def finetune_run(
     distill: bool = False,
     lr: float = 1e-4,
     micro_batch: int = 4,
+    data: Mapping[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """:func:`finetune` the best model of a search run on its calibration source (new random
-    windows), distilled from the run's dense model with ``distill``; saved to
-    ``out_dir`` (default ``RUN/finetuned``)."""
+    """:func:`finetune` the best model of a search run on new random windows of its
+    calibration source, distilled from the run's dense model with ``distill``; saved to
+    ``out_dir`` (default ``RUN/finetuned``). ``data`` changes fields of that
+    :class:`DataSpec`, e.g. ``{"source": "c4.jsonl"}`` to train on other text."""
     run_dir = Path(run_dir)
     cfg_file = run_dir / "config.json"
     if not cfg_file.is_file() or not (run_dir / "model").is_dir():
         raise FileNotFoundError(f"{run_dir} is not a finished run with a saved model")
     config = SearchConfig.from_dict(json.loads(cfg_file.read_text()))
-    data = dataclasses.replace(config.data_spec(), seed=config.seed + 1)
+    spec = dataclasses.replace(config.data_spec(), seed=config.seed + 1)
+    fields = sorted(f.name for f in dataclasses.fields(DataSpec))
+    unknown = sorted(set(data or {}) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown data fields {unknown}; choose from {fields}")
+    data = dataclasses.replace(spec, **(data or {}))
     return finetune(
         run_dir / "model",
         tokens,

@@ -217,8 +217,9 @@ def test_search_config_validates_width_fields():
     assert config.width_config().target == 0.5
 
 
-def test_cli_search_with_training_and_finetune(tmp_path):
+def test_cli_search_with_training_and_finetune(tmp_path, capsys):
     from evosearch.cli import main
+    from evosearch.pipeline import finetune_run
 
     model_dir = tmp_path / "tiny"
     build_model("llama", intermediate_size=64, max_position_embeddings=256).save_pretrained(
@@ -255,6 +256,20 @@ def test_cli_search_with_training_and_finetune(tmp_path):
     assert n_params(after) == n_params(before)
     ids = random_ids(2, 8)
     assert not torch.allclose(logits(before, ids), logits(after, ids))
+    # other training text than the calibration source, e.g. a jsonl file
+    other = tmp_path / "other.jsonl"
+    other.write_text(
+        "".join(json.dumps({"body": f"a b c d e f g {i} "}) + "\n" for i in range(40))
+    )
+    assert main(["finetune", str(out), "--tokens", "64", "--data", str(other), "--text-field",
+                 "body", "--out", str(tmp_path / "tuned2")]) == 0  # fmt: skip
+    tuned2 = json.loads((tmp_path / "tuned2" / "finetune.json").read_text())
+    assert tuned2["data"] == str(other) and tuned2["tokens"] == 64
+    code = main(["finetune", str(out), "--tokens", "64", "--data", str(tmp_path / "no.jsonl"),
+                 "--out", str(tmp_path / "tuned3")])  # fmt: skip
+    assert code == 2 and "data file not found" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown data fields \\['sorce'\\]"):
+        finetune_run(out, 64, data={"sorce": str(other)})
 
 
 def test_cli_impossible_budget_fails_cleanly(tmp_path, capsys):
