@@ -137,7 +137,11 @@ def main() -> None:
         genome = src["searches"][name]["best"]["genome"]
         if not (models[name] / "config.json").is_file():
             timed(f"export_{name}", lambda g=genome, d=models[name]: export_genome(run_dir, g, d))
-    results["genomes"] = {n: src["searches"][n]["best"]["genome"] for n in models}
+    uniform = json.loads((work / "uniform" / "results.json").read_text())["genome"]
+    results["genomes"] = {
+        "uniform": uniform,
+        **{n: src["searches"][n]["best"]["genome"] for n in ("searched", "searched_tas")},
+    }
 
     def evaluate(name: str, path: Path, recorded: dict | None) -> None:
         if name in rows:
