@@ -82,13 +82,25 @@ def perplexities(model, tokenizer, seq_len: int, windows: list[int]) -> dict[str
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--source", required=True, help="a run.py results JSON with the genomes")
-    p.add_argument("--work", required=True)
+    p.add_argument("--source", help="a run.py results JSON with the genomes")
+    p.add_argument("--work")
     p.add_argument("--post-data", default="c4,wikitext2", help="domains, in order")
     p.add_argument("--eval-windows", default="16,64")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--results", required=True)
+    p.add_argument("--results", required=True, help="JSON to write (table: .md beside)")
+    p.add_argument(
+        "--table",
+        nargs="+",
+        metavar="JSON",
+        help="instead of a run: one table of these finished results, written to --results",
+    )
     args = p.parse_args()
+    if args.table:
+        tables = [json.loads(Path(f).read_text()) for f in args.table]
+        Path(args.results).write_text(write_table(tables))
+        return
+    if not (args.source and args.work):
+        p.error("--source and --work are required (or --table)")
     torch.set_num_threads(args.threads)
     src = json.loads(Path(args.source).read_text())
     settings = src["settings"]
@@ -193,35 +205,41 @@ def main() -> None:
             evaluate(f"{name}_post_{domain}", out, recorded)
     results["complete"] = True
     save()
-    write_table(results, results_file.with_suffix(".md"))
+    results_file.with_suffix(".md").write_text(write_table([results]))
 
 
-def write_table(results: dict, out: Path) -> None:
-    rows, windows = results["models"], results["settings"]["eval_windows"].split(",")
+def write_table(runs: list[dict]) -> str:
+    """Markdown: per eval window count, perplexity of the three models per run (search seed)
+    and post-training domain, and how much lower TAS's perplexity is than uniform's."""
     names = ("uniform", "searched", "searched_tas")
-    lines = [f"Command: `{results['command']}`", ""]
-    for w in windows:
+    lines = [f"Command: `{r['command']}`" for r in runs] + [""]
+    for w in runs[0]["settings"]["eval_windows"].split(","):
         lines += [
-            f"Perplexity on the first {w} windows of 512 tokens; TAS vs uniform: how much "
-            "lower TAS's perplexity is:",
+            f"Perplexity on the first {w} windows of 512 tokens (WikiText-2 test, C4 sample); "
+            "last columns: how much lower TAS's perplexity is than uniform's:",
             "",
-            "| models | eval | uniform | searched | searched with TAS | TAS vs uniform |",
-            "|---|---|---:|---:|---:|---:|",
+            "| search seed | post-training | uniform WT2 | searched | TAS | uniform C4 | "
+            "searched | TAS | TAS vs uniform WT2 | C4 |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        stages = ["before_post"] + [
-            f"post_{d}" for d in results["settings"]["post_data"].split(",")
-        ]
-        for stage in stages:
-            for label in ("wikitext2", "c4"):
-                key = f"ppl_{label}_{w}"
-                vals = [rows.get(f"{n}_{stage}", {}).get(key) for n in names]
-                if None in vals:
+        for r in runs:
+            seed = json.loads(Path(r["source"]).read_text())["settings"]["seed"]
+            stages = ["before_post"] + [f"post_{d}" for d in r["settings"]["post_data"].split(",")]
+            for stage in stages:
+                vals = {
+                    label: [
+                        r["models"].get(f"{n}_{stage}", {}).get(f"ppl_{label}_{w}") for n in names
+                    ]
+                    for label in ("wikitext2", "c4")
+                }
+                if any(None in v for v in vals.values()):
                     continue
-                gain = 100 * (vals[0] - vals[2]) / vals[0]
-                cells = " | ".join(f"{v:.2f}" for v in vals)
-                lines.append(f"| {stage} | {label} | {cells} | {gain:+.1f} % |")
+                cells = [f"{x:.2f}" for v in vals.values() for x in v]
+                gains = [f"{100 * (v[0] - v[2]) / v[0]:+.1f} %" for v in vals.values()]
+                label = "none" if stage == "before_post" else stage.removeprefix("post_")
+                lines.append(f"| {seed} | {label} | " + " | ".join(cells + gains) + " |")
         lines.append("")
-    out.write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
