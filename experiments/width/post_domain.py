@@ -50,7 +50,8 @@ TAS_KEYS = ("width_train_tokens", "width_lr", "width_train_mode", "width_distill
 
 def c4_post_file(tokenizer, need_tokens: int, out: Path) -> dict:
     """Write the C4 documents after those the C4 evaluation reads (its first ``need_tokens``
-    tokens, plus two documents of margin) to ``out``; return what was split."""
+    tokens, plus two documents of margin) to ``out`` (kept if it exists: another run on the
+    same work directory may be reading it); return what was split."""
     docs = [json.loads(x) for x in EVAL["c4"].read_text().splitlines() if x.strip()]
     total, k = 0, 0
     while total < need_tokens:
@@ -60,7 +61,8 @@ def c4_post_file(tokenizer, need_tokens: int, out: Path) -> dict:
     covered = len(tokenizer("\n\n".join(d["text"] for d in docs[:skip])).input_ids)
     if covered < need_tokens:
         raise RuntimeError(f"the first {skip} C4 documents hold only {covered} tokens")
-    out.write_text("".join(json.dumps(d) + "\n" for d in docs[skip:]))
+    if not out.is_file():
+        out.write_text("".join(json.dumps(d) + "\n" for d in docs[skip:]))
     return {"file": str(out), "documents_skipped": skip, "documents": len(docs) - skip}
 
 
@@ -87,6 +89,11 @@ def main() -> None:
     p.add_argument("--post-data", default="c4,wikitext2", help="domains, in order")
     p.add_argument("--eval-windows", default="16,64")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--skip-before",
+        action="store_true",
+        help="do not score the models before post-training (another run on this --work does)",
+    )
     p.add_argument("--results", required=True, help="JSON to write (table: .md beside)")
     p.add_argument(
         "--table",
@@ -170,7 +177,8 @@ def main() -> None:
         save()
 
     for name, path in models.items():
-        evaluate(f"{name}_before_post", path, src["models"].get(f"{name}_before_post"))
+        if not args.skip_before:
+            evaluate(f"{name}_before_post", path, src["models"].get(f"{name}_before_post"))
 
     # 2. the same post-training recipe on each domain
     _, tokenizer = load_model(str(models["uniform"]))
@@ -223,7 +231,9 @@ def write_table(runs: list[dict]) -> str:
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in runs:
-            seed = json.loads(Path(r["source"]).read_text())["settings"]["seed"]
+            seed = json.loads(Path(r["source"]).read_text())["settings"]["search_config_tas"][
+                "seed"
+            ]
             stages = ["before_post"] + [f"post_{d}" for d in r["settings"]["post_data"].split(",")]
             for stage in stages:
                 vals = {
