@@ -36,6 +36,9 @@ from evosearch.pipeline import (
 from evosearch.shrink import n_params, throughput
 from evosearch.zero_shot import evaluate_tasks
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from post_domain import c4_post_file  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 DATA = Path("/work/shared/data")
 TASKS = ("arc_easy", "piqa", "hellaswag", "winogrande")
@@ -65,6 +68,24 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--initial-population", type=int, default=4)
     p.add_argument(
+        "--calib",
+        choices=("wikitext2", "c4"),
+        default="wikitext2",
+        help="calibration text of the database and the searches: WikiText-2 valid, or the C4 "
+        "sample's documents that the C4 evaluation never reads",
+    )
+    p.add_argument(
+        "--post-data",
+        choices=("calib", "wikitext2", "c4"),
+        default="calib",
+        help="post-training text (calib: the calibration source, other windows)",
+    )
+    p.add_argument(
+        "--skip-plain",
+        action="store_true",
+        help="no search without TAS (uniform vs searched with TAS only)",
+    )
+    p.add_argument(
         "--seed",
         type=int,
         default=0,
@@ -86,7 +107,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    calib = str(DATA / "wikitext-2-raw" / "wiki.valid.raw")
+    sources = {"wikitext2": str(DATA / "wikitext-2-raw" / "wiki.valid.raw")}
+    if "c4" in (args.calib, args.post_data):  # held out from the C4 evaluation's documents
+        _, tokenizer = load_model("smollm2-135m")
+        split = c4_post_file(
+            tokenizer, args.eval_windows * args.eval_seq_len, work / "c4_heldout.jsonl"
+        )
+        sources["c4"] = split["file"]
+    calib = sources[args.calib]
+    post_source = calib if args.post_data == "calib" else sources[args.post_data]
     base = SearchConfig(
         model="smollm2-135m",
         space="width",
@@ -116,6 +145,8 @@ def main() -> None:
     plain = SearchConfig.from_dict({**base.to_dict(), "baselines": ["uniform"]})
     timings: dict[str, float] = {}
     runs = {"searched": work / "search_plain", "searched_tas": work / "search_tas"}
+    if args.skip_plain:
+        del runs["searched"]
 
     def step(name, fn):
         t0 = time.perf_counter()
@@ -128,6 +159,8 @@ def main() -> None:
         ("search_plain", "searched", plain),
         ("search_tas", "searched_tas", tas),
     ):
+        if name not in runs:
+            continue
         out = runs[name]
         if not (out / "results.json").is_file():  # a killed search resumes from its checkpoint
             resume = (out / "checkpoint.json").is_file()
@@ -135,18 +168,14 @@ def main() -> None:
     uniform_dir = work / "uniform"
     if not (uniform_dir / "results.json").is_file():
         step("uniform", lambda: run_baseline(plain, "uniform", uniform_dir))
-    models = {
-        "uniform": uniform_dir / "model",
-        "searched": runs["searched"] / "model",
-        "searched_tas": runs["searched_tas"] / "model",
-    }
+    models = {"uniform": uniform_dir / "model", **{n: d / "model" for n, d in runs.items()}}
     post_seeds = [int(x) for x in args.post_seeds.split(",")]
 
     def post_dir(name: str, seed: int) -> Path:  # the first seed's is the main run
         return work / (f"{name}_post" + (f"_s{seed}" if seed != post_seeds[0] else ""))
 
     for seed in post_seeds:
-        post_data = DataSpec(source=calib, seq_len=args.seq_len, seed=seed)
+        post_data = DataSpec(source=post_source, seq_len=args.seq_len, seed=seed)
         for name, model_dir in models.items():
             out = post_dir(name, seed)
             if not (out / "finetune.json").is_file():
@@ -183,8 +212,9 @@ def main() -> None:
             data = load_eval_data(str(source), tokenizer, args.eval_seq_len, args.eval_windows)
             row[f"ppl_{label}"] = evaluate_perplexity(model, data)
         if name in models or name == "dense":  # the main rows: zero-shot and speed too
-            scores = evaluate_tasks(model, tokenizer, TASKS, DATA, args.limit, batch_size=16)
-            row["zero_shot"] = scores
+            if args.limit > 0:
+                scores = evaluate_tasks(model, tokenizer, TASKS, DATA, args.limit, batch_size=16)
+                row["zero_shot"] = scores
             row["tokens_per_s"] = throughput(model)
         row["eval_seconds"] = round(time.perf_counter() - t0, 1)
         rows[name] = row
@@ -229,12 +259,14 @@ def write_table(results: dict, out: Path) -> None:
         if name not in rows:
             continue
         r = rows[name]
-        accs = accuracies(r)
+        if "zero_shot" in r:
+            accs = accuracies(r)
+            acc_cells = [f"{100 * a:.1f}" for a in accs] + [f"{100 * sum(accs) / len(accs):.1f}"]
+        else:  # run with --limit 0
+            acc_cells = ["–"] * (len(TASKS) + 1)
         lines.append(
             f"| {name} | {r['params'] / 1e6:.1f}M | {r['ppl_wikitext2']:.2f} | "
-            f"{r['ppl_c4']:.2f} | "
-            + " | ".join(f"{100 * a:.1f}" for a in accs)
-            + f" | {100 * sum(accs) / len(accs):.1f} | {r['tokens_per_s']:.0f} |"
+            f"{r['ppl_c4']:.2f} | " + " | ".join(acc_cells) + f" | {r['tokens_per_s']:.0f} |"
         )
     lines += [
         "",
