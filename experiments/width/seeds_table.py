@@ -39,6 +39,8 @@ def table(files: list[Path]) -> str:
         ((search_seed(r), r) for r in (json.loads(f.read_text()) for f in files)),
         key=lambda x: x[0],
     )
+    # runs with --skip-plain have no plain search; runs with --limit 0 no zero-shot scores
+    methods = [m for m in METHODS if all(m in r["models"] for _, r in runs)]
     lines = []
     for stage, suffix in (
         ("after post-training (each seed's main post-training windows)", ""),
@@ -49,17 +51,17 @@ def table(files: list[Path]) -> str:
             "uniform's:",
             "",
             "| search seed | "
-            + " | ".join(f"{LABELS[m]} {d}" for d in ("WikiText-2", "C4") for m in METHODS)
+            + " | ".join(f"{LABELS[m]} {d}" for d in ("WikiText-2", "C4") for m in methods)
             + " | TAS vs uniform, WikiText-2 | TAS vs uniform, C4 |",
-            "|---|" + "---:|" * (2 * len(METHODS) + 2),
+            "|---|" + "---:|" * (2 * len(methods) + 2),
         ]
-        per = {(m, k): [] for m in METHODS for k, _ in DATASETS}
+        per = {(m, k): [] for m in methods for k, _ in DATASETS}
         for seed, r in runs:
             rows = r["models"]
             cells = []
             for key, _ in DATASETS:
-                best = min(rows[m + suffix][key] for m in METHODS)
-                for m in METHODS:
+                best = min(rows[m + suffix][key] for m in methods)
+                for m in methods:
                     v = rows[m + suffix][key]
                     per[(m, key)].append(v)
                     cells.append(f"**{v:.2f}**" if v == best else f"{v:.2f}")
@@ -74,7 +76,7 @@ def table(files: list[Path]) -> str:
                 + " | ".join(f"{g:+.1f} %" for g in gains)
                 + " |"
             )
-        means = [statistics.mean(per[(m, k)]) for k, _ in DATASETS for m in METHODS]
+        means = [statistics.mean(per[(m, k)]) for k, _ in DATASETS for m in methods]
         wins = [
             sum(t < u for t, u in zip(per[("searched_tas", k)], per[("uniform", k)]))
             for k, _ in DATASETS
@@ -97,30 +99,43 @@ def table(files: list[Path]) -> str:
             + " |"
         )
         lines.append("")
+    if all("zero_shot" in r["models"][m] for _, r in runs for m in methods):
+        lines += [
+            "Zero-shot average accuracy after post-training (4 tasks × first 100 items; 1 item "
+            "= 1 point per task):",
+            "",
+            "| search seed | " + " | ".join(LABELS[m] for m in methods) + " |",
+            "|---|" + "---:|" * len(methods),
+        ]
+        for seed, r in runs:
+            lines.append(
+                f"| {seed} | "
+                + " | ".join(f"{avg_acc(r['models'][m]):.1f}" for m in methods)
+                + " |"
+            )
+        lines.append("")
+    searches = [m for m in ("searched", "searched_tas") if m in methods]
     lines += [
-        "Zero-shot average accuracy after post-training (4 tasks × first 100 items; 1 item = 1 "
-        "point per task):",
-        "",
-        "| search seed | " + " | ".join(LABELS[m] for m in METHODS) + " |",
-        "|---|" + "---:|" * len(METHODS),
-    ]
-    for seed, r in runs:
-        lines.append(
-            f"| {seed} | " + " | ".join(f"{avg_acc(r['models'][m]):.1f}" for m in METHODS) + " |"
-        )
-    lines += [
-        "",
         "Calibration KL on all calibration tokens: each search's winner and the uniform genome "
         "(in the TAS search both after the last stage's training):",
         "",
-        "| search seed | searched | uniform | searched with TAS | uniform, trained as in TAS |",
-        "|---|---:|---:|---:|---:|",
+        "| search seed | "
+        + " | ".join(
+            {
+                "searched": "searched | uniform",
+                "searched_tas": "searched with TAS | uniform, trained as in TAS",
+            }[m]
+            for m in searches
+        )
+        + " |",
+        "|---|" + "---:|---:|" * len(searches),
     ]
     for seed, r in runs:
-        plain, tas = (r["searches"][m]["calibration_kl"] for m in ("searched", "searched_tas"))
+        kls = [r["searches"][m]["calibration_kl"] for m in searches]
         lines.append(
-            f"| {seed} | {plain['evopress']:.3f} | {plain['uniform']:.3f} | "
-            f"{tas['evopress']:.3f} | {tas['uniform']:.3f} |"
+            f"| {seed} | "
+            + " | ".join(f"{kl['evopress']:.3f} | {kl['uniform']:.3f}" for kl in kls)
+            + " |"
         )
     return "\n".join(lines) + "\n"
 
