@@ -151,7 +151,8 @@ def main() -> None:
     run_dir = work / "run"
     run_dir.mkdir(exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(plain.to_dict(), indent=1) + "\n")
-    for name in ("searched", "searched_tas"):
+    searches = [n for n in ("searched", "searched_tas") if n in src["searches"]]  # --skip-plain
+    for name in searches:
         models[name] = work / name
         genome = src["searches"][name]["best"]["genome"]
         if not (models[name] / "config.json").is_file():
@@ -159,7 +160,7 @@ def main() -> None:
     uniform = json.loads((work / "uniform" / "results.json").read_text())["genome"]
     results["genomes"] = {
         "uniform": uniform,
-        **{n: src["searches"][n]["best"]["genome"] for n in ("searched", "searched_tas")},
+        **{n: src["searches"][n]["best"]["genome"] for n in searches},
     }
 
     def evaluate(name: str, path: Path, recorded: dict | None) -> None:
@@ -242,9 +243,10 @@ def write_table(runs: list[dict]) -> str:
                     ]
                     for label in ("wikitext2", "c4")
                 }
-                if any(None in v for v in vals.values()):
+                if any(v[0] is None or v[2] is None for v in vals.values()):
                     continue
-                cells = [f"{x:.2f}" for v in vals.values() for x in v]
+                # "–": a run without the plain search (run.py --skip-plain)
+                cells = ["–" if x is None else f"{x:.2f}" for v in vals.values() for x in v]
                 gains = [f"{100 * (v[0] - v[2]) / v[0]:+.1f} %" for v in vals.values()]
                 label = "none" if stage == "before_post" else stage.removeprefix("post_")
                 lines.append(f"| {seed} | {label} | " + " | ".join(cells + gains) + " |")
