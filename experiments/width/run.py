@@ -144,9 +144,10 @@ def main() -> None:
     )
     plain = SearchConfig.from_dict({**base.to_dict(), "baselines": ["uniform"]})
     timings: dict[str, float] = {}
-    runs = {"searched": work / "search_plain", "searched_tas": work / "search_tas"}
+    searches = {"searched": ("search_plain", plain), "searched_tas": ("search_tas", tas)}
     if args.skip_plain:
-        del runs["searched"]
+        del searches["searched"]
+    runs = {name: work / label for name, (label, _) in searches.items()}
 
     def step(name, fn):
         t0 = time.perf_counter()
@@ -155,12 +156,7 @@ def main() -> None:
         print(f"[bench] {name}: {timings[name]}s", flush=True)
         return out
 
-    for label, name, config in (
-        ("search_plain", "searched", plain),
-        ("search_tas", "searched_tas", tas),
-    ):
-        if name not in runs:
-            continue
+    for name, (label, config) in searches.items():
         out = runs[name]
         if not (out / "results.json").is_file():  # a killed search resumes from its checkpoint
             resume = (out / "checkpoint.json").is_file()
