@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 import math
 import socket
-from pathlib import Path
 
 import pytest
 from conftest import build_model, hf_tokenizer
+from helpers import shared_data
 
 from evosearch import lm_eval_backend as backend
 from evosearch.cli import main
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.mark.parametrize(
@@ -145,12 +143,12 @@ def test_cli_auto_uses_lm_eval_on_the_loaded_model(model_dir, tmp_path, monkeypa
     assert "| piqa | 2 |" in out.with_suffix(".md").read_text()
 
 
-@pytest.mark.skipif(not (DATA / "piqa").is_dir(), reason=f"local task data not found in {DATA}")
 def test_cli_data_dir_selects_local_even_when_lm_eval_could_run(model_dir, monkeypatch, capsys):
+    data = shared_data("piqa").parent
     monkeypatch.setattr(backend, "lm_eval_installed", lambda: True)
     monkeypatch.setattr(backend, "hub_reachable", lambda: True)
     monkeypatch.setattr(backend, "evaluate_lm_eval", lambda *a, **k: pytest.fail("lm-eval ran"))
-    argv = ["eval", str(model_dir), "--tasks", "piqa", "--data-dir", str(DATA), "--limit", "2"]
+    argv = ["eval", str(model_dir), "--tasks", "piqa", "--data-dir", str(data), "--limit", "2"]
     assert main(argv) == 0
     assert "backend: local (a data directory was given)" in capsys.readouterr().out
 
@@ -187,7 +185,7 @@ def test_unknown_offline_task_lists_the_valid_ones(model_dir, tmp_path, capsys):
 
 
 def test_wikitext_pages_are_the_articles_of_the_raw_file():
-    src = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw"
+    src = shared_data("wikitext-2-raw")
     pages = backend.wikitext_pages(src / "wiki.test.raw")
     text = (src / "wiki.test.raw").read_text(encoding="utf-8")
     assert pages[0].startswith(" = Robert Boulter = \n")
