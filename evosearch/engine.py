@@ -37,7 +37,7 @@ def sample_batch(data: TokenData, tokens: int, *, seed: int, generation: int, st
     else:
         rng = np.random.default_rng([seed, generation, stage])
         idx = sorted(rng.choice(data.n_sequences, size=n, replace=False).tolist())
-    return Batch(tuple(idx), data.input_ids[idx])
+    return Batch(tuple(idx), data.input_ids[idx], stage=stage)
 
 
 @dataclass

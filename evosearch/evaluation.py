@@ -26,10 +26,13 @@ class Batch:
     Attributes:
         indices: rows of the calibration data.
         input_ids: ``(B, T)`` token ids of those rows.
+        stage: the racing stage the batch was drawn for (its fidelity), ``None`` outside a
+            search (e.g. the final comparison on every token). Not part of :meth:`key`.
     """
 
     indices: tuple[int, ...]
     input_ids: torch.Tensor
+    stage: int | None = None
 
     @property
     def n_tokens(self) -> int:

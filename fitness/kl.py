@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from evosearch.evaluation import Batch, Candidate
 from evosearch.forward import DenseCache
+from evosearch.registry import register_fitness
 
 __all__ = ["KLDivergence"]
 
@@ -51,3 +52,6 @@ class KLDivergence:
             total += kl.sum().item()
             count += kl.numel()
         return total / count
+
+
+register_fitness("kl", KLDivergence)

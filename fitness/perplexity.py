@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from evosearch.evaluation import Batch, Candidate
+from evosearch.registry import register_fitness
 
 __all__ = ["Perplexity", "nll_sum"]
 
@@ -48,3 +49,7 @@ class Perplexity:
             total += s
             count += n
         return math.exp(total / count)
+
+
+register_fitness("ppl", Perplexity)
+register_fitness("perplexity", Perplexity)

@@ -12,6 +12,7 @@ from evosearch.arch import arch_for, get_submodule
 from evosearch.genome import Genome, LevelSpec
 from evosearch.models import save_compressed, sublayer_replacements
 from evosearch.operators import random_genome
+from evosearch.registry import register_space
 from evosearch.surgery import SkippedBlock
 
 __all__ = ["LayerDropSpace", "ParamCounts", "param_counts"]
@@ -215,3 +216,59 @@ class LayerDropSpace:
             dropped_attention=attention - whole,
             dropped_mlp=mlp - whole,
         )
+
+
+def resolve_num_drop(settings, n_blocks: int) -> int:
+    """Blocks (or sublayers of each kind) to drop under the run's ``settings``: its
+    ``num_drop``, ``drop_fraction`` of ``n_blocks``, or the top of its ``drop_range``."""
+    if settings.drop_range is not None:
+        k = settings.drop_range[1]  # the space must hold the largest budget searched
+    elif settings.num_drop is not None:
+        k = settings.num_drop
+    else:
+        k = round(settings.drop_fraction * n_blocks)
+    if not settings.sublayers and k >= n_blocks:
+        raise ValueError(f"cannot drop {k} of the model's {n_blocks} blocks: keep at least one")
+    if k > n_blocks:
+        raise ValueError(f"cannot drop {k} sublayers of each kind: the model has {n_blocks}")
+    return k
+
+
+def build(ctx) -> LayerDropSpace:
+    """The layer-drop space of a run (``ctx``: :class:`evosearch.registry.SpaceContext`)."""
+    from evosearch.arch import get_blocks
+
+    settings = ctx.settings
+    n_blocks = len(get_blocks(ctx.model))
+    return LayerDropSpace(
+        n_blocks,
+        num_drop=resolve_num_drop(settings, n_blocks),
+        sublayers=settings.sublayers,
+        allowed=settings.allowed,
+        counts=param_counts(ctx.model),
+    )
+
+
+def _check_model(settings, model) -> None:
+    from evosearch.arch import get_blocks
+
+    resolve_num_drop(settings, len(get_blocks(model)))
+
+
+def _niches(settings, space) -> tuple[list, list[str]] | None:
+    """The budgets (numbers of dropped blocks) of a ``drop_range`` search, with labels."""
+    if settings.drop_range is None:
+        return None
+    low, high, *step = settings.drop_range
+    ks = range(low, high + 1, step[0] if step else 1)
+    return list(ks), [str(k) for k in ks]
+
+
+register_space(
+    "layer-drop",
+    build,
+    objectives=("params", "blocks_kept", "latency"),
+    check_model=_check_model,
+    needs_data=False,
+    niches=_niches,
+)

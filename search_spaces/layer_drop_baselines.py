@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 from evosearch.genome import Genome
+from evosearch.registry import register_baseline
 from search_spaces.layer_drop import LayerDropSpace
 
 __all__ = [
@@ -115,3 +116,36 @@ BASELINES: dict[str, str] = {
     "sleb": "score",
     "last": "none",
 }
+
+
+def _boundaries(problem) -> torch.Tensor:
+    """Dense hidden states at every block boundary of the calibration data."""
+    from evosearch.forward import compute_dense_cache
+
+    if problem.dense.boundaries is not None:
+        return problem.dense.boundaries
+    return compute_dense_cache(problem.model, problem.data.input_ids).boundaries
+
+
+def _sleb(problem, settings, log=print) -> Genome:
+    """SLEB scored by perplexity on ``settings.sleb_tokens`` calibration tokens."""
+    from evosearch.engine import Evaluator, sample_batch
+    from evosearch.registry import fitness
+
+    evaluator = Evaluator(
+        problem.model, problem.space, fitness("ppl"), problem.dense, settings.prefix_reuse
+    )
+    batch = sample_batch(
+        problem.data, settings.sleb_tokens, seed=settings.seed, generation=2**31 - 1, stage=0
+    )
+    return sleb(problem.space, lambda g: evaluator(g, batch)[0], progress=log)
+
+
+register_baseline(
+    "layer-drop", "shortgpt", lambda p, s, log=print: shortgpt(p.space, _boundaries(p))
+)
+register_baseline(
+    "layer-drop", "angular", lambda p, s, log=print: angular(p.space, _boundaries(p))
+)
+register_baseline("layer-drop", "sleb", _sleb)
+register_baseline("layer-drop", "last", lambda p, s, log=print: drop_last(p.space))

@@ -54,6 +54,7 @@ from evosearch.pruning import (
     row_ranks,
     set_weight_,
 )
+from evosearch.registry import register_space
 
 __all__ = ["PROFILE_FILE", "SparsityConfig", "SparsitySpace", "measure_sparsity"]
 
@@ -585,3 +586,43 @@ def _pruner_fingerprint(name: str) -> str:
 
         return hashlib.sha256(Path(name).read_bytes()).hexdigest()
     return name
+
+
+def config_from(settings) -> SparsityConfig:
+    """The :class:`SparsityConfig` of a run's ``settings`` (its sparsity fields)."""
+    return SparsityConfig(
+        sparsity=settings.sparsity,
+        pruner=settings.pruner,
+        pattern=settings.pattern,
+        level_step=settings.level_step,
+        max_level_shift=settings.max_level_shift,
+        max_total_shift=settings.max_total_shift,
+        sparsity_range=settings.sparsity_range,
+    )
+
+
+def build(ctx) -> SparsitySpace:
+    """The sparsity space of a run (``ctx``: :class:`evosearch.registry.SpaceContext`); its
+    level database is built once from the calibration tokens, then reused from disk."""
+    return SparsitySpace.build(
+        ctx.model,
+        ctx.input_ids,
+        config_from(ctx.settings),
+        db_root=ctx.db_dir,
+        model_id=ctx.model_id,
+        log=ctx.log,
+    )
+
+
+def _niches(settings, space: SparsitySpace) -> tuple[list, list[str]] | None:
+    return space.range_budgets() if settings.sparsity_range is not None else None
+
+
+register_space(
+    "sparsity",
+    build,
+    objectives=("density", "nonzero_block_weights", "latency"),
+    starts_uniform=True,
+    validate=config_from,
+    niches=_niches,
+)

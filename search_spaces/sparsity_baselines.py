@@ -27,6 +27,7 @@ import torch
 from evosearch.engine import Evaluator, sample_batch
 from evosearch.genome import Genome, LevelSpec
 from evosearch.pruning import collect_stats
+from evosearch.registry import register_baseline
 
 __all__ = [
     "OWL_LAMBDAS",
@@ -221,3 +222,22 @@ def compute(
             raise ValueError("OWL allocates unstructured sparsity; it has no N:M variant")
         return owl(space, evaluator, data, seed=seed, tokens=tokens, log=log)[0]
     raise ValueError(f"unknown sparsity baseline {name!r}; choose from uniform, owl, fisher")
+
+
+def _registered(name: str):
+    def run(problem, settings, log=print) -> Genome:
+        return compute(
+            name,
+            problem.space,
+            problem.evaluator(),
+            problem.data,
+            seed=settings.seed,
+            tokens=settings.stages[-1][0],  # the fidelity of the search's final stage
+            log=log,
+        )
+
+    return run
+
+
+for _name in ("uniform", "owl", "fisher"):
+    register_baseline("sparsity", _name, _registered(_name))

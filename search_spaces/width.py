@@ -41,6 +41,7 @@ from evosearch.leveldb import LevelDatabase, model_fingerprint, tensor_fingerpri
 from evosearch.models import cache_dir, remove_blocks
 from evosearch.operators import random_genome
 from evosearch.pruning import collect_stats
+from evosearch.registry import register_baseline, register_space
 from evosearch.shrink import (
     AttentionGeometry,
     MaskedLinear,
@@ -523,3 +524,28 @@ def _masked(linear: nn.Module, cols: torch.Tensor, kept_weight: torch.Tensor) ->
     mask = torch.zeros(w.shape[1], dtype=w.dtype, device=w.device)
     mask[cols] = 1
     return MaskedLinear(full, mask, linear.bias)
+
+
+def config_from(settings) -> WidthConfig:
+    """The :class:`WidthConfig` of a run's ``settings`` (its ``width_*`` fields)."""
+    if settings.width_target is None:
+        raise ValueError("the width space needs width_target (e.g. 0.5 = --target-params)")
+    return WidthConfig(
+        target=settings.width_target,
+        attention_target=settings.width_attention_target,
+        mlp_levels=settings.width_mlp_levels,
+        allow_drop=settings.width_allow_drop,
+    )
+
+
+def build(ctx) -> WidthSpace:
+    """The width space of a run (``ctx``: :class:`evosearch.registry.SpaceContext`)."""
+    return WidthSpace.build(
+        ctx.model, ctx.input_ids, config_from(ctx.settings), db_root=ctx.db_dir, log=ctx.log
+    )
+
+
+register_space("width", build, starts_uniform=True, validate=config_from, shrinks=True)
+register_baseline(
+    "width", "uniform", lambda problem, settings, log=print: problem.space.uniform_genome()
+)

@@ -153,7 +153,8 @@ def test_zero_initial_population_needs_a_start_genome():
 
 
 def test_a_baseline_beating_the_search_on_all_tokens_is_a_warning():
-    from evosearch.pipeline import SearchConfig, _selection_warning
+    from evosearch.config import SearchConfig
+    from evosearch.jobs.report import selection_warning as _selection_warning
 
     config = SearchConfig(num_drop=2, n_sequences=4, seq_len=16, stages=((16, 2), (32, 1)))
     assert _selection_warning({"evopress": 1.0, "uniform": 1.2, "random": 1.5}, config) is None

@@ -28,7 +28,7 @@ from evosearch.shrink import (
 from evosearch.surgery import apply_replacements
 from evosearch.training import LoRALinear, TrainConfig
 from fitness.kl import KLDivergence
-from fitness.training_aware import TrainingAware
+from evosearch.training_aware import TrainingAware
 from search_spaces.width import WidthConfig, WidthSpace, obs_levels
 
 ARCHS = ("llama", "qwen2")
@@ -179,13 +179,13 @@ def test_training_aware_selection_trains_then_scores(mode, tmp_path):
     untrained = Evaluator(model, space, plain, dense).raw(genome, batch)
     values = {}
     for tokens in (0, 64, 128):
-        tas = TrainingAware(plain, {128: tokens}, TrainConfig(mode=mode, lr=3e-3))
+        tas = TrainingAware(plain, {0: tokens}, TrainConfig(mode=mode, lr=3e-3))
         tas.prepare(model, ids, dense)
         values[tokens] = Evaluator(model, space, tas, dense).raw(genome, batch)
     assert values[0] == pytest.approx(untrained)
     assert values[128] < untrained  # trained on the scored sequences: KL must fall
     assert values[64] != values[128]  # the token budget matters
-    again = TrainingAware(plain, {128: 128}, TrainConfig(mode=mode, lr=3e-3))
+    again = TrainingAware(plain, {0: 128}, TrainConfig(mode=mode, lr=3e-3))
     again.prepare(model, ids, dense)
     assert Evaluator(model, space, again, dense).raw(genome, batch) == values[128]
     for k, v in model.state_dict().items():  # the resident model is untouched
@@ -193,7 +193,7 @@ def test_training_aware_selection_trains_then_scores(mode, tmp_path):
 
 
 def test_training_rows_avoid_the_scoring_batch():
-    tas = TrainingAware(KLDivergence(), {16: 32}, TrainConfig())
+    tas = TrainingAware(KLDivergence(), {0: 32}, TrainConfig())
     tas._ids = random_ids(8, 16)
     rows = tas.training_rows(Batch((0, 1, 2), tas._ids[:3]), 64)
     assert len(rows) == 4 and not set(rows) & {0, 1, 2}
@@ -213,8 +213,9 @@ def test_search_config_validates_width_fields():
         space="width", width_target=0.5, stages=((32, 2), (1000, 1)), n_sequences=4,
         seq_len=16, width_train_tokens=(100, 400),
     )  # fmt: skip
-    assert config.train_schedule() == {32: 100, 64: 400}
-    assert config.width_config().target == 0.5
+    from search_spaces.width import config_from
+
+    assert config_from(config).target == 0.5
 
 
 def test_cli_search_with_training_and_finetune(tmp_path, capsys):
@@ -286,7 +287,7 @@ def test_width_modules_keep_the_package_direction():
 
     root = Path(__file__).resolve().parents[1]
     files = {
-        root / "fitness" / "training_aware.py": "search_spaces",
+        root / "evosearch" / "training_aware.py": "search_spaces",
         root / "search_spaces" / "width.py": "fitness",
         root / "evosearch" / "shrink.py": "search_spaces",
         root / "evosearch" / "training.py": "search_spaces",

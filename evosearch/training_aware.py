@@ -1,9 +1,10 @@
 """Training-aware selection (DarwinLM, Tang et al. 2025, Sec. 3.3): train each candidate for a
 stage-specific number of tokens, then score it with an inner fitness (KL by default).
 
-A racing stage is recognised by the size of its shared batch: ``schedule`` maps the stage's
-scoring tokens to its training tokens, so training grows across stages as the scoring batch
-does (an unknown size, e.g. the final all-token comparison, trains as much as the last stage).
+The fidelity is given, not guessed: the engine's shared batch carries its racing stage, and
+``schedule`` maps the stage index to its training tokens, so training grows across stages as the
+scoring batch does. A batch without a stage (the final all-token comparison) trains as much as
+the last stage.
 
 Memory per candidate: nothing of the resident model is copied. ``lora`` adds rank-``r``
 adapters to every projection of the changed blocks (``r (in + out)`` parameters per projection)
@@ -28,7 +29,7 @@ __all__ = ["TrainingAware"]
 
 
 class TrainingAware:
-    """Wraps a fitness: ``value = inner(candidate trained for schedule[batch tokens] tokens)``.
+    """Wraps a fitness: ``value = inner(candidate trained for schedule[batch.stage] tokens)``.
 
     The candidate's trained modules are discarded after scoring; the resident model is never
     changed. Training sequences are calibration sequences outside the stage's scoring batch
@@ -37,7 +38,7 @@ class TrainingAware:
 
     Args:
         inner: the fitness after training (e.g. :class:`~fitness.kl.KLDivergence`).
-        schedule: scoring-batch tokens -> training tokens, one entry per racing stage.
+        schedule: racing stage index -> training tokens, one entry per stage.
         config: how to train (:class:`~evosearch.training.TrainConfig`); with ``distill`` the
             teacher logits come from the dense cache (no second model in memory).
     """
@@ -46,7 +47,7 @@ class TrainingAware:
 
     def __init__(self, inner, schedule: dict[int, int], config: TrainConfig) -> None:
         if not schedule:
-            raise ValueError("schedule needs at least one (scoring tokens -> training tokens)")
+            raise ValueError("schedule needs at least one (stage -> training tokens)")
         if any(t < 0 for t in schedule.values()):
             raise ValueError(f"training tokens must be >= 0, got {schedule}")
         self.inner, self.schedule, self.config = inner, dict(schedule), config
@@ -61,9 +62,10 @@ class TrainingAware:
             self.inner.prepare(model, input_ids, dense)
 
     def train_tokens(self, batch: Batch) -> int:
-        """Training tokens for a scoring batch of this size."""
-        known = sorted(self.schedule)
-        return self.schedule.get(batch.n_tokens, self.schedule[known[-1]])
+        """Training tokens for the racing stage ``batch`` belongs to (the last stage's when
+        the batch has none)."""
+        last = self.schedule[max(self.schedule)]
+        return last if batch.stage is None else self.schedule.get(batch.stage, last)
 
     def training_rows(self, batch: Batch, tokens: int) -> list[int]:
         """Calibration rows to train on, ``ceil(tokens / seq_len)`` of them: rows outside
