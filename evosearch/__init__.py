@@ -1,40 +1,49 @@
-"""evosearch: find the best compressed version of a large language model by search."""
+"""evosearch: find the best compressed version of a large language model by search.
 
-from evosearch.arch import ARCHITECTURES, UnsupportedArchitectureError, arch_for
-from evosearch.data import DataSpec, TokenData, load_token_data
-from evosearch.engine import Evaluator, SearchResult, search
-from evosearch.evaluation import Batch, CallableFitness, Candidate, Fitness, as_fitness
-from evosearch.forward import DenseCache, compute_dense_cache
+The front door is :func:`run` (the whole pipeline, with a user's own fitness or space); the
+rest are the types a user's components meet and the ``register_*`` functions that plug them in.
+"""
+
+from evosearch.api import run
+from evosearch.config import SearchConfig
+from evosearch.data import DataSpec
+from evosearch.engine import search
+from evosearch.evaluation import Batch, Candidate, Fitness, as_fitness
 from evosearch.genome import Genome, LevelSpec
-from evosearch.models import load_compressed, load_model
-from evosearch.strategies import EvoPress, EvoPressConfig, RandomSearch, Request, Stage
+from evosearch.models import load_model
+from evosearch.problem import Problem
+from evosearch.registry import (
+    SpaceContext,
+    register_baseline,
+    register_fitness,
+    register_space,
+    register_strategy,
+)
+from evosearch.space import SearchSpace
+from evosearch.strategies import EvoPress, Request, Stage
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ARCHITECTURES",
     "Batch",
-    "CallableFitness",
     "Candidate",
     "DataSpec",
-    "DenseCache",
-    "Evaluator",
     "EvoPress",
-    "EvoPressConfig",
     "Fitness",
     "Genome",
     "LevelSpec",
-    "RandomSearch",
+    "Problem",
     "Request",
-    "SearchResult",
+    "SearchConfig",
+    "SearchSpace",
+    "SpaceContext",
     "Stage",
-    "TokenData",
-    "UnsupportedArchitectureError",
-    "arch_for",
     "as_fitness",
-    "compute_dense_cache",
-    "load_compressed",
     "load_model",
-    "load_token_data",
+    "register_baseline",
+    "register_fitness",
+    "register_space",
+    "register_strategy",
+    "run",
     "search",
 ]

@@ -198,7 +198,10 @@ class SearchConfig:
         self.ray_config()  # validates workers and resources
 
     def space_entry(self) -> registry.SpaceEntry:
-        """The registry entry of :attr:`space`."""
+        """The registry entry of :attr:`space` (a bare one for ``custom:<name>``: a space
+        object given to :func:`evosearch.run`, which brings its own builder)."""
+        if self.space.startswith("custom:"):
+            return registry.SpaceEntry(build=None)
         return registry.space(self.space)
 
     def space_objectives(self) -> tuple[str, ...]:

@@ -279,9 +279,9 @@ def _scoring_on(model: nn.Module, kind: str, input_ids: torch.Tensor):
     """A fitness of ``kind`` prepared on ``input_ids`` (with the dense model's cache as its
     teacher), the batch of all those tokens, and the cache: what :class:`MetricEvaluator`
     scores with."""
-    from fitness import get_fitness
+    from evosearch import registry
 
-    fitness = get_fitness(kind)
+    fitness = registry.fitness(kind)
     dense = compute_dense_cache(model, input_ids, prefix_reuse=False)
     fitness.prepare(model, input_ids, dense)
     return fitness, Batch(tuple(range(input_ids.shape[0])), input_ids), dense

@@ -14,7 +14,8 @@ from evosearch.jobs.models import (
     finetune_run,
     load_eval_data,
 )
-from evosearch.jobs.search import make_strategy, run_search
+from evosearch.jobs.search import run_search
+from evosearch.jobs.strategy import make_strategy
 from evosearch.problem import Problem, WorkerRecipe, make_runner, resolve_device
 
 __all__ = [

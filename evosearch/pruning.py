@@ -12,7 +12,7 @@ combination of them is a valid model (EvoPress, Sec. 3.2).
 
 Example:
     >>> stats = collect_stats(model, input_ids)                     # doctest: +SKIP
-    >>> pruner = get_pruner("wanda")                                # doctest: +SKIP
+    >>> pruner = PRUNERS["wanda"]()                                 # doctest: +SKIP
     >>> ref = block_linears(model)[0]                               # doctest: +SKIP
     >>> w = pruner.prune(ref.weight(model), stats[ref.name], sparsity=0.5)  # doctest: +SKIP
 """
@@ -38,7 +38,6 @@ __all__ = [
     "SparseGPT",
     "block_linears",
     "collect_stats",
-    "get_pruner",
     "keep_mask",
     "parse_pattern",
     "prune_counts",
@@ -422,22 +421,6 @@ PRUNERS: dict[str, Callable[[], Pruner]] = {
     "wanda": lambda: ScorePruner("wanda", wanda_score),
     "sparsegpt": SparseGPT,
 }
-
-
-def get_pruner(name: str) -> Pruner:
-    """A built-in pruner by name (``magnitude``, ``wanda``, ``sparsegpt``), or a symbolic
-    metric saved as JSON (a name ending in ``.json``, e.g. a metric search's
-    ``best_metric.json``; see :mod:`evosearch.symbolic`)."""
-    if name.endswith(".json"):
-        from evosearch.symbolic import load_metric
-
-        return load_metric(name)
-    try:
-        return PRUNERS[name]()
-    except KeyError:
-        raise ValueError(
-            f"unknown pruner {name!r}; choose from {sorted(PRUNERS)} or a saved metric .json"
-        ) from None
 
 
 def sparsity_of(weight: torch.Tensor) -> float:

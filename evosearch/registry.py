@@ -85,6 +85,10 @@ class SpaceEntry:
         niches: ``niches(settings, space) -> (budgets, labels) | None``: the budgets of a
             multi-budget search over a range the settings give (``None``: one budget).
         shrinks: the saved model is physically smaller (its size and speed are measured).
+        range_starts: ``range_starts(problem, warm_start, log) -> (first, last, {name:
+            genome})``: start genomes of a multi-budget search that go before and after the
+            other warm-start heuristics, and the heuristics it computed per budget itself
+            (named as baselines, ``None`` where it has none; the others are computed as usual).
     """
 
     build: Callable[[SpaceContext], Any]
@@ -95,6 +99,7 @@ class SpaceEntry:
     needs_data: bool = True
     niches: Callable[[Any, Any], tuple[list, list[str]] | None] | None = None
     shrinks: bool = False
+    range_starts: Callable[[Any, tuple[str, ...], Any], tuple[tuple, tuple, dict]] | None = None
 
 
 _SPACES: dict[str, SpaceEntry] = {}

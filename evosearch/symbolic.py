@@ -70,7 +70,7 @@ from typing import Any
 
 import torch
 
-from evosearch.pruning import LayerStats, ScorePruner
+from evosearch.pruning import PRUNERS, LayerStats, Pruner, ScorePruner
 
 __all__ = [
     "EPS",
@@ -85,6 +85,7 @@ __all__ = [
     "canonical",
     "evaluate",
     "from_json",
+    "get_pruner",
     "is_nonneg",
     "load_metric",
     "metric_pruner",
@@ -699,3 +700,17 @@ KNOWN_METRICS: dict[str, str] = {
     # GBLM-Pruner (Das et al. 2023): |W| * ||X||_2 + alpha * |W| * ||G||_2, alpha = 100
     "gblm": f"add(mul(W, X), mul({GBLM_ALPHA:g}, mul(W, G)))",
 }
+
+
+def get_pruner(name: str) -> Pruner:
+    """A built-in pruner by name (``magnitude``, ``wanda``, ``sparsegpt``), or a symbolic
+    metric saved as JSON (a name ending in ``.json``, e.g. a metric search's
+    ``best_metric.json``; see :mod:`evosearch.symbolic`)."""
+    if name.endswith(".json"):
+        return load_metric(name)
+    try:
+        return PRUNERS[name]()
+    except KeyError:
+        raise ValueError(
+            f"unknown pruner {name!r}; choose from {sorted(PRUNERS)} or a saved metric .json"
+        ) from None

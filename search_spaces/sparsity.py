@@ -48,13 +48,13 @@ from evosearch.pruning import (
     SparseGPT,
     block_linears,
     collect_stats,
-    get_pruner,
     parse_pattern,
     prune_counts,
     row_ranks,
     set_weight_,
 )
 from evosearch.registry import register_space
+from evosearch.symbolic import get_pruner
 
 __all__ = ["PROFILE_FILE", "SparsityConfig", "SparsitySpace", "measure_sparsity"]
 
@@ -625,4 +625,12 @@ register_space(
     starts_uniform=True,
     validate=config_from,
     niches=_niches,
+    range_starts=lambda *args, **kw: _baselines().range_starts(*args, **kw),
 )
+
+
+def _baselines():
+    """The baselines module (it imports this one, so it is looked up when first needed)."""
+    import importlib
+
+    return importlib.import_module("search_spaces.sparsity_baselines")

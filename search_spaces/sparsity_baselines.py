@@ -241,3 +241,20 @@ def _registered(name: str):
 
 for _name in ("uniform", "owl", "fisher"):
     register_baseline("sparsity", _name, _registered(_name))
+
+
+def range_starts(problem, warm_start: tuple[str, ...], log=print):
+    """The starts of a search over a sparsity range: every budget's uniform allocation first,
+    and with ``fisher`` in ``warm_start`` every budget's Fisher allocation last (one gradient
+    pass); the middle budget's counts as the ``fisher`` baseline."""
+    space = problem.space
+    starts = tuple(space.range_uniform_genomes())
+    if "fisher" not in warm_start:
+        return starts, (), {}
+    allocations = tuple(fisher(space, problem.model, problem.data.input_ids, starts, log=log))
+    middle = space.uniform_genome()  # the baseline is the middle sparsity's, if searched
+    return (
+        starts,
+        allocations,
+        {"fisher": allocations[starts.index(middle)] if middle in starts else None},
+    )

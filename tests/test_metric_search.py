@@ -13,8 +13,8 @@ from evosearch.cli import main
 from evosearch.evaluation import Batch
 from evosearch.forward import compute_dense_cache
 from evosearch.metric_search import MetricEvaluator, MetricSearchConfig, run_metric_search
-from evosearch.pruning import block_linears, collect_stats, get_pruner, sparsity_of
-from evosearch.symbolic import KNOWN_METRICS, parse
+from evosearch.pruning import block_linears, collect_stats, sparsity_of
+from evosearch.symbolic import KNOWN_METRICS, get_pruner, parse
 from fitness import KLDivergence
 
 # a metric whose scores overflow to inf (not removable by canonicalisation: sub at the root)

@@ -1,9 +1,11 @@
 """The direction of dependencies: search_spaces/ and fitness/ build on evosearch/ and never
-import each other; only evosearch's CLI, pipeline and metric search put them together."""
+import each other, and evosearch/ imports neither (they register themselves through entry
+points). No module of the three packages imports a module that imports it back."""
 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-COMBINERS = {"cli.py", "pipeline.py", "metric_search.py"}  # may wire packages together
 
 
 def imported_packages(path: Path) -> set[str]:
@@ -36,7 +37,7 @@ def imported_packages(path: Path) -> set[str]:
 
 
 def _modules(package: str) -> list[Path]:
-    files = sorted((ROOT / package).glob("*.py"))
+    files = sorted((ROOT / package).rglob("*.py"))
     assert files, f"no modules found in {package}/"
     return files
 
@@ -64,13 +65,54 @@ def test_fitness_never_imports_search_spaces(path):
     assert "search_spaces" not in imported_packages(path)
 
 
-@pytest.mark.parametrize(
-    "path",
-    [p for p in _modules("evosearch") if p.name not in COMBINERS],
-    ids=lambda p: p.name,
-)
-def test_evosearch_core_imports_neither(path):
+@pytest.mark.parametrize("path", _modules("evosearch"), ids=lambda p: p.name)
+def test_evosearch_imports_neither(path):
     assert not imported_packages(path) & {"fitness", "search_spaces"}
+    # nor through a string (importlib, load_object): they are found through entry points
+    assert not re.search(r"[\"'](search_spaces|fitness)[.:]", path.read_text()), path
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path, known: set[str]) -> set[str]:
+    """The project modules ``path`` imports anywhere in it (``from pkg import mod`` counts as
+    importing ``pkg.mod`` when that is a module, else ``pkg``)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name in known}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in known:
+            subs = {f"{node.module}.{a.name}" for a in node.names} & known
+            out |= subs or {node.module}
+    return out
+
+
+def test_no_module_imports_a_module_that_imports_it_back():
+    paths = [p for pkg in ("evosearch", "search_spaces", "fitness") for p in _modules(pkg)]
+    known = {_module_name(p) for p in paths}
+    graph = {_module_name(p): imported_modules(p, known) for p in paths}
+    packages = {n for n in known if (ROOT / n.replace(".", "/") / "__init__.py").is_file()}
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            node = todo.pop()
+            for nxt in graph.get(node, ()) - packages:  # a package's __init__ only re-exports
+                if nxt == goal:
+                    return True
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return False
+
+    cycles = sorted(
+        {" <-> ".join(sorted((a, b))) for a in graph for b in graph[a] - packages if reaches(b, a)}
+    )
+    assert not cycles, cycles
 
 
 def test_importing_evosearch_loads_no_optional_heavy_dependency():

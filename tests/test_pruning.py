@@ -12,12 +12,12 @@ from evosearch.pruning import (
     SparseGPT,
     block_linears,
     collect_stats,
-    get_pruner,
     keep_mask,
     parse_pattern,
     prune_counts,
     sparsity_of,
 )
+from evosearch.symbolic import get_pruner
 
 
 def _layer(seed: int = 0, rows: int = 16, cols: int = 32, tokens: int = 256):

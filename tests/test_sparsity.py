@@ -14,8 +14,9 @@ from conftest import build_model, hf_tokenizer, logits, random_ids
 from evosearch.genome import Genome
 from evosearch.leveldb import LevelDatabase
 from evosearch.operators import level_switch_mutation
-from evosearch.pruning import block_linears, collect_stats, get_pruner, set_weight_
+from evosearch.pruning import block_linears, collect_stats, set_weight_
 from evosearch.surgery import apply_replacements
+from evosearch.symbolic import get_pruner
 from search_spaces.sparsity import SparsityConfig, SparsitySpace, measure_sparsity
 from search_spaces.sparsity_baselines import allocate, fisher_errors, owl_sparsities
 

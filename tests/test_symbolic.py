@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from evosearch.pruning import LayerStats, get_pruner, keep_mask
+from evosearch.pruning import LayerStats, keep_mask
 from evosearch.symbolic import (
     EPS,
     KNOWN_METRICS,
@@ -19,6 +19,7 @@ from evosearch.symbolic import (
     canonical,
     evaluate,
     from_json,
+    get_pruner,
     load_metric,
     metric_pruner,
     parse,

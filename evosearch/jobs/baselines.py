@@ -15,6 +15,7 @@ from evosearch.config import SearchConfig
 from evosearch.engine import search
 from evosearch.genome import Genome
 from evosearch.jobs.models import evaluate_perplexity, load_eval_data
+from evosearch.jobs.strategy import make_strategy
 from evosearch.problem import Problem
 from evosearch.surgery import apply_replacements
 
@@ -51,8 +52,6 @@ def short_description(space, genome: Genome) -> dict[str, Any]:
 
 def random_baseline(problem: Problem, initial) -> Genome:
     """Random search with the search's racing, budget and initial genomes."""
-    from evosearch.jobs.search import make_strategy
-
     strategy = make_strategy(problem, "random", initial)
     return search(strategy, problem.evaluator(), problem.data, seed=problem.config.seed).best
 

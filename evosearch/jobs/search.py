@@ -7,8 +7,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from evosearch.config import LEGACY_FIELDS, RUNNER_FIELDS, SearchConfig
 from evosearch.engine import search
 from evosearch.evaluation import measure_latency
@@ -16,83 +14,27 @@ from evosearch.genome import Genome
 from evosearch.jobs.baselines import compute_baselines, evaluate_candidates
 from evosearch.jobs.pareto import write_pareto
 from evosearch.jobs.report import log_summary, selection_warning, write_report
+from evosearch.jobs.strategy import make_strategy, niches
 from evosearch.problem import Problem, make_runner
 from evosearch.run import RunDir
-from evosearch.strategies import EvoPress, MultiBudgetEvoPress, RandomSearch
 from evosearch.surgery import apply_replacements
 
-__all__ = ["make_strategy", "run_search"]
-
-
-def _sampled_range(budgets: list) -> tuple[int, int, int]:
-    """``(low, high, step)`` of the budgets an Optuna sampler draws from (every group has the
-    same range): the niches' span, on their grid when they are evenly spaced."""
-    values = [b if isinstance(b, int) else min(b.values()) for b in budgets]
-    steps = {b - a for a, b in zip(values, values[1:])}
-    return values[0], values[-1], steps.pop() if len(steps) == 1 else 1
-
-
-def niches(problem: Problem) -> tuple[list, list[str]] | None:
-    """The budgets (and labels) of a multi-budget search, or ``None`` for a single budget."""
-    hook = problem.entry.niches
-    return None if hook is None else hook(problem.config, problem.space)
-
-
-def make_strategy(problem: Problem, name: str, initial=(), objectives=None):
-    """The strategy ``name`` over the problem's space (multi-budget over a budget range)."""
-    config, space = problem.config, problem.space
-    budgets = niches(problem)
-    if name not in ("evopress", "random"):
-        from evosearch.optuna_strategy import OptunaStrategy, OptunaStrategyConfig
-
-        sampler_config = OptunaStrategyConfig(
-            sampler="random" if name == "optuna-random" else name,
-            generations=config.generations,
-            batch_size=config.offspring,
-            tokens=config.sampler_tokens or config.stages[-1][0],
-            budget_range=None if budgets is None else _sampled_range(budgets[0]),
-        )
-        return OptunaStrategy(
-            space, config=sampler_config, seed=config.seed, objectives=objectives, initial=initial
-        )
-    rng = np.random.default_rng(config.seed)
-    if name == "evopress" and budgets is not None:
-        return MultiBudgetEvoPress(
-            space,
-            budgets=budgets[0],
-            labels=budgets[1],
-            config=config.evopress_config(),
-            rng=rng,
-            objectives=objectives,
-            initial=initial,
-            focus=config.budget_focus,
-            anchors=space.range_uniform_genomes() if config.offset_steps else None,
-        )
-    cls = EvoPress if name == "evopress" else RandomSearch
-    return cls(space, config=config.evopress_config(), rng=rng, initial=initial)
+__all__ = ["run_search"]
 
 
 def _start_genomes(problem: Problem, log) -> tuple[tuple[Genome, ...], dict[str, Genome]]:
     """The initial genomes (uniform starts and warm-start heuristics) and the heuristics'
     genomes by name, which later count as computed baselines."""
-    config, space = problem.config, problem.space
-    range_fisher = config.sparsity_range is not None and "fisher" in config.warm_start
-    warm: dict[str, Genome] = {}
-    if heuristics := tuple(h for h in config.warm_start if not (range_fisher and h == "fisher")):
-        warm = compute_baselines(problem, heuristics, log)
+    config, space, entry = problem.config, problem.space, problem.entry
+    if niches(problem) is not None and entry.range_starts is not None:
+        # a budget range: the space starts every budget itself (e.g. per-budget allocations)
+        starts, late, own = entry.range_starts(problem, config.warm_start, log)
+        rest = compute_baselines(problem, tuple(h for h in config.warm_start if h not in own), log)
+        own = {name: g for name, g in own.items() if g is not None}  # None: handled, no genome
+        return (*starts, *rest.values(), *late), {**rest, **own}
+    warm = compute_baselines(problem, tuple(config.warm_start), log)
     initial: tuple[Genome, ...] = tuple(warm.values())
-    if config.sparsity_range is not None:  # every budget starts from its uniform allocation
-        starts = space.range_uniform_genomes()
-        initial = (*starts, *initial)
-        if range_fisher:
-            from evosearch.registry import load_object
-
-            fisher = load_object("search_spaces.sparsity_baselines:fisher")
-            allocations = fisher(space, problem.model, problem.data.input_ids, starts, log=log)
-            initial = (*initial, *allocations)
-            if space.uniform_genome() in starts:  # the baseline is the middle sparsity's
-                warm["fisher"] = allocations[starts.index(space.uniform_genome())]
-    elif problem.entry.starts_uniform:  # EvoPress starts from the uniform allocation
+    if entry.starts_uniform:  # EvoPress starts from the uniform allocation
         initial = (space.uniform_genome(), *initial)
     return initial, warm
 

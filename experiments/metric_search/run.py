@@ -19,8 +19,8 @@ from evosearch.data import DataSpec, load_token_data
 from evosearch.metric_search import MetricSearchConfig, run_metric_search
 from evosearch.models import load_model
 from evosearch.pipeline import evaluate_perplexity, load_eval_data
-from evosearch.pruning import block_linears, collect_stats, get_pruner, parse_pattern, set_weight_
-from evosearch.symbolic import KNOWN_METRICS, metric_pruner
+from evosearch.pruning import block_linears, collect_stats, parse_pattern, set_weight_
+from evosearch.symbolic import KNOWN_METRICS, get_pruner, metric_pruner
 
 HERE = Path(__file__).resolve().parent
 
