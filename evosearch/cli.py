@@ -98,8 +98,8 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="built-in name (smollm2-135m), local dir, .gguf or hub id")
     p.add_argument(
         "--space",
-        choices=["layer-drop", "sparsity", "width"],
-        help="what to search: blocks to drop (default), per-layer sparsity, or per-block widths",
+        help="what to search: layer-drop (default), sparsity, width, another registered "
+        "space, or module:attribute naming a space builder",
     )
     p.add_argument(
         "--target-params",
@@ -159,7 +159,11 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
         "--max-total-shift", type=int, help="sparsity space: most levels moved in total"
     )
     p.add_argument("--db-dir", help="where level databases are kept (default: the cache)")
-    p.add_argument("--fitness", choices=["kl", "ppl"])
+    p.add_argument(
+        "--fitness",
+        help="kl (default), ppl, another registered fitness, or module:attribute naming a "
+        "fn(model, batch) -> float of yours (lower is better), e.g. my_fitness:score",
+    )
     p.add_argument("--data", help="calibration: generated | file.txt/.raw/.jsonl | HF dataset")
     p.add_argument("--data-config")
     p.add_argument("--data-split")
@@ -242,9 +246,11 @@ def _metric_search(args: argparse.Namespace) -> None:
 
 
 def _config(args: argparse.Namespace, extra: dict | None = None):
+    """The nested :class:`SearchConfig` of ``--config`` (nested or flat YAML) with the flags
+    on top (each flag lands where :data:`~evosearch.config.FLAT_KEYS` puts it)."""
     import yaml
 
-    from evosearch.pipeline import SearchConfig
+    from evosearch.config import FLAT_KEYS, SearchConfig, nest
 
     values: dict = {}
     if args.config:
@@ -257,31 +263,37 @@ def _config(args: argparse.Namespace, extra: dict | None = None):
             raise ValueError(f"bad YAML in {args.config}: {exc}") from None
         if not isinstance(values, dict):
             raise ValueError(f"{args.config} must hold a mapping of config keys")
-    for flag, field in _OVERRIDES.items():
-        value = getattr(args, flag, None)
+    values = nest(values)
+    flags = {field: getattr(args, flag, None) for flag, field in _OVERRIDES.items()}
+    flags.pop("num_drop"), flags.pop("drop_fraction")  # set together below
+    for flag in _LIST_FLAGS:
+        flags[flag] = getattr(args, flag, None)
+    flags["width_train_tokens"] = getattr(args, "train_tokens", None)
+    flags.update(extra or {})
+    yaml_space = values.get("space") if isinstance(values.get("space"), dict) else {}
+    if flags.get("space") not in (None, yaml_space.get("name", "layer-drop")):
+        values["space"] = {}  # another space than the YAML's: its settings are moot
+    for field, value in flags.items():
         if value is not None:
-            values[field] = value
+            _put(values, FLAT_KEYS.get(field, (field,)), value)
     if args.drop is not None or args.drop_fraction is not None:  # a flag replaces the YAML's
-        values["num_drop"], values["drop_fraction"] = args.drop, args.drop_fraction
-    for flag in (
-        "sublayers",
-        "allowed",
-        "eval_ppl",
-        "stages",
-        "baselines",
-        "warm_start",
-        "objectives",
-        "drop_range",
-        "sparsity_range",
-        "hv_reference",
-    ):
-        value = getattr(args, flag, None)
-        if value is not None:
-            values[flag] = value
-    if getattr(args, "train_tokens", None) is not None:
-        values["width_train_tokens"] = args.train_tokens
-    values.update(extra or {})
+        _put(values, ("space", "num_drop"), args.drop)
+        _put(values, ("space", "drop_fraction"), args.drop_fraction)
     return SearchConfig.from_dict(values)
+
+
+_LIST_FLAGS = (
+    "sublayers", "allowed", "eval_ppl", "stages", "baselines", "warm_start", "objectives",
+    "drop_range", "sparsity_range", "hv_reference",
+)  # fmt: skip
+
+
+def _put(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        if not isinstance(tree.get(key, {}), dict):
+            tree[key] = {"name": tree[key]} if key in ("space", "strategy", "runner") else {}
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
 
 
 def main(argv: list[str] | None = None) -> int:

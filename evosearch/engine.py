@@ -20,7 +20,7 @@ from evosearch.data import TokenData
 from evosearch.evaluation import Batch, Candidate, Fitness
 from evosearch.forward import DenseCache
 from evosearch.genome import Genome
-from evosearch.run import RunDir
+from evosearch.rundir import RunDir
 from evosearch.runners import InProcessRunner, Outcome, Runner
 from evosearch.surgery import apply_replacements
 

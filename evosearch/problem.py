@@ -37,16 +37,27 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def user_object(name: str, what: str):
+    """The object a ``module:attribute`` name gives (``None`` for a registered name), loaded
+    once in the driver so that it reaches Ray workers pickled (by value)."""
+    if name.startswith("custom:"):
+        raise ValueError(
+            f"this run's {what} was a Python object ({name}); resume it with "
+            f"evosearch.run(..., {what}=<the object>)"
+        )
+    return registry.load_object(name) if ":" in name else None
+
+
 def build_space(config, model, input_ids, log: Callable[[str], None] = print, space=None):
     """The search space of ``config`` (``space``: a builder or entry overriding the name)."""
     entry = space_entry(config, space)
     ctx = registry.SpaceContext(
         model=model,
         input_ids=input_ids,
+        config=config.space.settings,
         model_id=config.model,
         db_dir=config.db_dir,
         log=log,
-        settings=config,
     )
     return entry.build(ctx)
 
@@ -54,18 +65,19 @@ def build_space(config, model, input_ids, log: Callable[[str], None] = print, sp
 def space_entry(config, space=None) -> registry.SpaceEntry:
     """The registry entry of the run's space (``space`` overrides ``config.space``)."""
     if space is None:
-        return registry.space(config.space)
+        return config.space.entry()
     return space if isinstance(space, registry.SpaceEntry) else registry.SpaceEntry(space)
 
 
 def build_fitness(config, fitness=None):
     """The fitness of ``config`` (``fitness``: an object or callable overriding the name),
     wrapped for training-aware selection when the config asks for it."""
-    fit = as_fitness(fitness if fitness is not None else registry.fitness(config.fitness))
-    if config.width_train_tokens:
+    fit = fitness if fitness is not None else registry.fitness(config.fitness)
+    fit = as_fitness(fit() if isinstance(fit, type) else fit)  # a class: its instance
+    if config.selection_training is not None:
         from evosearch.training_aware import TrainingAware
 
-        schedule = dict(enumerate(config.width_train_tokens))
+        schedule = dict(enumerate(config.selection_training.tokens))
         fit = TrainingAware(fit, schedule, config.train_config())
     return fit
 
@@ -83,6 +95,8 @@ class Problem:
 
     def __init__(self, config, log: Callable[[str], None] = print, *, fitness=None, space=None):
         self.config, self.log = config, log
+        fitness = fitness if fitness is not None else user_object(config.fitness, "fitness")
+        space = space if space is not None else user_object(config.space.name, "space")
         self._fitness_override, self._space_override = fitness, space
         t0 = time.perf_counter()
         self.model, self.tokenizer = load_model(config.model, device=resolve_device(config.device))
@@ -92,7 +106,7 @@ class Problem:
             f"({time.perf_counter() - t0:.1f}s)")  # fmt: skip
         self.entry = space_entry(config, space)
         if self.entry.check_model is not None:  # an impossible budget fails before data loads
-            self.entry.check_model(config, self.model)
+            self.entry.check_model(config.space.settings, self.model)
         t0 = time.perf_counter()
         self.data: TokenData = load_token_data(config.data_spec(), self.tokenizer, self.model)
         log(f"calibration data: {self.data.description} ({time.perf_counter() - t0:.1f}s)")
@@ -171,18 +185,35 @@ def make_runner(problem: Problem, log: Callable[[str], None] = print):
     from evosearch.runners import InProcessRunner, RayRunner
 
     config = problem.config
-    if config.runner == "inprocess":
+    if config.runner.name == "inprocess":
         return InProcessRunner()
     t0 = time.perf_counter()
+    _ship_by_value(problem._fitness_override, problem._space_override)
     runner = RayRunner(
         problem.recipe(),
         shared={"input_ids": problem.data.input_ids, "dense": problem.dense},
         config=config.ray_config(),
     )
-    where = config.ray_address or "a local Ray instance"
+    ray = config.ray_config()
+    where = ray.address or "a local Ray instance"
     log(
-        f"ray: {config.workers} workers on {len(set(runner.worker_nodes()))} node(s) of {where}, "
-        f"{config.worker_cpus} CPUs and {config.worker_gpus} GPUs each, started in "
+        f"ray: {ray.workers} workers on {len(set(runner.worker_nodes()))} node(s) of {where}, "
+        f"{ray.num_cpus} CPUs and {ray.num_gpus} GPUs each, started in "
         f"{time.perf_counter() - t0:.1f}s"
     )
     return runner
+
+
+def _ship_by_value(*objects) -> None:
+    """Let Ray pickle a user's objects with their module's code, so workers need not import
+    the user's file (it may sit in a folder only the driver has on its path)."""
+    import sys
+
+    import ray.cloudpickle
+
+    for obj in objects:
+        module = sys.modules.get(getattr(obj, "__module__", None) or "")
+        top = (getattr(module, "__name__", "") or "").split(".")[0]
+        if module is not None and top not in ("evosearch", "search_spaces", "fitness"):
+            if "site-packages" not in (getattr(module, "__file__", "") or ""):
+                ray.cloudpickle.register_pickle_by_value(module)

@@ -48,23 +48,23 @@ GROUPS = ("evosearch.spaces", "evosearch.fitness", "evosearch.strategies", "evos
 
 @dataclass(frozen=True)
 class SpaceContext:
-    """What a space builder receives beside its own config.
+    """What a space builder receives.
 
     Attributes:
         model: the dense model (builders must not change it).
         input_ids: ``(N, T)`` calibration tokens (level databases are keyed by them).
+        config: the space's own settings (an instance of its registered config class).
         model_id: the model's name as the user gave it (for cache keys).
         db_dir: where level databases live (``None``: evosearch's cache).
         log: progress sink.
-        settings: the run's whole config, for spaces that read run-wide settings.
     """
 
     model: Any
     input_ids: Any
+    config: Any = None
     model_id: str | None = None
     db_dir: str | None = None
     log: Callable[[str], None] = print
-    settings: Any = None
 
 
 @dataclass(frozen=True)
@@ -74,15 +74,15 @@ class SpaceEntry:
     Attributes:
         build: called once per process (driver and each Ray worker) with a
             :class:`SpaceContext`.
+        config: the frozen dataclass of the space's settings (``space:`` in a config file;
+            validated when the run's config is built). ``None``: the space has none.
         objectives: metric names a multi-objective search may minimise beside the fitness.
         starts_uniform: EvoPress starts from ``space.uniform_genome()`` (level-switch spaces).
-        validate: ``validate(settings)`` raises ``ValueError`` for settings the space cannot
-            use, when the run's config is built (before anything loads).
-        check_model: ``check_model(settings, model)`` raises for a budget the loaded model
+        check_model: ``check_model(config, model)`` raises for a budget the loaded model
             cannot meet, before the calibration data loads.
         needs_data: the builder reads the calibration tokens (level databases); ``False``
             lets ``export`` skip loading them.
-        niches: ``niches(settings, space) -> (budgets, labels) | None``: the budgets of a
+        niches: ``niches(config, space) -> (budgets, labels) | None``: the budgets of a
             multi-budget search over a range the settings give (``None``: one budget).
         shrinks: the saved model is physically smaller (its size and speed are measured).
         range_starts: ``range_starts(problem, warm_start, log) -> (first, last, {name:
@@ -92,9 +92,9 @@ class SpaceEntry:
     """
 
     build: Callable[[SpaceContext], Any]
+    config: type | None = None
     objectives: tuple[str, ...] = ()
     starts_uniform: bool = False
-    validate: Callable[[Any], None] | None = None
     check_model: Callable[[Any, Any], None] | None = None
     needs_data: bool = True
     niches: Callable[[Any, Any], tuple[list, list[str]] | None] | None = None
@@ -125,8 +125,7 @@ def _load_plugins(group: str) -> None:
 
 def register_space(name: str, build: Callable[[SpaceContext], Any], **options: Any) -> None:
     """Register a search space builder under ``name``; ``options`` are the other fields of
-    :class:`SpaceEntry` (objectives, starts_uniform, validate, check_model, needs_data,
-    niches)."""
+    :class:`SpaceEntry` (its config class, objectives, hooks)."""
     _SPACES[name] = SpaceEntry(build, **options)
 
 

@@ -99,6 +99,13 @@ class CandidatePoint:
         return self.units_dropped / max(1, len(self.genome))
 
 
+
+def strategy_name(results: dict, default: str = "evopress") -> str:
+    """The strategy of a run's results (a nested config's ``strategy.name``; earlier runs
+    saved the name itself)."""
+    strategy = results.get("config", {}).get("strategy", default)
+    return strategy.get("name", default) if isinstance(strategy, dict) else strategy
+
 def load_run(path: str | Path, name: str | None = None) -> RunRecord:
     """Read ``path/results.json``.
 
@@ -165,7 +172,7 @@ def _genome_from_description(desc: dict[str, Any], space: dict[str, Any]) -> str
 def _candidates(run: RunRecord) -> dict[str, str]:
     """``{candidate: genome key}``: the search result first, then the baselines."""
     results = run.results
-    strategy = results.get("config", {}).get("strategy", "evopress")
+    strategy = strategy_name(results)
     out = {strategy: results["best"]["genome"]}
     for name, desc in results.get("baselines", {}).items():
         if name not in out:
@@ -308,7 +315,7 @@ def _plot_convergence(runs: Sequence[RunRecord], path: Path) -> None:
 def block_sparsities(run: RunRecord) -> dict[str, list[float]] | None:
     """``{candidate: sparsity of each block}`` for a sparsity run (``None`` otherwise)."""
     results = run.results
-    strategy = results.get("config", {}).get("strategy", "evopress")
+    strategy = strategy_name(results)
     described = {strategy: results.get("best", {}), **results.get("baselines", {})}
     out = {n: d.get("block_sparsity") for n, d in described.items()}
     return out if out and all(isinstance(v, list) for v in out.values()) else None
@@ -538,7 +545,7 @@ def _run_summary_rows(runs: Sequence[RunRecord]) -> list[list[Any]]:
 
     def best_value(r: RunRecord) -> Any:
         return r.results.get("calibration_fitness", {}).get(
-            r.results.get("config", {}).get("strategy", ""),
+            strategy_name(r.results, ""),
             r.results["best"].get(r.fitness_name, ""),
         )
 
@@ -547,7 +554,7 @@ def _run_summary_rows(runs: Sequence[RunRecord]) -> list[list[Any]]:
         row(
             "space", lambda r: ", ".join(f"{k}={v}" for k, v in r.space.items() if k != "allowed")
         ),
-        row("strategy", lambda r: r.results.get("config", {}).get("strategy", "")),
+        row("strategy", lambda r: strategy_name(r.results, "")),
         row("fitness", lambda r: r.fitness_name),
         row("generations", lambda r: len(r.results.get("history", [])) - 1),
         row("evaluations", lambda r: r.results.get("n_evaluations", "")),
@@ -569,7 +576,7 @@ def _comparison_table(run: RunRecord) -> str:
     rows = []
     if "dense" in ppl:
         rows.append(["dense", "", "", ""] + [ppl["dense"].get(s, "") for s in sources])
-    desc = {results.get("config", {}).get("strategy", "evopress"): results["best"]}
+    desc = {strategy_name(results): results["best"]}
     desc.update(results.get("baselines", {}))
     for name in names:
         d = desc.get(name, {})

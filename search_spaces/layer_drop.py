@@ -3,6 +3,7 @@ separately (EvoPress, Sieberling et al. 2024, Sec. 4.1)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ from evosearch.operators import random_genome
 from evosearch.registry import register_space
 from evosearch.surgery import SkippedBlock
 
-__all__ = ["LayerDropSpace", "ParamCounts", "param_counts"]
+__all__ = ["LayerDropConfig", "LayerDropSpace", "ParamCounts", "param_counts"]
 
 
 class ParamCounts:
@@ -218,16 +219,65 @@ class LayerDropSpace:
         )
 
 
-def resolve_num_drop(settings, n_blocks: int) -> int:
-    """Blocks (or sublayers of each kind) to drop under the run's ``settings``: its
-    ``num_drop``, ``drop_fraction`` of ``n_blocks``, or the top of its ``drop_range``."""
-    if settings.drop_range is not None:
-        k = settings.drop_range[1]  # the space must hold the largest budget searched
-    elif settings.num_drop is not None:
-        k = settings.num_drop
+@dataclass(frozen=True, kw_only=True)
+class LayerDropConfig:
+    """Settings of the layer-drop space.
+
+    Args:
+        num_drop: blocks (or sublayers of each kind) to drop; or ``drop_fraction`` of blocks.
+        drop_fraction: fraction of the blocks to drop instead, in [0, 1).
+        sublayers: drop attention and MLP sublayers separately (``num_drop`` of each).
+        allowed: blocks that may be dropped (default all).
+        drop_range: ``(low, high)`` or ``(low, high, step)``: search every number of dropped
+            blocks in this range (a multi-budget search tracing KL against size).
+        sleb_tokens: calibration tokens per evaluation of the SLEB baseline.
+    """
+
+    num_drop: int | None = None
+    drop_fraction: float | None = None
+    sublayers: bool = False
+    allowed: tuple[int, ...] | None = None
+    drop_range: tuple[int, ...] | None = None
+    sleb_tokens: int = 4096
+
+    def __post_init__(self) -> None:
+        for name in ("allowed", "drop_range"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        if (self.num_drop is None) == (self.drop_fraction is None) and not self.drop_range:
+            raise ValueError("give exactly one of num_drop (e.g. 7) and drop_fraction (e.g. 0.25)")
+        if self.num_drop is not None and self.num_drop < 0:
+            raise ValueError(f"num_drop must be >= 0, got {self.num_drop}")
+        if self.drop_fraction is not None and not 0 <= self.drop_fraction < 1:
+            raise ValueError(f"drop_fraction must lie in [0, 1), got {self.drop_fraction}")
+        if self.drop_range is not None and (
+            len(self.drop_range) not in (2, 3)
+            or not 0 <= self.drop_range[0] <= self.drop_range[1]
+            or (len(self.drop_range) == 3 and self.drop_range[2] < 1)
+        ):
+            raise ValueError(
+                "drop_range must be (low, high) or (low, high, step) with 0 <= low <= high "
+                "and step >= 1"
+            )
+        if self.sleb_tokens < 1:
+            raise ValueError(f"sleb_tokens must be >= 1, got {self.sleb_tokens}")
+
+    @property
+    def budget_range(self) -> tuple[int, ...] | None:
+        """The range of a multi-budget search, or ``None``."""
+        return self.drop_range
+
+
+def resolve_num_drop(config: LayerDropConfig, n_blocks: int) -> int:
+    """Blocks (or sublayers of each kind) to drop: ``num_drop``, ``drop_fraction`` of
+    ``n_blocks``, or the top of ``drop_range``."""
+    if config.drop_range is not None:
+        k = config.drop_range[1]  # the space must hold the largest budget searched
+    elif config.num_drop is not None:
+        k = config.num_drop
     else:
-        k = round(settings.drop_fraction * n_blocks)
-    if not settings.sublayers and k >= n_blocks:
+        k = round(config.drop_fraction * n_blocks)
+    if not config.sublayers and k >= n_blocks:
         raise ValueError(f"cannot drop {k} of the model's {n_blocks} blocks: keep at least one")
     if k > n_blocks:
         raise ValueError(f"cannot drop {k} sublayers of each kind: the model has {n_blocks}")
@@ -238,28 +288,28 @@ def build(ctx) -> LayerDropSpace:
     """The layer-drop space of a run (``ctx``: :class:`evosearch.registry.SpaceContext`)."""
     from evosearch.arch import get_blocks
 
-    settings = ctx.settings
+    config = ctx.config
     n_blocks = len(get_blocks(ctx.model))
     return LayerDropSpace(
         n_blocks,
-        num_drop=resolve_num_drop(settings, n_blocks),
-        sublayers=settings.sublayers,
-        allowed=settings.allowed,
+        num_drop=resolve_num_drop(config, n_blocks),
+        sublayers=config.sublayers,
+        allowed=config.allowed,
         counts=param_counts(ctx.model),
     )
 
 
-def _check_model(settings, model) -> None:
+def _check_model(config: LayerDropConfig, model) -> None:
     from evosearch.arch import get_blocks
 
-    resolve_num_drop(settings, len(get_blocks(model)))
+    resolve_num_drop(config, len(get_blocks(model)))
 
 
-def _niches(settings, space) -> tuple[list, list[str]] | None:
+def _niches(config: LayerDropConfig, space) -> tuple[list, list[str]] | None:
     """The budgets (numbers of dropped blocks) of a ``drop_range`` search, with labels."""
-    if settings.drop_range is None:
+    if config.drop_range is None:
         return None
-    low, high, *step = settings.drop_range
+    low, high, *step = config.drop_range
     ks = range(low, high + 1, step[0] if step else 1)
     return list(ks), [str(k) for k in ks]
 
@@ -267,6 +317,7 @@ def _niches(settings, space) -> tuple[list, list[str]] | None:
 register_space(
     "layer-drop",
     build,
+    config=LayerDropConfig,
     objectives=("params", "blocks_kept", "latency"),
     check_model=_check_model,
     needs_data=False,

@@ -135,9 +135,8 @@ def _sleb(problem, settings, log=print) -> Genome:
     evaluator = Evaluator(
         problem.model, problem.space, fitness("ppl"), problem.dense, settings.prefix_reuse
     )
-    batch = sample_batch(
-        problem.data, settings.sleb_tokens, seed=settings.seed, generation=2**31 - 1, stage=0
-    )
+    tokens = settings.space.settings.sleb_tokens
+    batch = sample_batch(problem.data, tokens, seed=settings.seed, generation=2**31 - 1, stage=0)
     return sleb(problem.space, lambda g: evaluator(g, batch)[0], progress=log)
 
 

@@ -152,6 +152,11 @@ class SparsityConfig:
         return parse_pattern(self.pattern)
 
     @property
+    def budget_range(self) -> tuple[float, float] | None:
+        """The range of a multi-budget search, or ``None``."""
+        return self.sparsity_range
+
+    @property
     def target(self) -> float:
         nm = self.nm
         return 1 - nm[0] / nm[1] if nm else float(self.sparsity)
@@ -588,42 +593,29 @@ def _pruner_fingerprint(name: str) -> str:
     return name
 
 
-def config_from(settings) -> SparsityConfig:
-    """The :class:`SparsityConfig` of a run's ``settings`` (its sparsity fields)."""
-    return SparsityConfig(
-        sparsity=settings.sparsity,
-        pruner=settings.pruner,
-        pattern=settings.pattern,
-        level_step=settings.level_step,
-        max_level_shift=settings.max_level_shift,
-        max_total_shift=settings.max_total_shift,
-        sparsity_range=settings.sparsity_range,
-    )
-
-
 def build(ctx) -> SparsitySpace:
     """The sparsity space of a run (``ctx``: :class:`evosearch.registry.SpaceContext`); its
     level database is built once from the calibration tokens, then reused from disk."""
     return SparsitySpace.build(
         ctx.model,
         ctx.input_ids,
-        config_from(ctx.settings),
+        ctx.config,
         db_root=ctx.db_dir,
         model_id=ctx.model_id,
         log=ctx.log,
     )
 
 
-def _niches(settings, space: SparsitySpace) -> tuple[list, list[str]] | None:
-    return space.range_budgets() if settings.sparsity_range is not None else None
+def _niches(config: SparsityConfig, space: SparsitySpace) -> tuple[list, list[str]] | None:
+    return space.range_budgets() if config.sparsity_range is not None else None
 
 
 register_space(
     "sparsity",
     build,
     objectives=("density", "nonzero_block_weights", "latency"),
+    config=SparsityConfig,
     starts_uniform=True,
-    validate=config_from,
     niches=_niches,
     range_starts=lambda *args, **kw: _baselines().range_starts(*args, **kw),
 )

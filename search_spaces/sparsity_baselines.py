@@ -232,7 +232,7 @@ def _registered(name: str):
             problem.evaluator(),
             problem.data,
             seed=settings.seed,
-            tokens=settings.stages[-1][0],  # the fidelity of the search's final stage
+            tokens=settings.stages[-1].tokens,  # the fidelity of the search's final stage
             log=log,
         )
 

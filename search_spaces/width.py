@@ -526,26 +526,12 @@ def _masked(linear: nn.Module, cols: torch.Tensor, kept_weight: torch.Tensor) ->
     return MaskedLinear(full, mask, linear.bias)
 
 
-def config_from(settings) -> WidthConfig:
-    """The :class:`WidthConfig` of a run's ``settings`` (its ``width_*`` fields)."""
-    if settings.width_target is None:
-        raise ValueError("the width space needs width_target (e.g. 0.5 = --target-params)")
-    return WidthConfig(
-        target=settings.width_target,
-        attention_target=settings.width_attention_target,
-        mlp_levels=settings.width_mlp_levels,
-        allow_drop=settings.width_allow_drop,
-    )
-
-
 def build(ctx) -> WidthSpace:
     """The width space of a run (``ctx``: :class:`evosearch.registry.SpaceContext`)."""
-    return WidthSpace.build(
-        ctx.model, ctx.input_ids, config_from(ctx.settings), db_root=ctx.db_dir, log=ctx.log
-    )
+    return WidthSpace.build(ctx.model, ctx.input_ids, ctx.config, db_root=ctx.db_dir, log=ctx.log)
 
 
-register_space("width", build, starts_uniform=True, validate=config_from, shrinks=True)
+register_space("width", build, config=WidthConfig, starts_uniform=True, shrinks=True)
 register_baseline(
     "width", "uniform", lambda problem, settings, log=print: problem.space.uniform_genome()
 )

@@ -146,17 +146,19 @@ def test_zero_initial_population_needs_a_start_genome():
     from evosearch.pipeline import SearchConfig
 
     with pytest.raises(ValueError, match="warm_start or initial_population >= 1"):
-        SearchConfig(num_drop=2, initial_population=0)
-    warm = SearchConfig(num_drop=2, initial_population=0, warm_start=("angular",))
+        SearchConfig.from_dict(dict(num_drop=2, initial_population=0))
+    warm = SearchConfig.from_dict(dict(num_drop=2, initial_population=0, warm_start=("angular",)))
     assert warm.evopress_config().initial_population == 0
-    assert SearchConfig(space="width", width_target=0.5, initial_population=0)
+    assert SearchConfig.from_dict(dict(space="width", width_target=0.5, initial_population=0))
 
 
 def test_a_baseline_beating_the_search_on_all_tokens_is_a_warning():
     from evosearch.config import SearchConfig
     from evosearch.jobs.report import selection_warning as _selection_warning
 
-    config = SearchConfig(num_drop=2, n_sequences=4, seq_len=16, stages=((16, 2), (32, 1)))
+    config = SearchConfig.from_dict(
+        dict(num_drop=2, n_sequences=4, seq_len=16, stages=((16, 2), (32, 1)))
+    )
     assert _selection_warning({"evopress": 1.0, "uniform": 1.2, "random": 1.5}, config) is None
     warning = _selection_warning({"evopress": 1.0, "uniform": 0.9, "random": 1.5}, config)
     assert warning.startswith("uniform (0.9000) beats the search's best (1.0000) on all 64")

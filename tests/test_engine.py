@@ -1,4 +1,4 @@
-"""evosearch.engine and evosearch.run: the search loop, memoised evaluation, run directories
+"""evosearch.engine and evosearch.rundir: the search loop, memoised evaluation, run directories
 and resuming a killed run."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from conftest import build_model, token_data
 from evosearch.engine import Evaluator, sample_batch, search
 from evosearch.evaluation import Batch, CallableFitness, as_fitness
 from evosearch.forward import compute_dense_cache
-from evosearch.run import RunConfigMismatch, RunDir
+from evosearch.rundir import RunConfigMismatch, RunDir
 from evosearch.strategies import EvoPress, EvoPressConfig, Stage
 from evosearch.surgery import apply_replacements
 from fitness import KLDivergence

@@ -302,17 +302,23 @@ def test_importing_evosearch_does_not_import_ray():
 
 def test_runner_settings_are_validated_and_ignored_on_resume(tmp_path):
     from evosearch.pipeline import RUNNER_FIELDS, SearchConfig
-    from evosearch.run import RunConfigMismatch, RunDir
+    from evosearch.rundir import RunConfigMismatch, RunDir
 
-    config = SearchConfig(num_drop=2, runner="ray", workers=4, worker_gpus=0.5)
+    config = SearchConfig.from_dict(dict(num_drop=2, runner="ray", workers=4, worker_gpus=0.5))
     assert config.ray_config() == RayRunnerConfig(workers=4, num_cpus=1.0, num_gpus=0.5)
     with pytest.raises(ValueError, match="runner must be one of"):
-        SearchConfig(num_drop=2, runner="dask")
+        SearchConfig.from_dict(dict(num_drop=2, runner="dask"))
     with pytest.raises(ValueError, match="workers must be >= 1"):
-        SearchConfig(num_drop=2, runner="ray", workers=0)
+        SearchConfig.from_dict(dict(num_drop=2, runner="ray", workers=0))
     run = RunDir(tmp_path)
     assert run.start(config.to_dict(), resume=False, ignore=RUNNER_FIELDS) is False
-    local = SearchConfig(num_drop=2)  # in process, other runner settings: same results
+    local = SearchConfig.from_dict(
+        dict(num_drop=2)
+    )  # in process, other runner settings: same results
     assert run.start(local.to_dict(), resume=True, ignore=RUNNER_FIELDS) is True
     with pytest.raises(RunConfigMismatch, match="differs in seed"):
-        run.start(SearchConfig(num_drop=2, seed=1).to_dict(), resume=True, ignore=RUNNER_FIELDS)
+        run.start(
+            SearchConfig.from_dict(dict(num_drop=2, seed=1)).to_dict(),
+            resume=True,
+            ignore=RUNNER_FIELDS,
+        )

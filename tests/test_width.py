@@ -204,15 +204,15 @@ def test_search_config_validates_width_fields():
     from evosearch.pipeline import SearchConfig
 
     with pytest.raises(ValueError, match="width_target"):
-        SearchConfig(space="width")
+        SearchConfig.from_dict(dict(space="width"))
     with pytest.raises(ValueError, match="one entry per stage"):
-        SearchConfig(space="width", width_target=0.5, width_train_tokens=(10,))
+        SearchConfig.from_dict(dict(space="width", width_target=0.5, width_train_tokens=(10,)))
     with pytest.raises(ValueError, match="belong to the width space"):
-        SearchConfig(num_drop=2, width_target=0.5)
-    config = SearchConfig(
+        SearchConfig.from_dict(dict(num_drop=2, width_target=0.5))
+    config = SearchConfig.from_dict(dict(
         space="width", width_target=0.5, stages=((32, 2), (1000, 1)), n_sequences=4,
         seq_len=16, width_train_tokens=(100, 400),
-    )  # fmt: skip
+    ))  # fmt: skip
     from search_spaces.width import config_from
 
     assert config_from(config).target == 0.5

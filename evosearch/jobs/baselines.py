@@ -32,12 +32,12 @@ def compute_baselines(
     for name in names:
         t0 = time.perf_counter()
         if name == "random":
-            if config.strategy == "random":
+            if config.strategy.name == "random":
                 log("baseline random: skipped, the search itself is random search")
                 continue
             out[name] = random_baseline(problem, initial)
         else:
-            out[name] = registry.baseline(config.space, name)(problem, config, log)
+            out[name] = registry.baseline(config.space.name, name)(problem, config, log)
         log(f"baseline {name}: {short_description(space, out[name])} "
             f"({time.perf_counter() - t0:.1f}s)")  # fmt: skip
     return out
@@ -60,10 +60,10 @@ def run_baseline(
     config: SearchConfig, method: str, out_dir: str | Path, *, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
     """Compute one baseline's genome, score it on the calibration data and save its model."""
-    names = (*registry.baselines_for(config.space), "random")
+    names = (*registry.baselines_for(config.space.name), "random")
     if method not in names:
         raise ValueError(
-            f"unknown baseline {method!r} for the {config.space} space; choose from {names}"
+            f"unknown baseline {method!r} for the {config.space.name} space; choose from {names}"
         )
     config = dataclasses.replace(config, baselines=(method,))
     problem = Problem(config, log)
@@ -77,7 +77,7 @@ def run_baseline(
         **problem.space.describe(genome),
         config.fitness: problem.evaluator().raw(genome, problem.full_batch()),
     }
-    if config.eval_ppl:
+    if config.evaluation.ppl:
         results["perplexity"] = evaluate_candidates(problem, {method: genome}, log)
     if config.save_model:
         problem.space.save(problem.model, problem.tokenizer, genome, str(out / "model"))
@@ -89,8 +89,9 @@ def evaluate_candidates(problem: Problem, candidates: dict[str, Genome], log) ->
     """Perplexity of the dense model and of each candidate on every ``eval_ppl`` source."""
     config, model = problem.config, problem.model
     table: dict[str, dict[str, float]] = {}
-    for source in config.eval_ppl:
-        data = load_eval_data(source, problem.tokenizer, config.eval_seq_len, config.eval_windows)
+    ev = config.evaluation
+    for source in ev.ppl:
+        data = load_eval_data(source, problem.tokenizer, ev.seq_len, ev.windows)
         table.setdefault("dense", {})[source] = evaluate_perplexity(model, data)
         for name, genome in candidates.items():
             with apply_replacements(model, problem.space.replacements(model, genome)):

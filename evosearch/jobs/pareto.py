@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from evosearch.evaluation import measure_latency
-from evosearch.run import RunDir
+from evosearch.rundir import RunDir
 
 __all__ = ["write_pareto"]
 

@@ -28,15 +28,16 @@ def selection_warning(fitness: dict[str, float], config: SearchConfig) -> str | 
     """A warning when a baseline scores better than the search's best on all calibration
     tokens (``fitness``: name -> value, lower is better, the search under its strategy's name):
     the search selected on minibatches too small to tell them apart."""
-    best = fitness[config.strategy]
-    beaten = {n: v for n, v in fitness.items() if n != config.strategy and v < best}
+    name = config.strategy.name
+    best = fitness[name]
+    beaten = {n: v for n, v in fitness.items() if n != name and v < best}
     if not beaten:
         return None
     return (
         f"{', '.join(f'{n} ({v:.4f})' for n, v in sorted(beaten.items(), key=lambda kv: kv[1]))} "
         f"beat{'s' if len(beaten) == 1 else ''} the search's best ({best:.4f}) on all "
-        f"{config.n_sequences * config.seq_len} calibration tokens, though the search selected "
-        f"on {config.stages[-1][0]}-token batches: give the last stage more tokens "
+        f"{config.data.n_sequences * config.data.seq_len} calibration tokens, though the search "
+        f"selected on {config.stages[-1].tokens}-token batches: give the last stage more tokens "
         "(--stages) or the search more generations"
     )
 
@@ -44,7 +45,8 @@ def selection_warning(fitness: dict[str, float], config: SearchConfig) -> str | 
 def log_summary(results: dict, config: SearchConfig, log) -> None:
     fit = results["calibration_fitness"]
     log(
-        f"calibration {config.fitness} on all {config.n_sequences * config.seq_len} tokens: "
+        f"calibration {config.fitness} on all {config.data.n_sequences * config.data.seq_len} "
+        "tokens: "
         + ", ".join(f"{n} {v:.4f}" for n, v in sorted(fit.items(), key=lambda kv: kv[1]))
     )
     # per-layer detail (e.g. 210 layer sparsities) stays in results.json, not in the log

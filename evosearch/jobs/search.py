@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from evosearch.config import LEGACY_FIELDS, RUNNER_FIELDS, SearchConfig
+from evosearch.config import RUNNER_FIELDS, SearchConfig
 from evosearch.engine import search
 from evosearch.evaluation import measure_latency
 from evosearch.genome import Genome
@@ -16,7 +16,7 @@ from evosearch.jobs.pareto import write_pareto
 from evosearch.jobs.report import log_summary, selection_warning, write_report
 from evosearch.jobs.strategy import make_strategy, niches
 from evosearch.problem import Problem, make_runner
-from evosearch.run import RunDir
+from evosearch.rundir import RunDir
 from evosearch.surgery import apply_replacements
 
 __all__ = ["run_search"]
@@ -59,6 +59,14 @@ def _objectives(problem: Problem) -> Callable[[Genome], tuple] | None:
     return objectives
 
 
+def _upgrade(old: dict) -> dict:
+    """A run directory's config in today's nested form (earlier versions wrote flat keys)."""
+    try:
+        return SearchConfig.from_dict(old).to_dict()
+    except (ValueError, TypeError):
+        return old  # the comparison then names what differs
+
+
 def _claim(config: SearchConfig, out_dir: Path, resume: bool, direction: str):
     """The run directory with its Optuna record, claimed for ``config``."""
     from evosearch.record import OptunaRecord
@@ -67,9 +75,7 @@ def _claim(config: SearchConfig, out_dir: Path, resume: bool, direction: str):
     out_dir.mkdir(parents=True, exist_ok=True)
     record = OptunaRecord(storage, out_dir.resolve().name, direction=direction)
     run = RunDir(out_dir, record=record)
-    resuming = run.start(
-        config.to_dict(), resume=resume, ignore=RUNNER_FIELDS, legacy=LEGACY_FIELDS
-    )
+    resuming = run.start(config.to_dict(), resume=resume, ignore=RUNNER_FIELDS, upgrade=_upgrade)
     return run, record, storage, resuming
 
 
@@ -91,11 +97,12 @@ def run_search(
     run, record, storage, resuming = _claim(config, Path(out_dir), resume, direction)
     record.bind(problem.space.spec, problem.space.metrics)
     initial, warm = _start_genomes(problem, log)
-    strategy = make_strategy(problem, config.strategy, initial, _objectives(problem))
+    strategy = make_strategy(problem, config.strategy.name, initial, _objectives(problem))
+    loop = config.strategy.loop
     log(
-        f"search: {config.strategy}, {problem.space.summary()}, fitness "
-        f"{problem.fitness.name}, {config.generations} generations x {config.offspring} "
-        f"offspring, stages {list(config.stages)}"
+        f"search: {config.strategy.name}, {problem.space.summary()}, fitness "
+        f"{problem.fitness.name}, {loop.generations} generations x {loop.offspring} "
+        f"offspring, stages {[(s.tokens, s.survivors) for s in loop.stages]}"
     )
     with make_runner(problem, log) as runner:
         result = search(
@@ -152,7 +159,7 @@ def _results(problem: Problem, result, storage: str, record) -> dict[str, Any]:
 def _compare(problem: Problem, results: dict, best: Genome, warm, initial, log) -> None:
     """Baselines, every candidate on all calibration tokens, and held-out perplexity."""
     config, space = problem.config, problem.space
-    candidates = {config.strategy: best}
+    candidates = {config.strategy.name: best}
     if config.baselines:  # the warm start's heuristics are not computed again
         missing = tuple(b for b in config.baselines if b not in warm)
         computed = compute_baselines(problem, missing, log, initial)
@@ -166,7 +173,7 @@ def _compare(problem: Problem, results: dict, best: Genome, warm, initial, log) 
     if warning := selection_warning(results["calibration_fitness"], config):
         results["warnings"] = [warning]
         log(f"warning: {warning}")
-    if config.eval_ppl:
+    if config.evaluation.ppl:
         results["perplexity"] = evaluate_candidates(problem, candidates, log)
 
 

@@ -21,7 +21,7 @@ def _sampled_range(budgets: list) -> tuple[int, int, int]:
 def niches(problem: Problem) -> tuple[list, list[str]] | None:
     """The budgets (and labels) of a multi-budget search, or ``None`` for a single budget."""
     hook = problem.entry.niches
-    return None if hook is None else hook(problem.config, problem.space)
+    return None if hook is None else hook(problem.config.space.settings, problem.space)
 
 
 def make_strategy(problem: Problem, name: str, initial=(), objectives=None):
@@ -33,9 +33,9 @@ def make_strategy(problem: Problem, name: str, initial=(), objectives=None):
 
         sampler_config = OptunaStrategyConfig(
             sampler="random" if name == "optuna-random" else name,
-            generations=config.generations,
-            batch_size=config.offspring,
-            tokens=config.sampler_tokens or config.stages[-1][0],
+            generations=config.strategy.loop.generations,
+            batch_size=config.strategy.loop.offspring,
+            tokens=config.strategy.sampler_tokens or config.stages[-1].tokens,
             budget_range=None if budgets is None else _sampled_range(budgets[0]),
         )
         return OptunaStrategy(
@@ -51,8 +51,8 @@ def make_strategy(problem: Problem, name: str, initial=(), objectives=None):
             rng=rng,
             objectives=objectives,
             initial=initial,
-            focus=config.budget_focus,
-            anchors=space.range_uniform_genomes() if config.offset_steps else None,
+            focus=config.strategy.budget_focus,
+            anchors=space.range_uniform_genomes() if config.strategy.offset_steps else None,
         )
     cls = EvoPress if name == "evopress" else RandomSearch
     return cls(space, config=config.evopress_config(), rng=rng, initial=initial)

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from evosearch.engine import Evaluator, sample_batch
-from evosearch.pipeline import SearchConfig, _Session, run_search
+from evosearch import Problem, SearchConfig
+from evosearch.pipeline import run_search
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parents[2] / "shared" / "data"  # ../shared/data beside the checkout
@@ -30,8 +31,8 @@ DEFAULT_DATA = HERE.parents[2] / "shared" / "data"  # ../shared/data beside the 
 
 def prefix_speedup(config: SearchConfig, n: int = 8) -> dict:
     """Seconds per evaluation of ``n`` random genomes with and without prefix reuse."""
-    session = _Session(config, lambda s: None)
-    batch = sample_batch(session.data, config.stages[0][0], seed=0, generation=0, stage=0)
+    session = Problem(config, lambda s: None)
+    batch = sample_batch(session.data, config.stages[0].tokens, seed=0, generation=0, stage=0)
     rng = np.random.default_rng(123)
     genomes = [session.space.random_genome(rng) for _ in range(n)]
     out = {}
@@ -75,23 +76,25 @@ def main() -> None:
     wiki_valid = str(SHARED / "wikitext-2-raw" / "wiki.valid.raw")
     wiki_test = str(SHARED / "wikitext-2-raw" / "wiki.test.raw")
     c4 = str(SHARED / "c4" / "c4_sample.jsonl")
-    base = SearchConfig(
-        num_drop=7,
-        generations=args.generations,
-        offspring=args.offspring,
-        initial_population=args.offspring,
-        stages=stages,
-        data=wiki_valid,
-        n_sequences=args.n_sequences,
-        seq_len=args.seq_len,
-        seed=0,
-        baselines=tuple(args.baselines.split(",")),
-        sleb_tokens=args.sleb_tokens,
-        eval_ppl=(wiki_test, c4),
-        eval_seq_len=1024,
-        eval_windows=args.eval_windows,
-        save_model=False,
-        warm_start=warm,
+    base = SearchConfig.from_dict(
+        dict(
+            num_drop=7,
+            generations=args.generations,
+            offspring=args.offspring,
+            initial_population=args.offspring,
+            stages=stages,
+            data=wiki_valid,
+            n_sequences=args.n_sequences,
+            seq_len=args.seq_len,
+            seed=0,
+            baselines=tuple(args.baselines.split(",")),
+            sleb_tokens=args.sleb_tokens,
+            eval_ppl=(wiki_test, c4),
+            eval_seq_len=1024,
+            eval_windows=args.eval_windows,
+            save_model=False,
+            warm_start=warm,
+        )
     )
     report = {
         "command": "python " + " ".join(sys.argv),

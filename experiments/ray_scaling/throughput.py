@@ -40,20 +40,22 @@ def main() -> None:
     rows = []
     for spec in args.runs.split(","):
         runner, _, workers = spec.partition(":")
-        config = SearchConfig(
-            model="smollm2-135m",
-            num_drop=7,
-            data=args.data,
-            n_sequences=args.n_sequences,
-            seq_len=args.seq_len,
-            generations=args.generations,
-            offspring=args.offspring,
-            initial_population=args.offspring,
-            stages=stages,
-            save_model=False,
-            runner=runner,
-            workers=int(workers or 1),
-            worker_cpus=1.0,
+        config = SearchConfig.from_dict(
+            dict(
+                model="smollm2-135m",
+                num_drop=7,
+                data=args.data,
+                n_sequences=args.n_sequences,
+                seq_len=args.seq_len,
+                generations=args.generations,
+                offspring=args.offspring,
+                initial_population=args.offspring,
+                stages=stages,
+                save_model=False,
+                runner=runner,
+                workers=int(workers or 1),
+                worker_cpus=1.0,
+            )
         )
         out = tempfile.mkdtemp(prefix="esray_tp_")
         lines: list[str] = []
@@ -71,7 +73,7 @@ def main() -> None:
         rows.append(
             {
                 "runner": runner,
-                "workers": config.workers if runner == "ray" else 0,
+                "workers": config.runner.ray.workers if runner == "ray" else 0,
                 "torch_threads": args.driver_threads if runner == "inprocess" else 1,
                 "n_evaluations": results["n_evaluations"],
                 "tokens": results["tokens"],

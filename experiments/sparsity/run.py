@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from evosearch.genome import Genome
-from evosearch.pipeline import SearchConfig, _Session, run_search
+from evosearch import Problem, SearchConfig
+from evosearch.pipeline import run_search
 from evosearch.surgery import apply_replacements
 
 HERE = Path(__file__).resolve().parent
@@ -63,28 +64,30 @@ def main() -> None:
                 results[name] = json.loads(done.read_text())
                 print(f"{name}: kept from an earlier run", flush=True)
                 continue
-            config = SearchConfig(
-                space="sparsity",
-                sparsity=target,
-                pruner=pruner,
-                level_step=args.level_step,
-                max_level_shift=args.max_level_shift,
-                db_dir=args.db_dir,
-                data=str(data / "wikitext-2-raw" / "wiki.valid.raw"),
-                n_sequences=args.n_sequences,
-                seq_len=args.seq_len,
-                generations=gens[target],
-                offspring=args.offspring,
-                initial_population=args.offspring,
-                stages=stages,
-                baselines=("uniform", "owl"),
-                eval_ppl=(
-                    str(data / "wikitext-2-raw" / "wiki.test.raw"),
-                    str(data / "c4" / "c4_sample.jsonl"),
-                ),
-                eval_windows=args.eval_windows,
-                save_model=False,
-                device="cpu",
+            config = SearchConfig.from_dict(
+                dict(
+                    space="sparsity",
+                    sparsity=target,
+                    pruner=pruner,
+                    level_step=args.level_step,
+                    max_level_shift=args.max_level_shift,
+                    db_dir=args.db_dir,
+                    data=str(data / "wikitext-2-raw" / "wiki.valid.raw"),
+                    n_sequences=args.n_sequences,
+                    seq_len=args.seq_len,
+                    generations=gens[target],
+                    offspring=args.offspring,
+                    initial_population=args.offspring,
+                    stages=stages,
+                    baselines=("uniform", "owl"),
+                    eval_ppl=(
+                        str(data / "wikitext-2-raw" / "wiki.test.raw"),
+                        str(data / "c4" / "c4_sample.jsonl"),
+                    ),
+                    eval_windows=args.eval_windows,
+                    save_model=False,
+                    device="cpu",
+                )
             )
             t0 = time.perf_counter()
             res = run_search(config, out, log=lambda m, n=name: print(f"[{n}] {m}", flush=True))
@@ -140,7 +143,7 @@ def _database_info(path: str) -> dict:
 def _zero_shot(config: SearchConfig, genomes: dict, data: Path, args) -> dict:
     from evosearch.zero_shot import evaluate_tasks
 
-    session = _Session(config, lambda m: None)
+    session = Problem(config, lambda m: None)
     out = {}
     for name, key in genomes.items():
         genome = Genome.from_key(key)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from evosearch.pipeline import _Session
+from evosearch import Problem
 from search_spaces.sparsity_baselines import fisher
 
 HERE = Path(__file__).resolve().parent
@@ -48,7 +48,7 @@ def main() -> None:
         config = dataclasses.replace(
             base_config(args.data_dir, 0, args.db_dir), sparsity=target, seed=args.seed
         )
-        session = _Session(config, print)
+        session = Problem(config, print)
         evaluator, batch = session.evaluator(), session.full_batch()
         t0 = time.perf_counter()
         genome = fisher(session.space, session.model, session.data.input_ids)[0]

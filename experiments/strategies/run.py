@@ -62,16 +62,18 @@ def score_fronts(entry: dict, fronts: dict[str, list], reference) -> None:
 
 def base_config(data_dir: str, generations: int) -> SearchConfig:
     """The layer-drop settings every strategy of this benchmark shares (7 of 30 blocks)."""
-    return SearchConfig(
-        num_drop=7,
-        generations=generations,
-        offspring=12,
-        initial_population=12,
-        stages=((256, 2), (1024, 1)),
-        data=str(Path(data_dir) / "wikitext-2-raw" / "wiki.valid.raw"),
-        n_sequences=8,
-        seq_len=128,
-        save_model=False,
+    return SearchConfig.from_dict(
+        dict(
+            num_drop=7,
+            generations=generations,
+            offspring=12,
+            initial_population=12,
+            stages=((256, 2), (1024, 1)),
+            data=str(Path(data_dir) / "wikitext-2-raw" / "wiki.valid.raw"),
+            n_sequences=8,
+            seq_len=128,
+            save_model=False,
+        )
     )
 
 

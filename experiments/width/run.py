@@ -116,21 +116,23 @@ def main() -> None:
         sources["c4"] = split["file"]
     calib = sources[args.calib]
     post_source = calib if args.post_data == "calib" else sources[args.post_data]
-    base = SearchConfig(
-        model="smollm2-135m",
-        space="width",
-        width_target=args.target,
-        data=calib,
-        n_sequences=args.n_sequences,
-        seq_len=args.seq_len,
-        generations=args.generations,
-        offspring=args.offspring,
-        initial_population=args.initial_population,
-        warm_start=("uniform",),  # EvoPress starts from the uniform configuration
-        stages=((512, 2), (2048, 1)),
-        db_dir=str(work / "db"),
-        device="cpu",
-        seed=args.seed,
+    base = SearchConfig.from_dict(
+        dict(
+            model="smollm2-135m",
+            space="width",
+            width_target=args.target,
+            data=calib,
+            n_sequences=args.n_sequences,
+            seq_len=args.seq_len,
+            generations=args.generations,
+            offspring=args.offspring,
+            initial_population=args.initial_population,
+            warm_start=("uniform",),  # EvoPress starts from the uniform configuration
+            stages=((512, 2), (2048, 1)),
+            db_dir=str(work / "db"),
+            device="cpu",
+            seed=args.seed,
+        )
     )
     tas = SearchConfig.from_dict(
         {

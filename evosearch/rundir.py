@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,13 +73,15 @@ class RunDir:
         resume: bool,
         ignore: tuple[str, ...] = (),
         legacy: dict | None = None,
+        upgrade: Callable[[dict], dict] | None = None,
     ) -> bool:
         """Create the directory or, with ``resume``, check it holds the same config.
 
         Keys in ``ignore`` (settings that cannot change results, such as where evaluations
         run) may differ on resume; ``config.json`` keeps the first run's values. ``legacy``
         gives the value of settings added after a run was written, as that run used them
-        (its ``config.json`` lacks the key).
+        (its ``config.json`` lacks the key); ``upgrade`` turns a config written by an earlier
+        version into today's form before the comparison.
 
         Returns True when a previous run's state should be loaded.
         """
@@ -93,6 +96,8 @@ class RunDir:
                     "another --out"
                 )
             old = {**(legacy or {}), **old}
+            if upgrade is not None:
+                old = upgrade(old)
             keys = (set(old) | set(config)) - set(ignore)
             if diff := sorted(k for k in keys if old.get(k) != config.get(k)):
                 raise RunConfigMismatch(
