@@ -263,3 +263,42 @@ def test_config_round_trips_through_json():
     assert set(MetricSearchConfig(terminals=("W", "X")).seed_trees()) == {"magnitude", "wanda"}
     with pytest.raises(ValueError, match="unknown"):
         MetricSearchConfig.from_dict({"popsize": 3})
+
+
+# The search's result for seed 0 on the tiny model, as written before metric search moved onto
+# evosearch.engine.search: a guard that the move kept the trajectory and the values.
+GOLDEN_BEST = ("mul(W, exp(G))", 0.08830679208040237, 0.061477724462747574)
+GOLDEN_BOARD = [
+    ("mul(X, mms(W))", 0.07391931116580963),
+    ("mul(W, X)", 0.07460473477840424),
+    ("mul(mms(G), sqr(W))", 0.08146839588880539),
+    ("pdiv(mul(G, W), 0.026)", 0.08297856897115707),
+    ("mul(W, exp(G))", 0.08830679208040237),
+    ("W", 0.08956246078014374),
+    ("mul(W, exp(X))", 0.09519680589437485),
+    ("mul(X, mms(G))", 0.14587752521038055),
+    ("G", 0.1561250537633896),
+    ("mul(W, mms(rown(pdiv(G, W))))", 0.17194265127182007),
+]
+GOLDEN_COUNTS = {"proposed": 18, "evaluated": 17, "memo_hits": 1, "rejected": 2}
+
+
+def test_golden_result_for_seed_0(finished):
+    run, results = finished
+    best = results["best"]
+    assert best["metric"] == GOLDEN_BEST[0]
+    assert best["fitness"] == pytest.approx(GOLDEN_BEST[1], rel=1e-5)
+    assert best["holdout_fitness"] == pytest.approx(GOLDEN_BEST[2], rel=1e-5)
+    board = [(r["metric"], r["fitness"]) for r in results["leaderboard"]]
+    assert [m for m, _ in board] == [m for m, _ in GOLDEN_BOARD]
+    assert [v for _, v in board] == pytest.approx([v for _, v in GOLDEN_BOARD], rel=1e-5)
+    assert {k: results["counts"][k] for k in GOLDEN_COUNTS} == GOLDEN_COUNTS
+    assert [g["best_metric"] for g in results["generations"]] == [
+        "mul(W, X)", "mul(W, X)", "mul(W, X)", "mul(X, mms(W))"
+    ]
+    assert results["known_metrics"]["wanda"] == pytest.approx(0.07460473477840424, rel=1e-5)
+    history = _history(run)
+    assert [r["canonical"] for r in history[:6]] == [
+        "W", "mul(W, X)", "mul(mms(G), sqr(W))", "0", "sub(sqr(pdiv(pdiv(W, 0), 0)), X)",
+        "pdiv(G, W)",
+    ]
