@@ -8,6 +8,7 @@ from evosearch.forward import DenseCache, compute_dense_cache
 from evosearch.genome import Genome, LevelSpec
 from evosearch.models import load_compressed, load_model
 from evosearch.strategies import EvoPress, EvoPressConfig, RandomSearch, Request, Stage
+from evosearch.strategy import Strategy
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,7 @@ __all__ = [
     "Request",
     "SearchResult",
     "Stage",
+    "Strategy",
     "TokenData",
     "UnsupportedArchitectureError",
     "arch_for",

@@ -294,11 +294,18 @@ def test_golden_result_for_seed_0(finished):
     assert [v for _, v in board] == pytest.approx([v for _, v in GOLDEN_BOARD], rel=1e-5)
     assert {k: results["counts"][k] for k in GOLDEN_COUNTS} == GOLDEN_COUNTS
     assert [g["best_metric"] for g in results["generations"]] == [
-        "mul(W, X)", "mul(W, X)", "mul(W, X)", "mul(X, mms(W))"
+        "mul(W, X)",
+        "mul(W, X)",
+        "mul(W, X)",
+        "mul(X, mms(W))",
     ]
     assert results["known_metrics"]["wanda"] == pytest.approx(0.07460473477840424, rel=1e-5)
     history = _history(run)
     assert [r["canonical"] for r in history[:6]] == [
-        "W", "mul(W, X)", "mul(mms(G), sqr(W))", "0", "sub(sqr(pdiv(pdiv(W, 0), 0)), X)",
+        "W",
+        "mul(W, X)",
+        "mul(mms(G), sqr(W))",
+        "0",
+        "sub(sqr(pdiv(pdiv(W, 0), 0)), X)",
         "pdiv(G, W)",
     ]
