@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -10,9 +11,11 @@ from conftest import build_model, hf_tokenizer, random_ids
 
 import evosearch.metric_search as ms
 from evosearch.cli import main
+from evosearch.engine import Evaluator
 from evosearch.evaluation import Batch
 from evosearch.forward import compute_dense_cache
-from evosearch.metric_search import MetricEvaluator, MetricSearchConfig, run_metric_search
+from evosearch.gp import MetricGenome
+from evosearch.metric_search import MetricSearchConfig, MetricSpace, run_metric_search
 from evosearch.pruning import block_linears, collect_stats, get_pruner, sparsity_of
 from evosearch.symbolic import KNOWN_METRICS, parse
 from fitness import KLDivergence
@@ -149,7 +152,47 @@ def test_discovered_metric_loads_back_as_a_pruner(finished, tiny):
         assert (w.reshape(w.shape[0], -1, 4) != 0).sum(-1).max() <= 2
 
 
-def test_resume_replays_without_re_evaluating(finished, tiny, tmp_path, monkeypatch):
+def _count_search_evaluations(monkeypatch, stop_after: int | None = None) -> list:
+    """Record (and, after ``stop_after``, kill) the search's evaluations: those on the 4
+    search sequences, not the held-out check's."""
+    calls = []
+    original = Evaluator.outcome
+
+    def counting(self, genome, batch):
+        if batch.input_ids.shape[0] == 4:
+            if stop_after is not None and len(calls) == stop_after:
+                raise KeyboardInterrupt  # a kill in the middle of a generation
+            calls.append(genome.key())
+        return original(self, genome, batch)
+
+    monkeypatch.setattr(Evaluator, "outcome", counting)
+    return calls
+
+
+def test_a_killed_search_resumes_without_re_evaluating(finished, tiny, tmp_path, monkeypatch):
+    run, results = finished
+    part = tmp_path / "run"
+    calls = _count_search_evaluations(monkeypatch, stop_after=8)
+    with pytest.raises(KeyboardInterrupt):
+        run_metric_search(_config(tiny), part, log=lambda s: None)
+    assert len(calls) == 8 and not (part / "results.json").exists()
+    with open(part / "evaluations.jsonl", "a") as fh:
+        fh.write('{"genome": "mul(W')  # half a line, as a kill mid-write leaves it
+    monkeypatch.undo()
+    calls = _count_search_evaluations(monkeypatch)
+    resumed = run_metric_search(_config(tiny), part, resume=True, log=lambda s: None)
+    assert len(calls) == results["counts"]["evaluated"] - 8
+    assert resumed["best"] == results["best"] and resumed["leaderboard"] == results["leaderboard"]
+    timeless = [
+        [{k: v for k, v in r.items() if k != "seconds"} for r in _history(d)] for d in (part, run)
+    ]
+    assert timeless[0] == timeless[1]
+    assert resumed["counts"]["replayed"] == 8
+
+
+def test_a_run_of_the_earlier_loop_resumes_from_its_history(finished, tiny, tmp_path, monkeypatch):
+    """A run directory holding only config.json and history.jsonl (the loop before the
+    engine) resumes without scoring again what its history holds."""
     run, results = finished
     history = (run / "history.jsonl").read_text().splitlines()
     part = tmp_path / "run"
@@ -157,15 +200,7 @@ def test_resume_replays_without_re_evaluating(finished, tiny, tmp_path, monkeypa
     (part / "config.json").write_text((run / "config.json").read_text())
     keep = 9  # a kill during generation 1, with half a line written
     (part / "history.jsonl").write_text("\n".join(history[:keep]) + "\n" + history[keep][:20])
-    calls = []
-    original = ms.MetricEvaluator.__call__
-
-    def counting(self, tree):  # search calls only: the held-out check is redone on resume
-        if self.batch.input_ids.shape[0] == 4:
-            calls.append(tree)
-        return original(self, tree)
-
-    monkeypatch.setattr(ms.MetricEvaluator, "__call__", counting)
+    calls = _count_search_evaluations(monkeypatch)
     resumed = run_metric_search(_config(tiny), part, resume=True, log=lambda s: None)
     new = _history(part)
     assert [r["canonical"] for r in new] == [json.loads(h)["canonical"] for h in history]
@@ -182,7 +217,7 @@ def test_resume_and_out_dir_guards(finished, tiny):
         run_metric_search(_config(tiny, seed=5), run, resume=True, log=lambda s: None)
 
 
-def test_evaluator_matches_a_manual_prune_and_restores_the_model(tiny):
+def test_metric_space_matches_a_manual_prune_and_keeps_the_model(tiny):
     model = build_model("llama", n_layers=2)
     ids = random_ids(3, 16)
     stats = collect_stats(model, ids, gradients=True)
@@ -191,11 +226,13 @@ def test_evaluator_matches_a_manual_prune_and_restores_the_model(tiny):
     kl.prepare(model, ids, dense)
     batch = Batch((0, 1, 2), ids)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    evaluator = MetricEvaluator(model, stats, kl, batch, dense, sparsity=0.5)
-    value = evaluator(parse(KNOWN_METRICS["wanda"]))
+    evaluator = Evaluator(model, MetricSpace(stats, sparsity=0.5), kl, dense, prefix_reuse=False)
+    value = evaluator.raw(MetricGenome(parse(KNOWN_METRICS["wanda"])), batch)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(ms.MetricError, match="constant"):
-        evaluator(parse("sub(G, G)"))
+        evaluator.raw(MetricGenome(parse("sub(G, G)")), batch)
+    outcome = evaluator.outcome(MetricGenome(parse("sub(G, G)")), batch)
+    assert "constant" in outcome.error and math.isnan(outcome.value)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     # the same pruning done by hand through the built-in Wanda pruner
     from evosearch.evaluation import Candidate
@@ -217,7 +254,7 @@ def test_cli_metric_search_and_errors(tiny, tmp_path, capsys):
     out = tmp_path / "cli"
     assert main([*base, *small, "--pattern", "2:4", "--out", str(out)]) == 0
     assert json.loads((out / "results.json").read_text())["target"] == "2:4"
-    assert "generation 1/1" in capsys.readouterr().out
+    assert "gen   1/1" in capsys.readouterr().out
     assert main([*base, *small, "--out", str(out), "--resume"]) == 2  # config differs (target)
     assert "different config" in capsys.readouterr().err
     assert main([*base, "--sparsity", "1.5", "--out", str(tmp_path / "x")]) == 2
