@@ -35,7 +35,6 @@ A run directory holds:
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -53,7 +52,8 @@ from evosearch.engine import Evaluator, search
 from evosearch.evaluation import Batch
 from evosearch.forward import DenseCache, compute_dense_cache
 from evosearch.gp import GeneticProgramming, GPConfig, Grammar, MetricGenome
-from evosearch.pruning import LayerStats, block_linears, collect_stats, parse_pattern, set_weight_
+from evosearch.metric_space import MetricSpace
+from evosearch.pruning import LayerStats, block_linears, collect_stats, parse_pattern
 from evosearch.run import RunConfigMismatch, RunDir
 from evosearch.runners import Runner
 from evosearch.symbolic import (
@@ -63,13 +63,12 @@ from evosearch.symbolic import (
     UNARY,
     MetricError,
     Node,
-    metric_pruner,
     parse,
     save_metric,
     to_math,
 )
 
-__all__ = ["MetricSearchConfig", "MetricSpace", "run_metric_search"]
+__all__ = ["MetricSearchConfig", "MetricSpace", "MetricWorker", "run_metric_search"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -205,77 +204,6 @@ class MetricSearchConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
-class MetricSpace:
-    """Expression trees as a search space: a :class:`~evosearch.gp.MetricGenome` is the model
-    with every block linear pruned to the target by scoring its weights with the tree.
-
-    :meth:`replacements` gives pruned copies of the block linears (the dense model is never
-    changed, so nothing needs restoring); it raises :class:`~evosearch.symbolic.MetricError`,
-    with the reason and the layer, for a metric whose scores are unusable (non-finite, constant
-    in a row, shapes that do not broadcast), which the engine records as a failed evaluation.
-
-    Args:
-        stats: :func:`~evosearch.pruning.collect_stats` of every block linear (with gradients
-            when a metric reads G).
-        sparsity / pattern: the target (``pattern``, an ``(n, m)`` pair, wins).
-    """
-
-    name = "metric"
-
-    def __init__(
-        self,
-        stats: dict[str, LayerStats],
-        *,
-        sparsity: float | None,
-        pattern: tuple[int, int] | None = None,
-    ) -> None:
-        self.stats = stats
-        self.sparsity = None if pattern else sparsity
-        self.pattern = pattern
-
-    def replacements(self, model: nn.Module, genome: MetricGenome) -> dict[str, nn.Module]:
-        """Module path -> a copy of the block linear with the pruned weight."""
-        pruner = metric_pruner(genome.canonical)
-        out = {}
-        for ref in block_linears(model):
-            module = ref.module(model)
-            try:
-                pruned = pruner.prune(
-                    ref.weight(model), self.stats[ref.name], self.sparsity, pattern=self.pattern
-                )
-            except MetricError as exc:
-                raise MetricError(f"{exc} (layer {ref.name})") from None
-            except RuntimeError as exc:  # e.g. terminal shapes that do not broadcast
-                raise MetricError(f"evaluation failed: {exc} (layer {ref.name})") from None
-            out[ref.name] = _with_weight(module, pruned)
-        return out
-
-    def start_block(self, genome: MetricGenome) -> int:
-        """Every block changes."""
-        return 0
-
-    def describe(self, genome: MetricGenome) -> dict[str, Any]:
-        return {"metric": genome.key(), "math": to_math(genome.canonical), "size": _size(genome)}
-
-    def summary(self) -> str:
-        target = f"{self.pattern[0]}:{self.pattern[1]}" if self.pattern else f"{self.sparsity:.0%}"
-        return f"metric space: every block linear pruned to {target} by a symbolic metric"
-
-
-def _with_weight(module: nn.Module, weight: torch.Tensor) -> nn.Module:
-    """A shallow copy of the linear ``module`` (``nn.Linear`` or GPT-2's ``Conv1D``) holding
-    ``weight`` (``(out, in)``) instead of its own; other parameters are shared."""
-    new = copy.copy(module)
-    new._parameters = dict(module._parameters)
-    new._parameters["weight"] = nn.Parameter(torch.empty_like(module.weight), requires_grad=False)
-    set_weight_(new, weight)
-    return new
-
-
-def _size(genome: MetricGenome) -> int:
-    return genome.canonical.size()
-
-
 # -- setup ---------------------------------------------------------------------------------------
 
 
@@ -345,6 +273,32 @@ def _set_up(config: MetricSearchConfig, log: Callable[[str], None]) -> _Setup:
     fitness, dense = _scoring_on(model, config.fitness, data.input_ids)
     timings["dense_s"] = time.perf_counter() - t0
     return _Setup(model, tokenizer, spec, data, stats, fitness, dense, timings)
+
+
+def _evaluator(config: MetricSearchConfig, setup: _Setup) -> Evaluator:
+    """The engine's evaluator on the metric space of ``setup``'s statistics."""
+    space = MetricSpace(
+        setup.stats, sparsity=config.sparsity, pattern=parse_pattern(config.pattern)
+    )
+    return Evaluator(setup.model, space, setup.fitness, setup.dense, prefix_reuse=False)
+
+
+@dataclass(frozen=True)
+class MetricWorker:
+    """The evaluator factory of a :class:`~evosearch.runners.RayRunner` worker: it loads the
+    model, the calibration tokens and their statistics from ``config`` again (all
+    deterministic, so every worker scores a metric exactly as this process would).
+
+    Example::
+
+        with RayRunner(MetricWorker(config), config=RayRunnerConfig(workers=2)) as runner:
+            run_metric_search(config, "runs/metric", runner=runner)
+    """
+
+    config: MetricSearchConfig
+
+    def __call__(self) -> Evaluator:
+        return _evaluator(self.config, _set_up(self.config, lambda line: None))
 
 
 # -- run directory -------------------------------------------------------------------------------
@@ -586,7 +540,8 @@ def run_metric_search(
         resume: continue the search in ``out_dir`` (same config), re-scoring nothing.
         log: progress lines.
         runner: where metrics are evaluated (default: in this process); a
-            :class:`~evosearch.runners.RayRunner`'s factory must build the same evaluator.
+            :class:`~evosearch.runners.RayRunner` with a :class:`MetricWorker` factory spreads
+            them over Ray workers; results do not depend on the runner.
 
     Returns:
         The contents of ``results.json``.
@@ -598,10 +553,7 @@ def run_metric_search(
     if skipped := [s for s in config.seed_metrics if s not in seeds]:
         log(f"seed metrics outside the grammar, skipped: {skipped}")
     setup = _set_up(config, log)
-    space = MetricSpace(
-        setup.stats, sparsity=config.sparsity, pattern=parse_pattern(config.pattern)
-    )
-    evaluator = Evaluator(setup.model, space, setup.fitness, setup.dense, prefix_reuse=False)
+    evaluator = _evaluator(config, setup)
     gp = GeneticProgramming(
         config.gp_config(), rng=np.random.default_rng(config.seed), seeds=list(seeds.values())
     )
@@ -625,7 +577,7 @@ def run_metric_search(
     trace = _trace(gp, result.evaluations, {k: n for n, k in known_keys.items()})
     timings["evaluation_s"] = trace.seconds
     (out / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in trace.history))
-    results = _finish(out, config, setup, space, trace, gp, known_keys, timings, log)
+    results = _finish(out, config, setup, evaluator.space, trace, gp, known_keys, timings, log)
     results["counts"] = _counts(trace, replayed)
     timings["total_s"] = time.perf_counter() - t_start
     run.write_json("results.json", results)

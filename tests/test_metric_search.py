@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import pickle
 
 import pytest
 import torch
@@ -15,7 +17,12 @@ from evosearch.engine import Evaluator
 from evosearch.evaluation import Batch
 from evosearch.forward import compute_dense_cache
 from evosearch.gp import MetricGenome
-from evosearch.metric_search import MetricSearchConfig, MetricSpace, run_metric_search
+from evosearch.metric_search import (
+    MetricSearchConfig,
+    MetricSpace,
+    MetricWorker,
+    run_metric_search,
+)
 from evosearch.pruning import block_linears, collect_stats, get_pruner, sparsity_of
 from evosearch.symbolic import KNOWN_METRICS, parse
 from fitness import KLDivergence
@@ -207,6 +214,46 @@ def test_a_run_of_the_earlier_loop_resumes_from_its_history(finished, tiny, tmp_
     expected = sum(not json.loads(h)["memo_hit"] for h in history[keep:])
     assert len(calls) == expected
     assert resumed["best"] == results["best"]
+
+
+class _WorkerRunner:
+    """Evaluates on the evaluator its factory built, as a Ray worker does (without Ray)."""
+
+    def __init__(self, factory) -> None:
+        self.worker, self.calls = factory(), 0
+
+    def evaluate(self, evaluator, genomes, batch):
+        for genome in genomes:
+            self.calls += 1
+            yield self.worker.outcome(genome, batch)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_worker_built_from_the_config_gives_the_same_search(finished, tiny, tmp_path):
+    _, results = finished
+    runner = _WorkerRunner(pickle.loads(pickle.dumps(MetricWorker(_config(tiny)))))
+    again = run_metric_search(_config(tiny), tmp_path / "run", log=lambda s: None, runner=runner)
+    assert runner.calls == results["counts"]["evaluated"]
+    assert again["best"] == results["best"] and again["leaderboard"] == results["leaderboard"]
+
+
+def test_metric_search_on_a_ray_worker(finished, tiny, tmp_path):
+    ray = pytest.importorskip("ray")
+    from evosearch.runners import RayRunner, RayRunnerConfig
+
+    _, results = finished
+    config = _config(tiny, generations=1, holdout_sequences=0)
+    reference = run_metric_search(config, tmp_path / "here", log=lambda s: None)
+    ray.init(num_cpus=1, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        with RayRunner(MetricWorker(config), config=RayRunnerConfig(workers=1)) as runner:
+            there = run_metric_search(config, tmp_path / "ray", log=lambda s: None, runner=runner)
+    finally:
+        ray.shutdown()
+    assert there["leaderboard"] == reference["leaderboard"]
+    assert there["counts"] == reference["counts"]
 
 
 def test_resume_and_out_dir_guards(finished, tiny):
