@@ -577,9 +577,11 @@ def run_metric_search(
     trace = _trace(gp, result.evaluations, {k: n for n, k in known_keys.items()})
     timings["evaluation_s"] = trace.seconds
     (out / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in trace.history))
-    results = _finish(out, config, setup, evaluator.space, trace, gp, known_keys, timings, log)
+    results = _finish(out, config, setup, evaluator.space, trace, known_keys, timings, log)
+    results["generations"] = _generations(gp, trace)
     results["counts"] = _counts(trace, replayed)
     timings["total_s"] = time.perf_counter() - t_start
+    results["timings"] = timings
     run.write_json("results.json", results)
     c = results["counts"]
     log(
@@ -602,13 +604,12 @@ def _finish(
     setup: _Setup,
     space: MetricSpace,
     trace: _Trace,
-    gp: GeneticProgramming,
     known_keys: dict[str, str],
     timings: dict[str, float],
     log: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Rank, re-check on held-out tokens, write the leaderboard and the best metric; returns
-    ``results.json``'s contents (``counts`` and ``total_s`` still to come)."""
+    """Rank, re-check on held-out tokens (its time goes to ``timings``), write the leaderboard
+    and the best metric; returns the first part of ``results.json``."""
     seed_names = {key: name for name, key in known_keys.items()}
     board = _leaderboard(trace, seed_names, config.leaderboard_size)
     known = {name: trace.memo.get(k, (None, None))[0] for name, k in known_keys.items()}
@@ -641,8 +642,6 @@ def _finish(
         "known_metrics": known,
         "known_metrics_holdout": known_holdout,
         "leaderboard": board,
-        "generations": _generations(gp, trace),
-        "timings": timings,
     }
 
 
