@@ -31,6 +31,8 @@ A run directory holds:
   thousand tokens cannot separate metrics that differ in a handful of mask decisions, and the
   held-out check keeps a metric that merely fits the search tokens from being reported.
 * ``results.json``: everything above plus per-generation statistics, memo counts and timings.
+* ``study.db``: the same evaluations as an Optuna study (:class:`MetricRecord`), for
+  ``optuna-dashboard``.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from evosearch.forward import DenseCache, compute_dense_cache
 from evosearch.gp import GeneticProgramming, GPConfig, Grammar, MetricGenome
 from evosearch.metric_space import MetricSpace
 from evosearch.pruning import LayerStats, block_linears, collect_stats, parse_pattern
+from evosearch.record import OptunaRecord
 from evosearch.run import RunConfigMismatch, RunDir
 from evosearch.runners import Runner
 from evosearch.symbolic import (
@@ -68,7 +71,13 @@ from evosearch.symbolic import (
     to_math,
 )
 
-__all__ = ["MetricSearchConfig", "MetricSpace", "MetricWorker", "run_metric_search"]
+__all__ = [
+    "MetricRecord",
+    "MetricSearchConfig",
+    "MetricSpace",
+    "MetricWorker",
+    "run_metric_search",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -304,11 +313,38 @@ class MetricWorker:
 # -- run directory -------------------------------------------------------------------------------
 
 
+class MetricRecord(OptunaRecord):
+    """The Optuna study record of a metric search (``study.db``): a trial per evaluated metric
+    with its fitness, and the canonical expression, readable math and tree size as user
+    attributes. A tree has no fixed parameters, so the trials have none."""
+
+    def add(self, record: dict[str, Any]) -> None:
+        import optuna
+
+        genome = MetricGenome.from_key(record["genome"])
+        attrs: dict[str, Any] = {"record": json.dumps(record)}
+        attrs.update({k: record[k] for k in ("genome", "tokens", "seconds") if k in record})
+        attrs.update(math=to_math(genome.canonical), size=genome.canonical.size())
+        value = record.get("value")
+        ok = value is not None and math.isfinite(value)
+        trial = optuna.trial.create_trial(
+            state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL,
+            value=value if ok else None,
+            params={},
+            distributions={},
+            user_attrs=attrs,
+            intermediate_values={int(record["tokens"]): value} if ok else None,
+        )
+        self.study.add_trial(trial)
+
+
 def _start_run(config: MetricSearchConfig, out: Path, resume: bool) -> RunDir:
     """The run directory, created, or checked to hold the same config when resuming."""
     if resume and not (out / "config.json").is_file():
         raise FileNotFoundError(f"nothing to resume: {out / 'config.json'} not found")
-    run = RunDir(out)
+    out.mkdir(parents=True, exist_ok=True)
+    storage = f"sqlite:///{(out / 'study.db').resolve()}"
+    run = RunDir(out, record=MetricRecord(storage, out.resolve().name))
     try:
         run.start(config.to_dict(), resume=resume)
     except RunConfigMismatch as exc:

@@ -101,6 +101,18 @@ def test_search_writes_its_outputs(finished):
     assert "held-out kl" in (run / "leaderboard.md").read_text()
 
 
+def test_the_optuna_study_mirrors_the_evaluations(finished):
+    import optuna
+
+    run, results = finished
+    study = optuna.load_study(study_name=run.name, storage=f"sqlite:///{run / 'study.db'}")
+    records = [json.loads(x) for x in (run / "evaluations.jsonl").read_text().splitlines()]
+    assert len(study.trials) == len(records) == results["counts"]["evaluated"]
+    for trial, rec in zip(study.trials, records):
+        assert trial.user_attrs["genome"] == rec["genome"] and trial.value == rec["value"]
+    assert study.best_trial.user_attrs["genome"] == results["leaderboard"][0]["metric"]
+
+
 def test_without_holdout_the_best_is_the_search_best(tiny, tmp_path):
     results = run_metric_search(
         _config(tiny, generations=1, holdout_sequences=0), tmp_path / "run", log=lambda s: None
