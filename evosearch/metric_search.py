@@ -319,6 +319,7 @@ class MetricRecord(OptunaRecord):
     attributes. A tree has no fixed parameters, so the trials have none."""
 
     def add(self, record: dict[str, Any]) -> None:
+        """Store one evaluation record (as the engine logs it) as a finished trial."""
         import optuna
 
         genome = MetricGenome.from_key(record["genome"])

@@ -71,9 +71,11 @@ class MetricSpace:
         return 0
 
     def describe(self, genome: MetricGenome) -> dict[str, Any]:
+        """The canonical metric, its readable math and its size."""
         return {"metric": genome.key(), "math": to_math(genome.canonical), "size": _size(genome)}
 
     def summary(self) -> str:
+        """One line saying what the space searches."""
         target = f"{self.pattern[0]}:{self.pattern[1]}" if self.pattern else f"{self.sparsity:.0%}"
         return f"metric space: every block linear pruned to {target} by a symbolic metric"
 

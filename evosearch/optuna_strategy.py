@@ -194,6 +194,7 @@ class OptunaStrategy:
         return self._request
 
     def tell(self, request: Request, values: list[float]) -> None:
+        """Fitness values for the latest request's trials (``inf``: a failed trial)."""
         import optuna
 
         if self._request is None or request.generation != self.generation:
@@ -242,6 +243,7 @@ class OptunaStrategy:
         return {"generation": self.generation, "told": self._told}
 
     def load_state_dict(self, state: dict) -> None:
+        """Replay :meth:`state_dict`'s values through this fresh strategy's sampler."""
         if self.generation != 0:
             raise RuntimeError("load_state_dict() needs a fresh strategy")
         for values in state["told"]:

@@ -305,6 +305,7 @@ class EvoPress:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (the search goes on exactly as the saved one)."""
         self.generation = state["generation"]
         self.stage = 0
         self._pool = None
@@ -473,6 +474,8 @@ class MultiBudgetEvoPress:
         return Request(self.generation, self.stage, tokens, tuple(m.genome for m in self._pool))
 
     def tell(self, request: Request, values: list[float]) -> None:
+        """Fitness values (lower is better) for ``request.genomes``, in order; the last
+        stage sets each niche's elites."""
         pool = _scored_pool(self, request, values)
         by_niche: dict[int, list[int]] = {}
         for i, m in enumerate(pool):
@@ -653,6 +656,7 @@ class MultiBudgetEvoPress:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (the search goes on exactly as the saved one)."""
         self.generation = state["generation"]
         self.stage = 0
         self._pool = None

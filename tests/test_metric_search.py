@@ -276,8 +276,9 @@ def test_resume_and_out_dir_guards(finished, tiny):
         run_metric_search(_config(tiny, seed=5), run, resume=True, log=lambda s: None)
 
 
-def test_metric_space_matches_a_manual_prune_and_keeps_the_model(tiny):
-    model = build_model("llama", n_layers=2)
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # nn.Linear and GPT-2's Conv1D
+def test_metric_space_matches_a_manual_prune_and_keeps_the_model(arch):
+    model = build_model(arch, n_layers=2)
     ids = random_ids(3, 16)
     stats = collect_stats(model, ids, gradients=True)
     dense = compute_dense_cache(model, ids, prefix_reuse=False)
