@@ -21,6 +21,7 @@ from evosearch.registry import (
 )
 from evosearch.space import SearchSpace
 from evosearch.strategies import EvoPress, Request, Stage
+from evosearch.strategy import Strategy
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,7 @@ __all__ = [
     "SearchSpace",
     "SpaceContext",
     "Stage",
+    "Strategy",
     "as_fitness",
     "load_model",
     "register_baseline",

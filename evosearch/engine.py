@@ -22,6 +22,7 @@ from evosearch.forward import DenseCache
 from evosearch.genome import Genome
 from evosearch.rundir import RunDir
 from evosearch.runners import InProcessRunner, Outcome, Runner
+from evosearch.strategy import Strategy
 from evosearch.surgery import apply_replacements
 
 __all__ = ["Evaluator", "SearchResult", "search", "sample_batch"]
@@ -133,7 +134,7 @@ class SearchResult:
 
 
 def search(
-    strategy,
+    strategy: Strategy,
     evaluator: Evaluator,
     data: TokenData,
     *,
@@ -143,7 +144,8 @@ def search(
     progress: Callable[[str], None] | None = print,
     runner: Runner | None = None,
 ) -> SearchResult:
-    """Run ``strategy`` to completion, evaluating its requests with ``evaluator`` on ``data``.
+    """Run ``strategy`` (any :class:`~evosearch.strategy.Strategy`) to completion, evaluating
+    its requests with ``evaluator`` on ``data``.
 
     ``runner`` decides where the genomes of a request are evaluated (default: in this process
     on ``evaluator``'s model; :class:`~evosearch.runners.RayRunner` for a Ray cluster). The
@@ -208,8 +210,9 @@ def search(
                 rate = done / max(now - t_gen, 1e-9)
                 _, best_value = strategy.best
                 note = getattr(strategy, "progress_note", None)
+                total = getattr(getattr(strategy, "config", None), "generations", "?")
                 progress(
-                    f"gen {request.generation:3d}/{strategy.config.generations}  "
+                    f"gen {request.generation:3d}/{total}  "
                     f"best {name} {evaluator.sign * best_value:.4f} "
                     f"@{request.tokens} tok  evals {evaluator.evaluations} (+{done}, "
                     f"{rate:.2f}/s)  tokens {evaluator.tokens / 1e6:.2f}M  "

@@ -5,19 +5,20 @@ Pure operators on :class:`~evosearch.symbolic.Node` trees, each taking an explic
 :func:`subtree_mutation`, :func:`point_mutation` and :func:`tournament`. Every operator returns
 a tree within the :class:`Grammar`'s depth and size limits.
 
-:class:`GeneticProgramming` wires them into an ask/tell strategy: :meth:`~GeneticProgramming.ask`
-returns the trees to evaluate (the initial population, then each generation's offspring),
-:meth:`~GeneticProgramming.tell` receives their fitness (lower is better; ``inf`` for a rejected
-metric) and forms the next population from the elites and the offspring. Offspring whose
-canonical form (:func:`~evosearch.symbolic.canonical`) is already in the population are
-regenerated a few times, then replaced by a fresh random tree, so equivalent metrics do not
-crowd it (Pruner-Zero's opposing-operation simplification serves the same purpose).
+:class:`GeneticProgramming` wires them into a :class:`~evosearch.strategy.Strategy`, the
+protocol every strategy of :func:`evosearch.engine.search` follows: :meth:`~GeneticProgramming.ask`
+returns a :class:`~evosearch.strategy.Request` of :class:`MetricGenome` s (the initial
+population, then each generation's offspring), :meth:`~GeneticProgramming.tell` receives their
+fitness (lower is better; ``inf`` for a rejected metric) and forms the next population from the
+elites and the offspring. Offspring whose canonical form (:func:`~evosearch.symbolic.canonical`)
+is already in the population are regenerated a few times, then replaced by a fresh random tree,
+so equivalent metrics do not crowd it (Pruner-Zero's opposing-operation simplification serves
+the same purpose). :mod:`evosearch.metric_search` runs it on the engine.
 
 Example:
     >>> gp = GeneticProgramming(GPConfig(population=8), rng=np.random.default_rng(0))
-    >>> while not gp.done:                                          # doctest: +SKIP
-    ...     trees = gp.ask()
-    ...     gp.tell([my_fitness(t) for t in trees])
+    >>> while (request := gp.ask()) is not None:                    # doctest: +SKIP
+    ...     gp.tell(request, [my_fitness(g.canonical) for g in request.genomes])
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from evosearch.strategy import Request
 from evosearch.symbolic import (
     BINARY,
     OPS,
@@ -38,6 +40,7 @@ from evosearch.symbolic import (
     canonical,
     const,
     parse,
+    to_math,
     to_string,
 )
 
@@ -45,6 +48,7 @@ __all__ = [
     "GPConfig",
     "GeneticProgramming",
     "Grammar",
+    "MetricGenome",
     "point_mutation",
     "random_tree",
     "subtree_crossover",
@@ -238,6 +242,41 @@ def tournament(
     return int(min(picks, key=lambda i: (fitness[i], sizes[i] if sizes else 0)))
 
 
+# -- genome --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MetricGenome:
+    """An expression tree as a genome: frozen, hashable, identified by its canonical form.
+
+    The engine memoises and logs on :meth:`key`, the canonical form's string
+    (:func:`~evosearch.symbolic.canonical`), so equivalent trees (``sqrt(sqr(W))`` and ``W``)
+    are evaluated once; the tree itself is kept as proposed, because the GP operators work on
+    it (same seed, same trees).
+
+    Attributes:
+        tree: the expression as proposed.
+    """
+
+    tree: Node
+    canonical: Node = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "canonical", canonical(self.tree))
+
+    def key(self) -> str:
+        """The canonical form as an expression string (parses back with ``parse``)."""
+        return to_string(self.canonical)
+
+    @classmethod
+    def from_key(cls, key: str) -> MetricGenome:
+        """The genome of a logged key (its tree is the canonical form)."""
+        return cls(parse(key))
+
+    def __str__(self) -> str:
+        return to_string(self.tree)
+
+
 # -- strategy ------------------------------------------------------------------------------------
 
 
@@ -256,6 +295,8 @@ class GPConfig:
         elitism: best individuals carried over unchanged.
         init_depth: depth of the random trees of the initial population (ramped half-and-half
             over depths 2..init_depth).
+        tokens: calibration tokens every tree is scored on (the requests' fidelity; the metric
+            search asks for all its calibration tokens).
         grammar: terminals, operators and the depth/size limits.
     """
 
@@ -267,6 +308,7 @@ class GPConfig:
     point_mutation_rate: float = 0.2
     elitism: int = 2
     init_depth: int = 4
+    tokens: int = 2048
     grammar: Grammar = field(default_factory=Grammar)
 
     def __post_init__(self) -> None:
@@ -287,6 +329,8 @@ class GPConfig:
             )
         if self.init_depth < 1:
             raise ValueError(f"init_depth must be >= 1, got {self.init_depth}")
+        if self.tokens < 1:
+            raise ValueError(f"tokens must be >= 1, got {self.tokens}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -298,7 +342,12 @@ def _rank_key(tree_fitness: tuple[Node, float]) -> tuple[float, int]:
 
 
 class GeneticProgramming:
-    """Ask/tell GP over metric trees (minimises fitness; ties go to the smaller tree).
+    """GP over metric trees as a :class:`~evosearch.strategy.Strategy` (minimises fitness;
+    ties go to the smaller tree).
+
+    Each :meth:`ask` is one generation (one stage): the initial population, then
+    ``population - elitism`` offspring, as :class:`MetricGenome` s scored on
+    ``config.tokens`` tokens.
 
     Args:
         config: the :class:`GPConfig`.
@@ -319,6 +368,7 @@ class GeneticProgramming:
         self.seeds = tuple(seeds)
         self.generation = 0  # generations told so far (0: initial population not yet told)
         self.population: list[tuple[Node, float]] = []
+        self.history: list[dict[str, Any]] = []
         self._asked: list[Node] | None = None
 
     @property
@@ -326,36 +376,54 @@ class GeneticProgramming:
         """All generations have been told."""
         return self.generation > self.config.generations
 
-    def ask(self) -> list[Node]:
-        """The trees to evaluate now: the initial population, then each generation's
-        ``population - elitism`` offspring. Calling it twice without :meth:`tell` returns the
-        same trees."""
+    def ask(self) -> Request | None:
+        """The trees to evaluate now (the initial population, then each generation's
+        ``population - elitism`` offspring), or ``None`` when done. Calling it twice without
+        :meth:`tell` returns the same trees."""
         if self.done:
-            raise RuntimeError("the search is finished")
+            return None
         if self._asked is None:
             self._asked = self._initial() if self.generation == 0 else self._offspring()
-        return list(self._asked)
+        genomes = tuple(MetricGenome(t) for t in self._asked)
+        return Request(self.generation, 0, self.config.tokens, genomes)
 
-    def tell(self, fitness: Sequence[float]) -> None:
-        """The fitness of the trees of the last :meth:`ask`, in order (``inf``: rejected)."""
-        if self._asked is None:
-            raise RuntimeError("tell() without ask()")
-        if len(fitness) != len(self._asked):
-            raise ValueError(f"expected {len(self._asked)} fitness values, got {len(fitness)}")
+    def tell(self, request: Request, values: Sequence[float]) -> None:
+        """The fitness of the trees of the last :meth:`ask`, in order (``inf`` or ``nan``:
+        rejected)."""
+        if self._asked is None or request.generation != self.generation:
+            raise RuntimeError("tell() must answer the latest ask()")
+        if len(values) != len(self._asked):
+            raise ValueError(f"expected {len(self._asked)} fitness values, got {len(values)}")
         told = [
-            (t, float(f) if not math.isnan(f) else math.inf) for t, f in zip(self._asked, fitness)
+            (t, float(f) if not math.isnan(f) else math.inf) for t, f in zip(self._asked, values)
         ]
         elites = self._ranked()[: self.config.elitism] if self.generation else []
-        pop = elites + told
-        self.population = sorted(pop, key=_rank_key)[: self.config.population]
+        self.population = sorted(elites + told, key=_rank_key)[: self.config.population]
+        best_tree, best_value = self._ranked()[0]
+        self.history.append(
+            {
+                "generation": self.generation,
+                "best": MetricGenome(best_tree).key(),
+                "value": best_value,
+                "tokens": request.tokens,
+                "proposed": [to_string(t) for t in self._asked],
+            }
+        )
         self._asked = None
         self.generation += 1
 
-    def best(self) -> tuple[Node, float]:
-        """The best tree told so far and its fitness."""
+    @property
+    def best(self) -> tuple[MetricGenome, float] | None:
+        """The best tree told so far and its fitness, or ``None`` before the first tell."""
         if not self.population:
-            raise RuntimeError("nothing told yet")
-        return self._ranked()[0]
+            return None
+        tree, value = self._ranked()[0]
+        return MetricGenome(tree), value
+
+    def progress_note(self, sign: float = 1.0) -> str:
+        """The best metric, readable, for the engine's progress line."""
+        best = self.best
+        return "" if best is None else f"metric {to_math(best[0].canonical)}"
 
     def _ranked(self) -> list[tuple[Node, float]]:
         return sorted(self.population, key=_rank_key)
@@ -418,11 +486,13 @@ class GeneticProgramming:
     # -- persistence -----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable state: generation, population with fitness, pending ask, rng."""
+        """JSON-serialisable state: generation, population with fitness, pending ask (also
+        valid within a generation), history, rng."""
         return {
             "generation": self.generation,
             "population": [[to_string(t), f] for t, f in self.population],
             "asked": None if self._asked is None else [to_string(t) for t in self._asked],
+            "history": self.history,
             "rng": self.rng.bit_generator.state,
         }
 
@@ -432,4 +502,5 @@ class GeneticProgramming:
         self.population = [(parse(t), float(f)) for t, f in state["population"]]
         asked = state.get("asked")
         self._asked = None if asked is None else [parse(t) for t in asked]
+        self.history = list(state.get("history", []))
         self.rng.bit_generator.state = state["rng"]

@@ -1,19 +1,28 @@
 """Search a symbolic pruning metric by genetic programming (Pruner-Zero, Dong et al. 2024).
 
-:func:`run_metric_search` loads the model and calibration tokens, computes the statistics every
-metric reads (W, X and G, once), and runs :class:`~evosearch.gp.GeneticProgramming`. Each
-proposed metric is reduced to its canonical form (:func:`~evosearch.symbolic.canonical`), and
-each canonical form is evaluated once (:class:`MetricEvaluator`: prune every block linear to the
-target with per-row ranking, score the pruned model by KL from the dense model or perplexity on
-the calibration tokens, restore the dense weights). Repeats are answered from the memo.
+Metric search is one more space and strategy on the one search loop,
+:func:`evosearch.engine.search`: the candidates are expression trees
+(:class:`~evosearch.gp.MetricGenome`, keyed by their canonical form), the strategy is
+:class:`~evosearch.gp.GeneticProgramming`, and :class:`MetricSpace` materialises a tree as the
+model with every block linear pruned to the target by that metric (per-row ranking, or N:M
+groups). The engine's :class:`~evosearch.engine.Evaluator` scores it by KL from the dense model
+or perplexity on the calibration tokens; W, X and G are computed once. The engine memoises on
+the canonical form, so equivalent metrics are evaluated once, and a metric with non-finite or
+constant scores is a failed evaluation whose reason is kept.
+
+:func:`run_metric_search` builds the config's model, data, space and strategy, runs the engine
+(any :class:`~evosearch.runners.Runner`), then ranks, re-checks on held-out tokens and writes.
 
 A run directory holds:
 
-* ``config.json``: the :class:`MetricSearchConfig`.
-* ``history.jsonl``: one line per proposed metric, appended as it is scored (proposal order,
-  expression, canonical form, fitness or rejection reason, whether the memo answered). A killed
-  run resumes (``resume=True``) by replaying the seeded search against it: nothing already
-  scored is scored again.
+* ``config.json``: the :class:`MetricSearchConfig` (checked on resume).
+* ``evaluations.jsonl`` / ``checkpoint.json``: the engine's log (one line per evaluated
+  canonical metric, flushed as it finishes) and the strategy's state after each generation
+  (:class:`~evosearch.run.RunDir`). A killed run resumes (``resume=True``) from them and
+  evaluates nothing twice; a run directory of the earlier loop (``history.jsonl`` alone)
+  resumes too.
+* ``history.jsonl``: one line per proposed metric in proposal order (expression, canonical
+  form, fitness or rejection reason, whether the memo answered), written when the search ends.
 * ``leaderboard.json`` / ``leaderboard.md``: the best distinct metrics with their fitness and,
   with ``holdout_sequences``, their fitness on held-out calibration text.
 * ``best_metric.json``: the best metric (expression, readable math, JSON tree); it loads back
@@ -22,11 +31,12 @@ A run directory holds:
   thousand tokens cannot separate metrics that differ in a handful of mask decisions, and the
   held-out check keeps a metric that merely fits the search tokens from being reported.
 * ``results.json``: everything above plus per-generation statistics, memo counts and timings.
+* ``study.db``: the same evaluations as an Optuna study (:class:`MetricRecord`), for
+  ``optuna-dashboard``.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -39,12 +49,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from evosearch.data import DataSpec, load_token_data
-from evosearch.evaluation import Batch, Candidate
+from evosearch.data import DataSpec, TokenData, load_token_data
+from evosearch.engine import Evaluator, search
+from evosearch.evaluation import Batch
 from evosearch.forward import DenseCache, compute_dense_cache
-from evosearch.genome import Genome
-from evosearch.gp import GeneticProgramming, GPConfig, Grammar
-from evosearch.pruning import LayerStats, block_linears, collect_stats, parse_pattern, set_weight_
+from evosearch.gp import GeneticProgramming, GPConfig, Grammar, MetricGenome
+from evosearch.metric_space import MetricSpace
+from evosearch.pruning import LayerStats, block_linears, collect_stats, parse_pattern
+from evosearch.record import OptunaRecord
+from evosearch.rundir import RunConfigMismatch, RunDir
+from evosearch.runners import Runner
 from evosearch.symbolic import (
     BINARY,
     KNOWN_METRICS,
@@ -52,15 +66,18 @@ from evosearch.symbolic import (
     UNARY,
     MetricError,
     Node,
-    canonical,
-    metric_pruner,
     parse,
     save_metric,
     to_math,
-    to_string,
 )
 
-__all__ = ["MetricEvaluator", "MetricSearchConfig", "run_metric_search"]
+__all__ = [
+    "MetricRecord",
+    "MetricSearchConfig",
+    "MetricSpace",
+    "MetricWorker",
+    "run_metric_search",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,6 +178,7 @@ class MetricSearchConfig:
         )
 
     def gp_config(self) -> GPConfig:
+        """The GP strategy's settings; every tree is scored on all calibration tokens."""
         return GPConfig(
             population=self.population,
             generations=self.generations,
@@ -170,6 +188,7 @@ class MetricSearchConfig:
             point_mutation_rate=self.point_mutation_rate,
             elitism=self.elitism,
             init_depth=self.init_depth,
+            tokens=self.n_sequences * self.seq_len,
             grammar=self.grammar(),
         )
 
@@ -194,79 +213,22 @@ class MetricSearchConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
-class MetricEvaluator:
-    """Scores a metric: prune every block linear to the target by the metric, run the fitness,
-    restore the dense weights.
+# -- setup ---------------------------------------------------------------------------------------
 
-    Holds one copy of the dense block-linear weights (to restore them); the model itself is
-    modified only during a call.
 
-    Args:
-        model: the dense model.
-        stats: :func:`~evosearch.pruning.collect_stats` of every block linear (with gradients
-            when a metric reads G).
-        fitness: a fitness object (``fitness.get_fitness``), already prepared.
-        batch: the calibration tokens.
-        dense: the dense cache the fitness uses as its teacher (KL), or ``None``.
-        sparsity / pattern: the target.
-    """
+@dataclass
+class _Setup:
+    """What a metric search scores with: the model, its calibration tokens and statistics,
+    the prepared fitness and its dense cache."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        stats: dict[str, LayerStats],
-        fitness,
-        batch: Batch,
-        dense: DenseCache | None,
-        *,
-        sparsity: float | None,
-        pattern: tuple[int, int] | None = None,
-    ) -> None:
-        self.model = model
-        self.stats = stats
-        self.fitness = fitness
-        self.batch = batch
-        self.dense = dense
-        self.sparsity = None if pattern else sparsity
-        self.pattern = pattern
-        self.refs = block_linears(model)
-        self._dense_weights = {r.name: r.weight(model).detach().clone() for r in self.refs}
-
-    def __call__(self, tree: Node) -> float:
-        """The fitness of the model pruned by ``tree``; raises :class:`MetricError` with the
-        reason when the metric is unusable (non-finite or constant scores, non-finite
-        fitness)."""
-        pruner = metric_pruner(tree)
-        try:
-            for ref in self.refs:
-                w = self._dense_weights[ref.name]
-                try:
-                    pruned = pruner.prune(
-                        w, self.stats[ref.name], self.sparsity, pattern=self.pattern
-                    )
-                except MetricError as exc:
-                    raise MetricError(f"{exc} (layer {ref.name})") from None
-                except RuntimeError as exc:  # e.g. terminal shapes that do not broadcast
-                    raise MetricError(f"evaluation failed: {exc} (layer {ref.name})") from None
-                set_weight_(ref.module(self.model), pruned)
-            candidate = Candidate(self.model, Genome((0,)), 0, self.dense)
-            value = float(self.fitness(candidate, self.batch))
-        finally:
-            self.restore_()
-        if not math.isfinite(value):
-            raise MetricError(f"non-finite fitness {value}")
-        return value
-
-    def on_data(self, fitness, batch: Batch, dense: DenseCache | None) -> MetricEvaluator:
-        """The same evaluator scoring on other tokens (sharing the dense weights' copy)."""
-        other = copy.copy(self)
-        other.fitness, other.batch, other.dense = fitness, batch, dense
-        return other
-
-    def restore_(self) -> None:
-        """Put the dense weights back."""
-        for ref in self.refs:
-            set_weight_(ref.module(self.model), self._dense_weights[ref.name])
+    model: nn.Module
+    tokenizer: Any
+    spec: DataSpec
+    data: TokenData
+    stats: dict[str, LayerStats]
+    fitness: Any
+    dense: DenseCache | None
+    timings: dict[str, float]
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -277,79 +239,24 @@ def _resolve_device(device: str) -> torch.device:
 
 def _scoring_on(model: nn.Module, kind: str, input_ids: torch.Tensor):
     """A fitness of ``kind`` prepared on ``input_ids`` (with the dense model's cache as its
-    teacher), the batch of all those tokens, and the cache: what :class:`MetricEvaluator`
-    scores with."""
+    teacher), and the cache."""
     from evosearch import registry
 
     fitness = registry.fitness(kind)
     dense = compute_dense_cache(model, input_ids, prefix_reuse=False)
     fitness.prepare(model, input_ids, dense)
-    return fitness, Batch(tuple(range(input_ids.shape[0])), input_ids), dense
+    return fitness, dense
 
 
-def _read_history(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut short by a kill: it is scored again
-    return records
-
-
-def run_metric_search(
-    config: MetricSearchConfig,
-    out_dir: str | Path,
-    *,
-    resume: bool = False,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Run a metric search and write its run directory (see the module docstring).
-
-    Args:
-        config: the search.
-        out_dir: run directory; must not hold a previous search unless ``resume``.
-        resume: continue the search in ``out_dir`` (same config), re-scoring nothing.
-        log: progress lines.
-
-    Returns:
-        The contents of ``results.json``.
-    """
+def _set_up(config: MetricSearchConfig, log: Callable[[str], None]) -> _Setup:
+    """Load the model and calibration tokens, collect W/X/G and prepare the fitness."""
     from evosearch.models import load_model
-
-    t_start = time.perf_counter()
-    out = Path(out_dir)
-    history_path = out / "history.jsonl"
-    config_path = out / "config.json"
-    if resume:
-        if not config_path.is_file():
-            raise FileNotFoundError(f"nothing to resume: {config_path} not found")
-        saved = json.loads(config_path.read_text())
-        if saved != config.to_dict():
-            now = config.to_dict()
-            diff = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
-            raise ValueError(f"--resume with a different config (differs in {diff})")
-    elif history_path.exists() or config_path.exists():
-        raise FileExistsError(f"{out} already holds a metric search; use --resume or a new --out")
-    out.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(json.dumps(config.to_dict(), indent=1) + "\n")
-    previous = _read_history(history_path) if resume else []
-    if resume:  # drop a half-written last line
-        history_path.write_text("".join(json.dumps(r) + "\n" for r in previous))
-
-    seeds = config.seed_trees()
-    skipped = [s for s in config.seed_metrics if s not in seeds]
-    if skipped:
-        log(f"seed metrics outside the grammar, skipped: {skipped}")
-    pattern = parse_pattern(config.pattern)
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     model, tokenizer = load_model(config.model, device=_resolve_device(config.device))
     timings["load_model_s"] = time.perf_counter() - t0
+    pattern = parse_pattern(config.pattern)
     if pattern is not None:
         bad = sorted({r.shape[1] for r in block_linears(model) if r.shape[1] % pattern[1]})
         if bad:
@@ -372,202 +279,407 @@ def run_metric_search(
         f"({timings['stats_s']:.1f}s)"
     )
     t0 = time.perf_counter()
-    fitness, batch, dense = _scoring_on(model, config.fitness, data.input_ids)
+    fitness, dense = _scoring_on(model, config.fitness, data.input_ids)
     timings["dense_s"] = time.perf_counter() - t0
-    evaluator = MetricEvaluator(
-        model, stats, fitness, batch, dense, sparsity=config.sparsity, pattern=pattern
-    )
+    return _Setup(model, tokenizer, spec, data, stats, fitness, dense, timings)
 
-    gp = GeneticProgramming(
-        config.gp_config(), rng=np.random.default_rng(config.seed), seeds=list(seeds.values())
-    )
-    seed_names = {to_string(canonical(t)): name for name, t in seeds.items()}
-    memo: dict[str, tuple[float | None, str | None]] = {}
-    first_expr: dict[str, str] = {}
-    position = 0
-    counts = {"proposed": 0, "evaluated": 0, "memo_hits": 0, "rejected": 0, "replayed": 0}
-    generations: list[dict[str, Any]] = []
-    t_search = time.perf_counter()
-    eval_seconds = 0.0
-    with history_path.open("a") as history:
-        while not gp.done:
-            gen = gp.generation
-            values: list[float] = []
-            for index, tree in enumerate(gp.ask()):
-                key = to_string(canonical(tree))
-                first_expr.setdefault(key, to_string(tree))
-                if position < len(previous):
-                    rec = previous[position]
-                    if rec.get("canonical") != key:
-                        raise ValueError(
-                            f"history.jsonl entry {position} is {rec.get('canonical')!r}, the "
-                            f"search proposes {key!r}: it was written by another config or "
-                            "version; start a new --out"
-                        )
-                    counts["replayed"] += 1
-                    if not rec["memo_hit"]:
-                        memo[key] = (rec["fitness"], rec["rejected"])
-                        eval_seconds += rec["seconds"]
-                else:
-                    rec = {
-                        "generation": gen,
-                        "index": index,
-                        "expression": to_string(tree),
-                        "canonical": key,
-                        "seed_metric": seed_names.get(key) if gen == 0 else None,
-                    }
-                    if key in memo:
-                        (rec["fitness"], rec["rejected"]), rec["memo_hit"] = memo[key], True
-                        rec["seconds"] = 0.0
-                    else:
-                        t0 = time.perf_counter()
-                        try:
-                            value, reason = evaluator(canonical(tree)), None
-                        except MetricError as exc:
-                            value, reason = None, str(exc)
-                        rec["seconds"] = time.perf_counter() - t0
-                        eval_seconds += rec["seconds"]
-                        rec.update(fitness=value, rejected=reason, memo_hit=False)
-                        memo[key] = (value, reason)
-                    history.write(json.dumps(rec) + "\n")
-                    history.flush()
-                position += 1
-                counts["proposed"] += 1
-                counts["memo_hits" if rec["memo_hit"] else "evaluated"] += 1
-                counts["rejected"] += rec["rejected"] is not None and not rec["memo_hit"]
-                values.append(math.inf if rec["fitness"] is None else rec["fitness"])
-            gp.tell(values)
-            best_tree, best_value = gp.best()
-            finite = [v for v in values if math.isfinite(v)]
-            generations.append(
-                {
-                    "generation": gen,
-                    "proposed": len(values),
-                    "rejected": len(values) - len(finite),
-                    "generation_best": min(finite) if finite else None,
-                    "generation_median": float(np.median(finite)) if finite else None,
-                    "best": best_value if math.isfinite(best_value) else None,
-                    "best_metric": to_string(canonical(best_tree)),
-                }
-            )
-            log(
-                f"generation {gen}/{config.generations}: best {config.fitness} {best_value:.4f} "
-                f"{to_math(canonical(best_tree))} | {len(values)} proposed, "
-                f"{len(values) - len(finite)} rejected, memo hits so far {counts['memo_hits']} "
-                f"({time.perf_counter() - t_search:.0f}s)"
-            )
-    timings["search_s"] = time.perf_counter() - t_search
-    timings["evaluation_s"] = eval_seconds
 
-    # lowest fitness first; among equal fitness the smallest tree
-    ranked = sorted((v, parse(k).size(), k) for k, (v, _) in memo.items() if v is not None)
+def _evaluator(config: MetricSearchConfig, setup: _Setup) -> Evaluator:
+    """The engine's evaluator on the metric space of ``setup``'s statistics."""
+    space = MetricSpace(
+        setup.stats, sparsity=config.sparsity, pattern=parse_pattern(config.pattern)
+    )
+    return Evaluator(setup.model, space, setup.fitness, setup.dense, prefix_reuse=False)
+
+
+@dataclass(frozen=True)
+class MetricWorker:
+    """The evaluator factory of a :class:`~evosearch.runners.RayRunner` worker: it loads the
+    model, the calibration tokens and their statistics from ``config`` again (all
+    deterministic, so every worker scores a metric exactly as this process would).
+
+    Example::
+
+        with RayRunner(MetricWorker(config), config=RayRunnerConfig(workers=2)) as runner:
+            run_metric_search(config, "runs/metric", runner=runner)
+    """
+
+    config: MetricSearchConfig
+
+    def __call__(self) -> Evaluator:
+        return _evaluator(self.config, _set_up(self.config, lambda line: None))
+
+
+# -- run directory -------------------------------------------------------------------------------
+
+
+class MetricRecord(OptunaRecord):
+    """The Optuna study record of a metric search (``study.db``): a trial per evaluated metric
+    with its fitness, and the canonical expression, readable math and tree size as user
+    attributes. A tree has no fixed parameters, so the trials have none."""
+
+    def add(self, record: dict[str, Any]) -> None:
+        """Store one evaluation record (as the engine logs it) as a finished trial."""
+        import optuna
+
+        genome = MetricGenome.from_key(record["genome"])
+        attrs: dict[str, Any] = {"record": json.dumps(record)}
+        attrs.update({k: record[k] for k in ("genome", "tokens", "seconds") if k in record})
+        attrs.update(math=to_math(genome.canonical), size=genome.canonical.size())
+        value = record.get("value")
+        ok = value is not None and math.isfinite(value)
+        trial = optuna.trial.create_trial(
+            state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL,
+            value=value if ok else None,
+            params={},
+            distributions={},
+            user_attrs=attrs,
+            intermediate_values={int(record["tokens"]): value} if ok else None,
+        )
+        self.study.add_trial(trial)
+
+
+def _start_run(config: MetricSearchConfig, out: Path, resume: bool) -> RunDir:
+    """The run directory, created, or checked to hold the same config when resuming."""
+    if resume and not (out / "config.json").is_file():
+        raise FileNotFoundError(f"nothing to resume: {out / 'config.json'} not found")
+    out.mkdir(parents=True, exist_ok=True)
+    storage = f"sqlite:///{(out / 'study.db').resolve()}"
+    run = RunDir(out, record=MetricRecord(storage, out.resolve().name))
+    try:
+        run.start(config.to_dict(), resume=resume)
+    except RunConfigMismatch as exc:
+        raise ValueError(f"--resume with a different config ({exc})") from None
+    except FileExistsError:
+        raise FileExistsError(
+            f"{out} already holds a metric search; use --resume or a new --out"
+        ) from None
+    return run
+
+
+def _adopt_history(run: RunDir, batch: Batch) -> int:
+    """Turn the ``history.jsonl`` of a run killed under the earlier loop (which had no
+    ``evaluations.jsonl``) into the engine's log, so that it resumes without re-scoring;
+    returns the evaluations adopted."""
+    history, log = run.file("history.jsonl"), run.file("evaluations.jsonl")
+    if not history.is_file() or log.exists():
+        return 0
+    records = []
+    for line in history.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a line cut short by a kill: it is scored again
+        if rec.get("memo_hit"):
+            continue
+        entry = {
+            "genome": rec["canonical"],
+            "batch": batch.key(),
+            "tokens": batch.n_tokens,
+            "value": rec["fitness"],
+            "seconds": round(rec["seconds"], 4),
+            "generation": rec["generation"],
+            "stage": 0,
+        }
+        if rec.get("rejected") is not None:
+            entry["error"] = f"MetricError: {rec['rejected']}"
+        records.append(entry)
+    for entry in records:
+        run.append_evaluation(entry)
+    return len(records)
+
+
+# -- after the search ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Trace:
+    """The search as proposals: what the history, the leaderboard and the counts read.
+
+    Attributes:
+        history: one record per proposed metric (the rows of ``history.jsonl``).
+        memo: canonical key -> (fitness or ``None``, rejection reason or ``None``).
+        first_expr: canonical key -> the expression it was first proposed as.
+        seconds: evaluation time of every distinct metric, summed.
+    """
+
+    history: list[dict[str, Any]]
+    memo: dict[str, tuple[float | None, str | None]]
+    first_expr: dict[str, str]
+    seconds: float
+
+
+def _trace(strategy: GeneticProgramming, log: list[dict], seed_names: dict[str, str]) -> _Trace:
+    """Replay the strategy's proposals against the engine's log (``log``: its evaluations)."""
+    evaluated = {r["genome"]: r for r in log}
+    trace = _Trace([], {}, {}, sum(r["seconds"] for r in evaluated.values()))
+    for gen in strategy.history:
+        for index, expression in enumerate(gen["proposed"]):
+            key = MetricGenome(parse(expression)).key()
+            rec = {
+                "generation": gen["generation"],
+                "index": index,
+                "expression": expression,
+                "canonical": key,
+                "seed_metric": seed_names.get(key) if gen["generation"] == 0 else None,
+            }
+            hit = key in trace.memo
+            if not hit:
+                done = evaluated[key]
+                reason = done.get("error")
+                if reason is not None:
+                    reason = reason.removeprefix(f"{MetricError.__name__}: ")
+                trace.memo[key] = (done["value"] if reason is None else None, reason)
+                trace.first_expr[key] = expression
+            rec["seconds"] = 0.0 if hit else evaluated[key]["seconds"]
+            rec["fitness"], rec["rejected"] = trace.memo[key]
+            rec["memo_hit"] = hit
+            trace.history.append(rec)
+    return trace
+
+
+def _generations(strategy: GeneticProgramming, trace: _Trace) -> list[dict[str, Any]]:
+    """Per-generation statistics of the proposals and the best so far."""
+    out = []
+    for gen in strategy.history:
+        rows = [r for r in trace.history if r["generation"] == gen["generation"]]
+        finite = [r["fitness"] for r in rows if r["fitness"] is not None]
+        out.append(
+            {
+                "generation": gen["generation"],
+                "proposed": len(rows),
+                "rejected": len(rows) - len(finite),
+                "generation_best": min(finite) if finite else None,
+                "generation_median": float(np.median(finite)) if finite else None,
+                "best": gen["value"] if math.isfinite(gen["value"]) else None,
+                "best_metric": gen["best"],
+            }
+        )
+    return out
+
+
+def _leaderboard(
+    trace: _Trace, seed_names: dict[str, str], size_limit: int
+) -> list[dict[str, Any]]:
+    """The best distinct metrics: lowest fitness first, among equal fitness the smallest
+    tree; metrics with bit-identical fitness (in practice the same mask) share a row."""
+    ranked = sorted((v, parse(k).size(), k) for k, (v, _) in trace.memo.items() if v is not None)
     if not ranked:
         raise MetricError("every metric was rejected; see history.jsonl for the reasons")
-    leaderboard: list[dict[str, Any]] = []
+    board: list[dict[str, Any]] = []
     for v, size, k in ranked:
-        if leaderboard and leaderboard[-1]["fitness"] == v:
-            # bit-identical fitness: in practice the same mask, so the same metric
-            leaderboard[-1]["same_fitness"].append(k)
+        if board and board[-1]["fitness"] == v:
+            board[-1]["same_fitness"].append(k)
             continue
-        if len(leaderboard) == config.leaderboard_size:
+        if len(board) == size_limit:
             break
-        leaderboard.append(
+        board.append(
             {
-                "rank": len(leaderboard) + 1,
+                "rank": len(board) + 1,
                 "fitness": v,
                 "metric": k,
                 "math": to_math(parse(k)),
-                "first_proposed_as": first_expr.get(k, k),
+                "first_proposed_as": trace.first_expr.get(k, k),
                 "known_metric": seed_names.get(k),
                 "size": size,
                 "same_fitness": [],
             }
         )
-    known_keys = {name: to_string(canonical(t)) for name, t in seeds.items()}
-    known = {name: memo.get(k, (None, None))[0] for name, k in known_keys.items()}
-    best_row, known_holdout, holdout_data = leaderboard[0], {}, None
-    if config.holdout_sequences:
-        t0 = time.perf_counter()
-        held = load_token_data(
-            replace(spec, n_sequences=config.holdout_sequences, seed=config.data_seed + 1),
-            tokenizer,
-            model,
-        )
-        holdout_data = held.description
-        log(f"held-out check of the leaderboard and the seed metrics: {held.description}")
-        held_eval = evaluator.on_data(*_scoring_on(model, config.fitness, held.input_ids))
-        held_memo: dict[str, float | None] = {}
+    return board
 
-        def held_out(key: str) -> float | None:
-            if key not in held_memo:
-                try:
-                    held_memo[key] = held_eval(parse(key))
-                except MetricError:
-                    held_memo[key] = None
-                value = held_memo[key]
-                shown = "rejected" if value is None else f"{value:.4f}"
-                log(f"  held-out {config.fitness} {shown}: {to_math(parse(key))}")
-            return held_memo[key]
 
-        for row in leaderboard:
-            row["holdout_fitness"] = held_out(row["metric"])
-        known_holdout = {n: held_out(k) for n, k in known_keys.items() if known[n] is not None}
-        scored = [r for r in leaderboard if r["holdout_fitness"] is not None]
-        if scored:
-            best_row = min(scored, key=lambda r: (r["holdout_fitness"], r["rank"]))
-        timings["holdout_s"] = time.perf_counter() - t0
-    best_value, best_key = best_row["fitness"], best_row["metric"]
-    best_tree = parse(best_key)
+def _holdout(
+    config: MetricSearchConfig,
+    setup: _Setup,
+    space: MetricSpace,
+    keys: dict[str, str],
+    log: Callable[[str], None],
+) -> tuple[str, dict[str, float | None]]:
+    """Score the metrics ``keys`` (name -> canonical key) on ``holdout_sequences`` other
+    windows (seed ``data_seed + 1``); returns the held-out data's description and name ->
+    fitness (``None``: rejected)."""
+    held = load_token_data(
+        replace(setup.spec, n_sequences=config.holdout_sequences, seed=config.data_seed + 1),
+        setup.tokenizer,
+        setup.model,
+    )
+    log(f"held-out check of the leaderboard and the seed metrics: {held.description}")
+    fitness, dense = _scoring_on(setup.model, config.fitness, held.input_ids)
+    evaluator = Evaluator(setup.model, space, fitness, dense, prefix_reuse=False)
+    batch = Batch(tuple(range(held.n_sequences)), held.input_ids)
+    values: dict[str, float | None] = {}
+    by_key: dict[str, float | None] = {}
+    for name, key in keys.items():
+        if key not in by_key:
+            outcome = evaluator.outcome(MetricGenome.from_key(key), batch)
+            by_key[key] = outcome.value if outcome.error is None else None
+            shown = "rejected" if by_key[key] is None else f"{by_key[key]:.4f}"
+            log(f"  held-out {config.fitness} {shown}: {to_math(parse(key))}")
+        values[name] = by_key[key]
+    return held.description, values
+
+
+def _write_outputs(
+    out: Path,
+    config: MetricSearchConfig,
+    setup: _Setup,
+    board: list[dict[str, Any]],
+    best_row: dict[str, Any],
+    holdout: tuple[str | None, dict[str, float | None]],
+) -> None:
+    """``best_metric.json`` and the leaderboard files."""
     save_metric(
-        best_tree,
+        parse(best_row["metric"]),
         out / "best_metric.json",
-        fitness=best_value,
+        fitness=best_row["fitness"],
         fitness_kind=config.fitness,
         holdout_fitness=best_row.get("holdout_fitness"),
         target=config.target,
         model=config.model,
-        calibration=data.description,
-        holdout=holdout_data,
+        calibration=setup.data.description,
+        holdout=holdout[0],
     )
-    (out / "leaderboard.json").write_text(json.dumps(leaderboard, indent=1) + "\n")
-    (out / "leaderboard.md").write_text(_leaderboard_md(leaderboard, config, known_holdout))
+    (out / "leaderboard.json").write_text(json.dumps(board, indent=1) + "\n")
+    (out / "leaderboard.md").write_text(_leaderboard_md(board, config, holdout[1]))
+
+
+def _counts(trace: _Trace, replayed: int) -> dict[str, Any]:
+    proposed = len(trace.history)
+    hits = sum(r["memo_hit"] for r in trace.history)
+    return {
+        "proposed": proposed,
+        "evaluated": proposed - hits,
+        "memo_hits": hits,
+        "rejected": sum(r["rejected"] is not None and not r["memo_hit"] for r in trace.history),
+        "replayed": replayed,
+        "distinct_metrics": len(trace.memo),
+        "memo_saved_share": hits / max(proposed, 1),
+    }
+
+
+# -- the search ----------------------------------------------------------------------------------
+
+
+def run_metric_search(
+    config: MetricSearchConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    runner: Runner | None = None,
+) -> dict[str, Any]:
+    """Run a metric search on :func:`evosearch.engine.search` and write its run directory (see
+    the module docstring).
+
+    Args:
+        config: the search.
+        out_dir: run directory; must not hold a previous search unless ``resume``.
+        resume: continue the search in ``out_dir`` (same config), re-scoring nothing.
+        log: progress lines.
+        runner: where metrics are evaluated (default: in this process); a
+            :class:`~evosearch.runners.RayRunner` with a :class:`MetricWorker` factory spreads
+            them over Ray workers; results do not depend on the runner.
+
+    Returns:
+        The contents of ``results.json``.
+    """
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    run = _start_run(config, out, resume)
+    seeds = config.seed_trees()
+    if skipped := [s for s in config.seed_metrics if s not in seeds]:
+        log(f"seed metrics outside the grammar, skipped: {skipped}")
+    setup = _set_up(config, log)
+    evaluator = _evaluator(config, setup)
+    gp = GeneticProgramming(
+        config.gp_config(), rng=np.random.default_rng(config.seed), seeds=list(seeds.values())
+    )
+    everything = Batch(tuple(range(setup.data.n_sequences)), setup.data.input_ids)
+    if resume:
+        _adopt_history(run, everything)
+    replayed = len(run.evaluations()) if resume else 0
+    t0 = time.perf_counter()
+    result = search(
+        gp,
+        evaluator,
+        setup.data,
+        seed=config.data_seed,
+        run=run,
+        resume=resume,
+        progress=log,
+        runner=runner,
+    )
+    timings = {**setup.timings, "search_s": time.perf_counter() - t0}
+    known_keys = {name: MetricGenome(t).key() for name, t in seeds.items()}
+    trace = _trace(gp, result.evaluations, {k: n for n, k in known_keys.items()})
+    timings["evaluation_s"] = trace.seconds
+    (out / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in trace.history))
+    results = _finish(out, config, setup, evaluator.space, trace, known_keys, timings, log)
+    results["generations"] = _generations(gp, trace)
+    results["counts"] = _counts(trace, replayed)
     timings["total_s"] = time.perf_counter() - t_start
-    results = {
+    results["timings"] = timings
+    run.write_json("results.json", results)
+    c = results["counts"]
+    log(
+        f"best metric: {results['best']['math']}  ({config.fitness} "
+        f"{results['best']['fitness']:.4f}"
+        + (
+            f", held-out {results['best']['holdout_fitness']:.4f}"
+            if results["best"]["holdout_fitness"] is not None
+            else ""
+        )
+        + f"); {c['evaluated']} evaluated, {c['memo_hits']} answered by the memo "
+        f"({c['memo_saved_share']:.0%}); written to {out}"
+    )
+    return results
+
+
+def _finish(
+    out: Path,
+    config: MetricSearchConfig,
+    setup: _Setup,
+    space: MetricSpace,
+    trace: _Trace,
+    known_keys: dict[str, str],
+    timings: dict[str, float],
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Rank, re-check on held-out tokens (its time goes to ``timings``), write the leaderboard
+    and the best metric; returns the first part of ``results.json``."""
+    seed_names = {key: name for name, key in known_keys.items()}
+    board = _leaderboard(trace, seed_names, config.leaderboard_size)
+    known = {name: trace.memo.get(k, (None, None))[0] for name, k in known_keys.items()}
+    best_row, known_holdout, holdout_data = board[0], {}, None
+    if config.holdout_sequences:
+        t0 = time.perf_counter()
+        scored = {f"#{r['rank']}": r["metric"] for r in board}
+        scored.update({n: k for n, k in known_keys.items() if known[n] is not None})
+        holdout_data, held = _holdout(config, setup, space, scored, log)
+        for row in board:
+            row["holdout_fitness"] = held[f"#{row['rank']}"]
+        known_holdout = {n: held[n] for n in known_keys if n in held}
+        if rows := [r for r in board if r["holdout_fitness"] is not None]:
+            best_row = min(rows, key=lambda r: (r["holdout_fitness"], r["rank"]))
+        timings["holdout_s"] = time.perf_counter() - t0
+    _write_outputs(out, config, setup, board, best_row, (holdout_data, known_holdout))
+    best_key = best_row["metric"]
+    return {
         "config": config.to_dict(),
         "target": config.target,
-        "calibration": data.description,
+        "calibration": setup.data.description,
         "holdout": holdout_data,
         "best": {
             "metric": best_key,
-            "math": to_math(best_tree),
-            "fitness": best_value,
+            "math": to_math(parse(best_key)),
+            "fitness": best_row["fitness"],
             "holdout_fitness": best_row.get("holdout_fitness"),
             "known_metric": seed_names.get(best_key),
         },
         "known_metrics": known,
         "known_metrics_holdout": known_holdout,
-        "leaderboard": leaderboard,
-        "generations": generations,
-        "counts": {
-            **counts,
-            "distinct_metrics": len(memo),
-            "memo_saved_share": counts["memo_hits"] / max(counts["proposed"], 1),
-        },
-        "timings": timings,
+        "leaderboard": board,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    log(
-        f"best metric: {to_math(best_tree)}  ({config.fitness} {best_value:.4f}"
-        + (
-            f", held-out {best_row['holdout_fitness']:.4f}"
-            if best_row.get("holdout_fitness") is not None
-            else ""
-        )
-        + "); "
-        f"{counts['evaluated']} evaluated, {counts['memo_hits']} answered by the memo "
-        f"({results['counts']['memo_saved_share']:.0%}); written to {out}"
-    )
-    return results
 
 
 def _leaderboard_md(

@@ -164,6 +164,7 @@ class OptunaStrategy:
         self.generation = 0
         self.history: list[dict] = []
         self._pending: list = []
+        self._request: Request | None = None
         self._best: tuple[Genome, float] | None = None
         self._told: list[list[float | None]] = []
 
@@ -175,20 +176,31 @@ class OptunaStrategy:
         budgets = {g: params.get(f"budget.{g}", b) for g, b in spec.budgets.items()}
         return decode_keys(spec, keys, budgets)
 
+    @property
+    def done(self) -> bool:
+        """True once the last generation has been told (``ask`` then returns ``None``)."""
+        return self.generation > self.config.generations
+
     def ask(self) -> Request | None:
-        if self.generation > self.config.generations:
+        """The next batch of trials as genomes, or ``None`` when the search is finished."""
+        if self.done:
             return None
-        self._pending = [
-            self.study.ask(self._distributions) for _ in range(self.config.batch_size)
-        ]
-        genomes = tuple(self.decode(t.params) for t in self._pending)
-        return Request(self.generation, 0, self.config.tokens, genomes)
+        if self._request is None:  # asked again before a tell: the same trials
+            self._pending = [
+                self.study.ask(self._distributions) for _ in range(self.config.batch_size)
+            ]
+            genomes = tuple(self.decode(t.params) for t in self._pending)
+            self._request = Request(self.generation, 0, self.config.tokens, genomes)
+        return self._request
 
     def tell(self, request: Request, values: list[float]) -> None:
+        """Fitness values for the latest request's trials (``inf``: a failed trial)."""
         import optuna
 
-        if request.generation != self.generation or len(values) != len(self._pending):
+        if self._request is None or request.generation != self.generation:
             raise RuntimeError("tell() must answer the latest ask()")
+        if len(values) != len(self._pending):
+            raise ValueError(f"expected {len(self._pending)} values, got {len(values)}")
         for trial, genome, value in zip(self._pending, request.genomes, values):
             if value == float("inf"):
                 self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -198,6 +210,7 @@ class OptunaStrategy:
             if self._best is None or value < self._best[1]:
                 self._best = (genome, value)
         self._pending = []
+        self._request = None
         self._told.append([None if v == float("inf") else v for v in values])
         if self._best is not None:
             self.history.append(
@@ -230,6 +243,7 @@ class OptunaStrategy:
         return {"generation": self.generation, "told": self._told}
 
     def load_state_dict(self, state: dict) -> None:
+        """Replay :meth:`state_dict`'s values through this fresh strategy's sampler."""
         if self.generation != 0:
             raise RuntimeError("load_state_dict() needs a fresh strategy")
         for values in state["told"]:

@@ -23,6 +23,7 @@ from evosearch.operators import (
     random_genome,
 )
 from evosearch.pareto import pareto_front
+from evosearch.strategy import Request, Stage, Strategy
 
 __all__ = [
     "EvoPress",
@@ -31,22 +32,8 @@ __all__ = [
     "RandomSearch",
     "Request",
     "Stage",
+    "Strategy",
 ]
-
-
-@dataclass(frozen=True, kw_only=True)
-class Stage:
-    """One selection stage: every candidate is scored on ``tokens`` calibration tokens (the same
-    tokens for all of them) and the best ``survivors`` go on."""
-
-    tokens: int
-    survivors: int
-
-    def __post_init__(self) -> None:
-        if self.tokens < 1:
-            raise ValueError(f"Stage.tokens must be >= 1, got {self.tokens}")
-        if self.survivors < 1:
-            raise ValueError(f"Stage.survivors must be >= 1, got {self.survivors}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,17 +87,6 @@ class EvoPressConfig:
     @property
     def parents(self) -> int:
         return self.stages[-1].survivors
-
-
-@dataclass(frozen=True)
-class Request:
-    """Genomes to evaluate now, all on the same ``tokens`` of generation ``generation``'s data
-    for stage ``stage``."""
-
-    generation: int
-    stage: int
-    tokens: int
-    genomes: tuple[Genome, ...]
 
 
 @dataclass
@@ -228,9 +204,14 @@ class EvoPress:
 
     # -- ask / tell -----------------------------------------------------------------------
 
+    @property
+    def done(self) -> bool:
+        """True once the last generation has been told (``ask`` then returns ``None``)."""
+        return self.generation > self.config.generations
+
     def ask(self) -> Request | None:
         """The next genomes to evaluate, or ``None`` when the search is finished."""
-        if self.generation > self.config.generations:
+        if self.done:
             return None
         if self._pool is None:
             self._pool = self._new_pool()
@@ -324,6 +305,7 @@ class EvoPress:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (the search goes on exactly as the saved one)."""
         self.generation = state["generation"]
         self.stage = 0
         self._pool = None
@@ -477,8 +459,14 @@ class MultiBudgetEvoPress:
 
     # -- ask / tell -----------------------------------------------------------------------
 
+    @property
+    def done(self) -> bool:
+        """True once the last generation has been told (``ask`` then returns ``None``)."""
+        return self.generation > self.config.generations
+
     def ask(self) -> Request | None:
-        if self.generation > self.config.generations:
+        """The next genomes to evaluate, or ``None`` when the search is finished."""
+        if self.done:
             return None
         if self._pool is None:
             self._pool = self._new_pool()
@@ -486,6 +474,8 @@ class MultiBudgetEvoPress:
         return Request(self.generation, self.stage, tokens, tuple(m.genome for m in self._pool))
 
     def tell(self, request: Request, values: list[float]) -> None:
+        """Fitness values (lower is better) for ``request.genomes``, in order; the last
+        stage sets each niche's elites."""
         pool = _scored_pool(self, request, values)
         by_niche: dict[int, list[int]] = {}
         for i, m in enumerate(pool):
@@ -666,6 +656,7 @@ class MultiBudgetEvoPress:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (the search goes on exactly as the saved one)."""
         self.generation = state["generation"]
         self.stage = 0
         self._pool = None

@@ -12,12 +12,14 @@ from evosearch.gp import (
     GeneticProgramming,
     GPConfig,
     Grammar,
+    MetricGenome,
     point_mutation,
     random_tree,
     subtree_crossover,
     subtree_mutation,
     tournament,
 )
+from evosearch.strategy import Request
 from evosearch.symbolic import KNOWN_METRICS, canonical, parse, to_string
 
 GRAMMAR = Grammar(max_depth=4, max_size=9)
@@ -33,10 +35,10 @@ def test_best_prefers_the_smaller_of_equal_fitness():
     gp = GeneticProgramming(
         GPConfig(population=2, generations=0, elitism=0), rng=np.random.default_rng(0)
     )
-    gp.ask()
+    request = gp.ask()
     gp._asked = [parse("add(mul(G, mul(G, W)), mul(W, X))"), parse("mul(W, X)")]
-    gp.tell([0.5, 0.5])
-    assert to_string(gp.best()[0]) == "mul(W, X)"
+    gp.tell(request, [0.5, 0.5])
+    assert gp.best[0].key() == "mul(W, X)"
 
 
 def _fitness(tree) -> float:
@@ -106,10 +108,9 @@ def test_tournament_picks_the_best_entrant():
 def _run(config, seed, seeds=()):
     gp = GeneticProgramming(config, rng=np.random.default_rng(seed), seeds=seeds)
     asked = []
-    while not gp.done:
-        trees = gp.ask()
-        asked.append([to_string(t) for t in trees])
-        gp.tell([_fitness(t) for t in trees])
+    while (request := gp.ask()) is not None:
+        asked.append([str(g) for g in request.genomes])
+        gp.tell(request, [_fitness(g.tree) for g in request.genomes])
     return gp, asked
 
 
@@ -124,7 +125,8 @@ def test_strategy_is_deterministic_seeded_and_elitist():
     assert len(asked) == 6
     # elitism: the best fitness never gets worse, and the best is the true minimum told
     told = [_fitness(parse(t)) for gen in asked for t in gen]
-    assert gp.best()[1] == min(told)
+    assert gp.best[1] == min(told)
+    assert [h["proposed"] for h in gp.history] == asked
     # offspring of one generation are distinct in canonical form
     for gen in asked[1:]:
         assert len({to_string(canonical(parse(t))) for t in gen}) == len(gen)
@@ -134,7 +136,7 @@ def test_strategy_is_deterministic_seeded_and_elitist():
 def test_strategy_finds_the_planted_optimum():
     cfg = GPConfig(population=12, generations=10, grammar=Grammar(max_depth=3, max_size=5))
     gp, _ = _run(cfg, 0)
-    assert to_string(canonical(gp.best()[0])) == "mul(W, X)"
+    assert gp.best[0].key() == "mul(W, X)"
 
 
 def test_state_dict_resumes_exactly():
@@ -142,33 +144,40 @@ def test_state_dict_resumes_exactly():
     full, asked = _run(cfg, 3)
     gp = GeneticProgramming(cfg, rng=np.random.default_rng(3))
     for _ in range(2):
-        trees = gp.ask()
-        gp.tell([_fitness(t) for t in trees])
+        request = gp.ask()
+        gp.tell(request, [_fitness(g.tree) for g in request.genomes])
     gp.ask()  # a pending ask is part of the state
     state = json.loads(json.dumps(gp.state_dict()))
     resumed = GeneticProgramming(cfg, rng=np.random.default_rng(999))
     resumed.load_state_dict(state)
     rest = []
-    while not resumed.done:
-        trees = resumed.ask()
-        rest.append([to_string(t) for t in trees])
-        resumed.tell([_fitness(t) for t in trees])
+    while (request := resumed.ask()) is not None:
+        rest.append([str(g) for g in request.genomes])
+        resumed.tell(request, [_fitness(g.tree) for g in request.genomes])
     assert rest == asked[2:]
-    assert resumed.best()[1] == full.best()[1]
+    assert resumed.best == full.best and resumed.history == full.history
 
 
 def test_ask_tell_contract():
     gp = GeneticProgramming(GPConfig(population=4, generations=0), rng=np.random.default_rng(0))
-    with pytest.raises(RuntimeError, match="without ask"):
-        gp.tell([1.0])
-    trees = gp.ask()
-    assert gp.ask() == trees  # same trees until told
+    assert gp.best is None
+    with pytest.raises(RuntimeError, match="latest ask"):
+        gp.tell(Request(0, 0, 2048, ()), [1.0])
+    request = gp.ask()
+    assert gp.ask() == request and request.tokens == 2048  # the same trees until told
+    assert all(isinstance(g, MetricGenome) for g in request.genomes)
     with pytest.raises(ValueError, match="expected 4"):
-        gp.tell([1.0])
-    gp.tell([math.nan, 2.0, 1.0, math.inf])  # NaN counts as rejected (inf)
-    assert gp.done and gp.best()[1] == 1.0
-    with pytest.raises(RuntimeError, match="finished"):
-        gp.ask()
+        gp.tell(request, [1.0])
+    gp.tell(request, [math.nan, 2.0, 1.0, math.inf])  # NaN counts as rejected (inf)
+    assert gp.done and gp.best[1] == 1.0
+    assert gp.ask() is None
+
+
+def test_metric_genome_is_keyed_by_its_canonical_form():
+    a, b = MetricGenome(parse("sqrt(mul(X, W))")), MetricGenome(parse("mul(W, X)"))
+    assert a.key() == b.key() == "mul(W, X)" and a != b and str(a) == "sqrt(mul(X, W))"
+    assert {a, MetricGenome(parse("sqrt(mul(X, W))"))} == {a}
+    assert MetricGenome.from_key(a.key()) == b
 
 
 @pytest.mark.parametrize(

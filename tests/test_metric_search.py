@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
+import pickle
 
 import pytest
 import torch
@@ -10,9 +13,16 @@ from conftest import build_model, hf_tokenizer, random_ids
 
 import evosearch.metric_search as ms
 from evosearch.cli import main
+from evosearch.engine import Evaluator
 from evosearch.evaluation import Batch
 from evosearch.forward import compute_dense_cache
-from evosearch.metric_search import MetricEvaluator, MetricSearchConfig, run_metric_search
+from evosearch.gp import MetricGenome
+from evosearch.metric_search import (
+    MetricSearchConfig,
+    MetricSpace,
+    MetricWorker,
+    run_metric_search,
+)
 from evosearch.pruning import block_linears, collect_stats, sparsity_of
 from evosearch.symbolic import KNOWN_METRICS, get_pruner, parse
 from fitness import KLDivergence
@@ -91,6 +101,18 @@ def test_search_writes_its_outputs(finished):
     assert "held-out kl" in (run / "leaderboard.md").read_text()
 
 
+def test_the_optuna_study_mirrors_the_evaluations(finished):
+    import optuna
+
+    run, results = finished
+    study = optuna.load_study(study_name=run.name, storage=f"sqlite:///{run / 'study.db'}")
+    records = [json.loads(x) for x in (run / "evaluations.jsonl").read_text().splitlines()]
+    assert len(study.trials) == len(records) == results["counts"]["evaluated"]
+    for trial, rec in zip(study.trials, records):
+        assert trial.user_attrs["genome"] == rec["genome"] and trial.value == rec["value"]
+    assert study.best_trial.user_attrs["genome"] == results["leaderboard"][0]["metric"]
+
+
 def test_without_holdout_the_best_is_the_search_best(tiny, tmp_path):
     results = run_metric_search(
         _config(tiny, generations=1, holdout_sequences=0), tmp_path / "run", log=lambda s: None
@@ -149,7 +171,47 @@ def test_discovered_metric_loads_back_as_a_pruner(finished, tiny):
         assert (w.reshape(w.shape[0], -1, 4) != 0).sum(-1).max() <= 2
 
 
-def test_resume_replays_without_re_evaluating(finished, tiny, tmp_path, monkeypatch):
+def _count_search_evaluations(monkeypatch, stop_after: int | None = None) -> list:
+    """Record (and, after ``stop_after``, kill) the search's evaluations: those on the 4
+    search sequences, not the held-out check's."""
+    calls = []
+    original = Evaluator.outcome
+
+    def counting(self, genome, batch):
+        if batch.input_ids.shape[0] == 4:
+            if stop_after is not None and len(calls) == stop_after:
+                raise KeyboardInterrupt  # a kill in the middle of a generation
+            calls.append(genome.key())
+        return original(self, genome, batch)
+
+    monkeypatch.setattr(Evaluator, "outcome", counting)
+    return calls
+
+
+def test_a_killed_search_resumes_without_re_evaluating(finished, tiny, tmp_path, monkeypatch):
+    run, results = finished
+    part = tmp_path / "run"
+    calls = _count_search_evaluations(monkeypatch, stop_after=8)
+    with pytest.raises(KeyboardInterrupt):
+        run_metric_search(_config(tiny), part, log=lambda s: None)
+    assert len(calls) == 8 and not (part / "results.json").exists()
+    with open(part / "evaluations.jsonl", "a") as fh:
+        fh.write('{"genome": "mul(W')  # half a line, as a kill mid-write leaves it
+    monkeypatch.undo()
+    calls = _count_search_evaluations(monkeypatch)
+    resumed = run_metric_search(_config(tiny), part, resume=True, log=lambda s: None)
+    assert len(calls) == results["counts"]["evaluated"] - 8
+    assert resumed["best"] == results["best"] and resumed["leaderboard"] == results["leaderboard"]
+    timeless = [
+        [{k: v for k, v in r.items() if k != "seconds"} for r in _history(d)] for d in (part, run)
+    ]
+    assert timeless[0] == timeless[1]
+    assert resumed["counts"]["replayed"] == 8
+
+
+def test_a_run_of_the_earlier_loop_resumes_from_its_history(finished, tiny, tmp_path, monkeypatch):
+    """A run directory holding only config.json and history.jsonl (the loop before the
+    engine) resumes without scoring again what its history holds."""
     run, results = finished
     history = (run / "history.jsonl").read_text().splitlines()
     part = tmp_path / "run"
@@ -157,21 +219,53 @@ def test_resume_replays_without_re_evaluating(finished, tiny, tmp_path, monkeypa
     (part / "config.json").write_text((run / "config.json").read_text())
     keep = 9  # a kill during generation 1, with half a line written
     (part / "history.jsonl").write_text("\n".join(history[:keep]) + "\n" + history[keep][:20])
-    calls = []
-    original = ms.MetricEvaluator.__call__
-
-    def counting(self, tree):  # search calls only: the held-out check is redone on resume
-        if self.batch.input_ids.shape[0] == 4:
-            calls.append(tree)
-        return original(self, tree)
-
-    monkeypatch.setattr(ms.MetricEvaluator, "__call__", counting)
+    calls = _count_search_evaluations(monkeypatch)
     resumed = run_metric_search(_config(tiny), part, resume=True, log=lambda s: None)
     new = _history(part)
     assert [r["canonical"] for r in new] == [json.loads(h)["canonical"] for h in history]
     expected = sum(not json.loads(h)["memo_hit"] for h in history[keep:])
     assert len(calls) == expected
     assert resumed["best"] == results["best"]
+
+
+class _WorkerRunner:
+    """Evaluates on the evaluator its factory built, as a Ray worker does (without Ray)."""
+
+    def __init__(self, factory) -> None:
+        self.worker, self.calls = factory(), 0
+
+    def evaluate(self, evaluator, genomes, batch):
+        for genome in genomes:
+            self.calls += 1
+            yield self.worker.outcome(genome, batch)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_worker_built_from_the_config_gives_the_same_search(finished, tiny, tmp_path):
+    _, results = finished
+    runner = _WorkerRunner(pickle.loads(pickle.dumps(MetricWorker(_config(tiny)))))
+    again = run_metric_search(_config(tiny), tmp_path / "run", log=lambda s: None, runner=runner)
+    assert runner.calls == results["counts"]["evaluated"]
+    assert again["best"] == results["best"] and again["leaderboard"] == results["leaderboard"]
+
+
+def test_metric_search_on_a_ray_worker(finished, tiny, tmp_path):
+    ray = pytest.importorskip("ray")
+    from evosearch.runners import RayRunner, RayRunnerConfig
+
+    _, results = finished
+    config = _config(tiny, generations=1, holdout_sequences=0)
+    reference = run_metric_search(config, tmp_path / "here", log=lambda s: None)
+    ray.init(num_cpus=1, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        with RayRunner(MetricWorker(config), config=RayRunnerConfig(workers=1)) as runner:
+            there = run_metric_search(config, tmp_path / "ray", log=lambda s: None, runner=runner)
+    finally:
+        ray.shutdown()
+    assert there["leaderboard"] == reference["leaderboard"]
+    assert there["counts"] == reference["counts"]
 
 
 def test_resume_and_out_dir_guards(finished, tiny):
@@ -182,8 +276,9 @@ def test_resume_and_out_dir_guards(finished, tiny):
         run_metric_search(_config(tiny, seed=5), run, resume=True, log=lambda s: None)
 
 
-def test_evaluator_matches_a_manual_prune_and_restores_the_model(tiny):
-    model = build_model("llama", n_layers=2)
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # nn.Linear and GPT-2's Conv1D
+def test_metric_space_matches_a_manual_prune_and_keeps_the_model(arch):
+    model = build_model(arch, n_layers=2)
     ids = random_ids(3, 16)
     stats = collect_stats(model, ids, gradients=True)
     dense = compute_dense_cache(model, ids, prefix_reuse=False)
@@ -191,11 +286,13 @@ def test_evaluator_matches_a_manual_prune_and_restores_the_model(tiny):
     kl.prepare(model, ids, dense)
     batch = Batch((0, 1, 2), ids)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    evaluator = MetricEvaluator(model, stats, kl, batch, dense, sparsity=0.5)
-    value = evaluator(parse(KNOWN_METRICS["wanda"]))
+    evaluator = Evaluator(model, MetricSpace(stats, sparsity=0.5), kl, dense, prefix_reuse=False)
+    value = evaluator.raw(MetricGenome(parse(KNOWN_METRICS["wanda"])), batch)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(ms.MetricError, match="constant"):
-        evaluator(parse("sub(G, G)"))
+        evaluator.raw(MetricGenome(parse("sub(G, G)")), batch)
+    outcome = evaluator.outcome(MetricGenome(parse("sub(G, G)")), batch)
+    assert "constant" in outcome.error and math.isnan(outcome.value)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     # the same pruning done by hand through the built-in Wanda pruner
     from evosearch.evaluation import Candidate
@@ -217,7 +314,7 @@ def test_cli_metric_search_and_errors(tiny, tmp_path, capsys):
     out = tmp_path / "cli"
     assert main([*base, *small, "--pattern", "2:4", "--out", str(out)]) == 0
     assert json.loads((out / "results.json").read_text())["target"] == "2:4"
-    assert "generation 1/1" in capsys.readouterr().out
+    assert "gen   1/1" in capsys.readouterr().out
     assert main([*base, *small, "--out", str(out), "--resume"]) == 2  # config differs (target)
     assert "different config" in capsys.readouterr().err
     assert main([*base, "--sparsity", "1.5", "--out", str(tmp_path / "x")]) == 2
@@ -263,3 +360,49 @@ def test_config_round_trips_through_json():
     assert set(MetricSearchConfig(terminals=("W", "X")).seed_trees()) == {"magnitude", "wanda"}
     with pytest.raises(ValueError, match="unknown"):
         MetricSearchConfig.from_dict({"popsize": 3})
+
+
+# The search's result for seed 0 on the tiny model, as written before metric search moved onto
+# evosearch.engine.search: a guard that the move kept the trajectory and the values.
+GOLDEN_BEST = ("mul(W, exp(G))", 0.08830679208040237, 0.061477724462747574)
+GOLDEN_BOARD = [
+    ("mul(X, mms(W))", 0.07391931116580963),
+    ("mul(W, X)", 0.07460473477840424),
+    ("mul(mms(G), sqr(W))", 0.08146839588880539),
+    ("pdiv(mul(G, W), 0.026)", 0.08297856897115707),
+    ("mul(W, exp(G))", 0.08830679208040237),
+    ("W", 0.08956246078014374),
+    ("mul(W, exp(X))", 0.09519680589437485),
+    ("mul(X, mms(G))", 0.14587752521038055),
+    ("G", 0.1561250537633896),
+    ("mul(W, mms(rown(pdiv(G, W))))", 0.17194265127182007),
+]
+GOLDEN_COUNTS = {"proposed": 18, "evaluated": 17, "memo_hits": 1, "rejected": 2}
+
+
+def test_golden_result_for_seed_0(finished):
+    run, results = finished
+    best = results["best"]
+    assert best["metric"] == GOLDEN_BEST[0]
+    assert best["fitness"] == pytest.approx(GOLDEN_BEST[1], rel=1e-5)
+    assert best["holdout_fitness"] == pytest.approx(GOLDEN_BEST[2], rel=1e-5)
+    board = [(r["metric"], r["fitness"]) for r in results["leaderboard"]]
+    assert [m for m, _ in board] == [m for m, _ in GOLDEN_BOARD]
+    assert [v for _, v in board] == pytest.approx([v for _, v in GOLDEN_BOARD], rel=1e-5)
+    assert {k: results["counts"][k] for k in GOLDEN_COUNTS} == GOLDEN_COUNTS
+    assert [g["best_metric"] for g in results["generations"]] == [
+        "mul(W, X)",
+        "mul(W, X)",
+        "mul(W, X)",
+        "mul(X, mms(W))",
+    ]
+    assert results["known_metrics"]["wanda"] == pytest.approx(0.07460473477840424, rel=1e-5)
+    history = _history(run)
+    assert [r["canonical"] for r in history[:6]] == [
+        "W",
+        "mul(W, X)",
+        "mul(mms(G), sqr(W))",
+        "0",
+        "sub(sqr(pdiv(pdiv(W, 0), 0)), X)",
+        "pdiv(G, W)",
+    ]

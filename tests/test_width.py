@@ -27,8 +27,8 @@ from evosearch.shrink import (
 )
 from evosearch.surgery import apply_replacements
 from evosearch.training import LoRALinear, TrainConfig
-from fitness.kl import KLDivergence
 from evosearch.training_aware import TrainingAware
+from fitness.kl import KLDivergence
 from search_spaces.width import WidthConfig, WidthSpace, obs_levels
 
 ARCHS = ("llama", "qwen2")
