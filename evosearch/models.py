@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from evosearch.arch import arch_for, get_blocks, get_submodule
+from evosearch.arch import arch_for, get_blocks, get_submodule, per_layer_config_keys
 from evosearch.surgery import ZeroAttention, zero_output_for
 
 __all__ = [
@@ -143,8 +143,10 @@ def _builtin_checkpoint(name: str) -> Path:
 
 
 def remove_blocks(model: nn.Module, dropped: set[int] | frozenset[int]) -> nn.Module:
-    """Physically delete whole blocks in place, updating the config's layer count and any
-    per-layer config lists, and renumbering each remaining block's ``layer_idx``."""
+    """Physically delete whole blocks in place, updating the config's layer count and every
+    per-layer config list (``layer_types``: sliding-window or full attention, ...; see
+    :func:`~evosearch.arch.per_layer_config_keys`), and renumbering each remaining block's
+    ``layer_idx``."""
     arch = arch_for(model)
     blocks = get_blocks(model)
     n = len(blocks)
@@ -161,11 +163,10 @@ def remove_blocks(model: nn.Module, dropped: set[int] | frozenset[int]) -> nn.Mo
     parent_path, _, name = arch.blocks.rpartition(".")
     setattr(get_submodule(model, parent_path), name, nn.ModuleList(kept))
     config = model.config
+    for key in per_layer_config_keys(config, n):  # e.g. layer_types: follow the kept blocks
+        values = getattr(config, key)
+        setattr(config, key, type(values)(values[i] for i in keep))
     setattr(config, arch.num_layers_key, len(keep))
-    for key in arch.per_layer_keys:
-        values = getattr(config, key, None)
-        if isinstance(values, (list, tuple)) and len(values) == n:
-            setattr(config, key, [values[i] for i in keep])
     return model
 
 
