@@ -126,3 +126,14 @@ def test_zero_output_for_matches_the_output_shape_of_every_mlp_part(tiny_model):
 def test_zero_output_for_rejects_a_module_without_linears():
     with pytest.raises(TypeError, match="ReLU"):
         zero_output_for(nn.ReLU())
+
+
+def test_readme_lists_the_supported_families_as_generated():
+    """Once the README carries the generated line (``supported_families_markdown()``), it must stay
+    equal to what the code supports."""
+    from pathlib import Path
+
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    if "supported_families_markdown" not in readme:
+        pytest.skip("the README does not carry the generated family list yet")
+    assert arch_module.supported_families_markdown() in readme

@@ -9,6 +9,7 @@ separate projections. Saved drop and width models reload and give the same logit
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -297,3 +298,39 @@ def test_metric_evaluator_equals_hand_pruning(family):
             linear.weight.copy_(wanda.prune(linear.weight, stats[ref.name], 0.5))
     assert value == pytest.approx(kl(Candidate(model, Genome((0,)), 0, dense), batch), rel=1e-6)
     assert value > 0
+
+
+# -- the demo config on local checkpoints ------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gemma3_text", "phi3"])
+def test_demo_config_runs_on_a_local_checkpoint(family, tmp_path, monkeypatch):
+    """``configs/demo.yaml`` with only ``model:`` changed (the ``--model`` flag) on a saved
+    12-block random checkpoint: it writes a report and a model that plain ``from_pretrained``
+    loads, with the in-search candidate's logits."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from evosearch.cli import main
+
+    monkeypatch.setenv("EVOSEARCH_CACHE", str(tmp_path / "cache"))
+    model_dir, out = tmp_path / family, tmp_path / "run"
+    build_model(family, n_layers=12, max_position_embeddings=512).save_pretrained(model_dir)
+    hf_tokenizer().save_pretrained(model_dir)
+    demo = Path(__file__).parents[1] / "configs" / "demo.yaml"
+    assert (
+        main(["search", "--config", str(demo), "--model", str(model_dir), "--out", str(out)]) == 0
+    )
+    assert (out / "report.html").is_file()
+    best = json.loads((out / "results.json").read_text())["best"]
+    dense = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    space = LayerDropSpace(12, num_drop=7)
+    with apply_replacements(
+        dense, space.replacements(dense, space.from_dropped(blocks=best["dropped_blocks"]))
+    ):
+        candidate = logits(dense, IDS)
+    saved = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    assert saved.config.num_hidden_layers == 5
+    _close(logits(saved, IDS), candidate)
