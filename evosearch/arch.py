@@ -299,4 +299,3 @@ def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     out = head(hidden.to(head.weight.dtype))
     cap = getattr(model.config, "final_logit_softcapping", None)
     return out if not cap else torch.tanh(out / cap) * cap
-
