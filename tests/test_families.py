@@ -257,8 +257,9 @@ def test_width_candidate_equals_hand_zeroed_heads_and_channels_and_reloads(famil
     space = WidthSpace.build(model, ids, config, db_root=tmp_path / "db", log=lambda _: None)
     assert (space.geo.n_heads, space.geo.n_kv, space.geo.head_dim) == (4, 2, 8)
     special = Genome((2, 0, 1, 1, 4, 8, 2, 2))  # block 0: no attention; block 1: no MLP
+    gone = Genome((2, 0, 1, 1, 8, 0, 4, 4))  # block 0 removed: layer_types must follow
     rng = np.random.default_rng(1)
-    for genome in (space.uniform_genome(), special, space.random_genome(rng)):
+    for genome in (space.uniform_genome(), special, gone, space.random_genome(rng)):
         with apply_replacements(model, space.replacements(model, genome)):
             candidate = logits(model, IDS)
         _close(candidate, logits(_hand_width_reference(model, space, genome), IDS))
@@ -268,6 +269,8 @@ def test_width_candidate_equals_hand_zeroed_heads_and_channels_and_reloads(famil
         assert sum(p.numel() for p in loaded.parameters()) < sum(
             p.numel() for p in model.parameters()
         )
+        if genome == gone and family != "phi3":
+            assert loaded.config.layer_types == model.config.layer_types[1:]
     assert model.config.num_attention_heads == 4  # slicing a fused qkv leaves the config alone
 
 
