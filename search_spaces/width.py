@@ -97,9 +97,10 @@ class WidthConfig:
 
 def _paths(model: nn.Module) -> tuple[str, str, str, str]:
     """Block-relative ``(attention, attention output projection, MLP, MLP output projection)``
-    paths, from the architecture table (the last attention / MLP linear is the output one)."""
-    arch = arch_for(model)
-    return arch.attention[0], arch.attention_linears[-1], arch.mlp[0], arch.mlp_linears[-1]
+    paths, from the roles of the architecture's projections (``o`` and ``down``)."""
+    roles = arch_for(model).roles
+    o, down = roles["o"], roles["down"]
+    return o.rpartition(".")[0], o, down.rpartition(".")[0], down
 
 
 def _projection_hessians(model: nn.Module, input_ids: torch.Tensor) -> dict:
@@ -488,6 +489,7 @@ class WidthSpace:
         import copy
 
         small = copy.deepcopy(model)
+        roles = arch_for(model).roles
         a, m = self.levels(genome)
         for i, block in enumerate(get_blocks(small)):
             groups, channels = self.kept(genome, i)
@@ -502,6 +504,7 @@ class WidthSpace:
                 down_weight=None
                 if m[i] in (0, self.settings.mlp_levels)
                 else self._db().weight("mlp", i, m[i]),
+                roles=roles,
             )
         gone = {
             i

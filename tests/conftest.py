@@ -15,6 +15,11 @@ from torch import nn
 from evosearch.data import TokenData
 
 ARCHS = ("llama", "mistral", "qwen2", "opt", "gpt2")
+# The families of issue 22, tested by tests/test_families.py (kept out of ARCHS so that every
+# parametrized test does not run four more times): four norms per block and sliding/full
+# attention layers (Gemma 2/3), query/key norms (Gemma 3, Qwen3), scaled and tied embeddings
+# (Gemma), fused qkv_proj and gate_up_proj (Phi-3).
+FAMILIES = ("gemma2", "gemma3_text", "phi3", "qwen3")
 VOCAB = 128
 HIDDEN = 32
 N_LAYERS = 4
@@ -32,7 +37,30 @@ OUT_PROJ = {
     "qwen2": ("self_attn.o_proj", "mlp.down_proj"),
     "opt": ("self_attn.out_proj", "fc2"),
     "gpt2": ("attn.c_proj", "mlp.c_proj"),
+    **{family: ("self_attn.o_proj", "mlp.down_proj") for family in FAMILIES},
 }
+
+
+def _layer_types(n_layers: int) -> list[str]:
+    """Alternating sliding-window and full attention, so a block drop has to keep them right."""
+    return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
+
+
+def _family_config(arch: str, n_layers: int, llama_like: dict, overrides: dict):
+    from transformers import Gemma2Config, Gemma3TextConfig, Phi3Config, Qwen3Config
+
+    if arch in ("gemma2", "gemma3_text"):
+        cls = Gemma2Config if arch == "gemma2" else Gemma3TextConfig
+        extra = dict(head_dim=8, query_pre_attn_scalar=8, sliding_window=4, pad_token_id=0)
+        extra["layer_types"] = _layer_types(n_layers)
+        return cls(**{**llama_like, **extra, **overrides})
+    if arch == "qwen3":
+        extra = dict(head_dim=8, use_sliding_window=True, sliding_window=4)
+        extra["layer_types"] = _layer_types(n_layers)
+        return Qwen3Config(**{**llama_like, **extra, **overrides})
+    if arch == "phi3":
+        return Phi3Config(**{**llama_like, "pad_token_id": 0, **overrides})
+    raise ValueError(f"no tiny config for {arch!r}")
 
 
 def _config(arch: str, n_layers: int, **overrides):
@@ -71,6 +99,8 @@ def _config(arch: str, n_layers: int, **overrides):
                 **overrides,
             }
         )
+    if arch in FAMILIES:
+        return _family_config(arch, n_layers, llama_like, overrides)
     if arch == "gpt2":
         return GPT2Config(
             **{

@@ -6,9 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ARCHS, HIDDEN, N_LAYERS, build_model, logits, random_ids
+from conftest import ARCHS, FAMILIES, HIDDEN, N_LAYERS, build_model, logits, random_ids
 from torch import nn
 
+import evosearch.arch as arch_module
 from evosearch.arch import (
     ARCHITECTURES,
     UnsupportedArchitectureError,
@@ -20,8 +21,9 @@ from evosearch.arch import (
 from evosearch.surgery import ZeroAttention, apply_replacements, zero_output_for
 
 
-def test_every_tested_architecture_is_in_the_table():
-    assert set(ARCHS) <= set(ARCHITECTURES)
+def test_the_supported_families_are_exactly_the_tested_ones():
+    assert set(ARCHS) | set(FAMILIES) == set(arch_module.FAMILIES)
+    assert set(ARCHITECTURES) <= set(arch_module.FAMILIES)  # the exceptions are supported too
 
 
 def test_get_blocks_returns_every_decoder_block(tiny_model):
@@ -48,7 +50,7 @@ def test_every_path_resolves_in_block_0(tiny_model):
 
 def test_arch_for_accepts_a_config(arch):
     model = build_model(arch)
-    assert arch_for(model.config) is arch_for(model)
+    assert arch_for(model.config) == arch_for(model)
 
 
 @pytest.mark.parametrize(
@@ -64,8 +66,9 @@ def test_unsupported_model_type_names_all_supported_types(obj):
         arch_for(obj)
     message = str(info.value)
     assert "bert" in message
-    for model_type in ARCHITECTURES:
-        assert model_type in message
+    assert "\n" not in message
+    for model_type, family in arch_module.FAMILIES.items():
+        assert model_type in message and family in message
     assert isinstance(info.value, ValueError)
 
 
@@ -123,3 +126,14 @@ def test_zero_output_for_matches_the_output_shape_of_every_mlp_part(tiny_model):
 def test_zero_output_for_rejects_a_module_without_linears():
     with pytest.raises(TypeError, match="ReLU"):
         zero_output_for(nn.ReLU())
+
+
+def test_readme_lists_the_supported_families_as_generated():
+    """Once the README carries the generated line (``supported_families_markdown()``), it must stay
+    equal to what the code supports."""
+    from pathlib import Path
+
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    if "supported_families_markdown" not in readme:
+        pytest.skip("the README does not carry the generated family list yet")
+    assert arch_module.supported_families_markdown() in readme
