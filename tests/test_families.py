@@ -30,7 +30,8 @@ from evosearch.arch import (
 from evosearch.genome import Genome
 from evosearch.models import load_model, remove_blocks
 from evosearch.operators import level_switch_mutation
-from evosearch.pruning import block_linears, collect_stats, get_pruner
+from evosearch.pruning import block_linears, collect_stats
+from evosearch.symbolic import get_pruner
 from evosearch.surgery import apply_replacements
 from search_spaces import LayerDropSpace
 from search_spaces.sparsity import SparsityConfig, SparsitySpace
@@ -277,10 +278,12 @@ def test_width_candidate_equals_hand_zeroed_heads_and_channels_and_reloads(famil
 # -- metric search -----------------------------------------------------------------------------
 
 
-def test_metric_evaluator_equals_hand_pruning(family):
+def test_metric_space_equals_hand_pruning(family):
     from evosearch.evaluation import Batch, Candidate
     from evosearch.forward import compute_dense_cache
-    from evosearch.metric_search import MetricEvaluator
+    from evosearch.engine import Evaluator
+    from evosearch.gp import MetricGenome
+    from evosearch.metric_space import MetricSpace
     from evosearch.symbolic import KNOWN_METRICS, parse
     from fitness import KLDivergence
 
@@ -291,9 +294,9 @@ def test_metric_evaluator_equals_hand_pruning(family):
     kl = KLDivergence()
     kl.prepare(model, ids, dense)
     batch = Batch((0, 1, 2), ids)
-    value = MetricEvaluator(model, stats, kl, batch, dense, sparsity=0.5)(
-        parse(KNOWN_METRICS["wanda"])
-    )
+    space = MetricSpace(stats, sparsity=0.5)
+    genome = MetricGenome(parse(KNOWN_METRICS["wanda"]))
+    value = Evaluator(model, space, kl, dense, prefix_reuse=False).raw(genome, batch)
     wanda = get_pruner("wanda")
     for ref in block_linears(model):
         linear = get_submodule(model, ref.name)
