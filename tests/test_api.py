@@ -37,7 +37,7 @@ def score(model, batch):
     return float(out.loss)
 '''
 
-TOY_SPACE = '''
+TOY_SPACE = """
 from evosearch import register_space
 from search_spaces.layer_drop import LayerDropSpace, param_counts
 
@@ -48,7 +48,7 @@ def build(ctx):
 
 
 register_space("toy-drop-one", build)
-'''
+"""
 
 CONFIG = {
     "num_drop": 2, "n_sequences": 4, "seq_len": 16, "generations": 2, "offspring": 4,
@@ -178,3 +178,58 @@ def test_a_space_registered_by_entry_point_runs_from_cli_and_python(
     )
     assert len(results["best"]["dropped_blocks"]) == 1
     assert _summary(out) == _summary(tmp_path / "py")
+
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize("name", ["demo", "sparsity", "width"])
+def test_flat_configs_of_earlier_runs_read_as_the_nested_config(name):
+    """``config.json`` files written before the nested config (saved here from the previous
+    version) read into the nested config with every setting where it belongs."""
+    from evosearch.config import SearchConfig
+
+    flat = json.loads((DATA / f"legacy_{name}_config.json").read_text())
+    config = SearchConfig.from_dict(flat)
+    assert SearchConfig.from_dict(config.to_dict()) == config  # nested form round-trips
+    if name == "demo":
+        import yaml
+
+        demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+        assert config == SearchConfig.from_dict(demo)
+        assert config.space.settings.num_drop == 7 and config.stages[0].tokens == 512
+    elif name == "sparsity":
+        assert (
+            config.space.settings.sparsity == 0.6 and config.space.settings.pruner == "magnitude"
+        )
+        assert config.runner.name == "ray" and config.runner.ray.workers == 2
+        assert config.evaluation.ppl == ("x.txt",) and config.data.n_sequences == 4
+    else:
+        assert config.space.settings.target == 0.4 and config.selection_training.tokens == (
+            100,
+            400,
+        )
+        assert config.selection_training.train.lr == 3e-4
+
+
+def test_a_run_directory_of_the_earlier_version_resumes(user_dir, tmp_path, monkeypatch):
+    """A finished run whose ``config.json`` has the flat keys resumes without evaluating
+    anything again, and a changed setting is still refused."""
+    from evosearch.config import SearchConfig
+
+    monkeypatch.chdir(user_dir)
+    argv = ["search", "--model", "tiny", "--data", "calib.txt", *FLAGS, "--out", str(tmp_path)]
+    assert main(argv) == 0
+    nested = json.loads((tmp_path / "config.json").read_text())
+    flat = {
+        "model": "tiny", "space": "layer-drop", "num_drop": 2, "data": "calib.txt",
+        "n_sequences": 4, "seq_len": 16, "generations": 2, "offspring": 4,
+        "initial_population": 4, "stages": [[16, 2], [64, 1]], "pruner": "wanda",
+        "width_train_tokens": [], "sparsity": None, "workers": 1, "runner": "inprocess",
+    }  # fmt: skip
+    assert SearchConfig.from_dict(flat).to_dict() == nested
+    (tmp_path / "config.json").write_text(json.dumps(flat))
+    lines = (tmp_path / "evaluations.jsonl").read_text()
+    assert main([*argv, "--resume"]) == 0
+    assert (tmp_path / "evaluations.jsonl").read_text() == lines
+    assert main([*argv, "--resume", "--seed", "3"]) == 2

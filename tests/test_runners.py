@@ -276,7 +276,8 @@ def test_cli_search_on_ray_and_resume_in_process(ray_local, tmp_path):
     assert main([*args, "--out", str(tmp_path / "ray"), *ray_args]) == 0
     local = json.loads((tmp_path / "local" / "results.json").read_text())
     on_ray = json.loads((tmp_path / "ray" / "results.json").read_text())
-    assert on_ray["config"]["runner"] == "ray" and on_ray["config"]["workers"] == 2
+    assert on_ray["config"]["runner"]["name"] == "ray"
+    assert on_ray["config"]["runner"]["ray"]["workers"] == 2
     assert on_ray["best"] == local["best"]
     assert on_ray["history"] == local["history"]
     lines = (tmp_path / "ray" / "evaluations.jsonl").read_text().splitlines()
