@@ -99,12 +99,12 @@ class CandidatePoint:
         return self.units_dropped / max(1, len(self.genome))
 
 
-
 def strategy_name(results: dict, default: str = "evopress") -> str:
     """The strategy of a run's results (a nested config's ``strategy.name``; earlier runs
     saved the name itself)."""
     strategy = results.get("config", {}).get("strategy", default)
     return strategy.get("name", default) if isinstance(strategy, dict) else strategy
+
 
 def load_run(path: str | Path, name: str | None = None) -> RunRecord:
     """Read ``path/results.json``.
@@ -617,36 +617,53 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = No
         out_dir = run_dirs[0]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    runs = _load_runs(run_dirs)
+    points = candidate_points(runs)
+    _write_pareto_files(points, out)
+    for name, (_, plot) in _FIGURES.items():
+        plot(runs, out / name)
+    _plot_pareto(points, out / "pareto.png")
+    title = (
+        f"evosearch report: {runs[0].name}"
+        if len(runs) == 1
+        else f"evosearch report: {len(runs)} runs compared"
+    )
+    body = [f"<h1>{html.escape(title)}</h1>", *_sections(runs, points, out)]
+    page = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>"
+        f"<body>{''.join(body)}</body></html>\n"
+    )
+    path = out / "report.html"
+    path.write_text(page)
+    return path
+
+
+_FIGURES = {
+    "convergence.png": ("Best fitness vs evaluations, tokens and time", _plot_convergence),
+    "layers.png": ("Per-layer picture (dropped units) of the compared candidates", _plot_layers),
+}
+
+
+def _load_runs(run_dirs: Sequence[str | Path]) -> list[RunRecord]:
+    """The runs, named by their folder (``name#2`` for a second folder of the same name)."""
     runs: list[RunRecord] = []
     seen: dict[str, int] = {}
     for d in run_dirs:
         base = Path(d).resolve().name
         seen[base] = seen.get(base, 0) + 1
         runs.append(load_run(d, base if seen[base] == 1 else f"{base}#{seen[base]}"))
+    return runs
 
-    points = candidate_points(runs)
-    _write_pareto_files(points, out)
-    figures = {
-        "convergence.png": ("Best fitness vs evaluations, tokens and time", _plot_convergence),
-        "layers.png": (
-            "Per-layer picture (dropped units) of the compared candidates",
-            _plot_layers,
-        ),
-    }
-    for name, (_, plot) in figures.items():
-        plot(runs, out / name)
-    _plot_pareto(points, out / "pareto.png")
 
-    title = (
-        f"evosearch report: {runs[0].name}"
-        if len(runs) == 1
-        else f"evosearch report: {len(runs)} runs compared"
-    )
-    body = [f"<h1>{html.escape(title)}</h1>"]
-    body.append("<h2>Runs</h2>")
-    body.append(_table(["", *(r.name for r in runs)], _run_summary_rows(runs), "runs"))
+def _sections(runs: list[RunRecord], points, out: Path) -> list[str]:
+    """The report's sections after its title, as HTML fragments."""
+    body = [
+        "<h2>Runs</h2>",
+        _table(["", *(r.name for r in runs)], _run_summary_rows(runs), "runs"),
+    ]
     body.append("<h2>Search progress</h2>")
-    body.append(_img(out / "convergence.png", figures["convergence.png"][0]))
+    body.append(_img(out / "convergence.png", _FIGURES["convergence.png"][0]))
     body.append(
         "<p>Best value of each generation at the fidelity it was selected at; x: cumulative "
         "evaluations, calibration tokens and forward seconds from the evaluation log.</p>"
@@ -661,7 +678,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = No
         "the run's evaluation sets where it computed them.</p>"
     )
     body.append("<h2>Per-layer picture</h2>")
-    body.append(_img(out / "layers.png", figures["layers.png"][0]))
+    body.append(_img(out / "layers.png", _FIGURES["layers.png"][0]))
     body.append("<h2>Candidates and Pareto front</h2>")
     body.append(
         "<p>Hover a point for its genome and metrics. Red (star in the PNG): Pareto-optimal, "
@@ -674,11 +691,4 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = No
         "<div>" + "".join(_svg_scatter(points, m) for m in _metric_names(points)) + "</div>"
     )
     body.append(_img(out / "pareto.png", "Compared candidates"))
-    page = (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>"
-        f"<body>{''.join(body)}</body></html>\n"
-    )
-    path = out / "report.html"
-    path.write_text(page)
-    return path
+    return body
