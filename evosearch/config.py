@@ -105,8 +105,11 @@ class StrategyConfig:
     sampler_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        if self.name not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.name!r}")
+        if ":" not in self.name and self.name not in registry.strategies():
+            raise ValueError(
+                f"strategy must be one of {list(registry.strategies())} or module:attribute, "
+                f"got {self.name!r}"
+            )
         if self.budget_focus is not None and self.budget_focus < 1:
             raise ValueError(f"budget_focus must be >= 1, got {self.budget_focus}")
         if self.loop.adaptive_switches and self.name != "evopress":

@@ -136,7 +136,9 @@ def register_fitness(name: str, factory: Callable[..., Any]) -> None:
 
 
 def register_strategy(name: str, factory: Callable[..., Any]) -> None:
-    """Register ``factory(space, config, initial, objectives, niches) -> strategy``."""
+    """Register ``factory(problem, initial, objectives, budgets) -> strategy`` (an ask/tell
+    :class:`~evosearch.strategy.Strategy`; ``budgets`` is ``(budgets, labels)`` over a budget
+    range, else ``None``)."""
     _STRATEGIES[name] = factory
 
 
@@ -171,8 +173,16 @@ def fitness(name: str, **kwargs: Any) -> Any:
 
 
 def strategy(name: str) -> Callable[..., Any]:
-    """The registered strategy factory ``name``."""
+    """The registered strategy factory ``name`` (or ``module:attribute``)."""
+    if ":" in name:
+        return load_object(name)
     return _lookup(_STRATEGIES, "evosearch.strategies", name, "strategy")
+
+
+def strategies() -> tuple[str, ...]:
+    """Names of every registered strategy."""
+    _load_plugins("evosearch.strategies")
+    return tuple(_STRATEGIES)
 
 
 def baseline(space_name: str, name: str) -> Callable[..., Any]:

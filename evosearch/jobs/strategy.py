@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from evosearch import registry
 from evosearch.problem import Problem
 from evosearch.strategies import EvoPress, MultiBudgetEvoPress, RandomSearch
 
@@ -25,34 +26,65 @@ def niches(problem: Problem) -> tuple[list, list[str]] | None:
 
 
 def make_strategy(problem: Problem, name: str, initial=(), objectives=None):
-    """The strategy ``name`` over the problem's space (multi-budget over a budget range)."""
+    """The registered strategy ``name`` over the problem's space, built by its factory
+    ``factory(problem, initial, objectives, budgets)`` (budgets: :func:`niches`)."""
+    return registry.strategy(name)(problem, tuple(initial), objectives, niches(problem))
+
+
+def _evopress(problem: Problem, initial, objectives, budgets):
+    """EvoPress; multi-budget EvoPress (one elite per budget) over a budget range."""
     config, space = problem.config, problem.space
-    budgets = niches(problem)
-    if name not in ("evopress", "random"):
+    rng = np.random.default_rng(config.seed)
+    if budgets is None:
+        return EvoPress(space, config=config.evopress_config(), rng=rng, initial=initial)
+    return MultiBudgetEvoPress(
+        space,
+        budgets=budgets[0],
+        labels=budgets[1],
+        config=config.evopress_config(),
+        rng=rng,
+        objectives=objectives,
+        initial=initial,
+        focus=config.strategy.budget_focus,
+        anchors=space.range_uniform_genomes() if config.strategy.offset_steps else None,
+    )
+
+
+def _random(problem: Problem, initial, objectives, budgets):
+    """Random search with EvoPress's racing and budget."""
+    rng = np.random.default_rng(problem.config.seed)
+    return RandomSearch(
+        problem.space, config=problem.config.evopress_config(), rng=rng, initial=initial
+    )
+
+
+def _optuna(sampler: str):
+    """A factory of the Optuna strategy with ``sampler`` (one fidelity per evaluation)."""
+
+    def make(problem: Problem, initial, objectives, budgets):
         from evosearch.optuna_strategy import OptunaStrategy, OptunaStrategyConfig
 
+        config = problem.config
         sampler_config = OptunaStrategyConfig(
-            sampler="random" if name == "optuna-random" else name,
+            sampler=sampler,
             generations=config.strategy.loop.generations,
             batch_size=config.strategy.loop.offspring,
             tokens=config.strategy.sampler_tokens or config.stages[-1].tokens,
             budget_range=None if budgets is None else _sampled_range(budgets[0]),
         )
         return OptunaStrategy(
-            space, config=sampler_config, seed=config.seed, objectives=objectives, initial=initial
-        )
-    rng = np.random.default_rng(config.seed)
-    if name == "evopress" and budgets is not None:
-        return MultiBudgetEvoPress(
-            space,
-            budgets=budgets[0],
-            labels=budgets[1],
-            config=config.evopress_config(),
-            rng=rng,
+            problem.space,
+            config=sampler_config,
+            seed=config.seed,
             objectives=objectives,
             initial=initial,
-            focus=config.strategy.budget_focus,
-            anchors=space.range_uniform_genomes() if config.strategy.offset_steps else None,
         )
-    cls = EvoPress if name == "evopress" else RandomSearch
-    return cls(space, config=config.evopress_config(), rng=rng, initial=initial)
+
+    return make
+
+
+registry.register_strategy("evopress", _evopress)
+registry.register_strategy("random", _random)
+for _name in ("tpe", "nsga2", "nsga3", "cmaes"):
+    registry.register_strategy(_name, _optuna(_name))
+registry.register_strategy("optuna-random", _optuna("random"))
