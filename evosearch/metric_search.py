@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from evosearch.data import DataSpec, load_token_data
+from evosearch.errors import read_json
 from evosearch.evaluation import Batch, Candidate
 from evosearch.forward import DenseCache, compute_dense_cache
 from evosearch.genome import Genome
@@ -327,7 +328,7 @@ def run_metric_search(
     if resume:
         if not config_path.is_file():
             raise FileNotFoundError(f"nothing to resume: {config_path} not found")
-        saved = json.loads(config_path.read_text())
+        saved = read_json(config_path, "cannot read the run's config")
         if saved != config.to_dict():
             now = config.to_dict()
             diff = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))

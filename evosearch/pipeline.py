@@ -17,13 +17,15 @@ import torch
 from evosearch.arch import get_blocks
 from evosearch.data import DataSpec, TokenData, load_token_data
 from evosearch.engine import Evaluator, sample_batch, search
+from evosearch.errors import UserError, kill_point
 from evosearch.evaluation import Batch, Candidate, measure_latency
 from evosearch.forward import compute_dense_cache
 from evosearch.genome import Genome
-from evosearch.models import DEFAULT_MODEL, load_model
-from evosearch.run import RunDir
+from evosearch.models import DEFAULT_MODEL, load_model, save_complete
+from evosearch.run import RunDir, check_finished, known_genomes, write_json_atomic
 from evosearch.strategies import EvoPress, EvoPressConfig, MultiBudgetEvoPress, RandomSearch, Stage
 from evosearch.surgery import apply_replacements
+from evosearch.validate import check_device, check_fields, check_search_values
 
 __all__ = [
     "SearchConfig",
@@ -192,7 +194,7 @@ class SearchConfig:
     width_lora_rank: int = 8
     width_lr: float = 1e-4
     width_distill: bool = True
-    drop_range: tuple[int, int] | None = None
+    drop_range: tuple[int, ...] | None = None
     sparsity_range: tuple[float, float] | None = None
     budget_focus: int | None = None
     offset_steps: bool = False
@@ -205,6 +207,8 @@ class SearchConfig:
     worker_gpus: float = 0.0
 
     def __post_init__(self) -> None:
+        check_fields(self)  # types, naming the key: YAML and flags alike
+        check_search_values(self)  # ranges and stage order
         for name in (
             "allowed",
             "baselines",
@@ -443,6 +447,7 @@ class SearchConfig:
 
 
 def resolve_device(device: str) -> torch.device:
+    check_device(device)  # one line, not a CUDA traceback, when CUDA is missing
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -648,21 +653,26 @@ def run_search(
     out_dir: str | Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the search of ``config`` into ``out_dir`` and return the results dict (also written
-    to ``out_dir/results.json``). With ``resume``, continue a killed run of the same config."""
+    to ``out_dir/results.json``). With ``resume``, continue a killed run of the same config;
+    with ``overwrite``, replace the run in ``out_dir``. The directory is claimed only after the
+    model and data have loaded, so a failure before leaves nothing behind."""
     from evosearch.record import OptunaRecord
 
     out_dir = Path(out_dir)
     storage = config.storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    record = OptunaRecord(storage, out_dir.resolve().name, direction=_direction(config))
-    run = RunDir(out_dir, record=record)
-    resuming = run.start(
-        config.to_dict(), resume=resume, ignore=RUNNER_FIELDS, legacy=LEGACY_FIELDS
-    )
+    run = RunDir(out_dir)
+    claim = dict(resume=resume, overwrite=overwrite, ignore=RUNNER_FIELDS, legacy=LEGACY_FIELDS)
+    run.check(config.to_dict(), **claim)  # another run in out_dir fails before anything loads
     session = _Session(config, log)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run.record = record = OptunaRecord(
+        storage, out_dir.resolve().name, direction=_direction(config)
+    )
+    resuming = run.start(config.to_dict(), **claim)
     space = session.space
     record.bind(space.spec, space.metrics)
     warm: dict[str, Genome] = {}
@@ -706,6 +716,7 @@ def run_search(
         f"{config.generations} generations x {config.offspring} offspring, stages "
         f"{list(config.stages)}"
     )
+    run.prepare_search()  # reconcile the study with the log after a kill
     with make_runner(session, log) as runner:
         result = search(
             strategy,
@@ -729,10 +740,7 @@ def run_search(
         },
         "study": {"storage": storage, "study_name": record.study.study_name},
         "history": result.history,
-        "n_evaluations": result.n_evaluations,
-        "search_seconds": round(result.seconds, 2),
-        "evaluations_per_second": round(result.n_evaluations / max(result.seconds, 1e-9), 3),
-        "tokens": result.tokens,
+        **run.totals(result.evaluations),  # the whole run, across resumes
         "dense_cache": {
             "seconds": round(session.cache_seconds, 2),
             "teacher_bytes_per_token": session.dense.teacher_bytes_per_token(),
@@ -770,11 +778,14 @@ def run_search(
     if config.eval_ppl:
         results["perplexity"] = _evaluate_candidates(session, candidates, log)
     if config.save_model:
-        space.save(session.model, session.tokenizer, best, str(run.file("model")))
+        save_complete(
+            lambda d: space.save(session.model, session.tokenizer, best, d), run.file("model")
+        )
         results["model_dir"] = str(run.file("model"))
         if config.space == "width":
             results["export"] = export_stats(session.model, run.file("model"), log)
-    run.write_json("results.json", results)
+    kill_point("results")
+    run.write_json("results.json", results)  # written last: marks the run finished
     _log_summary(results, config, log)
     _write_report(run.path, log)
     return results
@@ -840,10 +851,14 @@ def _pareto(
 def export_genome(run_dir: str | Path, genome_key: str, out_dir: str | Path) -> Path:
     """Materialise one genome of a finished run (e.g. a Pareto point) as a saved model."""
     run_dir = Path(run_dir)
-    cfg_file = run_dir / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
-    config = SearchConfig.from_dict(json.loads(cfg_file.read_text()))
+    config = SearchConfig.from_dict(check_finished(run_dir, model=False))
+    if genome_key not in known_genomes(run_dir):  # e.g. a genome of another budget or run
+        raise UserError(
+            "unknown genome",
+            "--genome",
+            f"{genome_key!r} is not a genome of {run_dir}; take one from its "
+            "pareto_front.json or results.json",
+        )
     model, tokenizer = load_model(config.model, device=resolve_device(config.device))
     input_ids = None
     if config.space != "layer-drop":  # the level database is keyed by the calibration data
@@ -852,7 +867,7 @@ def export_genome(run_dir: str | Path, genome_key: str, out_dir: str | Path) -> 
     genome = Genome.from_key(genome_key)
     if len(genome.levels) != space.spec.n_units:
         raise ValueError(f"genome {genome_key!r} does not fit this run's space")
-    space.save(model, tokenizer, genome, str(out_dir))
+    save_complete(lambda d: space.save(model, tokenizer, genome, d), out_dir)
     return Path(out_dir)
 
 
@@ -978,10 +993,7 @@ def finetune_run(
     ``out_dir`` (default ``RUN/finetuned``). ``data`` changes fields of that
     :class:`DataSpec`, e.g. ``{"source": "c4.jsonl"}`` to train on other text."""
     run_dir = Path(run_dir)
-    cfg_file = run_dir / "config.json"
-    if not cfg_file.is_file() or not (run_dir / "model").is_dir():
-        raise FileNotFoundError(f"{run_dir} is not a finished run with a saved model")
-    config = SearchConfig.from_dict(json.loads(cfg_file.read_text()))
+    config = SearchConfig.from_dict(check_finished(run_dir))
     spec = dataclasses.replace(config.data_spec(), seed=config.seed + 1)
     fields = sorted(f.name for f in dataclasses.fields(DataSpec))
     unknown = sorted(set(data or {}) - set(fields))
@@ -1110,8 +1122,11 @@ def run_baseline(
     if config.eval_ppl:
         results["perplexity"] = _evaluate_candidates(session, {method: genome}, log)
     if config.save_model:
-        session.space.save(session.model, session.tokenizer, genome, str(out / "model"))
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        save_complete(
+            lambda d: session.space.save(session.model, session.tokenizer, genome, d),
+            out / "model",
+        )
+    write_json_atomic(out / "results.json", results)
     return results
 
 
