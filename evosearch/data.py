@@ -162,7 +162,12 @@ def load_token_data(spec: DataSpec, tokenizer, model=None) -> TokenData:
     n_windows = stream.numel() // spec.seq_len
     wanted = spec.n_sequences if spec.n_sequences is not None else n_windows
     if spec.contiguous:
-        if wanted > n_windows or wanted == 0:
+        if n_windows == 0:
+            raise DataError(
+                f"{spec.source} has {stream.numel()} tokens, fewer than one window of "
+                f"{spec.seq_len}; give a longer file or a smaller --seq-len"
+            )
+        if wanted > n_windows:
             raise DataError(
                 f"{spec.source} has {stream.numel()} tokens: {n_windows} windows of "
                 f"{spec.seq_len}, {wanted} requested"

@@ -140,8 +140,8 @@ class RunDir:
             raise RunConfigMismatch(
                 "cannot resume",
                 self.path,
-                f"its config differs in {detail}{' ...' if len(diff) > 3 else ''}; pass "
-                "--overwrite to start over",
+                f"its config differs in {', '.join(diff)} ({detail}"
+                f"{', ...' if len(diff) > 3 else ''}); pass --overwrite to start over",
             )
         return True
 
