@@ -34,7 +34,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from evosearch.errors import UserError, atomic_write_text, read_json, remove_stale_temporaries
+from evosearch.errors import (
+    UserError,
+    atomic_write_text,
+    kill_point,
+    read_json,
+    remove_stale_temporaries,
+)
 
 __all__ = [
     "RUN_FILES",
@@ -200,6 +206,7 @@ class RunDir:
         with path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
             fh.flush()
+        kill_point("evaluation")  # logged, not yet in the study: reconciled on resume
         if self.record is not None:
             self.record.add(record)
 
@@ -225,6 +232,7 @@ class RunDir:
     def write_checkpoint(self, state: dict) -> None:
         state = {**state, "search_seconds": round(self.search_seconds(), 3)}
         write_json_atomic(self.file("checkpoint.json"), state)
+        kill_point("checkpoint")
         if self.record is not None:
             self.record.set_checkpoint(state)
 
