@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 __all__ = ["main"]
@@ -486,8 +487,14 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    _quiet_libraries()
-    return _guarded(_run, args)
+    with warnings.catch_warnings():  # filters and the one-line format end with the command
+        _quiet_libraries()
+        warnings.showwarning = _one_line_warning
+        return _guarded(_run, args)
+
+
+def _one_line_warning(message, *_args, **_kwargs) -> None:
+    print(f"evosearch: warning: {message}", file=sys.stderr)
 
 
 def _guarded(run, args: argparse.Namespace) -> int:
@@ -528,7 +535,6 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
-    warnings.formatwarning = lambda message, *_a, **_k: f"evosearch: warning: {message}\n"
 
 
 def _run(args: argparse.Namespace) -> int:

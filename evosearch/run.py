@@ -146,8 +146,8 @@ class RunDir:
             raise RunConfigMismatch(
                 "cannot resume",
                 self.path,
-                f"its config differs in {', '.join(diff)} ({detail}"
-                f"{', ...' if len(diff) > 3 else ''}); pass --overwrite to start over",
+                f"its config differs in {detail}{', ...' if len(diff) > 3 else ''}; pass "
+                "--overwrite to start over",
             )
         return True
 
@@ -225,7 +225,7 @@ class RunDir:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(rec, dict) and {"genome", "batch", "tokens"} <= set(rec):
+            if isinstance(rec, dict) and {"genome", "batch"} <= set(rec):
                 out.append(rec)
         return out
 
