@@ -8,11 +8,14 @@ kill-point test is in ``test_kill_points.py``.
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import build_model, hf_tokenizer
@@ -78,6 +81,17 @@ def _deep_metric(c: Ctx) -> list[str]:
     return ["search", "--space", "sparsity", "--target", "0.5", "--pruner", str(metric),
             "--model", str(c.model), "--data", str(c.text), "--n-sequences", "4",
             "--seq-len", "16", "--out", str(c.out)]  # fmt: skip
+
+
+def _damaged_leveldb(c: Ctx) -> list[str]:
+    db = c.tmp / "db"
+    args = ["search", "--space", "sparsity", "--target", "0.5", "--pruner", "magnitude",
+            "--db-dir", str(db), "--model", str(c.model), "--data", str(c.text),
+            "--n-sequences", "4", "--seq-len", "16", "--generations", "0", "--offspring", "2",
+            "--initial-population", "0", "--stages", "16:1", "--out"]  # fmt: skip
+    assert main([*args, str(c.tmp / "first")]) == 0
+    _truncate(next(db.glob("*/00003.safetensors")))
+    return [*args, str(c.out)]
 
 
 def _other_budget_genome(c: Ctx) -> list[str]:
@@ -210,6 +224,13 @@ PROBES: list[tuple[str, Callable[[Ctx], list[str]], int, str, bool]] = [
         True,
     ),
     ("deep metric", _deep_metric, 2, "nested too deeply", True),
+    (
+        "truncated level database",
+        _damaged_leveldb,
+        2,
+        "00003.safetensors): 00003.safetensors is truncated",
+        True,
+    ),
     (
         "run exists",
         lambda c: search_args(c.run_model, c.text, c.run),
@@ -387,6 +408,9 @@ def test_bad_input_is_one_line(base, tmp_path, capsys, make, code, fragment, fre
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if not line.startswith("evosearch: warning:")]
     assert len(lines) == 1 and lines[0].startswith("evosearch: error:"), err
+    if log := os.environ.get("EVOSEARCH_PROBE_LOG"):  # the table in experiments/reliability
+        with open(log, "a") as fh:
+            fh.write(json.dumps({"argv": argv, "code": code, "message": lines[0]}) + "\n")
     assert fragment in lines[0]
     if fresh:
         assert not ctx.out.exists(), "a failed search left a run directory behind"
@@ -444,3 +468,63 @@ def test_bad_fitness_values_are_named(llama):
         with pytest.raises(UserError, match="fitness mine") as info:
             ev.outcome(genome, batch)
         assert fragment in str(info.value)
+
+
+def test_environment_failures_are_retried_on_resume_candidate_faults_are_not(llama, tmp_path):
+    """A stage whose every candidate ran out of memory stops the search; after the repair,
+    --resume evaluates them again, but not the genome whose own value was NaN."""
+    from conftest import token_data
+
+    from evosearch.engine import Evaluator, search
+    from evosearch.forward import compute_dense_cache
+    from evosearch.genome import Genome
+    from evosearch.run import RunDir
+    from evosearch.strategies import EvoPress, EvoPressConfig, Stage
+    from fitness import KLDivergence
+    from search_spaces import LayerDropSpace
+
+    data = token_data(8, 8)
+    dense = compute_dense_cache(llama, data.input_ids)
+    space = LayerDropSpace(4, num_drop=1)
+    config = EvoPressConfig(
+        generations=2, offspring=3, initial_population=2, stages=(Stage(tokens=16, survivors=1),)
+    )
+    nan = "0100"
+
+    class Flaky(KLDivergence):
+        broken = True
+
+        def __call__(self, candidate, batch):
+            if candidate.genome.key() == nan:
+                return math.nan  # the candidate's own fault
+            if self.broken:
+                raise RuntimeError("CUDA out of memory")  # the environment's
+            return super().__call__(candidate, batch)
+
+    fitness = Flaky()
+    fitness.prepare(llama, data.input_ids, dense)
+
+    def run_once(resume: bool):
+        run = RunDir(tmp_path / "run")
+        run.start({"a": 1}, resume=resume)
+        strategy = EvoPress(
+            space, config=config, rng=np.random.default_rng(0), initial=(Genome.from_key(nan),)
+        )
+        evaluator = Evaluator(llama, space, fitness, dense)
+        search(strategy, evaluator, data, run=run, resume=resume, progress=None)
+        return run.evaluations()
+
+    with pytest.raises(UserError, match="every candidate failed"):
+        run_once(False)
+    first = RunDir(tmp_path / "run").evaluations()
+    assert {r["failure"] for r in first} == {"environment", "candidate"}
+    fitness.broken = False
+    log = run_once(True)
+    retried = log[len(first) : len(first) + len(first) - 1]
+    assert sorted(r["genome"] for r in retried) == sorted(
+        r["genome"] for r in first if r["failure"] == "environment"
+    )
+    assert all(r.get("value") is not None for r in retried)
+    batch = next(r["batch"] for r in first if r["genome"] == nan)
+    keys = [(r["genome"], r["batch"]) for r in log]
+    assert keys.count((nan, batch)) == 1  # final: not evaluated again on that batch
