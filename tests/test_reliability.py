@@ -96,9 +96,8 @@ def _damaged_leveldb(c: Ctx) -> list[str]:
 
 def _other_budget_genome(c: Ctx) -> list[str]:
     genome = json.loads((c.run / "best_genome.json").read_text())["genome"]
-    levels = [int(x) for x in genome.split("-")] if "-" in genome else None
-    key = "-".join("1" for _ in levels) if levels else genome + "x"
-    return ["export", str(c.run), "--genome", key, "--out", str(c.tmp / "exp")]
+    three = genome.replace("0", "1", 1)  # one block more than the run's budget of two
+    return ["export", str(c.run), "--genome", three, "--out", str(c.tmp / "exp")]
 
 
 def _mutated(c: Ctx, mutate: Callable[[Path], None], *cmd: str) -> list[str]:
@@ -395,7 +394,7 @@ def test_table_has_forty_probes():
     [p[1:] for p in PROBES],
     ids=[p[0] for p in PROBES],
 )
-def test_bad_input_is_one_line(base, tmp_path, capsys, make, code, fragment, fresh):
+def test_bad_input_is_one_line(base, tmp_path, capsys, request, make, code, fragment, fresh):
     model, text, run = base
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
@@ -410,7 +409,8 @@ def test_bad_input_is_one_line(base, tmp_path, capsys, make, code, fragment, fre
     assert len(lines) == 1 and lines[0].startswith("evosearch: error:"), err
     if log := os.environ.get("EVOSEARCH_PROBE_LOG"):  # the table in experiments/reliability
         with open(log, "a") as fh:
-            fh.write(json.dumps({"argv": argv, "code": code, "message": lines[0]}) + "\n")
+            probe = request.node.callspec.id
+            fh.write(json.dumps({"probe": probe, "code": code, "message": lines[0]}) + "\n")
     assert fragment in lines[0]
     if fresh:
         assert not ctx.out.exists(), "a failed search left a run directory behind"
