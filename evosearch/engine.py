@@ -85,7 +85,7 @@ class Evaluator:
             name = getattr(self.fitness, "name", type(self.fitness).__name__)
             try:
                 value = self.fitness(candidate, batch)
-            except (KeyError, TypeError, AttributeError, IndexError) as exc:  # a fitness bug
+            except KeyError as exc:  # e.g. a fitness reading a field the batch lacks
                 raise UserError(
                     "the fitness failed", f"fitness {name}", f"{type(exc).__name__}: {exc}"
                 ) from exc

@@ -49,6 +49,9 @@ class UserError(ValueError):
         self.what, self.where, self.why = what, str(where or ""), why
         super().__init__(f"{what} ({self.where}): {why}" if self.where else f"{what}: {why}")
 
+    def __reduce__(self):  # pickles across processes (Ray workers) with all three parts
+        return (type(self), (self.what, self.where, self.why))
+
 
 def _fsync_dir(path: Path) -> None:
     try:

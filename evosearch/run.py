@@ -318,6 +318,10 @@ def check_finished(run_dir: str | os.PathLike, *, model: bool = True) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError("not a run directory", run_dir, "no such directory")
+    if not (run_dir / "config.json").is_file():
+        raise UserError(
+            "not a run directory", run_dir, "no config.json (nor results.json, once finished)"
+        )
     config = read_json(run_dir / "config.json", "not a run directory")
     if not (run_dir / "results.json").is_file():
         raise UserError(
