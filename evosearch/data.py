@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evosearch.validate import check_fields
+
 __all__ = ["DataSpec", "TokenData", "load_text", "load_token_data", "DataError", "DataWarning"]
 
 TEXT_SUFFIXES = (".txt", ".raw", ".text")
@@ -63,6 +65,7 @@ class DataSpec:
     text_field: str = "text"
 
     def __post_init__(self) -> None:
+        check_fields(self)  # types, naming the key
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
         if self.n_sequences is not None and self.n_sequences < 1:

@@ -60,6 +60,7 @@ from evosearch.symbolic import (
     to_math,
     to_string,
 )
+from evosearch.validate import check_fields
 
 __all__ = ["MetricEvaluator", "MetricSearchConfig", "run_metric_search"]
 
@@ -125,6 +126,7 @@ class MetricSearchConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        check_fields(self)  # types, naming the key
         for name in ("terminals", "unary", "binary", "seed_metrics", "const_range"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if not 0 < self.sparsity < 1:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import types
 import typing
 from typing import Any
@@ -56,11 +57,11 @@ def matches(value: Any, tp: Any) -> bool:
         return value is None
     if tp is bool:
         return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is int:  # numpy integers too
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if tp is float:
         return (
-            isinstance(value, (int, float))
+            isinstance(value, numbers.Real)
             and not isinstance(value, bool)
             and math.isfinite(float(value))
         )
@@ -194,8 +195,6 @@ def fitness_value(value: Any, name: str) -> float:
     """The float a fitness returned; a :class:`UserError` naming the fitness for anything that
     is not a number (``None``, the string ``"0.5"``, a bool), so a bug in a user's fitness
     stops the search with one line instead of being read as a value."""
-    import numbers
-
     import torch
 
     if isinstance(value, torch.Tensor) and value.numel() == 1:

@@ -417,10 +417,27 @@ def test_bad_input_is_one_line(base, tmp_path, capsys, request, make, code, frag
 
 
 def test_seed_metrics_keep_commas_inside_calls():
-    assert _top_level_csv("wanda,add(W,X),mul(abs(W), X)") == [
-        "wanda",
-        "add(W,X)",
-        "mul(abs(W), X)",
+    from evosearch.metric_search import MetricSearchConfig
+
+    metrics = _top_level_csv("wanda,add(W,X),mul(abs(W), X)")
+    assert metrics == ["wanda", "add(W,X)", "mul(abs(W), X)"]
+    assert MetricSearchConfig(seed_metrics=metrics).seed_metrics == tuple(metrics)
+    with pytest.raises(UserError, match=r"\(population\): expected int"):
+        MetricSearchConfig(population=2.5)
+
+
+def test_overlapping_windows_warn_in_one_line(base, tmp_path, capsys):
+    model, _, _ = base
+    short = tmp_path / "short.txt"
+    short.write_text("a few words of text " * 15)  # 300 tokens for 50 x 16 requested
+    argv = search_args(model, short, tmp_path / "run", "--generations", "0")
+    argv[argv.index("--n-sequences") + 1] = "50"
+    assert main(argv) == 0
+    warning = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert warning == [
+        f"evosearch: warning: {short} has 300 tokens, fewer than the 50 x 16 requested: the "
+        "random windows overlap (calibration repeats tokens); give more text or fewer "
+        "--n-sequences"
     ]
 
 
