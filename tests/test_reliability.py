@@ -21,8 +21,7 @@ import torch
 from conftest import build_model, hf_tokenizer
 from helpers import search_args
 
-from evosearch.cli import _top_level_csv, main
-from evosearch.errors import UserError
+from evosearch.cli import main
 
 torch.set_num_threads(1)
 
@@ -371,10 +370,8 @@ PROBES: list[tuple[str, Callable[[Ctx], list[str]], int, str, bool]] = [
 ]
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> tuple[Path, Path, Path]:
-    """A tiny model with a real tokenizer, calibration text, and one finished run."""
-    root = tmp_path_factory.mktemp("reliability")
+def make_base(root: Path) -> tuple[Path, Path, Path]:
+    """A tiny model with a real tokenizer, calibration text, and one finished run in ``root``."""
     model = root / "tiny"
     build_model("llama", n_layers=6, max_position_embeddings=256).save_pretrained(model)
     hf_tokenizer().save_pretrained(model)
@@ -383,6 +380,19 @@ def base(tmp_path_factory) -> tuple[Path, Path, Path]:
     run = root / "run"
     assert main(search_args(model, text, run)) == 0
     return model, text, run
+
+
+def make_ctx(base: tuple[Path, Path, Path], tmp: Path) -> Ctx:
+    """A probe's own copies of the base model and run, in ``tmp``."""
+    model, text, run = base
+    shutil.copytree(run, tmp / "run")
+    shutil.copytree(model, tmp / "tiny")
+    return Ctx(tmp / "tiny", text, tmp / "run", tmp, model)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> tuple[Path, Path, Path]:
+    return make_base(tmp_path_factory.mktemp("reliability"))
 
 
 def test_table_has_forty_probes():
@@ -395,11 +405,7 @@ def test_table_has_forty_probes():
     ids=[p[0] for p in PROBES],
 )
 def test_bad_input_is_one_line(base, tmp_path, capsys, request, make, code, fragment, fresh):
-    model, text, run = base
-    copy = tmp_path / "run"
-    shutil.copytree(run, copy)
-    shutil.copytree(model, tmp_path / "tiny")
-    ctx = Ctx(tmp_path / "tiny", text, copy, tmp_path, model)
+    ctx = make_ctx(base, tmp_path)
     argv = make(ctx)
     capsys.readouterr()
     assert main(argv) == code
@@ -417,6 +423,8 @@ def test_bad_input_is_one_line(base, tmp_path, capsys, request, make, code, frag
 
 
 def test_seed_metrics_keep_commas_inside_calls():
+    from evosearch.cli import _top_level_csv
+    from evosearch.errors import UserError
     from evosearch.metric_search import MetricSearchConfig
 
     metrics = _top_level_csv("wanda,add(W,X),mul(abs(W), X)")
@@ -456,6 +464,7 @@ def test_bad_fitness_values_are_named(llama):
     from conftest import token_data
 
     from evosearch.engine import Evaluator
+    from evosearch.errors import UserError
     from evosearch.evaluation import Batch
     from evosearch.genome import Genome
     from search_spaces import LayerDropSpace
@@ -493,6 +502,7 @@ def test_environment_failures_are_retried_on_resume_candidate_faults_are_not(lla
     from conftest import token_data
 
     from evosearch.engine import Evaluator, search
+    from evosearch.errors import UserError
     from evosearch.forward import compute_dense_cache
     from evosearch.genome import Genome
     from evosearch.run import RunDir
