@@ -93,6 +93,13 @@ def _damaged_leveldb(c: Ctx) -> list[str]:
     return [*args, str(c.out)]
 
 
+def _sublayer_run_without_drops(c: Ctx) -> list[str]:
+    run = c.tmp / "sub"
+    assert main(search_args(c.model, c.text, run, "--sublayers", "--generations", "0")) == 0
+    (run / "model" / "evosearch_drops.json").unlink()
+    return ["eval", str(run), "--ppl", str(c.text), "--seq-len", "16", "--windows", "1"]
+
+
 def _other_budget_genome(c: Ctx) -> list[str]:
     genome = json.loads((c.run / "best_genome.json").read_text())["genome"]
     three = genome.replace("0", "1", 1)  # one block more than the run's budget of two
@@ -300,6 +307,13 @@ PROBES: list[tuple[str, Callable[[Ctx], list[str]], int, str, bool]] = [
         lambda c: _eval_run(c, _write("model/evosearch_drops.json", "")),
         2,
         "evosearch_drops.json): not valid JSON",
+        False,
+    ),
+    (
+        "eval, sublayer run without its drops file",
+        _sublayer_run_without_drops,
+        2,
+        "evosearch_drops.json is missing",
         False,
     ),
     (
