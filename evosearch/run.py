@@ -106,6 +106,7 @@ class RunDir:
         self._prior_seconds = 0.0  # search seconds of earlier processes (from the checkpoint)
 
     def file(self, name: str) -> Path:
+        """The path of ``name`` in the run directory."""
         return self.path / name
 
     def _old_config(self) -> dict | None:
@@ -199,6 +200,7 @@ class RunDir:
             self.record.clear()
 
     def append_evaluation(self, record: dict) -> None:
+        """Log one finished evaluation (flushed), then mirror it to the study."""
         path = self.file("evaluations.jsonl")
         if not self._log_checked:
             _truncate_partial_line(path)  # a kill mid-write leaves half a line behind
@@ -230,6 +232,8 @@ class RunDir:
         return out
 
     def write_checkpoint(self, state: dict) -> None:
+        """Replace the checkpoint atomically (with the run's search seconds so far), then its
+        copy in the study."""
         state = {**state, "search_seconds": round(self.search_seconds(), 3)}
         write_json_atomic(self.file("checkpoint.json"), state)
         kill_point("checkpoint")
@@ -258,6 +262,7 @@ class RunDir:
         return state
 
     def write_json(self, name: str, obj: Any) -> None:
+        """Write ``name`` in the run directory atomically."""
         write_json_atomic(self.file(name), obj)
 
     def prepare_search(self) -> None:
