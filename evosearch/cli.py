@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 __all__ = ["main"]
@@ -79,6 +80,17 @@ def _csv(cast=str):
 
     parse.__name__ = f"comma-separated {cast.__name__}"
     return parse
+
+
+def _top_level_csv(text: str) -> list[str]:
+    """``"wanda,add(W,X)"`` -> ``["wanda", "add(W,X)"]``: commas inside parentheses stay."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [p.strip() for p in [*parts, text[start:]] if p.strip()]
 
 
 def _int_list(text: str) -> list[int]:
@@ -220,7 +232,7 @@ def _add_metric_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--terminals", type=_csv(), help="default W,X,G")
     p.add_argument(
         "--seed-metrics",
-        type=_csv(),
+        type=_top_level_csv,
         help="known metrics (magnitude,wanda,pruner-zero,gblm) or expressions to seed with",
     )
     p.add_argument("--seed", type=int, default=0)
@@ -296,8 +308,16 @@ def _put(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line error format of every other failure (exit code 2)."""
+
+    def error(self, message: str):
+        print(f"evosearch: error: bad arguments ({self.prog}): {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="evosearch", description="Find the best compressed version of an LLM by search."
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -374,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
         "(layer-drop); owl,fisher (sparsity)",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument(
+        "--overwrite", action="store_true", help="delete the run in --out and start over"
+    )
     p.add_argument("--runner", choices=["inprocess", "ray"], help="where candidates are evaluated")
     p.add_argument("--workers", type=int, help="Ray evaluator workers (--runner ray)")
     p.add_argument(
@@ -464,22 +487,55 @@ def main(argv: list[str] | None = None) -> int:
         "--out", help="output directory (default: the run directory; required for several runs)"
     )
 
-    args = parser.parse_args(argv)
+    for command in sub.choices.values():  # `evosearch search ... --debug` works too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
     if args.command == "eval" and not (args.ppl or args.tasks):
-        eval_parser.error("give --ppl and/or --tasks")
-    _quiet_libraries()
+        print(
+            f"evosearch: error: bad arguments ({eval_parser.prog}): give --ppl and/or --tasks",
+            file=sys.stderr,
+        )
+        return 2
+    with warnings.catch_warnings():  # filters and the one-line format end with the command
+        _quiet_libraries()
+        warnings.showwarning = _one_line_warning
+        return _guarded(_run, args)
+
+
+def _one_line_warning(message, *_args, **_kwargs) -> None:
+    print(f"evosearch: warning: {message}", file=sys.stderr)
+
+
+def _guarded(run, args: argparse.Namespace) -> int:
+    """``run(args)``, every expected failure turned into one line and exit code 2; an
+    unexpected one into one line (exit code 1) that points to ``--debug`` for the traceback."""
     from evosearch.runners import WorkerLostError
 
     try:
-        return _run(args)
+        return run(args)
     except KeyboardInterrupt:
         print("evosearch: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, OSError, WorkerLostError) as exc:
+    except (ValueError, OSError, WorkerLostError, RecursionError) as exc:
         if args.debug:
             raise
-        print(f"evosearch: error: {exc}", file=sys.stderr)
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, RecursionError):
+            message = f"input nested too deeply ({message})"
+        print(f"evosearch: error: {message}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - a bug: say so in one line, trace with --debug
+        if args.debug:
+            raise
+        print(
+            f"evosearch: error: unexpected {type(exc).__name__}: {exc}; rerun with --debug for "
+            "the traceback and report it",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def _quiet_libraries() -> None:
@@ -497,7 +553,7 @@ def _run(args: argparse.Namespace) -> int:
     from evosearch import pipeline
 
     if args.command == "search":
-        pipeline.run_search(_config(args), args.out, resume=args.resume)
+        pipeline.run_search(_config(args), args.out, resume=args.resume, overwrite=args.overwrite)
     elif args.command == "baseline":
         pipeline.run_baseline(_config(args), args.method, args.out)
     elif args.command == "export":
@@ -527,6 +583,10 @@ def _run(args: argparse.Namespace) -> int:
         _metric_search(args)
     elif args.command == "report":
         from evosearch.report import write_report
+        from evosearch.rundir import check_finished
+
+        for run in args.runs:
+            check_finished(run, model=False)
 
         print(f"report: {write_report(args.runs, args.out)}")
     return 0
@@ -536,6 +596,7 @@ def _eval(args: argparse.Namespace) -> None:
     from evosearch import lm_eval_backend
     from evosearch.models import load_model
     from evosearch.pipeline import evaluate_perplexity, load_eval_data, resolve_device
+    from evosearch.rundir import check_finished, is_run_dir
     from evosearch.zero_shot import check_tasks, evaluate_tasks, format_table
 
     backend = None
@@ -551,7 +612,8 @@ def _eval(args: argparse.Namespace) -> None:
     if args.limit is not None and args.limit < 0:
         raise ValueError(f"--limit must be >= 0, got {args.limit}")
     target = Path(args.model)
-    if (target / "config.json").is_file() and (target / "model").is_dir():
+    if is_run_dir(target):
+        check_finished(target)  # one line naming what is missing, and how to finish it
         target = target / "model"  # a run directory: its best model
     model, tokenizer = load_model(
         str(target) if target.exists() else args.model, device=resolve_device(args.device)

@@ -23,9 +23,16 @@ from evosearch import registry
 from evosearch.data import DataSpec
 from evosearch.models import DEFAULT_MODEL
 from evosearch.runners import RayRunnerConfig
-from evosearch.settings import build, check_types, to_plain
+from evosearch.settings import build, to_plain
 from evosearch.strategies import EvoPressConfig, Stage
 from evosearch.training import TrainConfig
+from evosearch.validate import (
+    check_device,
+    check_fields,
+    check_loop,
+    check_range,
+    check_storage_url,
+)
 
 __all__ = [
     "EvalConfig",
@@ -109,6 +116,11 @@ class StrategyConfig:
             raise ValueError(
                 f"strategy must be one of {list(registry.strategies())} or module:attribute, "
                 f"got {self.name!r}"
+            )
+        check_loop(self.loop)
+        if self.sampler_tokens is not None:
+            check_range(
+                "strategy.sampler_tokens", self.sampler_tokens, self.sampler_tokens >= 1, ">= 1"
             )
         if self.budget_focus is not None and self.budget_focus < 1:
             raise ValueError(f"budget_focus must be >= 1, got {self.budget_focus}")
@@ -269,9 +281,10 @@ class SearchConfig:
                 raise ValueError(f"{name} must be a list, got the string {value!r}")
             if value is not None:
                 object.__setattr__(self, name, tuple(value))
-        check_types(self)
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        check_fields(self)
+        check_range("seed", self.seed, self.seed >= 0, "an integer >= 0")
+        check_storage_url(self.storage)
+        check_device(self.device)
         object.__setattr__(self, "data", replace(self.data, seed=self.seed))
         entry = self.space.entry()
         if ":" not in self.fitness:

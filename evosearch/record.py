@@ -16,21 +16,32 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from evosearch.errors import UserError
 from evosearch.genome import Genome, LevelSpec
+from evosearch.validate import check_storage_url
 
 __all__ = ["OptunaRecord", "open_storage"]
 
 
 def open_storage(url: str):
-    """An Optuna storage from a URL: ``sqlite:///…``, ``postgresql://…``, or ``journal:PATH``."""
+    """An Optuna storage from a URL: ``sqlite:///…``, ``postgresql://…``, or ``journal:PATH``.
+
+    A URL no backend can open, or a database that cannot be read, is a
+    :class:`~evosearch.errors.UserError` naming the storage."""
     import optuna
 
-    if url.startswith("journal:"):
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
+    check_storage_url(url)
+    try:
+        if url.startswith("journal:"):
+            from optuna.storages import JournalStorage
+            from optuna.storages.journal import JournalFileBackend
 
-        return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
-    return optuna.storages.RDBStorage(url)
+            return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+        return optuna.storages.RDBStorage(url)
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy and drivers raise many types
+        raise UserError(
+            "cannot open the Optuna storage", url, f"{type(exc).__name__}: {exc}".splitlines()[0]
+        ) from None
 
 
 class OptunaRecord:
@@ -51,12 +62,27 @@ class OptunaRecord:
         self.metrics: Callable[[Genome], dict[str, float]] | None = None
         self.names: tuple[str, ...] = ()
         self._distributions: dict = {}
-        self.study = optuna.create_study(
-            storage=open_storage(storage),
+        self._storage, self._direction = open_storage(storage), direction
+        self.study = self._open(study_name)
+
+    def _open(self, study_name: str):
+        import optuna
+
+        return optuna.create_study(
+            storage=self._storage,
             study_name=study_name,
-            direction=direction,
+            direction=self._direction,
             load_if_exists=True,
         )
+
+    def clear(self) -> None:
+        """Delete the study's trials and attributes (``--overwrite``): a new, empty study of the
+        same name."""
+        import optuna
+
+        name = self.study.study_name
+        optuna.delete_study(study_name=name, storage=self._storage)
+        self.study = self._open(name)
 
     def bind(
         self, spec: LevelSpec, metrics: Callable[[Genome], dict[str, float]] | None = None

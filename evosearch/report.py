@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evosearch.errors import atomic_write_text, read_json
 from evosearch.genome import Genome
+from evosearch.rundir import check_finished
 
 __all__ = [
     "CandidatePoint",
@@ -116,10 +118,8 @@ def load_run(path: str | Path, name: str | None = None) -> RunRecord:
     path = Path(path)
     file = path / "results.json"
     if not file.is_file():
-        raise FileNotFoundError(
-            f"{file} not found: report needs a finished search's run directory"
-        )
-    results = json.loads(file.read_text())
+        check_finished(path, model=False)  # says what is missing and how to finish the run
+    results = read_json(file, "cannot read the run's results")
     if "history" not in results:
         raise ValueError(f"{file} is not a search result (no 'history'); was it a baseline run?")
     return RunRecord(name or path.resolve().name, path, results)
@@ -635,7 +635,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = No
         f"<body>{''.join(body)}</body></html>\n"
     )
     path = out / "report.html"
-    path.write_text(page)
+    atomic_write_text(path, page)
     return path
 
 

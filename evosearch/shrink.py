@@ -40,6 +40,7 @@ from evosearch.arch import (
     get_submodule,
     set_submodule,
 )
+from evosearch.errors import read_json
 from evosearch.surgery import ZeroAttention, ZeroOutput
 
 __all__ = [
@@ -313,7 +314,7 @@ def load_shrunk(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    spec = json.loads((path / WIDTH_FILE).read_text())
+    spec = read_json(path / WIDTH_FILE, "cannot read the width spec")
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     geo = geometry(model)

@@ -491,7 +491,10 @@ def load_metric(path: str | Path, *, name: str | None = None) -> ScorePruner:
         raise MetricError(f"{path} is not JSON: {exc}") from None
     if not isinstance(record, dict) or ("tree" not in record and "expression" not in record):
         raise MetricError(f"{path} holds no metric ('tree' or 'expression')")
-    tree = from_json(record["tree"]) if "tree" in record else parse(record["expression"])
+    try:
+        tree = from_json(record["tree"]) if "tree" in record else parse(record["expression"])
+    except RecursionError:
+        raise MetricError(f"{path}: the metric is nested too deeply to read") from None
     return metric_pruner(tree, name=name or f"symbolic:{path.name}")
 
 

@@ -90,6 +90,7 @@ def test_contiguous_without_n_takes_every_full_window(txt):
     assert data.input_ids.flatten().tolist() == _stream(TEXT)[: n_windows * 50]
 
 
+@pytest.mark.filterwarnings("ignore::evosearch.data.DataWarning")  # overlap is the point
 def test_every_window_start_can_be_drawn(tmp_path):
     # a text of seq_len + 1 tokens has exactly two windows: starting at 0 and at 1
     path = tmp_path / "short.txt"

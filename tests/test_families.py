@@ -31,8 +31,8 @@ from evosearch.genome import Genome
 from evosearch.models import load_model, remove_blocks
 from evosearch.operators import level_switch_mutation
 from evosearch.pruning import block_linears, collect_stats
-from evosearch.symbolic import get_pruner
 from evosearch.surgery import apply_replacements
+from evosearch.symbolic import get_pruner
 from search_spaces import LayerDropSpace
 from search_spaces.sparsity import SparsityConfig, SparsitySpace
 from search_spaces.width import WidthConfig, WidthSpace
@@ -279,9 +279,9 @@ def test_width_candidate_equals_hand_zeroed_heads_and_channels_and_reloads(famil
 
 
 def test_metric_space_equals_hand_pruning(family):
+    from evosearch.engine import Evaluator
     from evosearch.evaluation import Batch, Candidate
     from evosearch.forward import compute_dense_cache
-    from evosearch.engine import Evaluator
     from evosearch.gp import MetricGenome
     from evosearch.metric_space import MetricSpace
     from evosearch.symbolic import KNOWN_METRICS, parse

@@ -4,7 +4,6 @@ and budget, the ``evosearch baseline`` job, and scoring candidates on held-out t
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +15,9 @@ from evosearch.engine import search
 from evosearch.genome import Genome
 from evosearch.jobs.models import evaluate_perplexity, load_eval_data
 from evosearch.jobs.strategy import make_strategy
+from evosearch.models import save_complete
 from evosearch.problem import Problem
+from evosearch.rundir import write_json_atomic
 from evosearch.surgery import apply_replacements
 
 __all__ = ["compute_baselines", "evaluate_candidates", "run_baseline"]
@@ -80,8 +81,11 @@ def run_baseline(
     if config.evaluation.ppl:
         results["perplexity"] = evaluate_candidates(problem, {method: genome}, log)
     if config.save_model:
-        problem.space.save(problem.model, problem.tokenizer, genome, str(out / "model"))
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        save_complete(
+            lambda d: problem.space.save(problem.model, problem.tokenizer, genome, d),
+            out / "model",
+        )
+    write_json_atomic(out / "results.json", results)
     return results
 
 

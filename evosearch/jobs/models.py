@@ -15,10 +15,12 @@ import torch
 from evosearch.arch import get_blocks
 from evosearch.config import SearchConfig
 from evosearch.data import DataSpec, TokenData, load_token_data
+from evosearch.errors import UserError
 from evosearch.evaluation import Batch, Candidate
 from evosearch.genome import Genome
-from evosearch.models import load_model
+from evosearch.models import load_model, save_complete
 from evosearch.problem import build_space, resolve_device, space_entry
+from evosearch.rundir import check_finished, known_genomes
 
 __all__ = [
     "evaluate_perplexity",
@@ -33,10 +35,14 @@ __all__ = [
 def export_genome(run_dir: str | Path, genome_key: str, out_dir: str | Path) -> Path:
     """Materialise one genome of a finished run (e.g. a Pareto point) as a saved model."""
     run_dir = Path(run_dir)
-    cfg_file = run_dir / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
-    config = SearchConfig.from_dict(json.loads(cfg_file.read_text()))
+    config = SearchConfig.from_dict(check_finished(run_dir, model=False))
+    if genome_key not in known_genomes(run_dir):  # e.g. a genome of another budget or run
+        raise UserError(
+            "unknown genome",
+            "--genome",
+            f"{genome_key!r} is not a genome of {run_dir}; take one from its "
+            "pareto_front.json or results.json",
+        )
     model, tokenizer = load_model(config.model, device=resolve_device(config.device))
     input_ids = None
     if space_entry(config).needs_data:  # a level database is keyed by the calibration data
@@ -45,7 +51,7 @@ def export_genome(run_dir: str | Path, genome_key: str, out_dir: str | Path) -> 
     genome = Genome.from_key(genome_key)
     if len(genome.levels) != space.spec.n_units:
         raise ValueError(f"genome {genome_key!r} does not fit this run's space")
-    space.save(model, tokenizer, genome, str(out_dir))
+    save_complete(lambda d: space.save(model, tokenizer, genome, d), out_dir)
     return Path(out_dir)
 
 
@@ -171,10 +177,7 @@ def finetune_run(
     ``out_dir`` (default ``RUN/finetuned``). ``data`` changes fields of that
     :class:`DataSpec`, e.g. ``{"source": "c4.jsonl"}`` to train on other text."""
     run_dir = Path(run_dir)
-    cfg_file = run_dir / "config.json"
-    if not cfg_file.is_file() or not (run_dir / "model").is_dir():
-        raise FileNotFoundError(f"{run_dir} is not a finished run with a saved model")
-    config = SearchConfig.from_dict(json.loads(cfg_file.read_text()))
+    config = SearchConfig.from_dict(check_finished(run_dir))
     spec = dataclasses.replace(config.data_spec(), seed=config.seed + 1)
     fields = sorted(f.name for f in dataclasses.fields(DataSpec))
     unknown = sorted(set(data or {}) - set(fields))

@@ -9,12 +9,14 @@ from typing import Any
 
 from evosearch.config import RUNNER_FIELDS, SearchConfig
 from evosearch.engine import search
+from evosearch.errors import kill_point
 from evosearch.evaluation import measure_latency
 from evosearch.genome import Genome
 from evosearch.jobs.baselines import compute_baselines, evaluate_candidates
 from evosearch.jobs.pareto import write_pareto
 from evosearch.jobs.report import log_summary, selection_warning, write_report
 from evosearch.jobs.strategy import make_strategy, niches
+from evosearch.models import save_complete
 from evosearch.problem import Problem, make_runner
 from evosearch.rundir import RunDir
 from evosearch.surgery import apply_replacements
@@ -67,16 +69,17 @@ def _upgrade(old: dict) -> dict:
         return old  # the comparison then names what differs
 
 
-def _claim(config: SearchConfig, out_dir: Path, resume: bool, direction: str):
-    """The run directory with its Optuna record, claimed for ``config``."""
+def _claim(run: RunDir, config: SearchConfig, claim: dict, direction: str):
+    """Claim the run directory (once the model and data have loaded) with its Optuna record;
+    returns the record, its storage URL and whether an earlier process's state is loaded."""
     from evosearch.record import OptunaRecord
 
+    out_dir = run.path
     storage = config.storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    record = OptunaRecord(storage, out_dir.resolve().name, direction=direction)
-    run = RunDir(out_dir, record=record)
-    resuming = run.start(config.to_dict(), resume=resume, ignore=RUNNER_FIELDS, upgrade=_upgrade)
-    return run, record, storage, resuming
+    run.record = record = OptunaRecord(storage, out_dir.resolve().name, direction=direction)
+    resuming = run.start(config.to_dict(), **claim)
+    return record, storage, resuming
 
 
 def run_search(
@@ -84,17 +87,22 @@ def run_search(
     out_dir: str | Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     log: Callable[[str], None] = print,
     fitness=None,
     space=None,
 ) -> dict[str, Any]:
     """Run the search of ``config`` into ``out_dir`` and return the results dict (also written
-    to ``out_dir/results.json``). With ``resume``, continue a killed run of the same config.
-    ``fitness`` / ``space`` override the config's names with a user's objects (see
-    :func:`evosearch.run`)."""
+    to ``out_dir/results.json``). With ``resume``, continue a killed run of the same config;
+    with ``overwrite``, replace the run in ``out_dir``. The directory is claimed only after the
+    model and data have loaded, so a failure before leaves nothing behind. ``fitness`` /
+    ``space`` override the config's names with a user's objects (see :func:`evosearch.run`)."""
+    run = RunDir(out_dir)
+    claim = dict(resume=resume, overwrite=overwrite, ignore=RUNNER_FIELDS, upgrade=_upgrade)
+    run.check(config.to_dict(), **claim)  # another run in out_dir fails before anything loads
     problem = Problem(config, log, fitness=fitness, space=space)  # bad inputs fail here
     direction = getattr(problem.fitness, "direction", "minimize")
-    run, record, storage, resuming = _claim(config, Path(out_dir), resume, direction)
+    record, storage, resuming = _claim(run, config, claim, direction)
     record.bind(problem.space.spec, problem.space.metrics)
     initial, warm = _start_genomes(problem, log)
     strategy = make_strategy(problem, config.strategy.name, initial, _objectives(problem))
@@ -104,6 +112,7 @@ def run_search(
         f"{problem.fitness.name}, {loop.generations} generations x {loop.offspring} "
         f"offspring, stages {[(s.tokens, s.survivors) for s in loop.stages]}"
     )
+    run.prepare_search()  # reconcile the study with the log after a kill
     with make_runner(problem, log) as runner:
         result = search(
             strategy,
@@ -115,20 +124,21 @@ def run_search(
             progress=log,
             runner=runner,
         )
-    results = _results(problem, result, storage, record)
+    results = _results(problem, result, storage, record, run)
     best_desc = problem.space.describe(result.best)
     run.write_json("best_genome.json", {"genome": result.best.key(), **best_desc})
     if config.objectives or config.budget_range:
         results["pareto"] = write_pareto(problem, run, strategy, result.evaluations, log)
     _compare(problem, results, result.best, warm, initial, log)
     _save(problem, results, result.best, run, log)
-    run.write_json("results.json", results)
+    kill_point("results")
+    run.write_json("results.json", results)  # written last: marks the run finished
     log_summary(results, config, log)
     write_report(run.path, log)
     return results
 
 
-def _results(problem: Problem, result, storage: str, record) -> dict[str, Any]:
+def _results(problem: Problem, result, storage: str, record, run: RunDir) -> dict[str, Any]:
     """The results record of a finished search (before baselines and the saved model)."""
     config, space, best = problem.config, problem.space, result.best
     return {
@@ -143,10 +153,7 @@ def _results(problem: Problem, result, storage: str, record) -> dict[str, Any]:
         },
         "study": {"storage": storage, "study_name": record.study.study_name},
         "history": result.history,
-        "n_evaluations": result.n_evaluations,
-        "search_seconds": round(result.seconds, 2),
-        "evaluations_per_second": round(result.n_evaluations / max(result.seconds, 1e-9), 3),
-        "tokens": result.tokens,
+        **run.totals(result.evaluations),  # the whole run, across resumes
         "dense_cache": {
             "seconds": round(problem.cache_seconds, 2),
             "teacher_bytes_per_token": problem.dense.teacher_bytes_per_token(),
@@ -181,7 +188,9 @@ def _save(problem: Problem, results: dict, best: Genome, run: RunDir, log) -> No
     """The best model, saved into the run (with size and speed for shrinking spaces)."""
     if not problem.config.save_model:
         return
-    problem.space.save(problem.model, problem.tokenizer, best, str(run.file("model")))
+    save_complete(
+        lambda d: problem.space.save(problem.model, problem.tokenizer, best, d), run.file("model")
+    )
     results["model_dir"] = str(run.file("model"))
     if problem.entry.shrinks:
         from evosearch.jobs.models import export_stats
