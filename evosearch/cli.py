@@ -106,6 +106,8 @@ def _int_list(text: str) -> list[int]:
 
 
 def _add_search_flags(p: argparse.ArgumentParser) -> None:
+    """The config file, the model and the space's flags (shared by ``search`` and
+    ``baseline``)."""
     p.add_argument("--config", help="YAML file with SearchConfig fields (flags override it)")
     p.add_argument("--model", help="built-in name (smollm2-135m), local dir, .gguf or hub id")
     p.add_argument(
@@ -170,6 +172,11 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-total-shift", type=int, help="sparsity space: most levels moved in total"
     )
+    _add_data_flags(p)
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+    """Calibration data, fitness, device, held-out evaluation, storage and ``--out``."""
     p.add_argument("--db-dir", help="where level databases are kept (default: the cache)")
     p.add_argument(
         "--fitness",
@@ -317,19 +324,53 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``evosearch`` command line; returns the exit code (2: a mistake in the input)."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    if args.command == "eval" and not (args.ppl or args.tasks):
+        print(
+            "evosearch: error: bad arguments (evosearch eval): give --ppl and/or --tasks",
+            file=sys.stderr,
+        )
+        return 2
+    with warnings.catch_warnings():  # filters and the one-line format end with the command
+        _quiet_libraries()
+        warnings.showwarning = _one_line_warning
+        return _guarded(_run, args)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="evosearch", description="Find the best compressed version of an LLM by search."
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (
+        _add_search_command,
+        _add_baseline_command,
+        _add_export_command,
+        _add_finetune_command,
+        _add_eval_command,
+        _add_metric_search_and_report_commands,
+    ):
+        add(sub)
+    for command in sub.choices.values():  # `evosearch search ... --debug` works too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    return parser
 
+
+def _add_search_command(sub) -> None:
     p = sub.add_parser(
         "search", help="search which blocks to drop, per-layer sparsity or widths (EvoPress)"
     )
     _add_search_flags(p)
     p.add_argument(
         "--strategy",
-        choices=["evopress", "random", "tpe", "nsga2", "nsga3", "cmaes", "optuna-random"],
+        help="evopress (default), random, tpe, nsga2, nsga3, cmaes, optuna-random, another "
+        "registered strategy, or module:attribute",
     )
     p.add_argument(
         "--objectives",
@@ -365,6 +406,11 @@ def main(argv: list[str] | None = None) -> int:
         type=_csv(float),
         help="hypervolume reference point: fitness,objective...",
     )
+    _add_loop_flags(p)
+
+
+def _add_loop_flags(p: argparse.ArgumentParser) -> None:
+    """The search loop, baselines, resume and runner flags of ``search``."""
     p.add_argument("--generations", type=int)
     p.add_argument("--offspring", type=int)
     p.add_argument(
@@ -405,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker-cpus", type=float, help="CPUs per Ray worker (fractions allowed)")
     p.add_argument("--worker-gpus", type=float, help="GPUs per Ray worker (e.g. 0.5)")
 
+
+def _add_baseline_command(sub) -> None:
     p = sub.add_parser("baseline", help="apply one published heuristic")
     p.add_argument(
         "method",
@@ -412,11 +460,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     _add_search_flags(p)
 
+
+def _add_export_command(sub) -> None:
     p = sub.add_parser("export", help="save one genome of a run (e.g. a Pareto point) as a model")
     p.add_argument("run", help="run directory")
     p.add_argument("--genome", required=True, help="genome key (from results/pareto.json)")
     p.add_argument("--out", required=True, help="where to save the model")
 
+
+def _add_finetune_command(sub) -> None:
     p = sub.add_parser(
         "finetune", help="post-compression training of a run's best (e.g. width-shrunk) model"
     )
@@ -437,7 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-split", default="train", help="HF split of --data")
     p.add_argument("--text-field", default="text", help="jsonl key / dataset column of --data")
 
-    p = eval_parser = sub.add_parser(
+
+def _add_eval_command(sub) -> None:
+    p = sub.add_parser(
         "eval", help="perplexity and zero-shot accuracy of a model or a run's best model"
     )
     p.add_argument("model", help="model (as for --model) or a run directory")
@@ -474,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="write the results JSON here (and a markdown table beside it)")
 
+
+def _add_metric_search_and_report_commands(sub) -> None:
     p = sub.add_parser(
         "metric-search", help="discover a symbolic pruning metric by genetic programming"
     )
@@ -486,23 +542,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--out", help="output directory (default: the run directory; required for several runs)"
     )
-
-    for command in sub.choices.values():  # `evosearch search ... --debug` works too
-        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    if args.command == "eval" and not (args.ppl or args.tasks):
-        print(
-            f"evosearch: error: bad arguments ({eval_parser.prog}): give --ppl and/or --tasks",
-            file=sys.stderr,
-        )
-        return 2
-    with warnings.catch_warnings():  # filters and the one-line format end with the command
-        _quiet_libraries()
-        warnings.showwarning = _one_line_warning
-        return _guarded(_run, args)
 
 
 def _one_line_warning(message, *_args, **_kwargs) -> None:

@@ -177,84 +177,20 @@ def search(
     state is checkpointed atomically after each generation; with ``resume`` both are loaded
     first, so nothing that finished is evaluated again and the trajectory is unchanged.
     """
-    log: list[dict] = []
-    if run is not None and resume:
-        log = run.evaluations()
-        for rec in log:
-            if rec.get("error") and failure_kind(rec) == "environment":
-                evaluator.cache.pop((rec["genome"], rec["batch"]), None)
-                continue  # an out-of-memory or unreadable file: evaluate it again
-            value = math.inf if rec.get("value") is None else evaluator.sign * rec["value"]
-            evaluator.cache[(rec["genome"], rec["batch"])] = value
-        state = run.checkpoint()
-        if state is not None:
-            try:
-                strategy.load_state_dict(state["strategy"])
-            except (KeyError, TypeError, ValueError, IndexError) as exc:
-                raise UserError(
-                    "cannot resume from the checkpoint",
-                    run.file("checkpoint.json"),
-                    f"it does not fit this strategy ({type(exc).__name__}: {exc}); rerun "
-                    "with --overwrite to start over",
-                ) from None
-            if progress:
-                progress(
-                    f"resuming at generation {strategy.generation} with {len(log)} logged "
-                    "evaluations"
-                )
+    log = _resume(strategy, evaluator, run, progress) if run is not None and resume else []
     runner = runner if runner is not None else InProcessRunner()
     t_start = time.perf_counter()
-    evals_at_gen, t_gen = evaluator.evaluations, time.perf_counter()
-    name = getattr(evaluator.fitness, "name", "fitness")
+    report = _Progress(strategy, evaluator, progress)
     while (request := strategy.ask()) is not None:
         batch = sample_batch(
             data, request.tokens, seed=seed, generation=request.generation, stage=request.stage
         )
-        todo: dict[str, Genome] = {}  # not yet memoised, distinct, in request order
-        for genome in request.genomes:
-            if (genome.key(), batch.key()) not in evaluator.cache:
-                todo.setdefault(genome.key(), genome)
-        pending = list(todo.values())
-        n_done = 0
-        for genome, outcome in zip(pending, runner.evaluate(evaluator, pending, batch)):
-            n_done += 1
-            _, record = evaluator.record(genome, batch, outcome)
-            record.update(generation=request.generation, stage=request.stage)
-            if record.get("error") and progress:
-                progress(f"evaluation failed ({record['failure']}): {record['error']}")
-            log.append(record)
-            if run is not None:
-                run.append_evaluation(record)
-        if n_done != len(pending):
-            raise RuntimeError(f"the runner returned {n_done} outcomes for {len(pending)} genomes")
-        values = [evaluator.cache[(g.key(), batch.key())] for g in request.genomes]
-        if all(math.isinf(v) for v in values):
-            errors = [r.get("error") for r in log if r.get("error")]
-            raise UserError(
-                "the search stopped",
-                f"generation {request.generation} stage {request.stage}",
-                f"every candidate failed; first error: {errors[0] if errors else 'unknown'}; "
-                "fix the cause and rerun with --resume (such failures are retried)",
-            )
+        values = _evaluate(request, batch, evaluator, runner, run, log, progress)
         strategy.tell(request, values)
         if strategy.generation != request.generation:  # a generation just finished
             if run is not None:
                 run.write_checkpoint({"strategy": strategy.state_dict()})
-            if progress:
-                now = time.perf_counter()
-                done = evaluator.evaluations - evals_at_gen
-                rate = done / max(now - t_gen, 1e-9)
-                _, best_value = strategy.best
-                note = getattr(strategy, "progress_note", None)
-                total = getattr(getattr(strategy, "config", None), "generations", "?")
-                progress(
-                    f"gen {request.generation:3d}/{total}  "
-                    f"best {name} {evaluator.sign * best_value:.4f} "
-                    f"@{request.tokens} tok  evals {evaluator.evaluations} (+{done}, "
-                    f"{rate:.2f}/s)  tokens {evaluator.tokens / 1e6:.2f}M  "
-                    f"{now - t_start:.0f}s" + (f"  {note(evaluator.sign)}" if note else "")
-                )
-                evals_at_gen, t_gen = evaluator.evaluations, now
+            report(request)
     best, best_value = strategy.best
     return SearchResult(
         best=best,
@@ -265,3 +201,91 @@ def search(
         tokens=evaluator.tokens,
         seconds=time.perf_counter() - t_start,
     )
+
+
+def _resume(strategy: Strategy, evaluator: Evaluator, run: RunDir, progress) -> list[dict]:
+    """Load a run's evaluation log into the memo (environment failures are evaluated again)
+    and the strategy's checkpoint; returns the log."""
+    log = run.evaluations()
+    for rec in log:
+        if rec.get("error") and failure_kind(rec) == "environment":
+            evaluator.cache.pop((rec["genome"], rec["batch"]), None)
+            continue  # an out-of-memory or unreadable file: evaluate it again
+        value = math.inf if rec.get("value") is None else evaluator.sign * rec["value"]
+        evaluator.cache[(rec["genome"], rec["batch"])] = value
+    state = run.checkpoint()
+    if state is not None:
+        try:
+            strategy.load_state_dict(state["strategy"])
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise UserError(
+                "cannot resume from the checkpoint",
+                run.file("checkpoint.json"),
+                f"it does not fit this strategy ({type(exc).__name__}: {exc}); rerun "
+                "with --overwrite to start over",
+            ) from None
+        if progress:
+            progress(
+                f"resuming at generation {strategy.generation} with {len(log)} logged evaluations"
+            )
+    return log
+
+
+def _evaluate(request, batch: Batch, evaluator: Evaluator, runner, run, log, progress) -> list:
+    """Evaluate the request's genomes not yet memoised on ``batch`` (each once, in request
+    order), log them, and return every genome's value to minimise."""
+    todo: dict[str, Genome] = {}  # not yet memoised, distinct, in request order
+    for genome in request.genomes:
+        if (genome.key(), batch.key()) not in evaluator.cache:
+            todo.setdefault(genome.key(), genome)
+    pending = list(todo.values())
+    n_done = 0
+    for genome, outcome in zip(pending, runner.evaluate(evaluator, pending, batch)):
+        n_done += 1
+        _, record = evaluator.record(genome, batch, outcome)
+        record.update(generation=request.generation, stage=request.stage)
+        if record.get("error") and progress:
+            progress(f"evaluation failed ({record['failure']}): {record['error']}")
+        log.append(record)
+        if run is not None:
+            run.append_evaluation(record)
+    if n_done != len(pending):
+        raise RuntimeError(f"the runner returned {n_done} outcomes for {len(pending)} genomes")
+    values = [evaluator.cache[(g.key(), batch.key())] for g in request.genomes]
+    if all(math.isinf(v) for v in values):
+        errors = [r.get("error") for r in log if r.get("error")]
+        raise UserError(
+            "the search stopped",
+            f"generation {request.generation} stage {request.stage}",
+            f"every candidate failed; first error: {errors[0] if errors else 'unknown'}; "
+            "fix the cause and rerun with --resume (such failures are retried)",
+        )
+    return values
+
+
+class _Progress:
+    """The progress line printed after each generation (nothing without ``progress``)."""
+
+    def __init__(self, strategy: Strategy, evaluator: Evaluator, progress) -> None:
+        self.strategy, self.evaluator, self.progress = strategy, evaluator, progress
+        self.t_start = self.t_gen = time.perf_counter()
+        self.evals_at_gen = evaluator.evaluations
+        self.name = getattr(evaluator.fitness, "name", "fitness")
+
+    def __call__(self, request) -> None:
+        if not self.progress:
+            return
+        ev, strategy = self.evaluator, self.strategy
+        now = time.perf_counter()
+        done = ev.evaluations - self.evals_at_gen
+        rate = done / max(now - self.t_gen, 1e-9)
+        _, best_value = strategy.best
+        note = getattr(strategy, "progress_note", None)
+        total = getattr(getattr(strategy, "config", None), "generations", "?")
+        self.progress(
+            f"gen {request.generation:3d}/{total}  best {self.name} {ev.sign * best_value:.4f} "
+            f"@{request.tokens} tok  evals {ev.evaluations} (+{done}, {rate:.2f}/s)  "
+            f"tokens {ev.tokens / 1e6:.2f}M  {now - self.t_start:.0f}s"
+            + (f"  {note(ev.sign)}" if note else "")
+        )
+        self.evals_at_gen, self.t_gen = ev.evaluations, now
