@@ -46,12 +46,16 @@ class Outcome:
     Attributes:
         value: the fitness in its own direction (``nan`` when ``error`` is set).
         error: why the evaluation failed (``"RuntimeError: ..."``), or ``None``.
-        seconds: wall time of the evaluation on the worker.
+        seconds: wall time of the evaluation on the worker (summed over shards).
+        total, count: an additive fitness's sums (:class:`~evosearch.evaluation.AdditiveFitness`)
+            when this is the outcome of one shard of a batch; ``None`` otherwise.
     """
 
     value: float
     error: str | None
     seconds: float
+    total: float | None = None
+    count: float | None = None
 
     @classmethod
     def failed(cls, error: str, seconds: float = 0.0) -> Outcome:
