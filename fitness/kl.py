@@ -88,12 +88,6 @@ def build_teacher(
     )
 
 
-def _log1mexp(a: torch.Tensor) -> torch.Tensor:
-    """``log(1 - exp(a))`` for ``a <= 0``, accurate at both ends (Maechler, 2012)."""
-    a = a.clamp_max(0.0)
-    return torch.where(a > -math.log(2), torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
-
-
 def topk_kl(
     log_p: torch.Tensor, indices: torch.Tensor, log_p_rest: torch.Tensor, logits: torch.Tensor
 ) -> torch.Tensor:
@@ -107,10 +101,14 @@ def topk_kl(
     Returns:
         ``(n,)`` float32, clamped at 0 against rounding.
     """
-    z = logits.float()
-    log_q = z.gather(-1, indices) - torch.logsumexp(z, dim=-1, keepdim=True)  # (n, k)
+    z = logits.float() if logits.dtype != torch.float32 else logits.clone()  # (n, V), ours
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (n, 1)
+    log_q = z.gather(-1, indices) - lse  # (n, k)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    log_q_rest = _log1mexp(torch.logsumexp(log_q, dim=-1)).clamp_min(_LOG_TINY)
+    # log q(rest) from the tokens outside the top k themselves: 1 - sum(q_k) cancels badly
+    # when the student is as peaked as the teacher
+    z.scatter_(-1, indices, -math.inf)
+    log_q_rest = (torch.logsumexp(z, dim=-1) - lse[:, 0]).clamp_min(_LOG_TINY)
     p_rest = log_p_rest.exp()
     rest = torch.where(p_rest > 0, p_rest * (log_p_rest - log_q_rest), torch.zeros_like(p_rest))
     return (kl + rest).clamp_min(0.0)
