@@ -84,6 +84,12 @@ class Evaluator:
         """Whether the fitness is additive, so a runner may shard a candidate's batch."""
         return is_additive(self.fitness)
 
+    @property
+    def shard_rows(self) -> int:
+        """Rows a shard of a batch is a multiple of: the fitness's micro batch, so a sharded
+        evaluation computes exactly the micro batches an in-process one does."""
+        return int(getattr(self.fitness, "micro_batch", 1))
+
     def _call(self, genome: Genome, batch: Batch, method: Callable):
         start = self.space.start_block(genome) if self.prefix_reuse else 0
         context = compute_dtype(model_device(self.model), self.compute_dtype)

@@ -126,7 +126,8 @@ class KLDivergence:
             token); ``None`` recomputes the full teacher distribution from the cached final
             hidden states with a second LM-head pass per micro batch (the reference evaluator).
         chunk_tokens: positions whose student logits ``(chunk_tokens, vocab)`` are scored at
-            once; bounds the memory of the top-k path.
+            once; bounds the memory of the top-k path. Small chunks stay in the CPU's cache:
+            256 scored SmolLM2's logits in half the time of 1024 (experiments/throughput).
     """
 
     name = "kl"
@@ -138,7 +139,7 @@ class KLDivergence:
         *,
         micro_batch: int = 4,
         top_k: int | None = DEFAULT_TOP_K,
-        chunk_tokens: int = 1024,
+        chunk_tokens: int = 256,
     ) -> None:
         if micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
@@ -151,6 +152,12 @@ class KLDivergence:
         self.chunk_tokens = chunk_tokens
         self._dense: DenseCache | None = None
         self._teacher: TopKTeacher | None = None
+        self._head_cast: tuple[tuple, torch.Tensor] | None = None  # (key, low-precision weight)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_head_cast"] = None  # rebuilt where it is used
+        return state
 
     def prepare(self, model, input_ids: torch.Tensor, dense: DenseCache) -> None:
         """Called once before the search with the dense model's cached activations; builds the
@@ -214,10 +221,24 @@ class KLDivergence:
         out = []
         for s in range(0, flat.shape[0], self.chunk_tokens):
             e = s + self.chunk_tokens
-            logits = head(flat[s:e])  # (c, V), in the compute dtype
+            logits = self._logits(head, flat[s:e])  # (c, V), in the compute dtype
             out.append(
                 topk_kl(
                     log_p[s:e].to(device), idx[s:e].to(device), log_rest[s:e].to(device), logits
                 )
             )
         return torch.cat(out)
+
+    def _logits(self, head, hidden: torch.Tensor) -> torch.Tensor:
+        """``head(hidden)``; under autocast with the head's weight cast once and kept (autocast
+        casts a frozen weight again on every call: 28M values per chunk for SmolLM2)."""
+        device = hidden.device.type
+        if not torch.is_autocast_enabled(device):
+            return head(hidden)
+        dtype = torch.get_autocast_dtype(device)
+        weight = head.weight
+        key = (weight.data_ptr(), weight._version, weight.device, dtype)
+        if self._head_cast is None or self._head_cast[0] != key:
+            self._head_cast = (key, weight.detach().to(dtype))
+        bias = None if head.bias is None else head.bias.to(dtype)
+        return F.linear(hidden.to(dtype), self._head_cast[1], bias)

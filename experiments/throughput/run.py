@@ -6,9 +6,11 @@ New: ``compute_dense_cache(dtype="auto")`` (bf16 on this CPU) and ``KLDivergence
 
 Two parts, on SmolLM2-135M calibrated on WikiText-2 *valid*, one torch thread:
 
-* ``speed``: seconds per evaluation of old and new on the same random genomes, alternating
-  A/B, B/A in one process (so background load hits both alike); median per path and the median
-  of the per-pair ratios. Numbers are taken on shared cores: an upper bound of the idle time.
+* ``speed``: seconds per evaluation of old and new on fresh random genomes, alternating A/B,
+  B/A in one process (so background load hits both alike); median per path and the median of
+  the per-pair ratios, in wall time (taken on shared cores: an upper bound of the idle time)
+  and in process CPU time (one torch thread: the time the evaluation keeps a core busy, much
+  less sensitive to other jobs).
 * ``ranking``: 100 random genomes per space; each genome's student forward is run once in
   float32 (scored by the old fitness) and once in the new dtype, scored there by the KL over the
   full vocabulary, top-256 and top-1024; each is compared with the old fitness (float32, full
@@ -89,19 +91,29 @@ def speed(args) -> dict:
         rng = np.random.default_rng(args.seed)
         paths["new"].raw(space.random_genome(rng), batch)  # warm-up (allocator, level swap)
         times = {"old": [], "new": []}
+        cpu = {"old": [], "new": []}  # process CPU seconds: what the evaluation cost the core
         loads = [loadavg()]
         for i in range(args.pairs):
             order = ("old", "new") if i % 2 == 0 else ("new", "old")
             for path in order:  # a fresh genome each time: both pay the same level swaps
                 genome = space.random_genome(rng)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 paths[path].raw(genome, batch)
                 times[path].append(time.perf_counter() - t0)
+                cpu[path].append(time.process_time() - c0)
             loads.append(loadavg())
-            print(name, i, {k: round(v[-1], 2) for k, v in times.items()}, loads[-1], flush=True)
+            now = {k: (round(times[k][-1], 2), round(cpu[k][-1], 2)) for k in times}
+            print(name, i, "(wall, cpu)", now, loads[-1], flush=True)
         ratios = [o / n for o, n in zip(times["old"], times["new"])]
         med = {k: float(np.median(v)) for k, v in times.items()}
+        cpu_med = {k: float(np.median(v)) for k, v in cpu.items()}
         out[name] = {
+            "cpu_seconds_per_eval_median": cpu_med,
+            "evals_per_cpu_s": {k: 1 / v for k, v in cpu_med.items()},
+            "speedup_cpu_median_of_pair_ratios": float(
+                np.median([o / n for o, n in zip(cpu["old"], cpu["new"])])
+            ),
+            "cpu_seconds_all": cpu,
             "seconds_per_eval_median": med,
             "evals_per_s": {k: 1 / v for k, v in med.items()},
             "speedup_median_of_pair_ratios": float(np.median(ratios)),
