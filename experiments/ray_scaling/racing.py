@@ -19,6 +19,7 @@ counted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -125,6 +126,29 @@ def run_search(args, runner=None, *, sleep: bool = True) -> dict:
     }
 
 
+def measure(args, runner, reference: dict, n: int, shard: bool, startup: float) -> dict:
+    """One replayed search on ``runner``: utilisation and agreement with in process."""
+    load = os.getloadavg()
+    got = run_search(args, runner)
+    ideal = got["tokens"] * args.seconds_per_token
+    same = all(got[k] == reference[k] for k in reference if k not in ("wall_s", "worker_busy_s"))
+    return {
+        "workers": n,
+        "shard": shard,
+        "utilisation": ideal / (n * got["wall_s"]),
+        "worker_busy_share": got["worker_busy_s"] / (n * got["wall_s"]),
+        "wall_s": got["wall_s"],
+        "ideal_wall_s": ideal / n,
+        "evaluations": got["evaluations"],
+        "tokens": got["tokens"],
+        "same_as_in_process": same,
+        "sharded_requests": runner.sharded,
+        "startup_s": startup,
+        "loadavg_before": load,
+        "loadavg_after": os.getloadavg(),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", default="4,8,16")
@@ -139,34 +163,14 @@ def main() -> None:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
     rows = []
     for n in [int(x) for x in args.workers.split(",")]:
-        for shard in (False, True):
-            config = RayRunnerConfig(workers=n, num_cpus=0, torch_threads=1, shard=shard)
-            t0 = time.perf_counter()
-            with RayRunner(Recipe(args.seconds_per_token), config=config) as runner:
-                startup = time.perf_counter() - t0
-                load = os.getloadavg()
-                got = run_search(args, runner)
-            ideal = got["tokens"] * args.seconds_per_token
-            row = {
-                "workers": n,
-                "shard": shard,
-                "utilisation": ideal / (n * got["wall_s"]),
-                "worker_busy_share": got["worker_busy_s"] / (n * got["wall_s"]),
-                "wall_s": got["wall_s"],
-                "ideal_wall_s": ideal / n,
-                "evaluations": got["evaluations"],
-                "tokens": got["tokens"],
-                "same_as_in_process": all(
-                    got[k] == reference[k]
-                    for k in reference
-                    if k not in ("wall_s", "worker_busy_s")
-                ),
-                "startup_s": startup,
-                "loadavg_before": load,
-                "loadavg_after": os.getloadavg(),
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        config = RayRunnerConfig(workers=n, num_cpus=0, torch_threads=1)
+        t0 = time.perf_counter()
+        with RayRunner(Recipe(args.seconds_per_token), config=config) as runner:
+            startup = time.perf_counter() - t0
+            for shard in (False, True):  # one pool for both: start-up is slow on busy cores
+                runner.config = dataclasses.replace(config, shard=shard)
+                rows.append(measure(args, runner, reference, n, shard, startup))
+                print(json.dumps(rows[-1]), flush=True)
     ray.shutdown()
     result = {
         "command": "python experiments/ray_scaling/racing.py "
