@@ -52,6 +52,8 @@ _OVERRIDES = {
     "ray_address": "ray_address",
     "worker_cpus": "worker_cpus",
     "worker_gpus": "worker_gpus",
+    "dtype": "dtype",
+    "shard": "shard",
     "target_params": "width_target",
     "attention_target": "width_attention_target",
     "mlp_levels": "width_mlp_levels",
@@ -192,6 +194,17 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="compute dtype of evaluations (auto: bf16 where the hardware runs it natively)",
+    )
+    p.add_argument(
+        "--kl-top-k",
+        type=int,
+        help="KL fitness: teacher top-k log-probabilities kept per token (default 256; 0: the "
+        "full vocabulary)",
+    )
+    p.add_argument(
         "--eval-ppl",
         action="append",
         help="dataset or file for a final perplexity report (repeatable)",
@@ -287,6 +300,8 @@ def _config(args: argparse.Namespace, extra: dict | None = None):
     flags.pop("num_drop"), flags.pop("drop_fraction")  # set together below
     for flag in _LIST_FLAGS:
         flags[flag] = getattr(args, flag, None)
+    if getattr(args, "kl_top_k", None) is not None:  # 0: the full vocabulary
+        _put(values, ("fitness_options", "top_k"), args.kl_top_k or None)
     flags["width_train_tokens"] = getattr(args, "train_tokens", None)
     flags.update(extra or {})
     yaml_space = values.get("space") if isinstance(values.get("space"), dict) else {}
@@ -450,6 +465,14 @@ def _add_loop_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--worker-cpus", type=float, help="CPUs per Ray worker (fractions allowed)")
     p.add_argument("--worker-gpus", type=float, help="GPUs per Ray worker (e.g. 0.5)")
+    p.add_argument(
+        "--no-shard",
+        dest="shard",
+        action="store_false",
+        default=None,
+        help="Ray: never split a candidate's batch across workers (default: split when a "
+        "stage has fewer candidates than workers and the fitness is additive)",
+    )
 
 
 def _add_baseline_command(sub) -> None:

@@ -48,6 +48,7 @@ __all__ = [
 
 STRATEGIES = ("evopress", "random", "tpe", "nsga2", "nsga3", "cmaes", "optuna-random")
 RUNNERS = ("inprocess", "ray")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Where evaluations run never changes what they return, so it may differ on --resume.
 RUNNER_FIELDS = ("runner",)
 
@@ -235,6 +236,11 @@ class SearchConfig:
             ``module:attribute`` space) with its own settings.
         fitness: ``kl`` (KL from the dense model), ``ppl``, a registered name, or
             ``module:attribute`` naming a user's ``fn(model, batch) -> float``.
+        fitness_options: keyword arguments of the registered fitness, e.g. ``{top_k: null}``
+            for KL over the full vocabulary instead of the top-256 teacher.
+        dtype: compute dtype of candidate evaluations: ``auto`` (bf16 where the hardware
+            runs it natively, else fp32), ``float32``, ``bfloat16`` or ``float16``; the KL is
+            accumulated in fp32 either way.
         selection_training: train every candidate before scoring it (``None``: no training).
         strategy: which strategy, and the EvoPress loop settings.
         runner: where candidates are evaluated (in process or on Ray).
@@ -259,6 +265,8 @@ class SearchConfig:
     data: DataSpec = field(default_factory=lambda: DataSpec(n_sequences=64))
     space: SpaceConfig = field(default_factory=SpaceConfig)
     fitness: str = "kl"
+    fitness_options: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "auto"
     selection_training: SelectionTraining | None = None
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
@@ -285,10 +293,13 @@ class SearchConfig:
         check_range("seed", self.seed, self.seed >= 0, "an integer >= 0")
         check_storage_url(self.storage)
         check_device(self.device)
+        check_range("dtype", self.dtype, self.dtype in DTYPES, f"one of {', '.join(DTYPES)}")
+        if self.fitness_options and ":" in self.fitness:
+            raise ValueError("fitness_options are for a registered fitness, not module:attribute")
         object.__setattr__(self, "data", replace(self.data, seed=self.seed))
         entry = self.space.entry()
         if ":" not in self.fitness:
-            registry.fitness(self.fitness)  # names the registered ones
+            registry.fitness(self.fitness, **self.fitness_options)  # names unknown ones
         if self.space.budget_range and not self.objectives and entry.objectives:
             object.__setattr__(self, "objectives", entry.objectives[:1])  # traced against size
         self._check_names(entry)
@@ -440,6 +451,8 @@ FLAT_KEYS: dict[str, tuple[str, ...]] = {
     "ray_address": ("runner", "ray", "address"),
     "worker_cpus": ("runner", "ray", "num_cpus"),
     "worker_gpus": ("runner", "ray", "num_gpus"),
+    "kl_top_k": ("fitness_options", "top_k"),
+    "shard": ("runner", "ray", "shard"),
     "eval_ppl": ("evaluation", "ppl"),
     "eval_seq_len": ("evaluation", "seq_len"),
     "eval_windows": ("evaluation", "windows"),

@@ -18,8 +18,8 @@ from torch import nn
 
 from evosearch.data import TokenData
 from evosearch.errors import UserError
-from evosearch.evaluation import Batch, Candidate, Fitness
-from evosearch.forward import DenseCache
+from evosearch.evaluation import Batch, Candidate, Fitness, is_additive
+from evosearch.forward import DenseCache, compute_dtype, model_device, resolve_dtype
 from evosearch.genome import Genome
 from evosearch.rundir import RunDir
 from evosearch.runners import InProcessRunner, Outcome, Runner
@@ -62,6 +62,11 @@ class Evaluator:
         fitness: the fitness (lower is better after ``sign``).
         dense: dense activations for prefix reuse and teacher outputs, or ``None``.
         prefix_reuse: start each forward at the genome's first changed block.
+        dtype: compute dtype of the candidates (:func:`~evosearch.forward.resolve_dtype`:
+            ``"auto"``, ``"float32"``, ``"bfloat16"``, a ``torch.dtype``); ``None`` takes the
+            dense cache's, so that prefix reuse stays exact (float32 without a cache).
+            Lower precision runs under autocast: the fitness's own arithmetic (e.g. the KL) is
+            done in float32 by the fitness.
     """
 
     model: nn.Module
@@ -73,40 +78,89 @@ class Evaluator:
     evaluations: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    dtype: str | torch.dtype | None = field(default=None, kw_only=True)
 
     @property
     def sign(self) -> float:
         return -1.0 if getattr(self.fitness, "direction", "minimize") == "maximize" else 1.0
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype candidates are computed in (``dtype`` resolved for the model's device)."""
+        if self.dtype is None and self.dense is not None:
+            return self.dense.dtype
+        return resolve_dtype(self.dtype or "float32", model_device(self.model))
+
+    @property
+    def additive(self) -> bool:
+        """Whether the fitness is additive, so a runner may shard a candidate's batch."""
+        return is_additive(self.fitness)
+
+    @property
+    def shard_rows(self) -> int:
+        """Rows a shard of a batch is a multiple of: the fitness's micro batch, so a sharded
+        evaluation computes exactly the micro batches an in-process one does."""
+        return int(getattr(self.fitness, "micro_batch", 1))
+
+    def _call(self, genome: Genome, batch: Batch, method: Callable):
+        start = self.space.start_block(genome) if self.prefix_reuse else 0
+        context = compute_dtype(model_device(self.model), self.compute_dtype)
+        with apply_replacements(self.model, self.space.replacements(self.model, genome)), context:
+            return method(Candidate(self.model, genome, start, self.dense), batch)
+
     def raw(self, genome: Genome, batch: Batch) -> float:
         """The fitness of ``genome`` on ``batch`` in its own direction, without memoisation."""
-        start = self.space.start_block(genome) if self.prefix_reuse else 0
-        with apply_replacements(self.model, self.space.replacements(self.model, genome)):
-            candidate = Candidate(self.model, genome, start, self.dense)
-            name = getattr(self.fitness, "name", type(self.fitness).__name__)
-            try:
-                value = self.fitness(candidate, batch)
-            except KeyError as exc:  # e.g. a fitness reading a field the batch lacks
-                raise UserError(
-                    "the fitness failed", f"fitness {name}", f"{type(exc).__name__}: {exc}"
-                ) from exc
-            return fitness_value(value, name)
+        name = getattr(self.fitness, "name", type(self.fitness).__name__)
+        try:
+            value = self._call(genome, batch, self.fitness)
+        except KeyError as exc:  # e.g. a fitness reading a field the batch lacks
+            raise UserError(
+                "the fitness failed", f"fitness {name}", f"{type(exc).__name__}: {exc}"
+            ) from exc
+        return fitness_value(value, name)
 
     def outcome(self, genome: Genome, batch: Batch) -> Outcome:
         """Evaluate ``genome`` on ``batch`` without touching the cache or the counters; a
         ``RuntimeError``, ``ValueError``, CUDA out-of-memory or non-finite value becomes a
         failed :class:`~evosearch.runners.Outcome`. This is what a runner's worker calls."""
+        return self._guarded(lambda: (self.raw(genome, batch), None, None))
+
+    def partial_outcome(self, genome: Genome, batch: Batch) -> Outcome:
+        """Like :meth:`outcome` for one shard of a batch of an additive fitness: the outcome
+        carries the fitness's ``(total, count)``, which :meth:`combine` adds up."""
+
+        def run() -> tuple[float, float, float]:
+            total, count = self._call(genome, batch, self.fitness.partial)
+            return self.fitness.reduce(total, count), float(total), float(count)
+
+        return self._guarded(run)
+
+    def combine(self, parts: list[Outcome]) -> Outcome:
+        """One outcome from the :meth:`partial_outcome` of every shard of a batch: the fitness
+        reduced from the summed parts (failed if any part failed); seconds add up."""
+        seconds = sum(p.seconds for p in parts)
+        error = next((p.error for p in parts if p.error is not None), None)
+        if error is not None:
+            return Outcome(math.nan, error, seconds)
+        total, count = sum(p.total for p in parts), sum(p.count for p in parts)
+        value = float(self.fitness.reduce(total, count))
+        if not math.isfinite(value):
+            return Outcome(math.nan, f"non-finite fitness {value}", seconds)
+        return Outcome(value, None, seconds)
+
+    def _guarded(self, run: Callable[[], tuple]) -> Outcome:
         t0 = time.perf_counter()
+        total = count = None
         error = None
         try:
-            value = self.raw(genome, batch)
+            value, total, count = run()
             if not math.isfinite(value):
                 error = f"non-finite fitness {value}"
         except UserError:
             raise
         except (RuntimeError, ValueError, torch.cuda.OutOfMemoryError) as exc:
             value, error = math.nan, f"{type(exc).__name__}: {exc}"
-        return Outcome(value, error, time.perf_counter() - t0)
+        return Outcome(value, error, time.perf_counter() - t0, total, count)
 
     def record(self, genome: Genome, batch: Batch, outcome: Outcome) -> tuple[float, dict]:
         """Memoise ``outcome`` and count it; returns ``(value to minimise, log record)``."""

@@ -2,6 +2,9 @@
 
 A fitness is any object with ``name``, ``direction`` and ``__call__(candidate, batch) -> float``
 (optionally ``prepare``); a plain ``fn(model, batch) -> float`` is wrapped by :func:`as_fitness`.
+A fitness whose value is a function of per-token sums (a token-weighted mean, a perplexity)
+declares it by ``additive = True`` and :class:`AdditiveFitness`'s ``partial``/``reduce``; a
+runner may then split one candidate's batch across workers and combine the parts exactly.
 """
 
 from __future__ import annotations
@@ -16,7 +19,16 @@ from torch import nn
 from evosearch.forward import DenseCache, final_hidden
 from evosearch.genome import Genome
 
-__all__ = ["Batch", "Candidate", "Fitness", "CallableFitness", "as_fitness", "measure_latency"]
+__all__ = [
+    "AdditiveFitness",
+    "Batch",
+    "Candidate",
+    "CallableFitness",
+    "Fitness",
+    "as_fitness",
+    "is_additive",
+    "measure_latency",
+]
 
 
 @dataclass(frozen=True)
@@ -43,7 +55,11 @@ class Batch:
 
     def split(self, micro_batch: int) -> Iterator[Batch]:
         for s in range(0, len(self.indices), micro_batch):
-            yield Batch(self.indices[s : s + micro_batch], self.input_ids[s : s + micro_batch])
+            yield self.rows(s, s + micro_batch)
+
+    def rows(self, start: int, stop: int) -> Batch:
+        """The sub-batch of this batch's sequences ``start:stop`` (a shard of it)."""
+        return Batch(self.indices[start:stop], self.input_ids[start:stop])
 
 
 @dataclass
@@ -88,6 +104,36 @@ class Fitness(Protocol):
     direction: str  # "minimize" or "maximize"
 
     def __call__(self, candidate: Candidate, batch: Batch) -> float: ...
+
+
+@runtime_checkable
+class AdditiveFitness(Protocol):
+    """A fitness whose value on a batch is ``reduce(total, count)`` of sums over its tokens.
+
+    ``partial(candidate, batch)`` returns ``(total, count)`` for ``batch``; the parts of a
+    batch split into shards add up (``sum(totals), sum(counts)``) to the whole batch's, so
+    ``reduce`` of the sums equals the value on the whole batch (up to float rounding).
+    """
+
+    name: str
+    direction: str
+    additive: bool
+
+    def __call__(self, candidate: Candidate, batch: Batch) -> float: ...
+
+    def partial(self, candidate: Candidate, batch: Batch) -> tuple[float, float]: ...
+
+    def reduce(self, total: float, count: float) -> float: ...
+
+
+def is_additive(fitness) -> bool:
+    """Whether ``fitness`` declares itself additive (``additive = True``, with ``partial``
+    and ``reduce``), so that its batches may be sharded."""
+    return (
+        bool(getattr(fitness, "additive", False))
+        and callable(getattr(fitness, "partial", None))
+        and callable(getattr(fitness, "reduce", None))
+    )
 
 
 class CallableFitness:

@@ -6,15 +6,24 @@ things are computed once from the dense model and reused:
 * the hidden states entering every block and leaving the last one (``boundaries``), so a
   candidate whose first changed block is ``j`` starts its forward at block ``j`` instead of
   block 0 (they also feed the ShortGPT and angular-distance baselines);
-* the dense model's final (post-norm) hidden states, from which teacher logits are recomputed on
-  the fly by the LM head, instead of storing ``vocab_size`` logits per token.
+* the dense model's final (post-norm) hidden states, from which a fitness builds its teacher
+  (:class:`fitness.kl.KLDivergence` keeps the top-k log-probabilities of every token).
+
+Candidates are computed in a configurable dtype (:func:`resolve_dtype`): ``"auto"`` is bfloat16
+where the hardware runs it natively (CUDA with bf16 support; CPUs with AVX512-BF16 or AMX) and
+float32 elsewhere. Lower precision is applied by autocast (:func:`compute_dtype`), so weights
+stay in float32, matmuls run in bf16 and the residual stream, norms and the hidden states cached
+here stay in float32; the dense cache is computed in the same dtype as the candidates, so prefix
+reuse stays exact.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,11 +31,83 @@ from torch import nn
 from evosearch.arch import arch_for, get_blocks
 from evosearch.surgery import InjectHidden, SkippedBlock, apply_replacements
 
-__all__ = ["DenseCache", "compute_dense_cache", "final_hidden", "model_device"]
+__all__ = [
+    "DenseCache",
+    "bf16_supported",
+    "compute_dense_cache",
+    "compute_dtype",
+    "final_hidden",
+    "model_device",
+    "resolve_dtype",
+]
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+@functools.cache
+def _cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16); without
+    them bf16 matmuls are emulated and slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "").split()
+    except OSError:  # not Linux: only the capability torch reports
+        return torch.backends.cpu.get_cpu_capability() == "AVX512_BF16"
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bf16_supported(device: torch.device | str) -> bool:
+    """Whether ``device`` runs bfloat16 matmuls natively (faster than float32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return _cpu_has_native_bf16()
+    return False
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str) -> torch.dtype:
+    """The compute dtype that ``dtype`` names on ``device``.
+
+    Args:
+        dtype: ``"auto"`` (bfloat16 where :func:`bf16_supported`, else float32), a name
+            (``"float32"``, ``"bfloat16"``, ``"float16"``, or ``fp32``/``bf16``/``fp16``) or a
+            ``torch.dtype``.
+        device: where the candidates run.
+    """
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    elif dtype == "auto":
+        return torch.bfloat16 if bf16_supported(device) else torch.float32
+    elif dtype in _DTYPES:
+        resolved = _DTYPES[dtype]
+    else:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")
+    if resolved not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {resolved}")
+    return resolved
+
+
+def compute_dtype(
+    device: torch.device | str, dtype: torch.dtype
+) -> contextlib.AbstractContextManager:
+    """A context in which forwards on ``device`` compute in ``dtype``: autocast for bf16/fp16
+    (weights and the residual stream stay float32), nothing for float32."""
+    device = torch.device(device)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @dataclass
@@ -38,10 +119,17 @@ class DenseCache:
         boundaries: ``(L + 1, N, T, d)``: ``boundaries[i]`` enters block ``i``,
             ``boundaries[L]`` leaves the last block (before the final norm); ``None`` when
             prefix reuse is off.
+        dtype: the compute dtype the dense forward ran in; candidates reusing its prefix
+            should run in the same one (:class:`~evosearch.engine.Evaluator` does by default).
+        derived: what fitnesses derive from this cache in ``prepare`` (e.g. the KL's top-k
+            teacher), keyed by the fitness and its settings; it travels with the cache to Ray
+            workers, so they do not derive it again.
     """
 
     final_hidden: torch.Tensor
     boundaries: torch.Tensor | None
+    dtype: torch.dtype = torch.float32
+    derived: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_blocks(self) -> int | None:
@@ -62,9 +150,24 @@ class DenseCache:
 
 @torch.no_grad()
 def compute_dense_cache(
-    model: nn.Module, input_ids: torch.Tensor, *, micro_batch: int = 4, prefix_reuse: bool = True
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    micro_batch: int = 4,
+    prefix_reuse: bool = True,
+    dtype: str | torch.dtype = "float32",
 ) -> DenseCache:
-    """Run the dense model once over ``input_ids`` ``(N, T)`` and cache its activations."""
+    """Run the dense model once over ``input_ids`` ``(N, T)`` and cache its activations.
+
+    Args:
+        micro_batch: sequences per forward.
+        prefix_reuse: also keep the hidden states entering every block.
+        dtype: compute dtype of the dense forward (:func:`resolve_dtype`), and by default that
+            of the candidates scored against this cache (:class:`~evosearch.engine.Evaluator`);
+            ``"auto"`` is bf16 where the hardware runs it natively (2.6-3x faster on CPUs with
+            AVX512-BF16), ``"float32"`` the reference.
+    """
+    resolved = resolve_dtype(dtype, model_device(model))
     blocks = get_blocks(model)
     captured: list[torch.Tensor] = []
     handles = []
@@ -83,14 +186,16 @@ def compute_dense_cache(
     try:
         for start in range(0, input_ids.shape[0], micro_batch):
             captured.clear()
-            finals.append(final_hidden(model, input_ids[start : start + micro_batch]).cpu())
+            with compute_dtype(model_device(model), resolved):
+                h = final_hidden(model, input_ids[start : start + micro_batch])
+            finals.append(h.float().cpu())
             if prefix_reuse:
                 inputs.append(torch.stack(captured))  # (L + 1, b, T, d)
     finally:
         for h in handles:
             h.remove()
     boundaries = torch.cat(inputs, dim=1) if prefix_reuse else None
-    return DenseCache(final_hidden=torch.cat(finals), boundaries=boundaries)
+    return DenseCache(final_hidden=torch.cat(finals), boundaries=boundaries, dtype=resolved)
 
 
 @contextlib.contextmanager

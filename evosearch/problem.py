@@ -72,7 +72,11 @@ def space_entry(config, space=None) -> registry.SpaceEntry:
 def build_fitness(config, fitness=None):
     """The fitness of ``config`` (``fitness``: an object or callable overriding the name),
     wrapped for training-aware selection when the config asks for it."""
-    fit = fitness if fitness is not None else registry.fitness(config.fitness)
+    fit = (
+        fitness
+        if fitness is not None
+        else registry.fitness(config.fitness, **config.fitness_options)
+    )
     fit = as_fitness(fit() if isinstance(fit, type) else fit)  # a class: its instance
     if config.selection_training is not None:
         from evosearch.training_aware import TrainingAware
@@ -113,7 +117,7 @@ class Problem:
         self.space = build_space(config, self.model, self.data.input_ids, log, space)
         t0 = time.perf_counter()
         self.dense = compute_dense_cache(
-            self.model, self.data.input_ids, prefix_reuse=config.prefix_reuse
+            self.model, self.data.input_ids, prefix_reuse=config.prefix_reuse, dtype=config.dtype
         )
         self.cache_seconds = time.perf_counter() - t0
         log(

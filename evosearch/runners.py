@@ -14,6 +14,13 @@ workers there are or in which order their evaluations finish.
   every actor reads them from there. A worker that dies is replaced and its candidates re-run,
   up to ``max_retries`` times per candidate. Ray is imported only when a RayRunner is built.
 
+  When the fitness is additive (:func:`~evosearch.evaluation.is_additive`) and a request's
+  candidates do not divide evenly among the workers (EvoPress's last racing stage: a few
+  survivors on many tokens), the candidates' sequences are laid end to end and cut into one
+  equal piece per worker (:func:`plan_shards`); each worker returns partial sums and the driver
+  combines them (``evaluator.combine``). Pieces are whole micro batches of the fitness, so every
+  micro batch is computed exactly as in process.
+
 Strategies and fitnesses never see a runner.
 """
 
@@ -36,6 +43,7 @@ __all__ = [
     "RayRunnerConfig",
     "Runner",
     "WorkerLostError",
+    "plan_shards",
 ]
 
 
@@ -46,12 +54,16 @@ class Outcome:
     Attributes:
         value: the fitness in its own direction (``nan`` when ``error`` is set).
         error: why the evaluation failed (``"RuntimeError: ..."``), or ``None``.
-        seconds: wall time of the evaluation on the worker.
+        seconds: wall time of the evaluation on the worker (summed over shards).
+        total, count: an additive fitness's sums (:class:`~evosearch.evaluation.AdditiveFitness`)
+            when this is the outcome of one shard of a batch; ``None`` otherwise.
     """
 
     value: float
     error: str | None
     seconds: float
+    total: float | None = None
+    count: float | None = None
 
     @classmethod
     def failed(cls, error: str, seconds: float = 0.0) -> Outcome:
@@ -115,6 +127,8 @@ class RayRunnerConfig:
         in_flight: candidates queued per worker; more than one hides the scheduling round trip.
         start_timeout_s: how long to wait for the pool to start (e.g. for resources) before
             giving up with a clear error rather than hanging.
+        shard: split the batches of an additive fitness across workers when a request's
+            candidates do not divide evenly among them (module docstring).
     """
 
     workers: int = 2
@@ -125,6 +139,7 @@ class RayRunnerConfig:
     max_retries: int = 3
     in_flight: int = 2
     start_timeout_s: float = 600.0
+    shard: bool = True
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -149,6 +164,38 @@ class RayRunnerConfig:
         return self.torch_threads or max(1, int(self.num_cpus))
 
 
+def plan_shards(units: Sequence[int], parts: int) -> list[list[tuple[int, int, int]]]:
+    """Cut work into ``parts`` contiguous pieces of equal size (to one unit).
+
+    Args:
+        units: work units (micro batches) of each candidate, laid end to end in this order.
+        parts: pieces to cut (workers).
+
+    Returns:
+        Per piece, its ``(candidate, first unit, end unit)`` ranges (a piece may span the end
+        of one candidate and the start of the next; empty pieces are empty lists).
+
+    Example::
+
+        >>> plan_shards([4, 4, 4], 4)
+        [[(0, 0, 3)], [(0, 3, 4), (1, 0, 2)], [(1, 2, 4), (2, 0, 1)], [(2, 1, 4)]]
+    """
+    total = sum(units)
+    offsets = [0]
+    for n in units:
+        offsets.append(offsets[-1] + n)
+    out: list[list[tuple[int, int, int]]] = []
+    for p in range(parts):
+        lo, hi = total * p // parts, total * (p + 1) // parts
+        piece = []
+        for i, n in enumerate(units):
+            a, b = max(lo, offsets[i]), min(hi, offsets[i] + n)
+            if a < b:
+                piece.append((i, a - offsets[i], b - offsets[i]))
+        out.append(piece)
+    return out
+
+
 class _EvaluatorActor:
     """The body of one Ray worker: an evaluator built once, then many evaluations."""
 
@@ -166,6 +213,12 @@ class _EvaluatorActor:
 
         return os.getpid(), ray.get_runtime_context().get_node_id()
 
+    def shard_traits(self) -> tuple[bool, int]:
+        """``(additive, shard_rows)`` of this worker's evaluator: whether its fitness returns
+        partial sums, and the rows a shard must be a multiple of."""
+        additive = bool(getattr(self.evaluator, "additive", False))
+        return additive, int(getattr(self.evaluator, "shard_rows", 1))
+
     def evaluate(self, genome: Genome, request: int, batch_box: list) -> Outcome:
         """Evaluate on request ``request``'s batch, fetched from the object store once per
         request (``batch_box`` holds its reference, boxed so that Ray does not fetch it for
@@ -175,6 +228,16 @@ class _EvaluatorActor:
 
             self._batch, self._request = ray.get(batch_box[0]), request
         return self.evaluator.outcome(genome, self._batch)
+
+    def evaluate_part(
+        self, genome: Genome, request: int, batch_box: list, start: int, stop: int
+    ) -> Outcome:
+        """Partial sums of an additive fitness on rows ``start:stop`` of the request's batch."""
+        if self._request != request:
+            import ray
+
+            self._batch, self._request = ray.get(batch_box[0]), request
+        return self.evaluator.partial_outcome(genome, self._batch.rows(start, stop))
 
 
 class RayRunner:
@@ -225,7 +288,9 @@ class RayRunner:
             )
             self.actors = [self._new_actor() for _ in range(self.config.workers)]
             self._where = self._wait_ready(self.actors)
+            self._traits = ray.get(self.actors[0].shard_traits.remote())
             self.replaced = 0  # workers replaced after dying
+            self.sharded = 0  # requests whose batches were split across workers
             self._requests = 0
         except BaseException:
             self.close()
@@ -271,16 +336,33 @@ class RayRunner:
     def evaluate(self, evaluator, genomes: Sequence[Genome], batch: Batch) -> Iterator[Outcome]:
         """Evaluate ``genomes`` on ``batch`` across the pool; outcomes in ``genomes`` order.
 
-        ``evaluator`` is unused: every worker has its own. The batch goes to the object store
-        once per request and each worker fetches it once per request. An exception the
-        worker's evaluator does not turn into a failed :class:`Outcome` is re-raised here, as it
-        would be in process.
+        ``evaluator`` is the driver's: the workers evaluate on their own, and it only combines
+        shards (``combine``); batches are sharded when it and the workers' evaluators are both
+        additive and ``config.shard`` is on.
+        The batch goes to the object store once per request and each worker fetches it once
+        per request. An exception the worker's evaluator does not turn into a failed
+        :class:`Outcome` is re-raised here, as it would be in process.
         """
-        ray = self._ray
         if not genomes:
             return
         self._requests += 1
-        request, batch_box = self._requests, [ray.put(batch)]
+        request, batch_box = self._requests, [self._ray.put(batch)]
+        workers = len(self.actors)
+        if (
+            self.config.shard
+            and self._traits[0]
+            and getattr(evaluator, "additive", False)
+            and len(genomes) % workers != 0
+        ):
+            self.sharded += 1
+            yield from self._evaluate_sharded(evaluator, genomes, batch, request, batch_box)
+        else:
+            yield from self._evaluate_whole(genomes, request, batch_box)
+
+    def _evaluate_whole(
+        self, genomes: Sequence[Genome], request: int, batch_box: list
+    ) -> Iterator[Outcome]:
+        """One task per genome, each to the least loaded worker."""
         results: list[Outcome | None] = [None] * len(genomes)
         attempts = [0] * len(genomes)
         queue = deque(range(len(genomes)))
@@ -297,28 +379,83 @@ class RayRunner:
                 ref = actor.evaluate.remote(genomes[i], request, batch_box)
                 in_flight[ref] = (i, slot, actor)
                 load[slot] += 1
-            done, _ = ray.wait(list(in_flight), num_returns=1)
-            for ref in done:
-                i, slot, actor = in_flight.pop(ref)
+            for (i, slot, _), outcome in self._finished(in_flight, attempts, genomes):
                 load[slot] -= 1
-                try:
-                    results[i] = ray.get(ref)
-                except ray.exceptions.RayActorError as exc:
-                    attempts[i] += 1
-                    if attempts[i] > self.config.max_retries:
-                        raise WorkerLostError(
-                            f"candidate {genomes[i].key()} lost its Ray worker "
-                            f"{attempts[i]} times (max_retries={self.config.max_retries}); "
-                            f"last error: {exc}"
-                        ) from exc
-                    if self.actors[slot] is actor:  # first news of this death: replace it
-                        self._replace(slot)
+                if outcome is None:  # its worker died: re-run it on any worker
                     queue.appendleft(i)
-                except ray.exceptions.RayTaskError as exc:
-                    raise exc.as_instanceof_cause() from None
+                else:
+                    results[i] = outcome
             while next_out < len(results) and results[next_out] is not None:
                 yield results[next_out]
                 next_out += 1
+
+    def _evaluate_sharded(
+        self, evaluator, genomes: Sequence[Genome], batch: Batch, request: int, batch_box: list
+    ) -> Iterator[Outcome]:
+        """Equal pieces of all genomes' rows, one per worker, combined per genome."""
+        rows = len(batch.indices)
+        unit = max(1, self._traits[1])
+        units = -(-rows // unit)
+        plan = plan_shards([units] * len(genomes), len(self.actors))
+        tasks = [  # (genome, first row, end row, worker slot)
+            (i, a * unit, min(b * unit, rows), slot)
+            for slot, piece in enumerate(plan)
+            for i, a, b in piece
+        ]
+        parts: list[dict[int, Outcome]] = [{} for _ in genomes]
+        need = [sum(1 for t in tasks if t[0] == i) for i in range(len(genomes))]
+        attempts = [0] * len(tasks)
+        in_flight: dict[Any, tuple[int, int, Any]] = {}  # ref -> (task, slot, actor)
+
+        def submit(t: int) -> None:
+            i, a, b, slot = tasks[t]
+            actor = self.actors[slot]
+            ref = actor.evaluate_part.remote(genomes[i], request, batch_box, a, b)
+            in_flight[ref] = (t, slot, actor)
+
+        for t in range(len(tasks)):
+            submit(t)
+        results: list[Outcome | None] = [None] * len(genomes)
+        next_out = 0
+        task_genomes = [genomes[task[0]] for task in tasks]
+        while in_flight:
+            for (t, _, _), outcome in self._finished(in_flight, attempts, task_genomes):
+                if outcome is None:  # its worker died: re-run the piece on the replacement
+                    submit(t)
+                    continue
+                i, a = tasks[t][0], tasks[t][1]
+                parts[i][a] = outcome
+                if len(parts[i]) == need[i]:
+                    results[i] = evaluator.combine([parts[i][k] for k in sorted(parts[i])])
+            while next_out < len(results) and results[next_out] is not None:
+                yield results[next_out]
+                next_out += 1
+
+    def _finished(self, in_flight: dict, attempts: list[int], genomes: Sequence[Genome]):
+        """Wait for at least one task of ``in_flight`` (``ref -> (task, slot, actor)``) and
+        yield ``(entry, outcome)`` for each finished one, removed from ``in_flight``;
+        ``outcome`` is ``None`` when the task's worker died (it is then replaced, once)."""
+        ray = self._ray
+        done, _ = ray.wait(list(in_flight), num_returns=1)
+        for ref in done:
+            entry = in_flight.pop(ref)
+            t, slot, actor = entry
+            try:
+                outcome = ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                attempts[t] += 1
+                if attempts[t] > self.config.max_retries:
+                    raise WorkerLostError(
+                        f"candidate {genomes[t].key()} lost its Ray worker "
+                        f"{attempts[t]} times (max_retries={self.config.max_retries}); "
+                        f"last error: {exc}"
+                    ) from exc
+                if self.actors[slot] is actor:  # first news of this death: replace it
+                    self._replace(slot)
+                outcome = None
+            except ray.exceptions.RayTaskError as exc:
+                raise exc.as_instanceof_cause() from None
+            yield entry, outcome
 
     def _replace(self, slot: int) -> None:
         ray = self._ray

@@ -25,12 +25,16 @@ def nll_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
 class Perplexity:
     """``exp`` of the mean next-token NLL over the batch (each sequence predicts tokens 1..T-1).
 
+    Additive: :meth:`partial` returns the summed NLL and its token count, so a batch split
+    across workers combines exactly (:meth:`reduce` takes the ``exp`` of the pooled mean).
+
     Args:
         micro_batch: sequences per forward.
     """
 
     name = "ppl"
     direction = "minimize"
+    additive = True
 
     def __init__(self, *, micro_batch: int = 4) -> None:
         if micro_batch < 1:
@@ -41,14 +45,22 @@ class Perplexity:
         """Nothing to cache: perplexity needs no teacher."""
 
     @torch.no_grad()
-    def __call__(self, candidate: Candidate, batch: Batch) -> float:
+    def partial(self, candidate: Candidate, batch: Batch) -> tuple[float, float]:
+        """``(summed next-token NLL, predicted tokens)`` over ``batch``."""
         head = candidate.model.get_output_embeddings()
         total, count = 0.0, 0
         for mb in batch.split(self.micro_batch):
             s, n = nll_sum(head(candidate.final_hidden(mb)), mb.input_ids)
             total += s
             count += n
+        return total, count
+
+    def reduce(self, total: float, count: float) -> float:
+        """The perplexity of a batch from its summed :meth:`partial` parts."""
         return math.exp(total / count)
+
+    def __call__(self, candidate: Candidate, batch: Batch) -> float:
+        return self.reduce(*self.partial(candidate, batch))
 
 
 register_fitness("ppl", Perplexity)

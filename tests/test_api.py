@@ -219,6 +219,7 @@ def test_a_run_directory_of_the_earlier_version_resumes(user_dir, tmp_path, monk
 
     monkeypatch.chdir(user_dir)
     argv = ["search", "--model", "tiny", "--data", "calib.txt", *FLAGS, "--out", str(tmp_path)]
+    argv += ["--dtype", "float32", "--kl-top-k", "0"]  # how the earlier version evaluated
     assert main(argv) == 0
     nested = json.loads((tmp_path / "config.json").read_text())
     flat = {
@@ -233,3 +234,5 @@ def test_a_run_directory_of_the_earlier_version_resumes(user_dir, tmp_path, monk
     assert main([*argv, "--resume"]) == 0
     assert (tmp_path / "evaluations.jsonl").read_text() == lines
     assert main([*argv, "--resume", "--seed", "3"]) == 2
+    today = argv[: argv.index("--dtype")]  # today's defaults: bf16 where native, top-256 KL
+    assert main([*today, "--resume"]) == 2

@@ -25,6 +25,7 @@ from evosearch.runners import (
     RayRunner,
     RayRunnerConfig,
     WorkerLostError,
+    plan_shards,
 )
 from evosearch.strategies import EvoPress, EvoPressConfig, Stage
 from fitness import KLDivergence
@@ -214,6 +215,39 @@ def test_same_seed_same_search_in_process_and_on_1_or_2_ray_workers(ray_local, t
             assert os.getpid() not in runner.worker_pids()
             assert _trajectory(_search(tiny, runner=runner)) == reference
             assert runner.replaced == 0
+
+
+def test_plan_shards_cuts_equal_contiguous_pieces():
+    assert plan_shards([4, 4, 4], 4) == [
+        [(0, 0, 3)],
+        [(0, 3, 4), (1, 0, 2)],
+        [(1, 2, 4), (2, 0, 1)],
+        [(2, 1, 4)],
+    ]
+    assert plan_shards([1], 3) == [[], [], [(0, 0, 1)]]
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        units = rng.integers(1, 20, size=rng.integers(1, 6)).tolist()
+        parts = int(rng.integers(1, 17))
+        plan = plan_shards(units, parts)
+        sizes = [sum(b - a for _, a, b in piece) for piece in plan]
+        assert len(plan) == parts and max(sizes) - min(sizes) <= 1
+        covered = sorted((i, u) for piece in plan for i, a, b in piece for u in range(a, b))
+        assert covered == [(i, u) for i, n in enumerate(units) for u in range(n)]
+
+
+def test_sharded_batches_give_the_in_process_search(ray_local, tiny):
+    """Requests of 5 candidates on 2 workers are split by sequence (micro batch 1) across both
+    workers, and the combined partial sums reproduce the in-process search exactly."""
+    reference = _trajectory(_search(tiny, fitness=KLDivergence(micro_batch=1)))
+    with _ray_runner(tiny, 2, KLDivergence(micro_batch=1)) as runner:
+        result = _search(tiny, runner=runner, fitness=KLDivergence(micro_batch=1))
+        assert runner.sharded > 0
+    assert _trajectory(result) == reference
+    with _ray_runner(tiny, 2, KLDivergence(micro_batch=1), shard=False) as runner:
+        result = _search(tiny, runner=runner, fitness=KLDivergence(micro_batch=1))
+        assert runner.sharded == 0
+    assert _trajectory(result) == reference
 
 
 def test_killed_workers_are_replaced_and_the_result_is_unchanged(ray_local, tiny, tmp_path):

@@ -62,7 +62,10 @@ def _objectives(problem: Problem) -> Callable[[Genome], tuple] | None:
 
 
 def _upgrade(old: dict) -> dict:
-    """A run directory's config in today's nested form (earlier versions wrote flat keys)."""
+    """A run directory's config in today's nested form (earlier versions wrote flat keys and
+    evaluated in fp32 with the full-vocabulary KL)."""
+    if "generations" in old:  # a flat config.json
+        old = {"dtype": "float32", "kl_top_k": None, **old}
     try:
         return SearchConfig.from_dict(old).to_dict()
     except (ValueError, TypeError):
