@@ -228,7 +228,10 @@ def test_a_run_directory_of_the_earlier_version_resumes(user_dir, tmp_path, monk
         "initial_population": 4, "stages": [[16, 2], [64, 1]], "pruner": "wanda",
         "width_train_tokens": [], "sparsity": None, "workers": 1, "runner": "inprocess",
     }  # fmt: skip
-    assert SearchConfig.from_dict(flat).to_dict() == nested
+    from evosearch.jobs.search import _upgrade
+
+    assert _upgrade(flat) == nested  # flat, and evaluated as the earlier version did
+    assert SearchConfig.from_dict(flat).dtype == "auto"  # a flat YAML of today: new defaults
     (tmp_path / "config.json").write_text(json.dumps(flat))
     lines = (tmp_path / "evaluations.jsonl").read_text()
     assert main([*argv, "--resume"]) == 0
