@@ -196,6 +196,7 @@ class QuantSpace:
         )
         self._copies: dict[str, nn.Module] = {}
         self._loaded: dict[str, int] = {}
+        self.template: str | None = None  # GGUF whose metadata (tokenizer) exports copy
 
     @classmethod
     def build(
@@ -239,7 +240,9 @@ class QuantSpace:
             log=log,
             extra_meta={"quant_format": c.format, "levels": list(c.levels)},
         )
-        return cls(units, config, db, head)
+        space = cls(units, config, db, head)
+        space.template = _gguf_template(model_id)
+        return space
 
     def config(self) -> dict[str, Any]:
         return {
@@ -365,7 +368,8 @@ class QuantSpace:
         else:
             from evosearch.export_gguf import write_gguf
 
-            files = [write_gguf(model, self._gguf_tensors(genome), out / "model.gguf")]
+            tensors = self._gguf_tensors(genome)
+            files = [write_gguf(model, tensors, out / "model.gguf", template=self.template)]
         profile = {
             **self.describe(genome),
             **self.metrics(genome),
@@ -398,6 +402,22 @@ class QuantSpace:
             u.name: (types[v], self.db.get(u.name, v).numpy())
             for u, v in zip(self.units, genome.levels)
         }
+
+
+def _gguf_template(model_id: str | None) -> str | None:
+    """The GGUF file ``model_id`` was loaded from (a ``.gguf`` path or a built-in model)."""
+    import importlib.util
+
+    from evosearch import models
+
+    if model_id and model_id.endswith(".gguf"):
+        return model_id
+    if model_id in models._BUILTIN:
+        package, filename = models._BUILTIN[model_id]
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.submodule_search_locations:
+            return str(Path(list(spec.submodule_search_locations)[0]) / filename)
+    return None
 
 
 def _gguf_quantize(weight: torch.Tensor, type_name: str) -> torch.Tensor:
