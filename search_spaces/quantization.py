@@ -44,7 +44,7 @@ from evosearch.genome import Genome, LevelSpec
 from evosearch.leveldb import LevelDatabase, model_fingerprint, tensor_fingerprint
 from evosearch.models import cache_dir
 from evosearch.operators import level_switch_mutation
-from evosearch.pruning import LinearRef, block_linears, collect_stats, set_weight_
+from evosearch.pruning import LayerStats, LinearRef, block_linears, collect_stats, set_weight_
 
 __all__ = ["GGUF_TYPES", "PROFILE_FILE", "QuantConfig", "QuantSpace", "gguf_bits"]
 
@@ -225,12 +225,11 @@ class QuantSpace:
             "levels": list(c.levels),
             "units": [u.name for u in units],
         }
+        parts["data"] = tensor_fingerprint(input_ids)  # the errors (and GPTQ) depend on it
         if c.format == "int":
             parts.update(group_size=c.group_size, quantizer=c.quantizer)
             if c.quantizer == "gptq":
-                parts.update(
-                    data=tensor_fingerprint(input_ids), damp=c.damp, act_order=c.act_order
-                )
+                parts.update(damp=c.damp, act_order=c.act_order)
         root = Path(db_root) if db_root else cache_dir() / "leveldb"
         db = LevelDatabase.open_or_build(
             root,
@@ -286,6 +285,12 @@ class QuantSpace:
     def is_feasible(self, genome: Genome) -> bool:
         """Whether ``genome`` stores in no more bits than the uniform allocation."""
         return self.total_bits(genome) <= self.budget_bits
+
+    def level_errors(self) -> list[list[float]]:
+        """Per unit and level: the output error on the calibration tokens stored in the
+        database (``tr(dW H dW^T) / tokens``; the greedy baseline allocates by it)."""
+        n = len(self.config_.levels)
+        return [[float(self.db.get(u.name, k, "err")) for k in range(n)] for u in self.units]
 
     def level_names(self, genome: Genome) -> list:
         """Each unit's bit-width or GGUF type."""
@@ -449,31 +454,70 @@ def _levels(
     log: Callable[[str], None],
 ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     """Yield every unit's tensors at every rung: ``"<level>.codes/scale/zero"`` (``int``) or
-    ``"<level>"`` GGUF blocks (``gguf``)."""
-    stats = {}
-    if c.format == "int" and c.quantizer == "gptq":
-        log(f"level database: collecting Hessians on {input_ids.numel()} tokens")
-        stats = collect_stats(model, input_ids, hessian=True)
+    ``"<level>"`` GGUF blocks (``gguf``), and ``"<level>.err"``: the layer's output error on
+    the calibration tokens, ``tr(dW H dW^T) / tokens`` with ``H = X^T X`` (what the greedy
+    baseline allocates by)."""
+    log(f"level database: collecting Hessians on {input_ids.numel()} tokens")
+    stats = _unit_stats(model, units, input_ids)
     log(f"level database: quantizing {len(units)} units at {len(c.levels)} levels")
     for i, unit in enumerate(units):
-        weight = get_submodule(model, unit.name).weight.detach()
-        if unit.block >= 0:
-            weight = unit.weight(model).detach()
+        weight = (unit.weight(model) if unit.block >= 0 else _embedding(model, unit)).detach()
+        layer = stats.pop(unit.name)
         tensors: dict[str, torch.Tensor] = {}
-        if c.format == "gguf":
-            for k, t in enumerate(c.gguf_types):
-                tensors[str(k)] = _gguf_quantize(weight, t)
-        else:
-            factor = None
-            if c.quantizer == "gptq":
-                factor = quant.inverse_factor(stats.pop(unit.name), c.damp, c.act_order)
-            for k, b in enumerate(c.ladder):
+        factor = None
+        if c.format == "int" and c.quantizer == "gptq":
+            factor = quant.inverse_factor(layer, c.damp, c.act_order)
+        for k, level in enumerate(c.levels):
+            if c.format == "gguf":
+                tensors[str(k)] = blocks = _gguf_quantize(weight, level)
+                approx = _gguf_dequantize(blocks, level, unit.shape)
+            else:
                 q = (
-                    quant.gptq(weight, b, c.group_size, factor)
+                    quant.gptq(weight, level, c.group_size, factor)
                     if factor is not None
-                    else quant.rtn(weight, b, c.group_size)
+                    else quant.rtn(weight, level, c.group_size)
                 )
                 tensors.update({f"{k}.codes": q.codes, f"{k}.scale": q.scale, f"{k}.zero": q.zero})
+                approx = q.dequantize()
+            tensors[f"{k}.err"] = _output_error(weight, approx, layer)
         yield unit.name, tensors
         if (i + 1) % max(1, len(units) // 10) == 0:
             log(f"level database: {i + 1}/{len(units)} units")
+
+
+def _embedding(model: nn.Module, unit: LinearRef) -> torch.Tensor:
+    return get_submodule(model, unit.name).weight
+
+
+def _output_error(weight: torch.Tensor, approx: torch.Tensor, stats: LayerStats) -> torch.Tensor:
+    """``tr(dW H dW^T) / tokens``, the mean squared output change per token, as ``(1,)``."""
+    d = (weight.float().cpu() - approx.float()).double()
+    h = stats.hessian.double()
+    return (torch.einsum("oi,ij,oj->", d, h, d) / max(stats.n_tokens, 1)).reshape(1)
+
+
+def _unit_stats(
+    model: nn.Module, units: list[LinearRef], input_ids: torch.Tensor
+) -> dict[str, LayerStats]:
+    """Input Hessians of the block linears and, for a tied-embedding unit, of the output
+    head (the embedding's error is measured where it acts as the head's weight)."""
+    emb = [u for u in units if u.block < 0]
+    if not emb:
+        return collect_stats(model, input_ids, hessian=True)
+    head = model.get_output_embeddings()
+    d = head.weight.shape[1]
+    acc = LayerStats(0, torch.zeros(d), torch.zeros(d, d))
+
+    def hook(module, args):
+        x = args[0].detach().reshape(-1, d).float()
+        acc.n_tokens += x.shape[0]
+        acc.x_sq += (x * x).sum(0).cpu()
+        acc.hessian += (x.t() @ x).cpu()
+
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        stats = collect_stats(model, input_ids, hessian=True)
+    finally:
+        handle.remove()
+    stats[emb[0].name] = acc
+    return stats
