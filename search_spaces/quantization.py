@@ -183,17 +183,29 @@ class QuantSpace:
         )
         self.total_weights = sum(u.numel for u in units)
         self.budget_bits = self.total_bits(Genome(self.uniform))
-        shapes = sorted({u.shape for u in units})
-        groups = (0,) * len(units) if c.mix_sizes else tuple(shapes.index(u.shape) for u in units)
-        budgets: dict[int, int] = {}
-        for g, lvl in zip(groups, self.uniform):
-            budgets[g] = budgets.get(g, 0) + lvl
-        self.spec = LevelSpec(
-            max_levels=(len(c.levels) - 1,) * len(units),
-            groups=groups,
-            budgets=budgets,
-            names=tuple(u.name.split(".", 2)[-1] if u.block >= 0 else u.kind for u in units),
-        )
+        top = len(c.levels) - 1
+        names = tuple(u.name.split(".", 2)[-1] if u.block >= 0 else u.kind for u in units)
+        if c.mix_sizes:
+            # one group whose level sum is fixed by a cost-free *slack* unit (the genome's
+            # last level): a switch between a layer and the slack moves that layer alone, so
+            # only the bits (is_feasible) bind, weighted by each layer's size
+            cap = min(top * len(units), 36 * 36 - 1)
+            self.uniform = (*self.uniform, cap - sum(self.uniform))
+            self.spec = LevelSpec(
+                max_levels=(top,) * len(units) + (cap,),
+                groups=(0,) * (len(units) + 1),
+                budgets={0: cap},
+                names=(*names, "budget slack"),
+            )
+        else:  # switches between layers of one shape: one rung costs the same in both
+            shapes = sorted({u.shape for u in units})
+            groups = tuple(shapes.index(u.shape) for u in units)
+            budgets: dict[int, int] = {}
+            for g, lvl in zip(groups, self.uniform):
+                budgets[g] = budgets.get(g, 0) + lvl
+            self.spec = LevelSpec(
+                max_levels=(top,) * len(units), groups=groups, budgets=budgets, names=names
+            )
         self._copies: dict[str, nn.Module] = {}
         self._loaded: dict[str, int] = {}
         self.template: str | None = None  # GGUF whose metadata (tokenizer) exports copy
@@ -294,7 +306,7 @@ class QuantSpace:
 
     def level_names(self, genome: Genome) -> list:
         """Each unit's bit-width or GGUF type."""
-        return [self.config_.levels[v] for v in genome.levels]
+        return [self.config_.levels[v] for _, v in zip(self.units, genome.levels)]
 
     def dense_metrics(self) -> dict[str, float]:
         """The float16 model's measures (the reference point of a Pareto front)."""

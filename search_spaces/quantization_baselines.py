@@ -31,6 +31,10 @@ def greedy(
     spec, cfg = space.spec, space.config_
     levels = list(space.uniform_genome().levels)
     cost = [[cfg.unit_bits(u.shape, k) for k in range(len(cfg.levels))] for u in space.units]
+    errors = list(errors)
+    for top in spec.max_levels[len(space.units) :]:  # a mix_sizes space's cost-free slack
+        errors.append([0.0] * (top + 1))
+        cost.append([0] * (top + 1))
     slack = space.budget_bits - sum(c[v] for c, v in zip(cost, levels))
     moves = 0
     while True:

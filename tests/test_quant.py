@@ -108,6 +108,18 @@ def test_level_switches_keep_the_exact_bits_within_budget(tmp_path):
     assert space.random_genome(np.random.default_rng(0)) != uniform
 
 
+def test_mix_sizes_trades_bits_between_layers_of_any_size(tmp_path):
+    _, _, space = _space(tmp_path, mix_sizes=True)
+    assert space.spec.n_units == len(space.units) + 1  # the slack unit
+    genome = _walk(space, n=80, switches=3)
+    assert space.spec.is_valid(genome) and space.total_bits(genome) <= space.budget_bits
+    moved = {u.shape for u, a, b in zip(space.units, genome.levels, space.uniform) if a != b}
+    assert len(moved) > 1
+    best = greedy(space, log=None)
+    assert space.spec.is_valid(best) and space.is_feasible(best)
+    assert space.total_bits(best) > 0.95 * space.budget_bits  # the freed bits are spent
+
+
 def test_candidate_weights_are_the_dequantized_codes(tmp_path):
     model, _, space = _space(tmp_path, quantizer="rtn")
     genome = _walk(space)

@@ -59,7 +59,8 @@ def session(args) -> dict:
     calib = load_token_data(spec, tok)
     test = load_eval_data(str(DATA / "wiki.test.raw"), tok, args.seq_len, args.eval_windows)
     t0 = time.perf_counter()
-    dense = compute_dense_cache(model, calib.input_ids)
+    # every candidate quantizes block 0 too, so no prefix is ever reused: keep only the teacher
+    dense = compute_dense_cache(model, calib.input_ids, prefix_reuse=False)
     fitness = get_fitness("kl")
     fitness.prepare(model, calib.input_ids, dense)
     log(f"dense cache {time.perf_counter() - t0:.0f}s")
