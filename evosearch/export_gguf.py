@@ -63,6 +63,13 @@ def _permute(rows: np.ndarray, n_head: int) -> np.ndarray:
     )
 
 
+def _rope_theta(config) -> float:
+    """RoPE base: ``rope_parameters["rope_theta"]`` (transformers 5) or ``rope_theta``."""
+    params = getattr(config, "rope_parameters", None) or {}
+    theta = params.get("rope_theta") if isinstance(params, dict) else None
+    return float(theta or getattr(config, "rope_theta", None) or 10000.0)
+
+
 def _metadata(writer, model: nn.Module, template: str | Path | None, n_blocks: int) -> None:
     """Copy ``template``'s key-values (or write the config's), with ``n_blocks`` blocks."""
     import gguf
@@ -82,7 +89,7 @@ def _metadata(writer, model: nn.Module, template: str | Path | None, n_blocks: i
     writer.add_feed_forward_length(c.intermediate_size)
     writer.add_head_count(c.num_attention_heads)
     writer.add_head_count_kv(c.num_key_value_heads)
-    writer.add_rope_freq_base(float(getattr(c, "rope_theta", None) or 10000.0))
+    writer.add_rope_freq_base(_rope_theta(c))
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_vocab_size(c.vocab_size)
     writer.add_rope_dimension_count(head_dim)
