@@ -281,9 +281,36 @@ def part_gguf(args) -> dict:
     }
 
 
+def part_gguf_exports(args) -> None:
+    """Redo only the GGUF exports of a finished ``gguf`` part (e.g. after a writer fix): the
+    genomes come from its JSON, the database is reused; no dense cache, no search."""
+    out = Path(args.runs) / "gguf_q4_0.json"
+    res = json.loads(out.read_text())
+    model, tok = load_model(args.model)
+    spec = DataSpec(
+        source=str(DATA / "wiki.valid.raw"), n_sequences=args.n_sequences, seq_len=args.seq_len
+    )
+    calib = load_token_data(spec, tok)
+    test = load_eval_data(str(DATA / "wiki.test.raw"), tok, args.seq_len, args.eval_windows)
+    s = dict(model_id=args.model, model=model, tok=tok, calib=calib, test=test)
+    config = QuantConfig(format="gguf", gguf_type="Q4_0", gguf_embedding="Q8_0")
+    space, _ = build_space(s, config, args)
+    for name in ("uniform_q4_0", "searched", "uniform_q4_1"):
+        genome = Genome.from_key(res["genomes"][name])
+        res["exports_gguf"][name] = export_check(
+            s,
+            space,
+            genome,
+            Path(args.runs) / f"gguf_{name}",
+            lambda p: _gguf_loader(p / "model.gguf"),
+        )
+        log(f"export {name}: {res['exports_gguf'][name]}")
+    out.write_text(json.dumps(res, indent=1) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("part", choices=("int", "gguf", "table"))
+    p.add_argument("part", choices=("int", "gguf", "gguf-exports", "table"))
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--n-sequences", type=int, default=32)
@@ -303,6 +330,8 @@ def main() -> None:
         from make_table import main as table
 
         return table()
+    if args.part == "gguf-exports":
+        return part_gguf_exports(args)
     name = f"int{args.bits}" if args.part == "int" else "gguf_q4_0"
     out = Path(args.runs) / f"{name}.json"
     if out.is_file():
