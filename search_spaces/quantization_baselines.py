@@ -1,0 +1,88 @@
+"""Allocations a quantization search is compared with (or starts from): uniform and greedy.
+
+Greedy: each layer's output error at each rung, ``tr(dW H dW^T) / tokens`` on the calibration
+tokens (stored in the level database when it is built, so it costs no extra pass), is treated as
+independent of the other layers, and the sum over layers is minimised by steepest exchange from
+the uniform allocation: while some level switch (one layer down a rung, another of its group up
+one) lowers the sum and keeps the budget, make the best one. Unlike the search it never runs the
+model; like HAWQ-style allocations it ignores how errors interact across layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from evosearch.genome import Genome
+
+__all__ = ["BASELINES", "compute", "greedy"]
+
+BASELINES = ("uniform", "greedy")
+
+
+def greedy(
+    space,
+    errors: Sequence[Sequence[float]] | None = None,
+    *,
+    log: Callable[[str], None] | None = print,
+) -> Genome:
+    """The greedy allocation (see the module docstring) over ``errors[unit][level]``
+    (default: the database's :meth:`~search_spaces.quantization.QuantSpace.level_errors`)."""
+    errors = errors if errors is not None else space.level_errors()
+    spec, cfg = space.spec, space.config_
+    levels = list(space.uniform_genome().levels)
+    cost = [[cfg.unit_bits(u.shape, k) for k in range(len(cfg.levels))] for u in space.units]
+    errors = list(errors)
+    for top in spec.max_levels[len(space.units) :]:  # a mix_sizes space's cost-free slack
+        errors.append([0.0] * (top + 1))
+        cost.append([0] * (top + 1))
+    slack = space.budget_bits - sum(c[v] for c, v in zip(cost, levels))
+    moves = 0
+    while True:
+        best: tuple[float, int, int] | None = None
+        for g in sorted(spec.budgets):
+            units = spec.units_of(g)
+            down = sorted(
+                (errors[u][levels[u] - 1] - errors[u][levels[u]], u) for u in units if levels[u]
+            )
+            up = sorted(
+                (errors[u][levels[u] + 1] - errors[u][levels[u]], u)
+                for u in units
+                if levels[u] < spec.max_levels[u]
+            )
+            for d, i in down:
+                if not up or d + up[0][0] >= (best[0] if best else -1e-12):
+                    break  # no later (costlier) decrease can do better
+                freed = cost[i][levels[i]] - cost[i][levels[i] - 1]
+                for c, j in up:
+                    if d + c >= (best[0] if best else -1e-12):
+                        break
+                    spent = cost[j][levels[j] + 1] - cost[j][levels[j]]
+                    if i != j and spent - freed <= slack:
+                        best = (d + c, i, j)
+                        break
+        if best is None:
+            break
+        _, i, j = best
+        slack += cost[i][levels[i]] - cost[i][levels[i] - 1]
+        levels[i] -= 1
+        slack -= cost[j][levels[j] + 1] - cost[j][levels[j]]
+        levels[j] += 1
+        moves += 1
+    genome = Genome(tuple(levels))
+    if log:
+        uniform = space.uniform_genome().levels
+        log(
+            f"greedy: summed layer error {sum(e[v] for e, v in zip(errors, levels)):.4g} "
+            f"(uniform {sum(e[v] for e, v in zip(errors, uniform)):.4g}) after {moves} "
+            f"switches, {space.metrics(genome)['bits_per_weight']:.4f} bits per weight"
+        )
+    return genome
+
+
+def compute(name: str, space, *, log: Callable[[str], None] | None = print) -> Genome:
+    """The genome of baseline ``name`` (``uniform`` or ``greedy``)."""
+    if name == "uniform":
+        return space.uniform_genome()
+    if name == "greedy":
+        return greedy(space, log=log)
+    raise ValueError(f"unknown quantization baseline {name!r}; choose from {', '.join(BASELINES)}")
