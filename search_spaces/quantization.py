@@ -45,6 +45,7 @@ from evosearch.leveldb import LevelDatabase, model_fingerprint, tensor_fingerpri
 from evosearch.models import cache_dir
 from evosearch.operators import level_switch_mutation
 from evosearch.pruning import LayerStats, LinearRef, block_linears, collect_stats, set_weight_
+from evosearch.registry import register_space
 
 __all__ = ["GGUF_TYPES", "PROFILE_FILE", "QuantConfig", "QuantSpace", "gguf_bits"]
 
@@ -533,3 +534,25 @@ def _unit_stats(
         handle.remove()
     stats[emb[0].name] = acc
     return stats
+
+
+def build(ctx) -> QuantSpace:
+    """The quantization space of a run (``ctx``: :class:`evosearch.registry.SpaceContext`);
+    its level database is built once from the calibration tokens, then reused from disk."""
+    return QuantSpace.build(
+        ctx.model,
+        ctx.input_ids,
+        ctx.config,
+        db_root=ctx.db_dir,
+        model_id=ctx.model_id or "",
+        log=ctx.log,
+    )
+
+
+register_space(
+    "quantization",
+    build,
+    config=QuantConfig,
+    objectives=("bits_per_weight", "quant_bytes"),
+    starts_uniform=True,
+)

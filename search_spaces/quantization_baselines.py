@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from evosearch.genome import Genome
+from evosearch.registry import register_baseline
 
 __all__ = ["BASELINES", "compute", "greedy"]
 
@@ -86,3 +87,14 @@ def compute(name: str, space, *, log: Callable[[str], None] | None = print) -> G
     if name == "greedy":
         return greedy(space, log=log)
     raise ValueError(f"unknown quantization baseline {name!r}; choose from {', '.join(BASELINES)}")
+
+
+def _registered(name: str):
+    def run(problem, settings, log=print) -> Genome:
+        return compute(name, problem.space, log=log)
+
+    return run
+
+
+for _name in BASELINES:
+    register_baseline("quantization", _name, _registered(_name))

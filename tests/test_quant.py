@@ -247,3 +247,33 @@ def test_genome_is_deterministic(tmp_path):
     assert a.db.path == b.db.path
     assert a.random_genome(np.random.default_rng(3)) == b.random_genome(np.random.default_rng(3))
     assert isinstance(a.uniform_genome(), Genome)
+
+
+def test_cli_quantization_search_writes_a_loadable_model_and_the_report(tmp_path, capsys):
+    """``evosearch search --space quantization`` end to end: registered like every space, with
+    its baselines, its bits in results.json and report, and a compressed-tensors model."""
+    pytest.importorskip("compressed_tensors")
+    import json
+
+    from evosearch.cli import main
+
+    model_dir = tmp_path / "tiny"
+    build_model("llama", max_position_embeddings=256).save_pretrained(model_dir)
+    hf_tokenizer().save_pretrained(model_dir)
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    argv = [
+        "search", "--space", "quantization", "--bits", "3", "--group-size", "16",
+        "--model", str(model_dir), "--data", str(text), "--n-sequences", "4", "--seq-len", "16",
+        "--generations", "2", "--offspring", "4", "--initial-population", "0",
+        "--stages", "16:2,64:1", "--baselines", "uniform,greedy", "--db-dir", str(tmp_path / "db"),
+        "--out", str(tmp_path / "run"),
+    ]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    uniform_bytes = 19296  # 3 bits + group-16 scales and zero points of the tiny model's linears
+    assert results["best"]["quant_bytes"] <= uniform_bytes
+    fit = results["calibration_fitness"]
+    assert set(fit) == {"evopress", "uniform", "greedy"} and fit["evopress"] <= fit["uniform"]
+    assert (tmp_path / "run" / "model" / "quant_profile.json").is_file()
+    assert "report.html" in {p.name for p in (tmp_path / "run").iterdir()}
