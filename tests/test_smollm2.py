@@ -69,3 +69,29 @@ def test_cli_search_on_smollm2(smollm2, tmp_path):
     assert saved.config.num_hidden_layers == 27
     _, tokenizer = smollm2
     assert len(_greedy(saved, tokenizer, "The capital of Germany is")) > 0
+
+
+def test_demo_config_gives_the_same_search_as_before_the_renovation(tmp_path):
+    """The demo config, evaluated as the earlier version did (fp32, full-vocabulary KL), gives
+    the best genome and calibration KL that the earlier version gave with the same seed (its
+    numbers, from ``evosearch search --config configs/demo.yaml`` at e417ef3, are in
+    ``tests/data/demo_golden.json``)."""
+    from pathlib import Path
+
+    import yaml
+
+    import evosearch
+
+    root = Path(__file__).resolve().parents[1]
+    golden = json.loads((root / "tests" / "data" / "demo_golden.json").read_text())
+    config = yaml.safe_load((root / "configs" / "demo.yaml").read_text())
+    config.update(dtype="float32", fitness_options={"top_k": None})
+    results = evosearch.run(config, out=tmp_path / "demo", log=lambda _: None)
+    assert results["best"]["genome"] == golden["best_genome"]
+    assert [h["best"] for h in results["history"]] == [h["best"] for h in golden["history"]]
+    assert [h["value"] for h in results["history"]] == pytest.approx(
+        [h["value"] for h in golden["history"]], rel=1e-5
+    )
+    assert results["n_evaluations"] == golden["n_evaluations"]
+    for name, value in golden["calibration_fitness"].items():
+        assert results["calibration_fitness"][name] == pytest.approx(value, rel=1e-5), name
