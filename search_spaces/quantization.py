@@ -253,7 +253,7 @@ class QuantSpace:
             extra_meta={"quant_format": c.format, "levels": list(c.levels)},
         )
         space = cls(units, config, db, head)
-        space.template = _gguf_template(model_id)
+        space.template = gguf_template(model_id)
         return space
 
     def config(self) -> dict[str, Any]:
@@ -422,7 +422,7 @@ class QuantSpace:
         }
 
 
-def _gguf_template(model_id: str | None) -> str | None:
+def gguf_template(model_id: str | None) -> str | None:
     """The GGUF file ``model_id`` was loaded from (a ``.gguf`` path or a built-in model)."""
     import importlib.util
 

@@ -36,7 +36,7 @@ from evosearch.models import load_model
 from evosearch.pipeline import evaluate_perplexity, load_eval_data
 from evosearch.strategies import EvoPress, EvoPressConfig, Stage
 from evosearch.surgery import apply_replacements
-from search_spaces.quantization import QuantConfig, QuantSpace, _gguf_template
+from search_spaces.quantization import QuantConfig, QuantSpace, gguf_template
 from search_spaces.quantization_baselines import greedy
 
 HERE = Path(__file__).resolve().parent
@@ -251,7 +251,7 @@ def part_gguf(args) -> dict:
         "uniform_q4_1": uniform_q41,
     }
     ppl = {n: test_ppl(s, space, g) for n, g in genomes.items()}
-    shipped = Path(_gguf_template(MODEL))  # the Q4_1 file SmolLM2 was converted from
+    shipped = Path(gguf_template(MODEL))  # the Q4_1 file SmolLM2 was converted from
     shipped_model = _gguf_loader(shipped)
     ppl["shipped_q4_1_file"] = evaluate_perplexity(shipped_model, s["test"])
     log(f"test ppl {ppl}")

@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from evosearch.pipeline import SearchConfig, run_search
+from evosearch import SearchConfig
+from evosearch.pipeline import run_search
 
 
 def main() -> None:

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from evosearch.pareto import hypervolume, pareto_front
-from evosearch.pipeline import SearchConfig, run_search
+from evosearch import SearchConfig
+from evosearch.pipeline import run_search
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parents[2] / "shared" / "data"

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from evosearch.pipeline import SearchConfig, run_search
+from evosearch import SearchConfig
+from evosearch.pipeline import run_search
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
