@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evosearch.engine import Evaluator, sample_batch
 from evosearch import Problem, SearchConfig
+from evosearch.engine import Evaluator, sample_batch
 from evosearch.pipeline import run_search
 
 HERE = Path(__file__).resolve().parent

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from evosearch.genome import Genome
 from evosearch import Problem, SearchConfig
+from evosearch.genome import Genome
 from evosearch.pipeline import run_search
 from evosearch.surgery import apply_replacements
 

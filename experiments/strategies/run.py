@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from evosearch.pareto import hypervolume, pareto_front
 from evosearch import SearchConfig
+from evosearch.pareto import hypervolume, pareto_front
 from evosearch.pipeline import run_search
 
 HERE = Path(__file__).resolve().parent

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from evosearch.pareto import pareto_front
 from evosearch import SearchConfig
+from evosearch.pareto import pareto_front
 from evosearch.pipeline import run_search
 
 HERE = Path(__file__).resolve().parent
