@@ -603,7 +603,7 @@ def _setting(raw: Mapping[str, Any], key: str, default: Any = None) -> Any:
 def run_settings(run_dir: str | os.PathLike) -> dict[str, Any]:
     """What healing needs from a run's ``config.json``: the dense model (the teacher), its
     calibration text (a :class:`~evosearch.data.DataSpec`, new windows: seed + 1), the
-    evaluation windows to avoid, and the device."""
+    evaluation windows to avoid, its sequence length, and the device."""
     raw = json.loads((Path(run_dir) / "config.json").read_text())
     source = _setting(raw, "data", "generated")
     if isinstance(source, Mapping):  # a nested data config
@@ -620,6 +620,7 @@ def run_settings(run_dir: str | os.PathLike) -> dict[str, Any]:
     return {
         "teacher": _setting(raw, "model"),
         "data": data,
+        "seq_len": int(_setting(raw, "seq_len", 1024)),
         "avoid": avoid,
         "device": _setting(raw, "device", "auto"),
     }
@@ -633,35 +634,44 @@ def heal_run(
     data: Mapping[str, Any] | None = None,
     avoid: Sequence[EvalWindows] = (),
     distill: bool = True,
+    model_dir: str | os.PathLike | None = None,
     out_dir: str | os.PathLike | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Heal a finished run's model: ``RUN/model`` (kept, unhealed) -> ``RUN/healed`` (the
     emitted model) with ``RUN/healed/healing.json``.
 
+    A search ending with healing calls ``heal_run(run_dir, tokens, log=log)`` once it has
+    saved ``RUN/model`` (then rebuilds the report, which shows both models).
+
     Args:
         tokens: training tokens (overrides ``config.tokens``).
-        config: how to heal (default :class:`HealConfig` with ``tokens``).
+        config: how to heal (default :class:`HealConfig` with ``tokens`` and the run's
+            calibration ``seq_len``).
         data: fields of the healing :class:`~evosearch.data.DataSpec` to change, e.g.
             ``{"source": "c4.jsonl"}`` (default: new windows of the calibration text).
         avoid: evaluation windows beyond the run's own ``eval_ppl`` ones to keep clear of.
         distill: distil from the run's dense model (else next-token loss).
+        model_dir: the model to heal (default ``RUN/model``; e.g. a genome exported from
+            the run's Pareto front).
         out_dir: where the healed model goes (default ``RUN/healed``).
 
     Returns:
         The ``healing.json`` record.
     """
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file() or not (run_dir / "model").is_dir():
+    model_dir = Path(model_dir or run_dir / "model")
+    if not (run_dir / "config.json").is_file() or not model_dir.is_dir():
         raise FileNotFoundError(f"{run_dir} is not a finished run with a saved model")
     settings = run_settings(run_dir)
     fields = sorted(f.name for f in dataclasses.fields(DataSpec))
     if unknown := sorted(set(data or {}) - set(fields)):
         raise ValueError(f"unknown data fields {unknown}; choose from {fields}")
     spec = dataclasses.replace(settings["data"], **(data or {}))
-    config = dataclasses.replace(config or HealConfig(tokens=tokens), tokens=tokens)
+    config = config or HealConfig(tokens=tokens, seq_len=settings["seq_len"])
+    config = dataclasses.replace(config, tokens=tokens)
     return heal_saved_model(
-        run_dir / "model",
+        model_dir,
         out_dir or run_dir / HEAL_DIR,
         config,
         data=spec,

@@ -186,3 +186,39 @@ def test_config_validation():
         HealConfig(tokens=10, mode="qlora")
     assert HealConfig(tokens=1025).sequences == 2
     assert HealConfig(tokens=10, mode="lora").train_config().lr == 5e-4
+
+
+def test_cli_heal_keeps_both_models_and_the_report_shows_them(tiny_run, tmp_path):
+    import shutil
+
+    from evosearch.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    text = str(tiny_run.parent / "calib.txt")
+    argv = ["heal", str(run), "--tokens", "160", "--lr", "1e-3", "--no-autocast",
+            "--data", text, "--avoid", f"{text}:4:16"]  # fmt: skip
+    assert main(argv) == 0
+    record = json.loads((run / "healed" / HEAL_FILE).read_text())
+    assert (run / "model" / "config.json").is_file()  # the unhealed model is kept
+    assert record["tokens"] == 160 and record["data"]["skipped_prefix_tokens"] == 64
+    assert record["data"]["notes"]  # healing on an evaluated text is stated
+    assert main(argv) == 2  # healed/ exists: no silent overwrite
+    assert main(["report", str(run)]) == 0
+    page = (run / "report.html").read_text()
+    assert "Healing" in page and "healed (emitted)" in page and "<polyline" in page
+
+
+def test_cli_export_heal_tokens(tiny_run, tmp_path):
+    from evosearch.cli import main
+
+    genome = json.loads((tiny_run / "results.json").read_text())["best"]["genome"]
+    out = tmp_path / "exported"
+    argv = ["export", str(tiny_run), "--genome", genome, "--out", str(out), "--heal-tokens", "64"]
+    assert main(argv) == 0
+    assert (out / HEAL_FILE).is_file() and (
+        tmp_path / "exported-unhealed" / "config.json"
+    ).is_file()
+    before, _ = load_model(str(tmp_path / "exported-unhealed"))
+    after, _ = load_model(str(out))
+    assert check_structure(read_structure(before), read_structure(after)) == []
