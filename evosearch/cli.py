@@ -53,6 +53,7 @@ _OVERRIDES = {
     "worker_cpus": "worker_cpus",
     "worker_gpus": "worker_gpus",
     "dtype": "dtype",
+    "heal_tokens": "heal_tokens",
     "bits": "bits",
     "quantizer": "quantizer",
     "format": "format",
@@ -470,6 +471,11 @@ def _add_loop_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument(
+        "--heal-tokens",
+        type=int,
+        help="end by healing the saved model (structure kept) on this many tokens: RUN/healed",
+    )
+    p.add_argument(
         "--overwrite", action="store_true", help="delete the run in --out and start over"
     )
     p.add_argument("--runner", choices=["inprocess", "ray"], help="where candidates are evaluated")
@@ -503,6 +509,44 @@ def _add_export_command(sub) -> None:
     p.add_argument("run", help="run directory")
     p.add_argument("--genome", required=True, help="genome key (from results/pareto.json)")
     p.add_argument("--out", required=True, help="where to save the model")
+    p.add_argument(
+        "--heal-tokens",
+        type=int,
+        help="heal the exported model on this many tokens (see `heal`): OUT is the healed "
+        "model, OUT-unhealed the model as searched",
+    )
+
+    p = sub.add_parser(
+        "heal",
+        help="structure-preserving healing of a run's model by distillation: RUN/model -> "
+        "RUN/healed",
+    )
+    p.add_argument("run", help="run directory (with model/)")
+    p.add_argument("--tokens", type=int, required=True, help="training tokens")
+    p.add_argument("--mode", choices=["full", "lora"], default="full", help="updates")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 5e-5 full, 5e-4 lora)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    p.add_argument("--seq-len", type=int, help="tokens per training sequence (default: the run's)")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per step")
+    p.add_argument("--no-distill", action="store_true", help="next-token loss, no teacher")
+    p.add_argument("--no-autocast", action="store_true", help="float32 forward passes")
+    p.add_argument("--out", help="where to save the healed model (default: RUN/healed)")
+    p.add_argument(
+        "--data",
+        help="healing text, any calibration source (default: new random windows of the run's "
+        "calibration source)",
+    )
+    p.add_argument("--data-config", help="HF dataset config of --data")
+    p.add_argument("--data-split", default="train", help="HF split of --data")
+    p.add_argument("--text-field", default="text", help="jsonl key / dataset column of --data")
+    p.add_argument(
+        "--avoid",
+        action="append",
+        default=[],
+        metavar="SOURCE:WINDOWS[:SEQ_LEN]",
+        help="evaluation windows (first WINDOWS of SEQ_LEN, default 1024) the healing text "
+        "must not overlap, beside the run's --eval-ppl ones (repeatable)",
+    )
 
 
 def _add_finetune_command(sub) -> None:
@@ -633,8 +677,16 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "baseline":
         pipeline.run_baseline(_config(args), args.method, args.out)
     elif args.command == "export":
-        out = pipeline.export_genome(args.run, args.genome, args.out)
-        print(f"saved {out}")
+        if args.heal_tokens is None:
+            out = pipeline.export_genome(args.run, args.genome, args.out)
+            print(f"saved {out}")
+        else:
+            from evosearch.healing import heal_run
+
+            unhealed = pipeline.export_genome(args.run, args.genome, f"{args.out}-unhealed")
+            heal_run(args.run, args.heal_tokens, model_dir=unhealed, out_dir=args.out)
+    elif args.command == "heal":
+        _heal(args)
     elif args.command == "finetune":
         data = None  # the run's calibration source
         if args.data is not None:
@@ -666,6 +718,50 @@ def _run(args: argparse.Namespace) -> int:
 
         print(f"report: {write_report(args.runs, args.out)}")
     return 0
+
+
+def _eval_windows(item: str, cls):
+    """``SOURCE:WINDOWS[:SEQ_LEN]`` -> ``cls(source, windows, seq_len)``."""
+    parts = item.split(":")
+    numbers = []
+    while len(parts) > 1 and parts[-1].isdigit() and len(numbers) < 2:
+        numbers.insert(0, int(parts.pop()))
+    if not numbers:
+        raise ValueError(f"--avoid {item!r}: expected SOURCE:WINDOWS[:SEQ_LEN]")
+    return cls(":".join(parts), numbers[0], numbers[1] if len(numbers) > 1 else 1024)
+
+
+def _heal(args: argparse.Namespace) -> None:
+    from evosearch.healing import EvalWindows, HealConfig, heal_run, run_settings
+
+    avoid = [_eval_windows(item, EvalWindows) for item in args.avoid]
+    data = None
+    if args.data is not None:
+        data = {
+            "source": args.data,
+            "config": args.data_config,
+            "split": args.data_split,
+            "text_field": args.text_field,
+        }
+    config = HealConfig(
+        tokens=args.tokens,
+        mode=args.mode,
+        lr=args.lr,
+        rank=args.rank,
+        alpha=2.0 * args.rank,
+        seq_len=args.seq_len or run_settings(args.run)["seq_len"],
+        micro_batch=args.micro_batch,
+        autocast=not args.no_autocast,
+    )
+    heal_run(
+        args.run,
+        args.tokens,
+        config=config,
+        data=data,
+        avoid=avoid,
+        distill=not args.no_distill,
+        out_dir=args.out,
+    )
 
 
 def _eval(args: argparse.Namespace) -> None:

@@ -257,6 +257,8 @@ class SearchConfig:
         storage: Optuna storage URL of the study that records every evaluation (default:
             ``sqlite:///RUN_DIR/study.db``); ``journal:PATH`` or an RDB URL to share it.
         save_model: save the best model into the run directory.
+        heal_tokens: end with structure-preserving healing of the saved model on this many
+            tokens of new calibration windows (``RUN/healed``; 0: none).
         prefix_reuse: reuse the dense hidden states of unchanged leading blocks.
         db_dir: where level databases are stored (default: evosearch's cache directory).
     """
@@ -279,6 +281,7 @@ class SearchConfig:
     device: str = "auto"
     storage: str | None = None
     save_model: bool = True
+    heal_tokens: int = 0
     prefix_reuse: bool = True
     db_dir: str | None = None
 
@@ -291,6 +294,9 @@ class SearchConfig:
                 object.__setattr__(self, name, tuple(value))
         check_fields(self)
         check_range("seed", self.seed, self.seed >= 0, "an integer >= 0")
+        check_range("heal_tokens", self.heal_tokens, self.heal_tokens >= 0, ">= 0")
+        if self.heal_tokens and not self.save_model:
+            raise ValueError("heal_tokens heals the saved model: it needs save_model")
         check_storage_url(self.storage)
         check_device(self.device)
         check_range("dtype", self.dtype, self.dtype in DTYPES, f"one of {', '.join(DTYPES)}")

@@ -595,6 +595,56 @@ def _comparison_table(run: RunRecord) -> str:
     return _table(header, rows, "comparison")
 
 
+def _svg_curve(values: Sequence[float], width: int = 420, height: int = 140) -> str:
+    """An inline SVG polyline of ``values`` (a training loss per step)."""
+    lo, hi = min(values), max(values)
+    span, n = (hi - lo) or 1.0, max(1, len(values) - 1)
+    pts = " ".join(
+        f"{10 + (width - 20) * i / n:.1f},{10 + (height - 20) * (hi - v) / span:.1f}"
+        for i, v in enumerate(values)
+    )
+    return (
+        f'<svg width="{width}" height="{height}" role="img"><title>training loss per step '
+        f'({hi:.4g} .. {lo:.4g})</title><polyline fill="none" stroke="#1f77b4" '
+        f'points="{pts}"/></svg>'
+    )
+
+
+def _healing_section(runs: Sequence[RunRecord]) -> list[str]:
+    """Unhealed vs healed model of every run with ``healed/healing.json``: tokens, held-out
+    loss, structure before and after, data notes and the training curve."""
+    body = []
+    for run in runs:
+        file = run.path / "healed" / "healing.json"
+        if not file.is_file():
+            continue
+        rec = json.loads(file.read_text())
+        before, after = rec.get("structure", {}), rec.get("structure_after", {})
+        rows = [
+            [label, rec.get("model", ""), rec.get("held_out_before", ""), before.get("blocks"),
+             before.get("sparsity"), before.get("block_parameters")]
+            for label in ["unhealed"]
+        ] + [
+            ["healed (emitted)", rec.get("out", ""), rec.get("held_out_after", ""),
+             after.get("blocks"), after.get("sparsity"), after.get("block_parameters")]
+        ]  # fmt: skip
+        data = rec.get("data", {})
+        body.append(f"<h2>Healing{': ' + html.escape(run.name) if len(runs) > 1 else ''}</h2>")
+        body.append(
+            _table(["model", "path", "held-out loss", "blocks", "sparsity", "block params"], rows)
+        )
+        body.append(
+            f"<p>{rec.get('tokens')} tokens of {html.escape(str(data.get('source', '')))} in "
+            f"{rec.get('steps')} steps ({html.escape(str(rec.get('mode')))}, lr {rec.get('lr')}, "
+            f"distilled from {html.escape(str(rec.get('teacher')))}), {rec.get('seconds')} s. "
+            + " ".join(html.escape(n) for n in data.get("notes", []))
+            + "</p>"
+        )
+        if rec.get("losses"):
+            body.append(_svg_curve(rec["losses"]))
+    return body
+
+
 def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None) -> Path:
     """Write ``report.html``, the PNG figures and ``pareto.csv/json`` for one or more runs.
 
@@ -677,6 +727,7 @@ def _sections(runs: list[RunRecord], points, out: Path) -> list[str]:
         "<p>Calibration fitness on all calibration tokens (lower is better); perplexities on "
         "the run's evaluation sets where it computed them.</p>"
     )
+    body.extend(_healing_section(runs))
     body.append("<h2>Per-layer picture</h2>")
     body.append(_img(out / "layers.png", _FIGURES["layers.png"][0]))
     body.append("<h2>Candidates and Pareto front</h2>")

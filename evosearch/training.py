@@ -26,7 +26,7 @@ from evosearch.forward import model_device, start_at_block
 from evosearch.shrink import MaskedLinear
 from evosearch.surgery import apply_replacements
 
-__all__ = ["LoRALinear", "TrainConfig", "lora_replacements", "train_"]
+__all__ = ["LoRALinear", "TrainConfig", "lora_replacements", "token_loss", "train_"]
 
 MODES = ("lora", "full")
 
@@ -75,10 +75,18 @@ class LoRALinear(nn.Module):
         base: the frozen layer (not copied).
         rank, alpha: adapter rank and scale numerator.
         generator: seeds ``A``.
+        weight_mask: ``(out, in)`` 0/1 mask of the base weight's kept entries (unstructured or
+            N:M sparsity): the update is masked elementwise, so merging it keeps the zeros.
     """
 
     def __init__(
-        self, base: nn.Module, rank: int, alpha: float, generator: torch.Generator
+        self,
+        base: nn.Module,
+        rank: int,
+        alpha: float,
+        generator: torch.Generator,
+        *,
+        weight_mask: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.base = base
@@ -88,14 +96,20 @@ class LoRALinear(nn.Module):
         self.lora_b = nn.Parameter(torch.zeros(w.shape[0], rank, device=w.device, dtype=w.dtype))
         mask = getattr(base, "mask", None)
         self.register_buffer("mask", None if mask is None else mask.clone())
+        if weight_mask is not None:
+            weight_mask = weight_mask.to(device=w.device, dtype=w.dtype)
+        self.register_buffer("weight_mask", weight_mask)
         self.scale = alpha / rank
 
     def delta(self) -> torch.Tensor:
-        """The adapter's ``(out, in)`` weight update (zero on masked columns)."""
+        """The adapter's ``(out, in)`` weight update (zero on masked columns and entries)."""
         a = self.lora_a if self.mask is None else self.lora_a * self.mask
-        return self.scale * self.lora_b @ a
+        d = self.scale * self.lora_b @ a
+        return d if self.weight_mask is None else d * self.weight_mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_mask is not None:  # the dense update, masked: (out, in)
+            return self.base(x) + F.linear(x, self.delta())
         a = self.lora_a if self.mask is None else self.lora_a * self.mask
         return self.base(x) + self.scale * F.linear(F.linear(x, a), self.lora_b)
 
@@ -122,7 +136,11 @@ def lora_replacements(
     return out
 
 
-def _loss(logits, input_ids, teacher_logits) -> torch.Tensor:
+def token_loss(
+    logits: torch.Tensor, input_ids: torch.Tensor, teacher_logits: torch.Tensor | None
+) -> torch.Tensor:
+    """Mean per-token loss of ``logits`` ``(B, T, V)``: KL(teacher || student) when
+    ``teacher_logits`` are given, else next-token cross-entropy on ``input_ids`` ``(B, T)``."""
     if teacher_logits is None:  # next-token cross-entropy
         return F.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]).float(), input_ids[:, 1:].reshape(-1)
@@ -154,6 +172,9 @@ def train_(
     start_block: int = 0,
     start_hidden: torch.Tensor | None = None,
     progress: Callable[[str], None] | None = None,
+    after_step: Callable[[], None] | None = None,
+    lr_factor: Callable[[int], float] | None = None,
+    autocast: bool = False,
 ) -> list[float]:
     """Train ``params`` of ``model`` in place, one AdamW step per micro batch of ``input_ids``
     ``(N, T)`` (one pass; the caller picks ``N`` from its token budget).
@@ -163,12 +184,18 @@ def train_(
             next-token loss); ``rows`` index ``input_ids``.
         start_block, start_hidden: begin every forward at ``start_block`` from the dense
             hidden states ``(N, T, d)`` there (blocks before it are unchanged and frozen).
+        after_step: called after every optimiser step, e.g. to re-apply a sparsity mask.
+        lr_factor: ``fn(step) -> factor`` of ``config.lr`` for step ``0, 1, …`` (a schedule;
+            ``None``: constant).
+        autocast: forward passes (student and teacher) in bfloat16 autocast; the loss and
+            the parameters stay float32.
 
     Returns:
         The loss of every step. The model is left in eval mode; only ``params`` changed.
     """
     device = model_device(model)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)
     head = model.get_output_embeddings()
     losses = []
     was_training = model.training
@@ -179,17 +206,22 @@ def train_(
                 rows = list(range(s, min(s + config.micro_batch, input_ids.shape[0])))
                 ids = input_ids[rows].to(device)
                 hidden = None if start_hidden is None else start_hidden[rows].to(device)
-                with start_at_block(model, start_block, hidden):
+                with amp, start_at_block(model, start_block, hidden):
                     h = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
-                logits = head(h)
+                    logits = head(h)
                 target = None
                 if teacher is not None:
-                    with torch.no_grad():
+                    with amp, torch.no_grad():
                         target = teacher(input_ids, rows)
-                loss = _loss(logits, ids, target)
+                loss = token_loss(logits, ids, target)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if lr_factor is not None:
+                    for group in optimizer.param_groups:
+                        group["lr"] = config.lr * lr_factor(len(losses))
                 optimizer.step()
+                if after_step is not None:
+                    after_step()
                 losses.append(loss.item())
                 if progress:
                     progress(f"step {len(losses)}: loss {losses[-1]:.4f}")

@@ -134,6 +134,10 @@ def run_search(
         results["pareto"] = write_pareto(problem, run, strategy, result.evaluations, log)
     _compare(problem, results, result.best, warm, initial, log)
     _save(problem, results, result.best, run, log)
+    if config.heal_tokens and not run.file("healed/healing.json").is_file():
+        from evosearch.healing import heal_run
+
+        results["healed"] = heal_run(run.path, config.heal_tokens, log=log)["out"]
     kill_point("results")
     run.write_json("results.json", results)  # written last: marks the run finished
     log_summary(results, config, log)
