@@ -326,8 +326,10 @@ def _config(args: argparse.Namespace, extra: dict | None = None):
         if value is not None:
             _put(values, FLAT_KEYS.get(field, (field,)), value)
     if args.drop is not None or args.drop_fraction is not None:  # a flag replaces the YAML's
-        _put(values, ("space", "num_drop"), args.drop)
-        _put(values, ("space", "drop_fraction"), args.drop_fraction)
+        space = values.get("space") if isinstance(values.get("space"), dict) else {}
+        space.pop("num_drop", None), space.pop("drop_fraction", None)
+        _put(values, ("space", "num_drop" if args.drop is not None else "drop_fraction"),
+             args.drop if args.drop is not None else args.drop_fraction)  # fmt: skip
     return SearchConfig.from_dict(values)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from evosearch import registry
 from evosearch.data import DataSpec
+from evosearch.errors import UserError
 from evosearch.models import DEFAULT_MODEL
 from evosearch.runners import RayRunnerConfig
 from evosearch.settings import build, to_plain
@@ -75,11 +76,14 @@ class SpaceConfig:
         if not isinstance(name, str):
             raise ValueError(f"space.name must be a string, got {name!r}")
         settings_cls = cls(name).entry().config
-        if settings_cls is None:
-            if values:
-                raise ValueError(f"the {name} space takes no settings, got {sorted(values)}")
-            return cls(name)
-        return cls(name, build(settings_cls, values, "space."))
+        own = {f.name for f in fields(settings_cls)} if settings_cls else set()
+        if foreign := sorted(set(values) - own):
+            raise UserError(
+                f"settings of another space in the {name} space",
+                ", ".join(f"space.{k}" for k in foreign),
+                _owners(foreign) + f"; the {name} space takes {sorted(own) or 'none'}",
+            )
+        return cls(name, build(settings_cls, values, "space.") if settings_cls else None)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, **(to_plain(self.settings) or {})}
@@ -416,6 +420,16 @@ class SearchConfig:
         if isinstance(parsed.get("data"), dict):
             parsed["data"] = build(DataSpec, {"n_sequences": 64, **parsed["data"]}, "data.")
         return build(cls, parsed)
+
+
+def _owners(keys: list[str]) -> str:
+    """Which registered spaces take ``keys`` (for the error naming a misplaced setting)."""
+    owners = []
+    for space in registry.spaces():
+        settings_cls = registry.space(space).config
+        if settings_cls and set(keys) & {f.name for f in fields(settings_cls)}:
+            owners.append(space)
+    return f"they belong to {', '.join(owners)}" if owners else "no registered space takes them"
 
 
 _SECTIONS = {

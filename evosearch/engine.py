@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from evosearch.data import TokenData
-from evosearch.errors import UserError
+from evosearch.errors import CandidateError, UserError
 from evosearch.evaluation import Batch, Candidate, Fitness, is_additive
 from evosearch.forward import DenseCache, compute_dtype, model_device, resolve_dtype
 from evosearch.genome import Genome
@@ -36,7 +36,8 @@ def failure_kind(record: dict) -> str:
     evaluated again on resume)."""
     if "failure" in record:
         return record["failure"]
-    return "candidate" if str(record.get("error", "")).startswith("non-finite") else "environment"
+    own = ("non-finite", "invalid candidate", "MetricError")  # MetricError: earlier logs
+    return "candidate" if str(record.get("error", "")).startswith(own) else "environment"
 
 
 def sample_batch(data: TokenData, tokens: int, *, seed: int, generation: int, stage: int) -> Batch:
@@ -158,6 +159,8 @@ class Evaluator:
                 error = f"non-finite fitness {value}"
         except UserError:
             raise
+        except CandidateError as exc:
+            value, error = math.nan, f"invalid candidate: {type(exc).__name__}: {exc}"
         except (RuntimeError, ValueError, torch.cuda.OutOfMemoryError) as exc:
             value, error = math.nan, f"{type(exc).__name__}: {exc}"
         return Outcome(value, error, time.perf_counter() - t0, total, count)

@@ -32,6 +32,12 @@ __all__ = [
 TMP_MARK = ".evosearch-tmp-"
 
 
+class CandidateError(ValueError):
+    """A candidate that cannot be evaluated by its own fault (e.g. a pruning metric whose
+    scores are unusable): the failure is final, like a non-finite fitness, and is not retried
+    on resume."""
+
+
 class UserError(ValueError):
     """An expected failure with a message the user can act on.
 

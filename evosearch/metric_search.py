@@ -430,6 +430,7 @@ def _trace(strategy: GeneticProgramming, log: list[dict], seed_names: dict[str, 
                 done = evaluated[key]
                 reason = done.get("error")
                 if reason is not None:
+                    reason = reason.removeprefix("invalid candidate: ")
                     reason = reason.removeprefix(f"{MetricError.__name__}: ")
                 trace.memo[key] = (done["value"] if reason is None else None, reason)
                 trace.first_expr[key] = expression

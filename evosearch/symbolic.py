@@ -70,6 +70,7 @@ from typing import Any
 
 import torch
 
+from evosearch.errors import CandidateError
 from evosearch.pruning import PRUNERS, LayerStats, Pruner, ScorePruner
 
 __all__ = [
@@ -104,7 +105,7 @@ EXP_CLAMP = 80.0
 FORMAT = "evosearch-symbolic-metric/1"
 
 
-class MetricError(ValueError):
+class MetricError(CandidateError):
     """A metric that cannot be parsed or evaluated, or whose scores are unusable."""
 
 

@@ -270,7 +270,7 @@ def test_metric_search_on_a_ray_worker(finished, tiny, tmp_path):
 
 def test_resume_and_out_dir_guards(finished, tiny):
     run, _ = finished
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(ValueError, match="--resume"):
         run_metric_search(_config(tiny), run, log=lambda s: None)
     with pytest.raises(ValueError, match="different config"):
         run_metric_search(_config(tiny, seed=5), run, resume=True, log=lambda s: None)

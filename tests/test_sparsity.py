@@ -526,7 +526,8 @@ def test_cli_offset_steps(tmp_path, capsys):
             "5", "--stages", "16:3,64:1", "--level-step", "0.05", "--max-level-shift", "2",
             "--db-dir", str(tmp_path / "db"), "--out", str(tmp_path / "run")]  # fmt: skip
     assert main(argv) == 0
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["offset_steps"] is True
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["strategy"]["offset_steps"] is True
     front = json.loads((tmp_path / "run" / "pareto_front.json").read_text())["front"]
     assert len(front) == 5
     single = (

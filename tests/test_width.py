@@ -203,19 +203,17 @@ def test_training_rows_avoid_the_scoring_batch():
 def test_search_config_validates_width_fields():
     from evosearch.pipeline import SearchConfig
 
-    with pytest.raises(ValueError, match="width_target"):
-        SearchConfig.from_dict(dict(space="width"))
+    assert SearchConfig.from_dict(dict(space="width")).space.settings.target == 0.5  # default
     with pytest.raises(ValueError, match="one entry per stage"):
         SearchConfig.from_dict(dict(space="width", width_target=0.5, width_train_tokens=(10,)))
-    with pytest.raises(ValueError, match="belong to the width space"):
+    with pytest.raises(ValueError, match="belong to width"):
         SearchConfig.from_dict(dict(num_drop=2, width_target=0.5))
     config = SearchConfig.from_dict(dict(
         space="width", width_target=0.5, stages=((32, 2), (1000, 1)), n_sequences=4,
         seq_len=16, width_train_tokens=(100, 400),
     ))  # fmt: skip
-    from search_spaces.width import config_from
-
-    assert config_from(config).target == 0.5
+    assert config.space.settings.target == 0.5
+    assert config.selection_training.tokens == (100, 400)
 
 
 def test_cli_search_with_training_and_finetune(tmp_path, capsys):
