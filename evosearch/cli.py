@@ -533,14 +533,7 @@ def _add_export_command(sub) -> None:
     p.add_argument("--no-distill", action="store_true", help="next-token loss, no teacher")
     p.add_argument("--no-autocast", action="store_true", help="float32 forward passes")
     p.add_argument("--out", help="where to save the healed model (default: RUN/healed)")
-    p.add_argument(
-        "--data",
-        help="healing text, any calibration source (default: new random windows of the run's "
-        "calibration source)",
-    )
-    p.add_argument("--data-config", help="HF dataset config of --data")
-    p.add_argument("--data-split", default="train", help="HF split of --data")
-    p.add_argument("--text-field", default="text", help="jsonl key / dataset column of --data")
+    _add_training_data_flags(p, "healing")
     p.add_argument(
         "--avoid",
         action="append",
@@ -549,6 +542,18 @@ def _add_export_command(sub) -> None:
         help="evaluation windows (first WINDOWS of SEQ_LEN, default 1024) the healing text "
         "must not overlap, beside the run's --eval-ppl ones (repeatable)",
     )
+
+
+def _add_training_data_flags(p: argparse.ArgumentParser, what: str) -> None:
+    """``--data`` and how to read it, for commands that train a saved model."""
+    p.add_argument(
+        "--data",
+        help=f"{what} text: file.txt/.raw/.jsonl | HF dataset, any calibration source "
+        "(default: new random windows of the run's calibration source)",
+    )
+    p.add_argument("--data-config", help="HF dataset config of --data")
+    p.add_argument("--data-split", default="train", help="HF split of --data")
+    p.add_argument("--text-field", default="text", help="jsonl key / dataset column of --data")
 
 
 def _add_finetune_command(sub) -> None:
@@ -563,14 +568,7 @@ def _add_finetune_command(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     p.add_argument("--micro-batch", type=int, default=4, help="sequences per step")
     p.add_argument("--out", help="where to save the model (default: RUN/finetuned)")
-    p.add_argument(
-        "--data",
-        help="training text: file.txt/.raw/.jsonl | HF dataset (default: new random windows "
-        "of the run's calibration source)",
-    )
-    p.add_argument("--data-config", help="HF dataset config of --data")
-    p.add_argument("--data-split", default="train", help="HF split of --data")
-    p.add_argument("--text-field", default="text", help="jsonl key / dataset column of --data")
+    _add_training_data_flags(p, "training")
 
 
 def _add_eval_command(sub) -> None:
