@@ -249,3 +249,12 @@ def test_cli_search_ends_with_healing_and_resume_does_not_heal_again(tmp_path):
     stamp = (run / "healed" / HEAL_FILE).stat().st_mtime_ns
     assert main([*argv, "--resume"]) == 0
     assert (run / "healed" / HEAL_FILE).stat().st_mtime_ns == stamp
+
+
+def test_finetune_refuses_a_sparse_model_and_points_to_heal(tmp_path):
+    from evosearch.data import DataSpec
+    from evosearch.jobs.models import finetune
+
+    (tmp_path / "sparsity_profile.json").write_text("{}")
+    with pytest.raises(ValueError, match="evosearch heal"):
+        finetune(tmp_path, 64, tmp_path / "out", data=DataSpec())

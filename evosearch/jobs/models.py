@@ -103,6 +103,12 @@ def finetune(
     from evosearch.shrink import WIDTH_FILE, save_shrunk
     from evosearch.training import TrainConfig, train_
 
+    if (Path(model_dir) / "sparsity_profile.json").is_file():  # written by sparse saves
+        raise UserError(
+            "finetune would move the zeros of a sparse model",
+            model_dir,
+            "use `evosearch heal RUN`, which keeps every pruned weight at zero",
+        )
     if tokens < 1:
         raise ValueError(f"tokens must be >= 1, got {tokens}")
     t0 = time.perf_counter()
