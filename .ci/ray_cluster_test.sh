@@ -78,7 +78,8 @@ grep -q "ray: 2 workers on 2 node(s)" "$WORK/search.log"
 "$BIN/python" - "$WORK/run/results.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
-assert r["config"]["runner"] == "ray" and r["config"]["workers"] == 2, r["config"]
+runner = r["config"]["runner"]  # the nested config: {"name": ..., "ray": {...}}
+assert runner["name"] == "ray" and runner["ray"]["workers"] == 2, r["config"]
 assert len(r["best"]["dropped_blocks"]) == 2, r["best"]
 assert len(r["history"]) == 3 and r["n_evaluations"] > 0
 assert all(e.get("error") is None for e in r["evaluations"])
