@@ -80,6 +80,17 @@ def export_stats(
     return stats
 
 
+def _check_finetunable(model_dir: str | Path, tokens: int) -> None:
+    if (Path(model_dir) / "sparsity_profile.json").is_file():  # written by sparse saves
+        raise UserError(
+            "finetune would move the zeros of a sparse model",
+            model_dir,
+            "use `evosearch heal RUN`, which keeps every pruned weight at zero",
+        )
+    if tokens < 1:
+        raise ValueError(f"tokens must be >= 1, got {tokens}")
+
+
 def finetune(
     model_dir: str | Path,
     tokens: int,
@@ -103,14 +114,7 @@ def finetune(
     from evosearch.shrink import WIDTH_FILE, save_shrunk
     from evosearch.training import TrainConfig, train_
 
-    if (Path(model_dir) / "sparsity_profile.json").is_file():  # written by sparse saves
-        raise UserError(
-            "finetune would move the zeros of a sparse model",
-            model_dir,
-            "use `evosearch heal RUN`, which keeps every pruned weight at zero",
-        )
-    if tokens < 1:
-        raise ValueError(f"tokens must be >= 1, got {tokens}")
+    _check_finetunable(model_dir, tokens)
     t0 = time.perf_counter()
     dev = resolve_device(device)
     model, tokenizer = load_model(str(model_dir), device=dev)
