@@ -42,12 +42,14 @@ from evosearch.surgery import apply_replacements
 from fitness.kl import KLDivergence
 
 HERE = Path(__file__).resolve().parent
-DATA = Path("/work/shared/data/wikitext-2-raw/wiki.valid.raw")  # never the test split
+# WikiText-2 valid beside the checkout (never the test split)
+DATA = HERE.parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.valid.raw"
+MODEL = "smollm2-135m"  # --model: any local checkpoint of a supported family
 
 
 def load(n_sequences: int, seq_len: int):
     """The model, tokenizer and calibration tokens (random windows of WikiText-2 valid)."""
-    model, tokenizer = load_model("smollm2-135m")
+    model, tokenizer = load_model(MODEL)
     spec = DataSpec(source=str(DATA), n_sequences=n_sequences, seq_len=seq_len, seed=0)
     return model, load_token_data(spec, tokenizer).input_ids
 
@@ -211,6 +213,7 @@ def agreement(reference: list[float], values: list[float]) -> dict:
 
 
 def main() -> None:
+    global MODEL, DATA
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("part", choices=["speed", "ranking"])
     p.add_argument("--spaces", default="layer-drop,sparsity", help="speed: spaces to time")
@@ -224,7 +227,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
+    p.add_argument("--model", default=MODEL, help="model to measure (a local checkpoint)")
+    p.add_argument("--data", default=str(DATA), help="calibration text (not a test split)")
     args = p.parse_args()
+    MODEL, DATA = args.model, Path(args.data)
     torch.set_num_threads(args.threads)
     t0, load0 = time.perf_counter(), loadavg()
     result = speed(args) if args.part == "speed" else ranking(args)
