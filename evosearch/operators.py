@@ -12,6 +12,7 @@ __all__ = [
     "level_switch_mutation",
     "number_of_switches",
     "random_genome",
+    "steepest_exchange",
 ]
 
 
@@ -134,3 +135,56 @@ def anchored_step(
     if not deltas:
         return Genome(levels)
     return budget_step(Genome(levels), spec, rng, deltas, guide)
+
+
+def steepest_exchange(
+    errors,
+    spec: LevelSpec,
+    levels: list[int],
+    *,
+    allowed=None,
+    on_move=None,
+) -> int:
+    """Lower ``sum_i errors[i][levels[i]]`` by level switches within each group (one unit
+    down a level, another of its group up one), always making the best one, until none
+    lowers the sum; exact when each unit's errors are convex in its level, a local optimum
+    otherwise. ``levels`` is changed in place; returns the number of switches.
+
+    ``allowed(levels, i, j)`` may refuse the switch of ``i`` down and ``j`` up (a budget the
+    group structure does not hold by itself); ``on_move(levels, i, j)`` is told each switch
+    before it is made, e.g. to keep that budget's running total.
+    """
+    moves = 0
+    while (best := _best_exchange(errors, spec, levels, allowed)) is not None:
+        i, j = best
+        if on_move is not None:
+            on_move(levels, i, j)
+        levels[i] -= 1
+        levels[j] += 1
+        moves += 1
+    return moves
+
+
+def _best_exchange(errors, spec: LevelSpec, levels: list[int], allowed):
+    """``(down, up)`` units of the switch that lowers the summed error most, or ``None``."""
+    best: tuple[float, int, int] | None = None
+    for g in sorted(spec.budgets):
+        units = spec.units_of(g)
+        down = sorted(
+            (errors[u][levels[u] - 1] - errors[u][levels[u]], u) for u in units if levels[u]
+        )
+        up = sorted(
+            (errors[u][levels[u] + 1] - errors[u][levels[u]], u)
+            for u in units
+            if levels[u] < spec.max_levels[u]
+        )
+        for d, i in down:
+            if not up or d + up[0][0] >= (best[0] if best else -1e-12):
+                break  # no later (costlier) decrease can do better
+            for c, j in up:
+                if d + c >= (best[0] if best else -1e-12):
+                    break
+                if i != j and (allowed is None or allowed(levels, i, j)):
+                    best = (d + c, i, j)
+                    break
+    return None if best is None else best[1:]

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from evosearch.genome import Genome
+from evosearch.operators import steepest_exchange
 from evosearch.registry import register_baseline
 
 __all__ = ["BASELINES", "compute", "greedy"]
@@ -36,39 +37,18 @@ def greedy(
     for top in spec.max_levels[len(space.units) :]:  # a mix_sizes space's cost-free slack
         errors.append([0.0] * (top + 1))
         cost.append([0] * (top + 1))
-    slack = space.budget_bits - sum(c[v] for c, v in zip(cost, levels))
-    moves = 0
-    while True:
-        best: tuple[float, int, int] | None = None
-        for g in sorted(spec.budgets):
-            units = spec.units_of(g)
-            down = sorted(
-                (errors[u][levels[u] - 1] - errors[u][levels[u]], u) for u in units if levels[u]
-            )
-            up = sorted(
-                (errors[u][levels[u] + 1] - errors[u][levels[u]], u)
-                for u in units
-                if levels[u] < spec.max_levels[u]
-            )
-            for d, i in down:
-                if not up or d + up[0][0] >= (best[0] if best else -1e-12):
-                    break  # no later (costlier) decrease can do better
-                freed = cost[i][levels[i]] - cost[i][levels[i] - 1]
-                for c, j in up:
-                    if d + c >= (best[0] if best else -1e-12):
-                        break
-                    spent = cost[j][levels[j] + 1] - cost[j][levels[j]]
-                    if i != j and spent - freed <= slack:
-                        best = (d + c, i, j)
-                        break
-        if best is None:
-            break
-        _, i, j = best
-        slack += cost[i][levels[i]] - cost[i][levels[i] - 1]
-        levels[i] -= 1
-        slack -= cost[j][levels[j] + 1] - cost[j][levels[j]]
-        levels[j] += 1
-        moves += 1
+    slack = [space.budget_bits - sum(c[v] for c, v in zip(cost, levels))]  # bits unspent
+
+    def spent(levels: list[int], i: int, j: int) -> int:  # bits when i goes down and j up
+        freed = cost[i][levels[i]] - cost[i][levels[i] - 1]
+        return cost[j][levels[j] + 1] - cost[j][levels[j]] - freed
+
+    def on_move(levels: list[int], i: int, j: int) -> None:
+        slack[0] -= spent(levels, i, j)
+
+    moves = steepest_exchange(
+        errors, spec, levels, allowed=lambda lv, i, j: spent(lv, i, j) <= slack[0], on_move=on_move
+    )
     genome = Genome(tuple(levels))
     if log:
         uniform = space.uniform_genome().levels

@@ -26,6 +26,7 @@ import torch
 
 from evosearch.engine import Evaluator, sample_batch
 from evosearch.genome import Genome, LevelSpec
+from evosearch.operators import steepest_exchange
 from evosearch.pruning import collect_stats
 from evosearch.registry import register_baseline
 
@@ -143,41 +144,22 @@ def allocate(
     many levels (summed over units) from ``centre``."""
     levels = list(start.levels)
     ref = (centre or start).levels
-    shift = sum(abs(a - b) for a, b in zip(levels, ref))
+    shift = [sum(abs(a - b) for a, b in zip(levels, ref))]  # levels moved from the centre
 
-    def moved(u: int, step: int) -> int:  # change of the total shift when unit u moves
-        return abs(levels[u] + step - ref[u]) - abs(levels[u] - ref[u])
+    def moved(levels: list[int], i: int, j: int) -> int:  # its change when i goes down, j up
+        def one(u: int, step: int) -> int:
+            return abs(levels[u] + step - ref[u]) - abs(levels[u] - ref[u])
 
-    while True:
-        best: tuple[float, int, int] | None = None
-        for g in sorted(spec.budgets):
-            units = spec.units_of(g)
-            down = sorted(
-                (errors[u][levels[u] - 1] - errors[u][levels[u]], u) for u in units if levels[u]
-            )
-            up = sorted(
-                (errors[u][levels[u] + 1] - errors[u][levels[u]], u)
-                for u in units
-                if levels[u] < spec.max_levels[u]
-            )
-            for d, i in down:
-                if not up or d + up[0][0] >= (best[0] if best else -1e-12):
-                    break  # no later decrease can do better
-                for c, j in up:
-                    if d + c >= (best[0] if best else -1e-12):
-                        break
-                    if i != j and (
-                        max_shift is None or shift + moved(i, -1) + moved(j, 1) <= max_shift
-                    ):
-                        best = (d + c, i, j)
-                        break
-        if best is None:
-            return Genome(tuple(levels))
-        _, i, j = best
-        shift += moved(i, -1)
-        levels[i] -= 1
-        shift += moved(j, 1)
-        levels[j] += 1
+        return one(i, -1) + one(j, 1)
+
+    def allowed(levels: list[int], i: int, j: int) -> bool:
+        return max_shift is None or shift[0] + moved(levels, i, j) <= max_shift
+
+    def on_move(levels: list[int], i: int, j: int) -> None:
+        shift[0] += moved(levels, i, j)
+
+    steepest_exchange(errors, spec, levels, allowed=allowed, on_move=on_move)
+    return Genome(tuple(levels))
 
 
 def fisher(
