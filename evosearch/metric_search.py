@@ -70,7 +70,7 @@ from evosearch.symbolic import (
     save_metric,
     to_math,
 )
-from evosearch.validate import check_fields
+from evosearch.validate import check_fields, resolve_device
 
 __all__ = [
     "MetricRecord",
@@ -233,12 +233,6 @@ class _Setup:
     timings: dict[str, float]
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _scoring_on(model: nn.Module, kind: str, input_ids: torch.Tensor):
     """A fitness of ``kind`` prepared on ``input_ids`` (with the dense model's cache as its
     teacher), and the cache."""
@@ -256,7 +250,7 @@ def _set_up(config: MetricSearchConfig, log: Callable[[str], None]) -> _Setup:
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    model, tokenizer = load_model(config.model, device=_resolve_device(config.device))
+    model, tokenizer = load_model(config.model, device=resolve_device(config.device))
     timings["load_model_s"] = time.perf_counter() - t0
     pattern = parse_pattern(config.pattern)
     if pattern is not None:

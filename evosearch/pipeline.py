@@ -16,7 +16,8 @@ from evosearch.jobs.models import (
 )
 from evosearch.jobs.search import run_search
 from evosearch.jobs.strategy import make_strategy
-from evosearch.problem import Problem, WorkerRecipe, make_runner, resolve_device
+from evosearch.problem import Problem, WorkerRecipe, make_runner
+from evosearch.validate import resolve_device
 
 __all__ = [
     "RUNNER_FIELDS",

@@ -23,18 +23,9 @@ from evosearch.evaluation import Batch, as_fitness
 from evosearch.forward import compute_dense_cache
 from evosearch.genome import Genome
 from evosearch.models import load_model
+from evosearch.validate import resolve_device
 
 __all__ = ["Problem", "WorkerRecipe", "build_fitness", "build_space", "make_runner"]
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; anything else as given (checked)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: CUDA is not available on this machine")
-    return dev
 
 
 def user_object(name: str, what: str):

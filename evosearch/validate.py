@@ -160,6 +160,17 @@ def check_device(device: str, key: str = "device") -> None:
             )
 
 
+def resolve_device(device: str, key: str = "device"):
+    """The ``torch.device`` of a checked device name: ``auto`` is CUDA when available, else
+    the CPU (see :func:`check_device`)."""
+    import torch
+
+    check_device(device, key)
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def check_loop(loop: Any, where: str = "strategy.loop.") -> None:
     """Orderings of an EvoPress loop (:class:`~evosearch.strategies.EvoPressConfig`) that its
     types alone do not catch: survivors within the offspring, token counts that grow and

@@ -19,8 +19,9 @@ from evosearch.errors import UserError
 from evosearch.evaluation import Batch, Candidate
 from evosearch.genome import Genome
 from evosearch.models import load_model, save_complete
-from evosearch.problem import build_space, resolve_device, space_entry
+from evosearch.problem import build_space, space_entry
 from evosearch.rundir import check_finished, known_genomes
+from evosearch.validate import resolve_device
 
 __all__ = [
     "evaluate_perplexity",
