@@ -39,9 +39,10 @@ from torch import nn
 
 from evosearch.arch import arch_for, get_blocks
 from evosearch.data import HUB_ALIASES, DataError, DataSpec, load_text, load_token_data
-from evosearch.errors import read_json
+from evosearch.errors import atomic_dir, read_json
 from evosearch.surgery import ZeroAttention, ZeroOutput, apply_replacements
 from evosearch.training import TrainConfig, lora_replacements, token_loss, train_
+from evosearch.validate import resolve_device
 
 __all__ = [
     "HEAL_DIR",
@@ -486,19 +487,6 @@ def _save_like(model: nn.Module, tokenizer, source_dir: Path, out: Path) -> None
             shutil.copy2(source_dir / name, out / name)
 
 
-def _write_atomically(out: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` into a fresh directory beside ``out``, then rename it to ``out``: a
-    killed job leaves no half-written model."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write(tmp)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _progress(log: Callable[[str], None], steps: int) -> Callable[[str], None]:
     """Log about ten of ``train_``'s per-step messages."""
     every, count = max(1, steps // 10), [0]
@@ -571,23 +559,15 @@ def heal_saved_model(
         "threads": torch.get_num_threads(),
     }
 
-    def write(tmp: Path) -> None:
+    with atomic_dir(out) as tmp:  # a killed job leaves no half-written model
         _save_like(model, tokenizer, model_dir, tmp)
         (tmp / HEAL_FILE).write_text(json.dumps(record, indent=1) + "\n")
-
-    _write_atomically(out, write)
     log(
         f"healed: {record['tokens']} tokens in {record['steps']} steps, held-out loss "
         f"{record['held_out_before']:.4f} -> {record['held_out_after']:.4f}, structure kept "
         f"({record['seconds']}s); saved {out}"
     )
     return record
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def run_settings(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -660,6 +640,6 @@ def heal_run(
         data=spec,
         teacher=settings["teacher"] if distill else None,
         avoid=[*settings["avoid"], *avoid],
-        device=_device(settings["device"]),
+        device=resolve_device(settings["device"]),
         log=log,
     )
