@@ -40,14 +40,12 @@ __all__ = [
     "FLAT_KEYS",
     "RUNNER_FIELDS",
     "RunnerConfig",
-    "STRATEGIES",
     "SearchConfig",
     "SelectionTraining",
     "SpaceConfig",
     "StrategyConfig",
 ]
 
-STRATEGIES = ("evopress", "random", "tpe", "nsga2", "nsga3", "cmaes", "optuna-random")
 RUNNERS = ("inprocess", "ray")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Where evaluations run never changes what they return, so it may differ on --resume.

@@ -4,7 +4,7 @@ The code lives in :mod:`evosearch.config` (:class:`SearchConfig`), :mod:`evosear
 (:class:`Problem`, the Ray :class:`WorkerRecipe`) and :mod:`evosearch.jobs`.
 """
 
-from evosearch.config import RUNNER_FIELDS, STRATEGIES, SearchConfig
+from evosearch.config import RUNNER_FIELDS, SearchConfig
 from evosearch.jobs.baselines import evaluate_candidates, run_baseline
 from evosearch.jobs.models import (
     evaluate_perplexity,
@@ -21,7 +21,6 @@ from evosearch.validate import resolve_device
 
 __all__ = [
     "RUNNER_FIELDS",
-    "STRATEGIES",
     "Problem",
     "SearchConfig",
     "WorkerRecipe",
