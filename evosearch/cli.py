@@ -297,7 +297,7 @@ def _config(args: argparse.Namespace, extra: dict | None = None):
     on top (each flag lands where :data:`~evosearch.config.FLAT_KEYS` puts it)."""
     import yaml
 
-    from evosearch.config import FLAT_KEYS, SearchConfig, nest
+    from evosearch.config import FLAT_KEYS, SearchConfig, nest, put
 
     values: dict = {}
     if args.config:
@@ -316,7 +316,7 @@ def _config(args: argparse.Namespace, extra: dict | None = None):
     for flag in _LIST_FLAGS:
         flags[flag] = getattr(args, flag, None)
     if getattr(args, "kl_top_k", None) is not None:  # 0: the full vocabulary
-        _put(values, ("fitness_options", "top_k"), args.kl_top_k or None)
+        put(values, ("fitness_options", "top_k"), args.kl_top_k or None)
     flags["width_train_tokens"] = getattr(args, "train_tokens", None)
     flags.update(extra or {})
     yaml_space = values.get("space") if isinstance(values.get("space"), dict) else {}
@@ -324,11 +324,11 @@ def _config(args: argparse.Namespace, extra: dict | None = None):
         values["space"] = {}  # another space than the YAML's: its settings are moot
     for field, value in flags.items():
         if value is not None:
-            _put(values, FLAT_KEYS.get(field, (field,)), value)
+            put(values, FLAT_KEYS.get(field, (field,)), value)
     if args.drop is not None or args.drop_fraction is not None:  # a flag replaces the YAML's
         space = values.get("space") if isinstance(values.get("space"), dict) else {}
         space.pop("num_drop", None), space.pop("drop_fraction", None)
-        _put(values, ("space", "num_drop" if args.drop is not None else "drop_fraction"),
+        put(values, ("space", "num_drop" if args.drop is not None else "drop_fraction"),
              args.drop if args.drop is not None else args.drop_fraction)  # fmt: skip
     return SearchConfig.from_dict(values)
 
@@ -337,14 +337,6 @@ _LIST_FLAGS = (
     "sublayers", "allowed", "eval_ppl", "stages", "baselines", "warm_start", "objectives",
     "drop_range", "sparsity_range", "hv_reference",
 )  # fmt: skip
-
-
-def _put(tree: dict, path: tuple[str, ...], value) -> None:
-    for key in path[:-1]:
-        if not isinstance(tree.get(key, {}), dict):
-            tree[key] = {"name": tree[key]} if key in ("space", "strategy", "runner") else {}
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
 
 
 class _Parser(argparse.ArgumentParser):

@@ -44,6 +44,8 @@ __all__ = [
     "SelectionTraining",
     "SpaceConfig",
     "StrategyConfig",
+    "nest",
+    "put",
 ]
 
 RUNNERS = ("inprocess", "ray")
@@ -506,7 +508,7 @@ def nest(values: dict[str, Any]) -> dict[str, Any]:
             continue
         if path[0] == "strategy" and unused and key in ("offset_steps", "budget_focus"):
             continue
-        _put(out, path, list(value) if isinstance(value, tuple) else value)
+        put(out, path, list(value) if isinstance(value, tuple) else value)
     return out
 
 
@@ -517,8 +519,12 @@ def _space_keys(name: str) -> set[str]:
     return {f.name for f in fields(settings_cls)} if settings_cls else set()
 
 
-def _put(tree: dict, path: tuple[str, ...], value: Any) -> None:
+def put(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    """Set ``tree[path[0]][path[1]]... = value``, making the sections on the way; a section
+    given by its name alone (``space: sparsity``) becomes ``{name: sparsity}``."""
     for key in path[:-1]:
+        if isinstance(tree.get(key), str) and key in ("space", "strategy", "runner"):
+            tree[key] = {"name": tree[key]}
         tree = tree.setdefault(key, {})
         if not isinstance(tree, dict):
             raise ValueError(f"{'.'.join(path[:-1])} must be a mapping")
