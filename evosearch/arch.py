@@ -32,6 +32,8 @@ __all__ = [
     "get_blocks",
     "get_submodule",
     "head_logits",
+    "logit_cap",
+    "soft_cap",
     "per_layer_config_keys",
     "set_submodule",
     "supported_families",
@@ -296,6 +298,14 @@ def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     computes them: the output embedding, then the final logit soft-capping of Gemma 2/3
     (``cap * tanh(logits / cap)``) where the config sets one."""
     head = model.get_output_embeddings()
-    out = head(hidden.to(head.weight.dtype))
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return out if not cap else torch.tanh(out / cap) * cap
+    return soft_cap(head(hidden.to(head.weight.dtype)), logit_cap(model))
+
+
+def logit_cap(model: nn.Module) -> float | None:
+    """The final logit soft-cap of the model's config (Gemma 2/3), ``None`` where it has none."""
+    return getattr(model.config, "final_logit_softcapping", None) or None
+
+
+def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """``cap * tanh(logits / cap)`` in float32; ``logits`` unchanged where ``cap`` is ``None``."""
+    return logits if cap is None else torch.tanh(logits.float() / cap) * cap

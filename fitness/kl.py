@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from evosearch.arch import logit_cap, soft_cap
 from evosearch.evaluation import Batch, Candidate
 from evosearch.forward import DenseCache
 from evosearch.registry import register_fitness
@@ -64,17 +65,23 @@ class TopKTeacher:
 
 @torch.no_grad()
 def build_teacher(
-    head: torch.nn.Module, final_hidden: torch.Tensor, k: int, *, chunk_tokens: int = 1024
+    head: torch.nn.Module,
+    final_hidden: torch.Tensor,
+    k: int,
+    *,
+    chunk_tokens: int = 1024,
+    cap: float | None = None,
 ) -> TopKTeacher:
     """The top-``k`` teacher of the dense final hidden states ``(N, T, d)``, computed in float32
-    in chunks of ``chunk_tokens`` positions (``k`` is capped at the vocabulary size)."""
+    in chunks of ``chunk_tokens`` positions (``k`` is capped at the vocabulary size); ``cap`` is
+    the model's final logit soft-cap (Gemma 2/3), applied as its own forward does."""
     n, t, d = final_hidden.shape
     weight = head.weight
     flat = final_hidden.reshape(-1, d)
     log_probs, indices, rest = [], [], []
     for s in range(0, flat.shape[0], chunk_tokens):
         h = flat[s : s + chunk_tokens].to(device=weight.device, dtype=weight.dtype)
-        logp = F.log_softmax(head(h).float(), dim=-1)  # (c, V)
+        logp = F.log_softmax(soft_cap(head(h).float(), cap), dim=-1)  # (c, V)
         top = torch.topk(logp, min(k, logp.shape[-1]), dim=-1)
         rest.append(torch.logsumexp(logp.scatter(-1, top.indices, -math.inf), dim=-1).cpu())
         log_probs.append(top.values.cpu())
@@ -154,6 +161,7 @@ class KLDivergence:
         self._dense: DenseCache | None = None
         self._teacher: TopKTeacher | None = None
         self._head_cast: tuple[tuple, torch.Tensor] | None = None  # (key, low-precision weight)
+        self._cap: float | None = None  # the model's final logit soft-cap (Gemma 2/3)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -164,13 +172,14 @@ class KLDivergence:
         """Called once before the search with the dense model's cached activations; builds the
         top-k teacher (or takes it from ``dense.derived``, where it is also left for workers)."""
         self._dense = dense
+        self._cap = logit_cap(model)
         if self.top_k is None:
             return
         key = f"kl.top{self.top_k}"
         if key not in dense.derived:
             head = model.get_output_embeddings()
             dense.derived[key] = build_teacher(
-                head, dense.final_hidden, self.top_k, chunk_tokens=self.chunk_tokens
+                head, dense.final_hidden, self.top_k, chunk_tokens=self.chunk_tokens, cap=self._cap
             )
         self._teacher = dense.derived[key]
 
@@ -206,9 +215,9 @@ class KLDivergence:
 
     def _full_kl(self, head, hidden: torch.Tensor, mb: Batch) -> torch.Tensor:
         """``(b, T)`` KL against teacher logits recomputed by the head (the reference path)."""
-        student = head(hidden).float()  # (b, T, V)
+        student = soft_cap(head(hidden).float(), self._cap)  # (b, T, V)
         teacher_h = self._dense.final_hidden[list(mb.indices)].to(student.device)
-        teacher = head(teacher_h.to(head.weight.dtype)).float()  # (b, T, V)
+        teacher = soft_cap(head(teacher_h.to(head.weight.dtype)).float(), self._cap)
         log_p = F.log_softmax(teacher, dim=-1)
         log_q = F.log_softmax(student, dim=-1)
         return (log_p.exp() * (log_p - log_q)).sum(-1)
@@ -222,7 +231,7 @@ class KLDivergence:
         out = []
         for s in range(0, flat.shape[0], self.chunk_tokens):
             e = s + self.chunk_tokens
-            logits = self._logits(head, flat[s:e])  # (c, V), in the compute dtype
+            logits = soft_cap(self._logits(head, flat[s:e]), self._cap)  # (c, V)
             out.append(
                 topk_kl(
                     log_p[s:e].to(device), idx[s:e].to(device), log_rest[s:e].to(device), logits

@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from evosearch.arch import head_logits
 from evosearch.evaluation import Batch, Candidate
 from evosearch.registry import register_fitness
 
@@ -47,10 +48,9 @@ class Perplexity:
     @torch.no_grad()
     def partial(self, candidate: Candidate, batch: Batch) -> tuple[float, float]:
         """``(summed next-token NLL, predicted tokens)`` over ``batch``."""
-        head = candidate.model.get_output_embeddings()
         total, count = 0.0, 0
         for mb in batch.split(self.micro_batch):
-            s, n = nll_sum(head(candidate.final_hidden(mb)), mb.input_ids)
+            s, n = nll_sum(head_logits(candidate.model, candidate.final_hidden(mb)), mb.input_ids)
             total += s
             count += n
         return total, count

@@ -125,6 +125,33 @@ def test_head_logits_apply_the_final_soft_cap():
     assert logits(model, IDS).abs().max() <= 0.5
 
 
+@pytest.mark.parametrize("top_k", [None, 10**6])
+def test_kl_and_perplexity_score_the_soft_capped_logits(top_k):
+    from evosearch.engine import Evaluator
+    from evosearch.evaluation import Batch
+    from evosearch.forward import compute_dense_cache
+    from fitness import KLDivergence, Perplexity
+
+    model = build_model("gemma2", final_logit_softcapping=0.5)
+    batch = Batch((0, 1, 2), IDS)
+    dense = compute_dense_cache(model, IDS, prefix_reuse=False)
+    space = LayerDropSpace(N_LAYERS, num_drop=1)
+    genome = space.from_dropped(blocks=[1])
+    student = logits(remove_blocks(copy.deepcopy(model), {1}), IDS)  # capped by HF's forward
+    log_p, log_q = logits(model, IDS).log_softmax(-1), student.log_softmax(-1)
+    want_kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+    nll = -log_q[:, :-1].gather(-1, IDS[:, 1:, None]).mean().item()
+    kl, ppl = KLDivergence(top_k=top_k), Perplexity()
+    for fitness in (kl, ppl):
+        fitness.prepare(model, IDS, dense)
+    assert Evaluator(model, space, kl, dense).raw(genome, batch) == pytest.approx(
+        want_kl, rel=1e-4
+    )
+    assert Evaluator(model, space, ppl, dense).raw(genome, batch) == pytest.approx(
+        np.exp(nll), rel=1e-4
+    )
+
+
 # -- layer drop --------------------------------------------------------------------------------
 
 
