@@ -298,7 +298,8 @@ def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     computes them: the output embedding, then the final logit soft-capping of Gemma 2/3
     (``cap * tanh(logits / cap)``) where the config sets one."""
     head = model.get_output_embeddings()
-    return soft_cap(head(hidden.to(head.weight.dtype)), logit_cap(model))
+    weight = head.weight
+    return soft_cap(head(hidden.to(device=weight.device, dtype=weight.dtype)), logit_cap(model))
 
 
 def logit_cap(model: nn.Module) -> float | None:

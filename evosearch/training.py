@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evosearch.arch import arch_for, get_blocks, get_submodule
+from evosearch.arch import arch_for, get_blocks, get_submodule, head_logits
 from evosearch.forward import model_device, start_at_block
 from evosearch.shrink import MaskedLinear
 from evosearch.surgery import apply_replacements
@@ -196,7 +196,6 @@ def train_(
     device = model_device(model)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)
-    head = model.get_output_embeddings()
     losses = []
     was_training = model.training
     model.train()
@@ -208,7 +207,7 @@ def train_(
                 hidden = None if start_hidden is None else start_hidden[rows].to(device)
                 with amp, start_at_block(model, start_block, hidden):
                     h = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
-                    logits = head(h)
+                    logits = head_logits(model, h)
                 target = None
                 if teacher is not None:
                     with amp, torch.no_grad():

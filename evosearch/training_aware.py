@@ -20,7 +20,7 @@ import math
 import numpy as np
 import torch
 
-from evosearch.arch import get_blocks
+from evosearch.arch import get_blocks, head_logits
 from evosearch.evaluation import Batch, Candidate
 from evosearch.forward import DenseCache
 from evosearch.training import TrainConfig, train_, trainable_parameters, with_adapters
@@ -99,11 +99,10 @@ class TrainingAware:
             blocks = range(0, len(get_blocks(model)))
         teacher = None
         if self.config.distill and dense is not None:
-            head = model.get_output_embeddings()
 
             def teacher(_ids, sub, rows=rows):
                 h = dense.final_hidden[[rows[j] for j in sub]]
-                return head(h.to(device=head.weight.device, dtype=head.weight.dtype))
+                return head_logits(model, h)
 
         replacements, params = trainable_parameters(model, blocks, self.config)
         with with_adapters(model, replacements):

@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from evosearch.arch import head_logits
 from evosearch.forward import model_device
 
 __all__ = [
@@ -290,7 +291,6 @@ def loglikelihoods(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     max_length = max_length or _max_length(model)
     device = model_device(model)
-    head = model.get_output_embeddings()
     encoded = []
     for context, continuation in requests:
         ctx, cont = encode_pair(tokenizer, context, continuation)
@@ -321,7 +321,7 @@ def loglikelihoods(
             input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False
         ).last_hidden_state  # (B, T, d)
         picked = hidden[torch.tensor(b_idx, device=device), torch.tensor(t_idx, device=device)]
-        logprobs = torch.log_softmax(head(picked).float(), dim=-1)  # (N, V)
+        logprobs = torch.log_softmax(head_logits(model, picked).float(), dim=-1)  # (N, V)
         token_lp = logprobs.gather(1, torch.tensor(targets, device=device)[:, None])[:, 0]
         sums = torch.zeros(len(rows), dtype=torch.float64, device=device)
         sums.index_add_(0, torch.tensor(owner, device=device), token_lp.double())
