@@ -272,6 +272,9 @@ def _add_metric_search_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--runner", choices=["inprocess", "ray"], default="inprocess")
+    p.add_argument("--workers", type=int, default=2, help="Ray evaluator workers (--runner ray)")
+    p.add_argument("--ray-address", help="join this Ray cluster: auto | host:port")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the search in --out")
 
@@ -289,7 +292,16 @@ def _metric_search(args: argparse.Namespace) -> None:
         )
         if getattr(args, k) is not None
     }  # fmt: skip
-    run_metric_search(MetricSearchConfig(**values), args.out, resume=args.resume)
+    config = MetricSearchConfig(**values)
+    if args.runner == "inprocess":
+        run_metric_search(config, args.out, resume=args.resume)
+        return
+    from evosearch.metric_search import MetricWorker
+    from evosearch.runners import RayRunner, RayRunnerConfig
+
+    ray = RayRunnerConfig(workers=args.workers, address=args.ray_address)
+    with RayRunner(MetricWorker(config), config=ray) as runner:
+        run_metric_search(config, args.out, resume=args.resume, runner=runner)
 
 
 def _config(args: argparse.Namespace, extra: dict | None = None):

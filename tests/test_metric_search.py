@@ -268,6 +268,24 @@ def test_metric_search_on_a_ray_worker(finished, tiny, tmp_path):
     assert there["counts"] == reference["counts"]
 
 
+def test_cli_metric_search_on_ray_gives_the_in_process_search(tiny, tmp_path):
+    ray = pytest.importorskip("ray")
+    model_dir, text = tiny
+    base = ["metric-search", "--model", str(model_dir), "--data", str(text), "--seed", "3"]
+    small = ["--n-sequences", "2", "--seq-len", "16", "--population", "4", "--generations", "1"]
+    assert main([*base, *small, "--out", str(tmp_path / "here")]) == 0
+    try:
+        flags = ["--runner", "ray", "--workers", "1", "--out", str(tmp_path / "ray")]
+        assert main([*base, *small, *flags]) == 0
+    finally:
+        ray.shutdown()
+    here, there = (
+        json.loads((tmp_path / d / "results.json").read_text()) for d in ("here", "ray")
+    )
+    assert there["leaderboard"] == here["leaderboard"] and there["counts"] == here["counts"]
+    assert main([*base, "--runner", "ray", "--workers", "0", "--out", str(tmp_path / "w")]) == 2
+
+
 def test_resume_and_out_dir_guards(finished, tiny):
     run, _ = finished
     with pytest.raises(ValueError, match="--resume"):
