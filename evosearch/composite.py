@@ -19,9 +19,10 @@ exact):
 * :meth:`CompositeSpace.repair` is the budget: it moves units of the *filling* parts (those
   whose levels buy bytes in small steps, e.g. bit-widths) one level at a time until the cost
   lies in ``[B - tolerance, B]``, where ``tolerance`` is the largest cost of one level step of
-  a filling unit. Strategies call it on every genome they make, so a mutation that drops a
-  block (or restores one, or prunes a layer) becomes a *trade*: the bytes it frees or takes
-  are given to, or taken from, the other dimensions.
+  a filling unit (other parts' units move only when no filling move helps, e.g. a block is
+  restored when every kept layer is at the top bit-width). Strategies call it on every genome
+  they make, so a mutation that drops a block (or restores one, or prunes a layer) becomes a
+  *trade*: the bytes it frees or takes are given to, or taken from, the other dimensions.
 
 The cost need not be a sum of independent per-part costs (a dropped block costs nothing
 whatever its bit-widths): it is a function of all parts' levels, given by the space that builds
@@ -52,7 +53,8 @@ class Part:
         max_levels: highest level of each unit (0 freezes a unit: a dimension switched off).
         names: a name per unit (for reports).
         start: the levels a search starts from (e.g. nothing dropped, dense, top bit-width).
-        fills: the repair moves this part's units to meet the budget.
+        fills: the repair moves this part's units to meet the budget (the other parts' only
+            when no move of these helps).
         limit: most levels the part's units may hold together (e.g. blocks dropped at most);
             the repair lowers random units of the part until it holds. ``None``: no bound.
     """
@@ -118,45 +120,61 @@ def repair_levels(
     delta: Callable[[Sequence[int], int, int], int],
     budget: int,
     tolerance: int,
-    movable: Sequence[int],
-    max_levels: Sequence[int],
+    fill: Sequence[int],
+    others: Sequence[int] = (),
+    legal: Callable[[Sequence[int], int, int], bool],
     rng: np.random.Generator | None = None,
 ) -> bool:
-    """Move ``movable`` units one level at a time until ``budget - tolerance <= cost <=
-    budget`` (``levels`` changed in place; ``total``: their cost now, ``delta(levels, u,
-    step)``: the cost change of moving unit ``u`` by ``step``); returns whether it got there.
+    """Move units one level at a time until ``budget - tolerance <= cost <= budget``
+    (``levels`` changed in place; ``total``: their cost now; ``delta(levels, u, step)``: the
+    cost change of moving unit ``u`` by ``step``; ``legal(levels, u, step)``: whether that
+    move stays in range); returns whether it got there.
 
-    Over the budget, a unit whose step down lowers the cost goes down; under the window, a
-    unit whose step up raises the cost and still fits goes up. With ``rng`` the unit is
-    random; without, it is the highest (going down) or lowest (going up) level, lowest index
-    first, which deals a budget out as evenly as the steps allow (a deterministic repair, for
-    decoders that must map the same input to the same genome).
+    Each move goes the way the cost must: a ``fill`` unit when one can (e.g. a bit-width),
+    else one of ``others`` (e.g. restoring a dropped block when every kept layer is at the
+    top bit-width, or dropping one when every layer is at the lowest), and, under the window
+    with no move that fits, an ``others`` move that overshoots for the ``fill`` units to
+    correct. With ``rng`` the move is random among the candidates; without, it is the unit
+    with the highest level (when the cost must fall) or the lowest (when it must rise),
+    lowest index first: a deterministic repair that deals a budget out as evenly as the steps
+    allow, for decoders that must map the same input to the same genome.
     """
-    while total > budget:
-        options = [(u, d) for u in movable if levels[u] > 0 and (d := delta(levels, u, -1)) < 0]
-        if not options:
+    for _ in range(8 * (len(fill) + len(others)) + 64):
+        if total > budget:
+            room, down = 0, True
+        elif total < budget - tolerance:
+            room, down = budget - total, False
+        else:
+            return True
+        move = _move(levels, delta, legal, fill, down, room, rng) or _move(
+            levels, delta, legal, others, down, room, rng
+        )
+        if move is None and not down:  # overshoot with a coarse unit, then refill
+            move = _move(levels, delta, legal, others, down, None, rng)
+        if move is None:
             return False
-        u, d = _pick(options, levels, rng, highest=True)
-        levels[u] -= 1
+        u, step, d = move
+        levels[u] += step
         total += d
-    while total < budget - tolerance:
-        options = [
-            (u, d)
-            for u in movable
-            if levels[u] < max_levels[u] and 0 < (d := delta(levels, u, 1)) <= budget - total
-        ]
-        if not options:
-            return False
-        u, d = _pick(options, levels, rng, highest=False)
-        levels[u] += 1
-        total += d
-    return True
+    return False
 
 
-def _pick(options, levels, rng, *, highest: bool):
+def _move(levels, delta, legal, units, down: bool, room: int | None, rng):
+    """A move ``(unit, step, cost change)`` of ``units`` that lowers the cost (``down``) or
+    raises it by at most ``room`` (``None``: by any amount), or ``None``."""
+    options = []
+    for u in units:
+        for step in (-1, 1):
+            if not legal(levels, u, step):
+                continue
+            d = delta(levels, u, step)
+            if (d < 0) if down else (d > 0 and (room is None or d <= room)):
+                options.append((u, step, d))
+    if not options:
+        return None
     if rng is not None:
         return options[int(rng.integers(len(options)))]
-    sign = -1 if highest else 1
+    sign = -1 if down else 1
     return min(options, key=lambda o: (sign * levels[o[0]], o[0]))
 
 
@@ -217,6 +235,8 @@ class CompositeSpace:
             ),
         )
         self._fill = [u for p in self.parts if p.fills for u in lay.span(p.name)]
+        self._others = [u for p in self.parts if not p.fills for u in lay.span(p.name)]
+        self._part_of = [p for p in self.parts for _ in p.max_levels]
         self._delta = delta or self._delta_by_cost
 
     def _delta_by_cost(self, levels: Sequence[int], u: int, step: int) -> int:
@@ -293,11 +313,21 @@ class CompositeSpace:
             delta=self._delta,
             budget=self.budgets[niche],
             tolerance=self.tolerance,
-            movable=self._fill,
-            max_levels=self.spec.max_levels,
+            fill=self._fill,
+            others=self._others,
+            legal=self._legal,
             rng=rng,
         )
         return self.join(self._by_part(levels), niche) if ok else genome
+
+    def _legal(self, levels: Sequence[int], u: int, step: int) -> bool:
+        """Whether unit ``u`` may move by ``step``: its range, and its part's limit."""
+        if not 0 <= levels[u] + step <= self.spec.max_levels[u]:
+            return False
+        part = self._part_of[u]
+        if step > 0 and part.limit is not None:
+            return sum(levels[i] for i in self.layout.span(part.name)) < part.limit
+        return True
 
     def _by_part(self, flat: Sequence[int]) -> dict[str, tuple[int, ...]]:
         return {p.name: tuple(flat[i] for i in self.layout.span(p.name)) for p in self.parts}

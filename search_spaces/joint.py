@@ -188,6 +188,9 @@ class JointSpace(CompositeSpace):
                  fills=True),
         ]  # fmt: skip
         self._bits_at = n_blocks + len(refs)  # first bits unit in the parts' levels
+        self._block_units = [
+            [i for i, r in enumerate(refs) if r.block == k] for k in range(n_blocks)
+        ]
         budgets, labels, niche = self._budgets()
         tolerance = max(
             (c[b + 1] - c[b] for c in self.unit_bytes for b in range(n_levels - 1)), default=0
@@ -212,6 +215,12 @@ class JointSpace(CompositeSpace):
             return [total], [str(q.levels[level])], 0
         values = c.range_bits()
         budgets = [math.floor(v * self.total_weights / 8) for v in values]
+        lowest = sum(cost[0] for cost in self.unit_bytes)
+        if budgets[0] < lowest:  # bits alone could not meet it, so no start genome would
+            raise ValueError(
+                f"bits_range starts at {values[0]:g} bits per weight, below uniform "
+                f"{q.levels[0]} ({8 * lowest / self.total_weights:.4g}); start the range there"
+            )
         return budgets, [f"{v:g}" for v in values], len(values) // 2
 
     # -- construction ---------------------------------------------------------------------
@@ -271,10 +280,17 @@ class JointSpace(CompositeSpace):
         return sum(c[b] for r, c, b in zip(self.refs, self.unit_bytes, bits) if not drop[r.block])
 
     def _delta(self, levels: Sequence[int], u: int, step: int) -> int:
-        """Bytes of moving unit ``u`` by ``step``: bits units of kept blocks only."""
+        """Bytes of moving unit ``u`` of the parts' levels by ``step``: a block's drop frees
+        its linears' bytes (a restore takes them), a bit-width moves its linear's bytes when
+        its block is kept, and a sparsity level moves none (zeros are stored densely)."""
+        n_blocks = self.drop_space.n_blocks
+        if u < n_blocks:
+            bits = levels[self._bits_at :]
+            block = sum(self.unit_bytes[i][bits[i]] for i in self._block_units[u])
+            return -step * block
         i = u - self._bits_at
         if i < 0 or levels[self.refs[i].block]:
-            return 0  # a drop or sparsity unit, or a linear of a dropped block
+            return 0  # a sparsity unit, or a linear of a dropped block
         cost, b = self.unit_bytes[i], levels[u]
         return cost[b + step] - cost[b]
 
