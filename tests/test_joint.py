@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 
 import numpy as np
@@ -341,6 +342,13 @@ def test_front_of_kl_against_bytes_from_the_python_api(tmp_path, model_dir, stra
     assert results["pareto"]["size"] == len(front["front"])
     page = (tmp_path / "run" / "report.html").read_text()
     assert "Where the bytes went" in page
+    if strategy == "evopress" and importlib.util.find_spec("compressed_tensors"):
+        from evosearch.jobs.models import export_genome
+
+        point = front["front"][0]  # any point of the front exports, its blocks removed
+        export_genome(tmp_path / "run", point["genome"], tmp_path / "p0")
+        profile = json.loads((tmp_path / "p0" / "joint_profile.json").read_text())
+        assert profile["bytes"] == point["bytes"] and profile["genome"] == point["genome"]
 
 
 def test_cli_joint_search_exports_a_model_that_reloads(tmp_path, model_dir, capsys):
