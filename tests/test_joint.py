@@ -105,6 +105,16 @@ def test_composite_genome_keeps_group_sums_and_any_niche_is_valid():
     assert space.start_genome(0) == space.repair(space.start_genome(0))  # canonical
 
 
+def test_optuna_samples_only_the_budget_that_varies_between_niches():
+    from evosearch.jobs.strategy import _sampled_range, _varying_groups
+
+    niches = [{0: 900, 1: k} for k in range(4)]  # a composite: slack group fixed, niche moves
+    assert _varying_groups(niches) == (1,) and _sampled_range(niches) == (0, 3, 1)
+    sparsity = [{0: 10}, {0: 12}, {0: 14}]  # every group moves: all sampled, as before
+    assert _varying_groups(sparsity) is None and _sampled_range(sparsity) == (10, 14, 2)
+    assert _varying_groups([3, 4, 5]) is None and _sampled_range([3, 4, 5]) == (3, 5, 1)
+
+
 # -- the joint space: bytes ----------------------------------------------------------------------
 
 
