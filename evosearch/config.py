@@ -364,7 +364,8 @@ class SearchConfig:
         if self.objectives and name == "evopress" and not ranged:
             raise ValueError(
                 "evopress searches several objectives over a range of budgets: add "
-                "drop_range (--drop-range LOW,HIGH) or sparsity_range (--sparsity-range LOW,HIGH)"
+                "drop_range (--drop-range LOW,HIGH), sparsity_range (--sparsity-range LOW,HIGH) "
+                "or the space's own range (e.g. the joint space's bits_range)"
             )
         if self.strategy.budget_focus is not None and (name != "evopress" or not ranged):
             raise ValueError(

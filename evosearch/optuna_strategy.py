@@ -35,6 +35,8 @@ class OptunaStrategyConfig:
         budget_range: ``(low, high)`` or ``(low, high, step)``: search every group's budget
             in this range as well (multi-budget / multi-objective search); ``None`` keeps the
             space's budgets.
+        budget_groups: the groups whose budget ``budget_range`` samples (``None``: all); the
+            others keep the space's budgets (e.g. a composite space's slack group).
     """
 
     sampler: str = "tpe"
@@ -42,6 +44,7 @@ class OptunaStrategyConfig:
     batch_size: int = 16
     tokens: int = 2048
     budget_range: tuple[int, ...] | None = None
+    budget_groups: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -142,7 +145,7 @@ class OptunaStrategy:
             lo, hi, *step = self.config.budget_range
             step_ = step[0] if step else 1
             hi = lo + (hi - lo) // step_ * step_  # Optuna needs high on the step grid
-            for g in sorted(spec.budgets):
+            for g in sorted(self.config.budget_groups or spec.budgets):
                 self._distributions[f"budget.{g}"] = optuna.distributions.IntDistribution(
                     lo, hi, step=step_
                 )
@@ -158,7 +161,7 @@ class OptunaStrategy:
             keys = encode_genome(spec, genome)
             params = {f"key.{u}": keys[u] for u in self._active}
             if self.config.budget_range is not None:
-                for g in sorted(spec.budgets):
+                for g in sorted(self.config.budget_groups or spec.budgets):
                     params[f"budget.{g}"] = spec.group_total(genome.levels, g)
             self.study.enqueue_trial(params)
         self.generation = 0
@@ -174,7 +177,9 @@ class OptunaStrategy:
         for u in self._active:
             keys[u] = params[f"key.{u}"]
         budgets = {g: params.get(f"budget.{g}", b) for g, b in spec.budgets.items()}
-        return decode_keys(spec, keys, budgets)
+        genome = decode_keys(spec, keys, budgets)
+        repair = getattr(self.space, "repair", None)  # deterministic: same params, same genome
+        return genome if repair is None else repair(genome)
 
     @property
     def done(self) -> bool:

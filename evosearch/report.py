@@ -645,6 +645,78 @@ def _healing_section(runs: Sequence[RunRecord]) -> list[str]:
     return body
 
 
+def _allocation_points(run: RunRecord) -> list[dict[str, Any]]:
+    """The points whose description says where their bytes went (``blocks``: per block kept or
+    dropped, bytes, sparsity, bits): the Pareto front, else the best genome."""
+    file = run.path / "pareto_front.json"
+    if file.is_file():
+        front = json.loads(file.read_text()).get("front", [])
+        if front and "blocks" in front[0]:
+            return front
+    best = run.results.get("best", {})
+    return [best] if "blocks" in best else []
+
+
+def _block_strip(blocks: Sequence[dict[str, Any]]) -> str:
+    """One cell per block: ``-`` dropped, else its bits per weight and its sparsity."""
+    return " ".join(
+        f"{b['block']}:"
+        + (f"{b['bits_per_weight']:.2g}b" if b["kept"] else "-")
+        + (f"/{b['sparsity']:.0%}" if b["kept"] and b["sparsity"] else "")
+        for b in blocks
+    )
+
+
+def _bytes_section(runs: Sequence[RunRecord]) -> list[str]:
+    """Where each point's bytes went (spaces whose descriptions have ``blocks``, e.g. the joint
+    drop x sparsity x bits space): blocks dropped, sparsity, bits of the kept blocks."""
+    body = []
+    for run in runs:
+        points = _allocation_points(run)
+        if not points:
+            continue
+        name = run.fitness_name
+        rows = []
+        for p in sorted(points, key=lambda p: p.get("bytes", 0)):
+            kept = [b for b in p["blocks"] if b["kept"]]
+            kept_bytes = sum(b["bytes"] for b in kept)
+            rows.append(
+                [p.get("genome", "")[:12], p.get(name, ""), p.get("bytes", ""),
+                 p.get("bits_per_weight", ""), len(p["blocks"]) - len(kept),
+                 p.get("sparsity", ""), 8 * kept_bytes / max(1, _kept_weights(kept)),
+                 _block_strip(p["blocks"])]
+            )  # fmt: skip
+        title = f": {html.escape(run.name)}" if len(runs) > 1 else ""
+        body.append(f"<h2>Where the bytes went{title}</h2>")
+        body.append(
+            _table(
+                [
+                    "genome",
+                    name,
+                    "bytes",
+                    "bits/weight",
+                    "blocks dropped",
+                    "sparsity",
+                    "bits/weight of kept blocks",
+                    "per block: bits/weight / sparsity (- dropped)",
+                ],
+                rows,
+            )  # fmt: skip
+        )
+        note = run.space.get("sparse_storage")
+        body.append(
+            "<p>Bytes of the block linears as the export format stores them (codes, scales, "
+            "zero points); a dropped block costs none. "
+            + (html.escape(note) + ".</p>" if note else "</p>")
+        )
+    return body
+
+
+def _kept_weights(kept: Sequence[dict[str, Any]]) -> float:
+    """Weights of the kept blocks, from their bytes and bits per weight."""
+    return sum(8 * b["bytes"] / b["bits_per_weight"] for b in kept if b["bits_per_weight"])
+
+
 def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None) -> Path:
     """Write ``report.html``, the PNG figures and ``pareto.csv/json`` for one or more runs.
 
@@ -728,6 +800,7 @@ def _sections(runs: list[RunRecord], points, out: Path) -> list[str]:
         "the run's evaluation sets where it computed them.</p>"
     )
     body.extend(_healing_section(runs))
+    body.extend(_bytes_section(runs))
     body.append("<h2>Per-layer picture</h2>")
     body.append(_img(out / "layers.png", _FIGURES["layers.png"][0]))
     body.append("<h2>Candidates and Pareto front</h2>")

@@ -11,10 +11,20 @@ from evosearch.strategies import EvoPress, MultiBudgetEvoPress, RandomSearch
 __all__ = ["make_strategy", "niches"]
 
 
+def _varying_groups(budgets: list) -> tuple[int, ...] | None:
+    """The groups whose budget differs between the niches (``None``: every group, or
+    integer budgets that set every group alike)."""
+    if not budgets or not isinstance(budgets[0], dict):
+        return None
+    varying = tuple(g for g in sorted(budgets[0]) if len({b[g] for b in budgets}) > 1)
+    return None if len(varying) == len(budgets[0]) else varying
+
+
 def _sampled_range(budgets: list) -> tuple[int, int, int]:
-    """``(low, high, step)`` of the budgets an Optuna sampler draws from (every group has the
-    same range): the niches' span, on their grid when they are evenly spaced."""
-    values = [b if isinstance(b, int) else min(b.values()) for b in budgets]
+    """``(low, high, step)`` of the budgets an Optuna sampler draws from (every sampled group
+    has the same range): the niches' span, on their grid when they are evenly spaced."""
+    groups = _varying_groups(budgets)
+    values = [b if isinstance(b, int) else min(b[g] for g in (groups or b)) for b in budgets]
     steps = {b - a for a, b in zip(values, values[1:])}
     return values[0], values[-1], steps.pop() if len(steps) == 1 else 1
 
@@ -71,6 +81,7 @@ def _optuna(sampler: str):
             batch_size=config.strategy.loop.offspring,
             tokens=config.strategy.sampler_tokens or config.stages[-1].tokens,
             budget_range=None if budgets is None else _sampled_range(budgets[0]),
+            budget_groups=None if budgets is None else _varying_groups(budgets[0]),
         )
         return OptunaStrategy(
             problem.space,
