@@ -18,8 +18,15 @@ from torch import nn
 
 from evosearch.data import TokenData
 from evosearch.errors import CandidateError, UserError
-from evosearch.evaluation import Batch, Candidate, Fitness, is_additive
-from evosearch.forward import DenseCache, compute_dtype, model_device, resolve_dtype
+from evosearch.arch import get_blocks
+from evosearch.evaluation import Batch, Candidate, Fitness, Reference, is_additive
+from evosearch.forward import (
+    BlockStates,
+    DenseCache,
+    compute_dtype,
+    model_device,
+    resolve_dtype,
+)
 from evosearch.genome import Genome
 from evosearch.rundir import RunDir
 from evosearch.runners import InProcessRunner, Outcome, Runner
@@ -63,6 +70,10 @@ class Evaluator:
         fitness: the fitness (lower is better after ``sign``).
         dense: dense activations for prefix reuse and teacher outputs, or ``None``.
         prefix_reuse: start each forward at the genome's first changed block.
+        parent_reuse: keep the hidden states of the request's parents (:meth:`reuse_parents`)
+            on the current batch, and start each other genome at the first block where it
+            differs from one of them (when the space has ``first_difference``); exact. Holds
+            at most ``parent_bytes`` (``(L + 1) x d x 4`` bytes per token per parent).
         dtype: compute dtype of the candidates (:func:`~evosearch.forward.resolve_dtype`:
             ``"auto"``, ``"float32"``, ``"bfloat16"``, a ``torch.dtype``); ``None`` takes the
             dense cache's, so that prefix reuse stays exact (float32 without a cache).
@@ -80,6 +91,11 @@ class Evaluator:
     tokens: int = 0
     seconds: float = 0.0
     dtype: str | torch.dtype | None = field(default=None, kw_only=True)
+    parent_reuse: bool = field(default=True, kw_only=True)
+    parent_bytes: int = field(default=4 << 30, kw_only=True)
+    _parents: tuple = field(default=(), init=False, repr=False)
+    _states: dict = field(default_factory=dict, init=False, repr=False)  # key -> (genome, states)
+    _states_batch: str | None = field(default=None, init=False, repr=False)
 
     @property
     def sign(self) -> float:
@@ -103,11 +119,46 @@ class Evaluator:
         evaluation computes exactly the micro batches an in-process one does."""
         return int(getattr(self.fitness, "micro_batch", 1))
 
+    def reuse_parents(self, parents, batch: Batch) -> None:
+        """Called before the genomes of a request are evaluated on ``batch``: keep the hidden
+        states of ``parents`` as they are evaluated (states kept for an earlier batch are
+        dropped), so the other genomes start where they first differ from one of them."""
+        if batch.key() != self._states_batch:
+            self._states, self._states_batch = {}, batch.key()
+        self._parents = tuple(parents) if self.parent_reuse else ()
+
+    def _reference(self, genome: Genome, batch: Batch) -> Reference | None:
+        """The kept parent ``genome`` shares the most leading blocks with, on ``batch``."""
+        difference = getattr(self.space, "first_difference", None)
+        if difference is None or batch.key() != self._states_batch:
+            return None
+        best = None
+        for parent, states in self._states.values():
+            block = difference(genome, parent)
+            if best is None or block > best.block:
+                best = Reference(block, states)
+        return best
+
+    def _keeper(self, genome: Genome, batch: Batch) -> BlockStates | None:
+        """Fresh states to fill when ``genome`` is a parent and the budget has room."""
+        if genome not in self._parents or batch.key() != self._states_batch:
+            return None
+        config = getattr(self.model, "config", None)
+        width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
+        need = (len(get_blocks(self.model)) + 1) * batch.n_tokens * width * 4
+        held = sum(states.nbytes for _, states in self._states.values())
+        return BlockStates() if held + need <= self.parent_bytes else None
+
     def _call(self, genome: Genome, batch: Batch, method: Callable):
         start = self.space.start_block(genome) if self.prefix_reuse else 0
         context = compute_dtype(model_device(self.model), self.compute_dtype)
+        reference, keep = self._reference(genome, batch), self._keeper(genome, batch)
+        candidate = Candidate(self.model, genome, start, self.dense, reference, keep)
         with apply_replacements(self.model, self.space.replacements(self.model, genome)), context:
-            return method(Candidate(self.model, genome, start, self.dense), batch)
+            value = method(candidate, batch)
+        if keep is not None and keep.covers(batch.indices):
+            self._states[genome.key()] = (genome, keep)
+        return value
 
     def raw(self, genome: Genome, batch: Batch) -> float:
         """The fitness of ``genome`` on ``batch`` in its own direction, without memoisation."""
@@ -296,6 +347,7 @@ def _evaluate(request, batch: Batch, evaluator: Evaluator, runner, run, log, pro
         if (genome.key(), batch.key()) not in evaluator.cache:
             todo.setdefault(genome.key(), genome)
     pending = list(todo.values())
+    evaluator.reuse_parents(getattr(request, "parents", ()), batch)
     n_done = 0
     for genome, outcome in zip(pending, runner.evaluate(evaluator, pending, batch)):
         n_done += 1

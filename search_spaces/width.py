@@ -42,6 +42,7 @@ from evosearch.models import cache_dir, remove_blocks
 from evosearch.operators import random_genome
 from evosearch.pruning import collect_stats
 from evosearch.registry import register_baseline, register_space
+from evosearch.space import first_changed_block
 from evosearch.shrink import (
     AttentionGeometry,
     MaskedLinear,
@@ -440,6 +441,11 @@ class WidthSpace:
                     down, cols, self._db().weight("mlp", i, m[i])
                 )
         return out
+
+    def first_difference(self, a: Genome, b: Genome) -> int:
+        """The first block whose attention or MLP width differs between ``a`` and ``b``."""
+        blocks = list(range(self.n_blocks)) * 2
+        return first_changed_block(a, b, blocks, self.n_blocks)
 
     def start_block(self, genome: Genome) -> int:
         a, m = self.levels(genome)
