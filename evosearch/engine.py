@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from evosearch.arch import get_blocks
 from evosearch.data import TokenData
 from evosearch.errors import CandidateError, UserError
-from evosearch.arch import get_blocks
 from evosearch.evaluation import Batch, Candidate, Fitness, Reference, is_additive
 from evosearch.forward import (
     BlockStates,

@@ -112,7 +112,9 @@ class Candidate:
                 return dense.final_hidden[rows]
         hidden = None if source is None else _states(source, start, rows)  # (B, T, d)
         if self.keep is None:
-            return final_hidden(self.model, batch.input_ids, start_block=start, start_hidden=hidden)
+            return final_hidden(
+                self.model, batch.input_ids, start_block=start, start_hidden=hidden
+            )
         with capture_block_states(self.model, start) as captured:
             out = final_hidden(self.model, batch.input_ids, start_block=start, start_hidden=hidden)
         own = captured[0] if start < n else hidden.cpu()[None]  # (L + 1 - start, B, T, d)

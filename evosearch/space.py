@@ -74,8 +74,6 @@ def first_changed_block(a: Genome, b: Genome, unit_blocks, n_blocks: int) -> int
             block 0, one that computes nothing (a budget slack unit) is ``None``.
     """
     changed = [
-        blk
-        for x, y, blk in zip(a.levels, b.levels, unit_blocks)
-        if x != y and blk is not None
+        blk for x, y, blk in zip(a.levels, b.levels, unit_blocks) if x != y and blk is not None
     ]
     return max(0, min(changed)) if changed else n_blocks

@@ -42,7 +42,6 @@ from evosearch.models import cache_dir, remove_blocks
 from evosearch.operators import random_genome
 from evosearch.pruning import collect_stats
 from evosearch.registry import register_baseline, register_space
-from evosearch.space import first_changed_block
 from evosearch.shrink import (
     AttentionGeometry,
     MaskedLinear,
@@ -51,6 +50,7 @@ from evosearch.shrink import (
     save_shrunk,
     shrink_block_,
 )
+from evosearch.space import first_changed_block
 from evosearch.surgery import ZeroAttention, ZeroOutput
 
 __all__ = ["WidthConfig", "WidthDatabase", "WidthSpace", "obs_levels"]

@@ -31,7 +31,9 @@ def _space(name: str, model, ids, tmp_path):
         config = WidthConfig(target=0.5, mlp_levels=8)
         return WidthSpace.build(model, ids, config, db_root=tmp_path, log=lambda _: None)
     if name == "quantization":
-        return QuantSpace.build(model, ids, QuantConfig(bits=3), db_root=tmp_path, log=lambda _: None)
+        return QuantSpace.build(
+            model, ids, QuantConfig(bits=3), db_root=tmp_path, log=lambda _: None
+        )
     return LayerDropSpace(N_LAYERS, num_drop=2)
 
 
