@@ -19,7 +19,15 @@ from torch import nn
 from evosearch.arch import get_blocks
 from evosearch.data import TokenData
 from evosearch.errors import CandidateError, UserError
-from evosearch.evaluation import Batch, Candidate, Fitness, Reference, is_additive
+from evosearch.estimate import Estimate, flip_rate, pooled
+from evosearch.evaluation import (
+    Batch,
+    Candidate,
+    Fitness,
+    Reference,
+    has_sequence_partials,
+    is_additive,
+)
 from evosearch.forward import (
     BlockStates,
     DenseCache,
@@ -34,7 +42,16 @@ from evosearch.strategy import Strategy
 from evosearch.surgery import apply_replacements
 from evosearch.validate import fitness_value
 
-__all__ = ["Evaluator", "SearchResult", "failure_kind", "search", "sample_batch"]
+__all__ = [
+    "Evaluator",
+    "SearchResult",
+    "elite_estimate",
+    "failure_kind",
+    "sample_batch",
+    "search",
+    "selection_note",
+    "selection_stats",
+]
 
 
 def failure_kind(record: dict) -> str:
@@ -87,6 +104,7 @@ class Evaluator:
     dense: DenseCache | None = None
     prefix_reuse: bool = True
     cache: dict[tuple[str, str], float] = field(default_factory=dict)
+    sequences: dict[tuple[str, str], tuple] = field(default_factory=dict)
     evaluations: int = 0
     tokens: int = 0
     seconds: float = 0.0
@@ -160,30 +178,53 @@ class Evaluator:
             self._states[genome.key()] = (genome, keep)
         return value
 
+    @property
+    def per_sequence(self) -> bool:
+        """Whether the fitness gives its sums per sequence (``sequence_partials``)."""
+        return has_sequence_partials(self.fitness)
+
     def raw(self, genome: Genome, batch: Batch) -> float:
         """The fitness of ``genome`` on ``batch`` in its own direction, without memoisation."""
+        return self._scored(genome, batch)[0]
+
+    def _scored(self, genome: Genome, batch: Batch) -> tuple[float, tuple | None]:
+        """``(fitness, per-sequence sums or None)`` of ``genome`` on ``batch``."""
         name = getattr(self.fitness, "name", type(self.fitness).__name__)
         try:
-            value = self._call(genome, batch, self.fitness)
+            if self.per_sequence:
+                parts = tuple(self._call(genome, batch, self.fitness.sequence_partials))
+                value = self.fitness.reduce(*_sums(parts))
+            else:
+                value, parts = self._call(genome, batch, self.fitness), None
         except KeyError as exc:  # e.g. a fitness reading a field the batch lacks
             raise UserError(
                 "the fitness failed", f"fitness {name}", f"{type(exc).__name__}: {exc}"
             ) from exc
-        return fitness_value(value, name)
+        return fitness_value(value, name), parts
 
     def outcome(self, genome: Genome, batch: Batch) -> Outcome:
         """Evaluate ``genome`` on ``batch`` without touching the cache or the counters; a
         ``RuntimeError``, ``ValueError``, CUDA out-of-memory or non-finite value becomes a
         failed :class:`~evosearch.runners.Outcome`. This is what a runner's worker calls."""
-        return self._guarded(lambda: (self.raw(genome, batch), None, None))
+
+        def run() -> tuple:
+            value, parts = self._scored(genome, batch)
+            return value, None, None, parts
+
+        return self._guarded(run)
 
     def partial_outcome(self, genome: Genome, batch: Batch) -> Outcome:
         """Like :meth:`outcome` for one shard of a batch of an additive fitness: the outcome
         carries the fitness's ``(total, count)``, which :meth:`combine` adds up."""
 
-        def run() -> tuple[float, float, float]:
-            total, count = self._call(genome, batch, self.fitness.partial)
-            return self.fitness.reduce(total, count), float(total), float(count)
+        def run() -> tuple:
+            if self.per_sequence:
+                parts = tuple(self._call(genome, batch, self.fitness.sequence_partials))
+                total, count = _sums(parts)
+            else:
+                parts = None
+                total, count = self._call(genome, batch, self.fitness.partial)
+            return self.fitness.reduce(total, count), float(total), float(count), parts
 
         return self._guarded(run)
 
@@ -194,18 +235,23 @@ class Evaluator:
         error = next((p.error for p in parts if p.error is not None), None)
         if error is not None:
             return Outcome(math.nan, error, seconds)
-        total, count = sum(p.total for p in parts), sum(p.count for p in parts)
+        sequences = None
+        if all(p.sequences is not None for p in parts):
+            sequences = tuple(s for p in parts for s in p.sequences)
+            total, count = _sums(sequences)  # exactly rounded: as in process
+        else:
+            total, count = sum(p.total for p in parts), sum(p.count for p in parts)
         value = float(self.fitness.reduce(total, count))
         if not math.isfinite(value):
             return Outcome(math.nan, f"non-finite fitness {value}", seconds)
-        return Outcome(value, None, seconds)
+        return Outcome(value, None, seconds, sequences=sequences)
 
     def _guarded(self, run: Callable[[], tuple]) -> Outcome:
         t0 = time.perf_counter()
-        total = count = None
+        total = count = sequences = None
         error = None
         try:
-            value, total, count = run()
+            value, total, count, sequences = run()
             if not math.isfinite(value):
                 error = f"non-finite fitness {value}"
         except UserError:
@@ -214,7 +260,7 @@ class Evaluator:
             value, error = math.nan, f"invalid candidate: {type(exc).__name__}: {exc}"
         except (RuntimeError, ValueError, torch.cuda.OutOfMemoryError) as exc:
             value, error = math.nan, f"{type(exc).__name__}: {exc}"
-        return Outcome(value, error, time.perf_counter() - t0, total, count)
+        return Outcome(value, error, time.perf_counter() - t0, total, count, sequences)
 
     def record(self, genome: Genome, batch: Batch, outcome: Outcome) -> tuple[float, dict]:
         """Memoise ``outcome`` and count it; returns ``(value to minimise, log record)``."""
@@ -234,6 +280,9 @@ class Evaluator:
         if error:
             record["error"] = error
             record["failure"] = failure_kind(record)
+        elif outcome.sequences is not None:
+            self.sequences[(genome.key(), batch.key())] = outcome.sequences
+            record["sequences"] = [list(p) for p in outcome.sequences]
         return minimised, record
 
     def __call__(self, genome: Genome, batch: Batch) -> tuple[float, dict | None]:
@@ -242,6 +291,11 @@ class Evaluator:
         if key in self.cache:
             return self.cache[key], None
         return self.record(genome, batch, self.outcome(genome, batch))
+
+
+def _sums(parts) -> tuple[float, float]:
+    """``(total, count)`` of per-sequence sums, exactly rounded (the same for any split)."""
+    return math.fsum(t for t, _ in parts), math.fsum(c for _, c in parts)
 
 
 @dataclass
@@ -285,7 +339,9 @@ def search(
     state is checkpointed atomically after each generation; with ``resume`` both are loaded
     first, so nothing that finished is evaluated again and the trajectory is unchanged.
     """
-    log = _resume(strategy, evaluator, run, progress) if run is not None and resume else []
+    log, stats = [], {}
+    if run is not None and resume:
+        log, stats = _resume(strategy, evaluator, run, progress)
     runner = runner if runner is not None else InProcessRunner()
     t_start = time.perf_counter()
     report = _Progress(strategy, evaluator, progress)
@@ -296,14 +352,22 @@ def search(
         values = _evaluate(request, batch, evaluator, runner, run, log, progress)
         strategy.tell(request, values)
         if strategy.generation != request.generation:  # a generation just finished
+            stats[request.generation] = selection_stats(
+                strategy, evaluator, request, batch, data.seq_len, seed=seed
+            )
             if run is not None:
-                run.write_checkpoint({"strategy": strategy.state_dict()})
-            report(request)
+                state = {"strategy": strategy.state_dict(), "selection": _by_str(stats)}
+                run.write_checkpoint(state)
+            report(request, stats[request.generation])
     best, best_value = strategy.best
+    history = [
+        {**h, "value": evaluator.sign * h["value"], **stats.get(h["generation"], {})}
+        for h in strategy.history
+    ]
     return SearchResult(
         best=best,
         best_value=evaluator.sign * best_value,
-        history=[{**h, "value": evaluator.sign * h["value"]} for h in strategy.history],
+        history=history,
         evaluations=log,
         n_evaluations=evaluator.evaluations,
         tokens=evaluator.tokens,
@@ -311,9 +375,70 @@ def search(
     )
 
 
-def _resume(strategy: Strategy, evaluator: Evaluator, run: RunDir, progress) -> list[dict]:
+def selection_stats(
+    strategy: Strategy,
+    evaluator: Evaluator,
+    request,
+    batch: Batch,
+    seq_len: int,
+    *,
+    seed: int = 0,
+    resamples: int = 200,
+) -> dict:
+    """What the progress line and the history report about a finished generation's selection
+    (:mod:`evosearch.estimate`): the elite's fitness pooled over every sequence it has been
+    scored on (``elite_value``, ``elite_se``, ``elite_tokens``) and, when the fitness gives
+    per-sequence sums, the share of resamples of the last stage's sequences on which another
+    of its candidates would rank first (``flip_rate``). ``request`` and ``batch``: the
+    generation's last stage."""
+    out: dict = {}
+    best = strategy.best
+    if best is not None and (est := elite_estimate(evaluator, best[0], seq_len)) is not None:
+        out.update(elite_value=est.value, elite_se=est.se, elite_tokens=est.tokens)
+    if evaluator.per_sequence:
+        distinct = dict.fromkeys(g.key() for g in request.genomes)
+        parts = [evaluator.sequences.get((g, batch.key())) for g in distinct]
+        rng = np.random.default_rng([seed, request.generation, 24])
+        rate = flip_rate(
+            [p for p in parts if p is not None],
+            rng,
+            reduce=evaluator.fitness.reduce,
+            sign=evaluator.sign,
+            resamples=resamples,
+        )
+        if rate is not None:
+            out["flip_rate"] = rate
+    return out
+
+
+def elite_estimate(evaluator: Evaluator, genome, seq_len: int) -> Estimate | None:
+    """``genome``'s fitness pooled over the distinct sequences of every batch it has been
+    scored on (per-sequence sums; without them, each batch's value weighted by its tokens)."""
+    key = genome.key()
+    if evaluator.per_sequence:
+        rows: dict[str, tuple[float, float]] = {}
+        for (g, b), parts in evaluator.sequences.items():
+            if g == key:
+                for row, part in zip(b.split(","), parts):
+                    rows.setdefault(row, part)
+        return pooled(list(rows.values()), evaluator.fitness.reduce) if rows else None
+    batches = []
+    for (g, b), value in evaluator.cache.items():
+        if g == key and math.isfinite(value):
+            tokens = len(b.split(",")) * seq_len
+            batches.append((evaluator.sign * value * tokens, tokens))
+    return pooled(batches) if batches else None
+
+
+def _by_str(stats: dict[int, dict]) -> dict[str, dict]:
+    return {str(g): v for g, v in stats.items()}
+
+
+def _resume(
+    strategy: Strategy, evaluator: Evaluator, run: RunDir, progress
+) -> tuple[list[dict], dict[int, dict]]:
     """Load a run's evaluation log into the memo (environment failures are evaluated again)
-    and the strategy's checkpoint; returns the log."""
+    and the strategy's checkpoint; returns the log and the selection stats per generation."""
     log = run.evaluations()
     for rec in log:
         if rec.get("error") and failure_kind(rec) == "environment":
@@ -321,6 +446,9 @@ def _resume(strategy: Strategy, evaluator: Evaluator, run: RunDir, progress) -> 
             continue  # an out-of-memory or unreadable file: evaluate it again
         value = math.inf if rec.get("value") is None else evaluator.sign * rec["value"]
         evaluator.cache[(rec["genome"], rec["batch"])] = value
+        if rec.get("sequences") is not None:
+            parts = tuple(tuple(p) for p in rec["sequences"])
+            evaluator.sequences[(rec["genome"], rec["batch"])] = parts
     state = run.checkpoint()
     if state is not None:
         try:
@@ -336,7 +464,8 @@ def _resume(strategy: Strategy, evaluator: Evaluator, run: RunDir, progress) -> 
             progress(
                 f"resuming at generation {strategy.generation} with {len(log)} logged evaluations"
             )
-    return log
+    stats = (state or {}).get("selection", {})
+    return log, {int(g): v for g, v in stats.items()}
 
 
 def _evaluate(request, batch: Batch, evaluator: Evaluator, runner, run, log, progress) -> list:
@@ -381,7 +510,7 @@ class _Progress:
         self.evals_at_gen = evaluator.evaluations
         self.name = getattr(evaluator.fitness, "name", "fitness")
 
-    def __call__(self, request) -> None:
+    def __call__(self, request, stats: dict | None = None) -> None:
         if not self.progress:
             return
         ev, strategy = self.evaluator, self.strategy
@@ -393,8 +522,21 @@ class _Progress:
         total = getattr(getattr(strategy, "config", None), "generations", "?")
         self.progress(
             f"gen {request.generation:3d}/{total}  best {self.name} {ev.sign * best_value:.4f} "
-            f"@{request.tokens} tok  evals {ev.evaluations} (+{done}, {rate:.2f}/s)  "
-            f"tokens {ev.tokens / 1e6:.2f}M  {now - self.t_start:.0f}s"
+            f"@{request.tokens} tok{selection_note(stats or {})}  evals {ev.evaluations} "
+            f"(+{done}, {rate:.2f}/s)  tokens {ev.tokens / 1e6:.2f}M  {now - self.t_start:.0f}s"
             + (f"  {note(ev.sign)}" if note else "")
         )
         self.evals_at_gen, self.t_gen = ev.evaluations, now
+
+
+def selection_note(stats: dict) -> str:
+    """The progress line's part from :func:`selection_stats`, e.g.
+    ``"  elite 0.7301 ± 0.0123 (6144 tok)  flip 12%"`` (empty without stats)."""
+    out = ""
+    if "elite_value" in stats:
+        se = stats.get("elite_se")
+        spread = "" if se is None else f" ± {se:.4f}"
+        out += f"  elite {stats['elite_value']:.4f}{spread} ({stats['elite_tokens']:.0f} tok)"
+    if "flip_rate" in stats:
+        out += f"  flip {100 * stats['flip_rate']:.0f}%"
+    return out

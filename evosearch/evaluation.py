@@ -28,6 +28,7 @@ __all__ = [
     "Fitness",
     "Reference",
     "as_fitness",
+    "has_sequence_partials",
     "is_additive",
     "measure_latency",
 ]
@@ -164,6 +165,16 @@ class AdditiveFitness(Protocol):
     def partial(self, candidate: Candidate, batch: Batch) -> tuple[float, float]: ...
 
     def reduce(self, total: float, count: float) -> float: ...
+
+    # Optional: ``sequence_partials(candidate, batch) -> [(total, count), ...]``, the sums of
+    # each sequence of ``batch`` in order. With it, the search pools a genome's sequences over
+    # every batch it was scored on (its accumulated estimate and standard error) and resamples
+    # the final stage's sequences (how often its decision would flip): evosearch.estimate.
+
+
+def has_sequence_partials(fitness) -> bool:
+    """Whether ``fitness`` is additive and gives its sums per sequence."""
+    return is_additive(fitness) and callable(getattr(fitness, "sequence_partials", None))
 
 
 def is_additive(fitness) -> bool:

@@ -45,15 +45,25 @@ class Perplexity:
         """Nothing to cache: perplexity needs no teacher."""
 
     @torch.no_grad()
+    def sequence_partials(self, candidate: Candidate, batch: Batch) -> list[tuple[float, float]]:
+        """``(summed next-token NLL, predicted tokens)`` of each sequence of ``batch``."""
+        head = candidate.model.get_output_embeddings()
+        parts: list[tuple[float, float]] = []
+        for mb in batch.split(self.micro_batch):
+            logits = head(candidate.final_hidden(mb))  # (b, T, V)
+            labels = mb.input_ids[:, 1:].to(logits.device)
+            nll = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                labels.reshape(-1),
+                reduction="none",
+            ).reshape(labels.shape)  # (b, T - 1)
+            parts += [(t, float(nll.shape[1])) for t in nll.double().sum(-1).tolist()]
+        return parts
+
     def partial(self, candidate: Candidate, batch: Batch) -> tuple[float, float]:
         """``(summed next-token NLL, predicted tokens)`` over ``batch``."""
-        head = candidate.model.get_output_embeddings()
-        total, count = 0.0, 0
-        for mb in batch.split(self.micro_batch):
-            s, n = nll_sum(head(candidate.final_hidden(mb)), mb.input_ids)
-            total += s
-            count += n
-        return total, count
+        parts = self.sequence_partials(candidate, batch)
+        return math.fsum(t for t, _ in parts), math.fsum(c for _, c in parts)
 
     def reduce(self, total: float, count: float) -> float:
         """The perplexity of a batch from its summed :meth:`partial` parts."""
