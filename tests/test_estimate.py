@@ -131,3 +131,30 @@ def test_perplexity_per_sequence_sums_add_up_to_its_partial(drop_search):
     assert all(c == data.seq_len - 1 for _, c in outcome.sequences)
     total = sum(t for t, _ in outcome.sequences)
     assert outcome.value == pytest.approx(math.exp(total / (len(batch.indices) * 7)))
+
+
+def test_the_run_summary_says_how_sure_the_last_choice_was():
+    from evosearch.config import SearchConfig
+    from evosearch.jobs.report import selection_line
+    from evosearch.jobs.search import selection_summary
+
+    history = [
+        {"generation": 0, "value": 0.9, "flip_rate": 0.5},
+        {"generation": 1, "value": 0.8, "elite_value": 0.7, "elite_se": 0.01},
+    ]
+    history[1].update(elite_tokens=4096.0, flip_rate=0.25)
+    summary = selection_summary(history)
+    assert summary == {
+        "elite_value": 0.7,
+        "elite_se": 0.01,
+        "elite_tokens": 4096.0,
+        "flip_rate": 0.25,
+        "flip_rate_mean": 0.375,
+    }
+    config = SearchConfig()
+    line = selection_line(summary, config)
+    assert line.startswith("selection: the last stage's winner changes in 25% of resampled ")
+    assert "give the last stage more tokens" in line
+    assert line.endswith("best kl 0.7000 ± 0.0100 pooled over 4096 tokens")
+    assert "more tokens" not in selection_line({**summary, "flip_rate": 0.0}, config)
+    assert selection_line({}, config) is None and selection_summary([]) == {}
