@@ -25,7 +25,6 @@ from evosearch.evaluation import (
     Candidate,
     Fitness,
     Reference,
-    has_sequence_partials,
     is_additive,
 )
 from evosearch.forward import (
@@ -167,40 +166,42 @@ class Evaluator:
         held = sum(states.nbytes for _, states in self._states.values())
         return BlockStates() if held + need <= self.parent_bytes else None
 
-    def _call(self, genome: Genome, batch: Batch, method: Callable):
+    def _call(self, genome: Genome, batch: Batch, method: Callable) -> tuple:
+        """``(method(candidate, batch), per-sequence sums)`` on the materialised candidate; the
+        sums are those the fitness appended to ``candidate.sequences``, ``None`` unless it
+        gave one per sequence of ``batch``."""
         start = self.space.start_block(genome) if self.prefix_reuse else 0
         context = compute_dtype(model_device(self.model), self.compute_dtype)
         reference, keep = self._reference(genome, batch), self._keeper(genome, batch)
-        candidate = Candidate(self.model, genome, start, self.dense, reference, keep)
+        candidate = Candidate(self.model, genome, start, self.dense, reference, keep, [])
         with apply_replacements(self.model, self.space.replacements(self.model, genome)), context:
             value = method(candidate, batch)
         if keep is not None and keep.covers(batch.indices):
             self._states[genome.key()] = (genome, keep)
-        return value
-
-    @property
-    def per_sequence(self) -> bool:
-        """Whether the fitness gives its sums per sequence (``sequence_partials``)."""
-        return has_sequence_partials(self.fitness)
+        parts = tuple(candidate.sequences)
+        return value, parts if len(parts) == len(batch.indices) else None
 
     def raw(self, genome: Genome, batch: Batch) -> float:
         """The fitness of ``genome`` on ``batch`` in its own direction, without memoisation."""
         return self._scored(genome, batch)[0]
 
     def _scored(self, genome: Genome, batch: Batch) -> tuple[float, tuple | None]:
-        """``(fitness, per-sequence sums or None)`` of ``genome`` on ``batch``."""
+        """``(fitness, per-sequence sums or None)`` of ``genome`` on ``batch``; the sums are
+        kept only when they reduce to the fitness's value (a subclass may change it)."""
         name = getattr(self.fitness, "name", type(self.fitness).__name__)
         try:
-            if self.per_sequence:
-                parts = tuple(self._call(genome, batch, self.fitness.sequence_partials))
-                value = self.fitness.reduce(*_sums(parts))
-            else:
-                value, parts = self._call(genome, batch, self.fitness), None
+            value, parts = self._call(genome, batch, self.fitness)
         except KeyError as exc:  # e.g. a fitness reading a field the batch lacks
             raise UserError(
                 "the fitness failed", f"fitness {name}", f"{type(exc).__name__}: {exc}"
             ) from exc
-        return fitness_value(value, name), parts
+        value = fitness_value(value, name)
+        if parts is not None and not (
+            is_additive(self.fitness)
+            and math.isclose(self.fitness.reduce(*_sums(parts)), value, rel_tol=1e-9)
+        ):
+            parts = None
+        return value, parts
 
     def outcome(self, genome: Genome, batch: Batch) -> Outcome:
         """Evaluate ``genome`` on ``batch`` without touching the cache or the counters; a
@@ -218,12 +219,7 @@ class Evaluator:
         carries the fitness's ``(total, count)``, which :meth:`combine` adds up."""
 
         def run() -> tuple:
-            if self.per_sequence:
-                parts = tuple(self._call(genome, batch, self.fitness.sequence_partials))
-                total, count = _sums(parts)
-            else:
-                parts = None
-                total, count = self._call(genome, batch, self.fitness.partial)
+            (total, count), parts = self._call(genome, batch, self.fitness.partial)
             return self.fitness.reduce(total, count), float(total), float(count), parts
 
         return self._guarded(run)
@@ -395,17 +391,12 @@ def selection_stats(
     best = strategy.best
     if best is not None and (est := elite_estimate(evaluator, best[0], seq_len)) is not None:
         out.update(elite_value=est.value, elite_se=est.se, elite_tokens=est.tokens)
-    if evaluator.per_sequence:
-        distinct = dict.fromkeys(g.key() for g in request.genomes)
-        parts = [evaluator.sequences.get((g, batch.key())) for g in distinct]
+    distinct = dict.fromkeys(g.key() for g in request.genomes)
+    parts = [evaluator.sequences.get((g, batch.key())) for g in distinct]
+    if evaluator.additive and (parts := [p for p in parts if p is not None]):
         rng = np.random.default_rng([seed, request.generation, 24])
-        rate = flip_rate(
-            [p for p in parts if p is not None],
-            rng,
-            reduce=evaluator.fitness.reduce,
-            sign=evaluator.sign,
-            resamples=resamples,
-        )
+        reduce = evaluator.fitness.reduce
+        rate = flip_rate(parts, rng, reduce=reduce, sign=evaluator.sign, resamples=resamples)
         if rate is not None:
             out["flip_rate"] = rate
     return out
@@ -415,19 +406,20 @@ def elite_estimate(evaluator: Evaluator, genome, seq_len: int) -> Estimate | Non
     """``genome``'s fitness pooled over the distinct sequences of every batch it has been
     scored on (per-sequence sums; without them, each batch's value weighted by its tokens)."""
     key = genome.key()
-    if evaluator.per_sequence:
+    scored = [b for (g, b), v in evaluator.cache.items() if g == key and math.isfinite(v)]
+    if not scored:
+        return None
+    if evaluator.additive and all((key, b) in evaluator.sequences for b in scored):
         rows: dict[str, tuple[float, float]] = {}
-        for (g, b), parts in evaluator.sequences.items():
-            if g == key:
-                for row, part in zip(b.split(","), parts):
-                    rows.setdefault(row, part)
-        return pooled(list(rows.values()), evaluator.fitness.reduce) if rows else None
-    batches = []
-    for (g, b), value in evaluator.cache.items():
-        if g == key and math.isfinite(value):
-            tokens = len(b.split(",")) * seq_len
-            batches.append((evaluator.sign * value * tokens, tokens))
-    return pooled(batches) if batches else None
+        for b in scored:
+            for row, part in zip(b.split(","), evaluator.sequences[(key, b)]):
+                rows.setdefault(row, part)
+        return pooled(list(rows.values()), evaluator.fitness.reduce)
+    batches = []  # e.g. a worker's fitness that gives no per-sequence sums
+    for b in scored:
+        tokens = len(b.split(",")) * seq_len
+        batches.append((evaluator.sign * evaluator.cache[(key, b)] * tokens, tokens))
+    return pooled(batches)
 
 
 def _by_str(stats: dict[int, dict]) -> dict[str, dict]:

@@ -3,8 +3,8 @@ how often the final racing stage's decision would flip on a resampled batch.
 
 Racing compares candidates on one shared batch per stage, so a printed per-batch value moves
 with the batch as much as with the search. An additive fitness that gives its sums per sequence
-(``sequence_partials``: a token-weighted mean such as the KL, or a perplexity) lets the search
-say more:
+(appended to ``candidate.sequences``: a token-weighted mean such as the KL, or a perplexity)
+lets the search say more:
 
 * :func:`pooled`: the elite's estimate over the union of the sequences of every batch it was
   scored on (a sequence scored twice counts once: its value is the same), with a standard error

@@ -28,7 +28,6 @@ __all__ = [
     "Fitness",
     "Reference",
     "as_fitness",
-    "has_sequence_partials",
     "is_additive",
     "measure_latency",
 ]
@@ -86,6 +85,8 @@ class Candidate:
         reference: a parent's states, started from where that is later than ``start_block``.
         keep: when set, :meth:`final_hidden` adds the candidate's own states to it (it is a
             parent whose offspring follow on the same batch).
+        sequences: when a list, an additive fitness appends the ``(total, count)`` of each
+            sequence it scores, in batch order (:class:`AdditiveFitness`).
     """
 
     model: nn.Module
@@ -94,6 +95,7 @@ class Candidate:
     dense: DenseCache | None = None
     reference: Reference | None = None
     keep: BlockStates | None = None
+    sequences: list[tuple[float, float]] | None = None
 
     def final_hidden(self, batch: Batch) -> torch.Tensor:
         """Post-norm last hidden states ``(B, T, d)``, starting at the latest block whose input
@@ -166,15 +168,10 @@ class AdditiveFitness(Protocol):
 
     def reduce(self, total: float, count: float) -> float: ...
 
-    # Optional: ``sequence_partials(candidate, batch) -> [(total, count), ...]``, the sums of
-    # each sequence of ``batch`` in order. With it, the search pools a genome's sequences over
-    # every batch it was scored on (its accumulated estimate and standard error) and resamples
-    # the final stage's sequences (how often its decision would flip): evosearch.estimate.
-
-
-def has_sequence_partials(fitness) -> bool:
-    """Whether ``fitness`` is additive and gives its sums per sequence."""
-    return is_additive(fitness) and callable(getattr(fitness, "sequence_partials", None))
+    # Optional: append each sequence's ``(total, count)`` to ``candidate.sequences`` (when it
+    # is a list), in batch order. With them the search pools a genome's sequences over every
+    # batch it was scored on (an estimate with a standard error) and resamples the final
+    # stage's sequences (how often its decision would flip): evosearch.estimate.
 
 
 def is_additive(fitness) -> bool:

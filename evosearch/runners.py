@@ -58,7 +58,7 @@ class Outcome:
         total, count: an additive fitness's sums (:class:`~evosearch.evaluation.AdditiveFitness`)
             when this is the outcome of one shard of a batch; ``None`` otherwise.
         sequences: ``(total, count)`` of each sequence of the batch (or shard), in order, when
-            the fitness gives them (``sequence_partials``); ``None`` otherwise.
+            the fitness gives them (``Candidate.sequences``); ``None`` otherwise.
     """
 
     value: float

@@ -120,7 +120,7 @@ class KLDivergence:
 
     Additive: a batch's value is ``total / tokens`` of its parts' :meth:`partial` sums, so a
     batch may be split across workers and combined exactly (:mod:`evosearch.runners`); the sums
-    are also given per sequence (:meth:`sequence_partials`).
+    are also given per sequence (``candidate.sequences``).
 
     Args:
         micro_batch: sequences per candidate forward.
@@ -182,9 +182,9 @@ class KLDivergence:
         return self._dense.teacher_bytes_per_token() if self._dense is not None else 0
 
     @torch.no_grad()
-    def sequence_partials(self, candidate: Candidate, batch: Batch) -> list[tuple[float, float]]:
-        """``(sum of per-token KL, tokens)`` of each sequence of ``batch``, in order (summed in
-        float64), so the search can pool a genome's sequences over batches and resample them."""
+    def partial(self, candidate: Candidate, batch: Batch) -> tuple[float, float]:
+        """``(sum of per-token KL, tokens)`` over ``batch``; each sequence's sums (in float64)
+        are also appended to ``candidate.sequences`` when it is a list."""
         if self._dense is None:
             raise RuntimeError("KLDivergence.prepare() must run before evaluating candidates")
         head = candidate.model.get_output_embeddings()
@@ -197,11 +197,8 @@ class KLDivergence:
                 kl = self._topk_kl(head, hidden, mb)
             kl = kl.reshape(len(mb.indices), -1)  # (b, T)
             parts += [(t, float(kl.shape[1])) for t in kl.double().sum(-1).tolist()]
-        return parts
-
-    def partial(self, candidate: Candidate, batch: Batch) -> tuple[float, float]:
-        """``(sum of per-token KL, tokens)`` over ``batch``."""
-        parts = self.sequence_partials(candidate, batch)
+        if candidate.sequences is not None:
+            candidate.sequences.extend(parts)
         return math.fsum(t for t, _ in parts), math.fsum(c for _, c in parts)
 
     def reduce(self, total: float, count: float) -> float:

@@ -45,8 +45,9 @@ class Perplexity:
         """Nothing to cache: perplexity needs no teacher."""
 
     @torch.no_grad()
-    def sequence_partials(self, candidate: Candidate, batch: Batch) -> list[tuple[float, float]]:
-        """``(summed next-token NLL, predicted tokens)`` of each sequence of ``batch``."""
+    def partial(self, candidate: Candidate, batch: Batch) -> tuple[float, float]:
+        """``(summed next-token NLL, predicted tokens)`` over ``batch``; each sequence's sums
+        are also appended to ``candidate.sequences`` when it is a list."""
         head = candidate.model.get_output_embeddings()
         parts: list[tuple[float, float]] = []
         for mb in batch.split(self.micro_batch):
@@ -58,11 +59,8 @@ class Perplexity:
                 reduction="none",
             ).reshape(labels.shape)  # (b, T - 1)
             parts += [(t, float(nll.shape[1])) for t in nll.double().sum(-1).tolist()]
-        return parts
-
-    def partial(self, candidate: Candidate, batch: Batch) -> tuple[float, float]:
-        """``(summed next-token NLL, predicted tokens)`` over ``batch``."""
-        parts = self.sequence_partials(candidate, batch)
+        if candidate.sequences is not None:
+            candidate.sequences.extend(parts)
         return math.fsum(t for t, _ in parts), math.fsum(c for _, c in parts)
 
     def reduce(self, total: float, count: float) -> float:

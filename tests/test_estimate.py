@@ -158,3 +158,20 @@ def test_the_run_summary_says_how_sure_the_last_choice_was():
     assert line.endswith("best kl 0.7000 ± 0.0100 pooled over 4096 tokens")
     assert "more tokens" not in selection_line({**summary, "flip_rate": 0.0}, config)
     assert selection_line({}, config) is None and selection_summary([]) == {}
+
+
+def test_sums_that_do_not_reduce_to_the_fitness_value_are_not_kept(drop_search):
+    model, data, dense, kl, space = drop_search
+
+    class Shifted(KLDivergence):  # a subclass that changes the value after the sums
+        def __call__(self, candidate, batch):
+            return super().__call__(candidate, batch) + 1.0
+
+    shifted = Shifted(micro_batch=2)
+    shifted.prepare(model, data.input_ids, dense)
+    genome = Genome((0, 1) + (0,) * (N_LAYERS - 2))
+    batch = sample_batch(data, 32, seed=0, generation=0, stage=0)
+    plain = Evaluator(model, space, kl, dense).outcome(genome, batch)
+    changed = Evaluator(model, space, shifted, dense).outcome(genome, batch)
+    assert plain.sequences is not None and changed.sequences is None
+    assert changed.value == pytest.approx(plain.value + 1.0)
