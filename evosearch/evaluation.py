@@ -103,16 +103,10 @@ class Candidate:
         for the candidate what they computed for that model."""
         rows = list(batch.indices)
         n = len(get_blocks(self.model))
-        start, source = 0, None
-        dense = self.dense
-        if dense is not None and dense.boundaries is not None and self.start_block > 0:
-            start, source = min(self.start_block, n), dense.boundaries
-        ref = self.reference
-        if ref is not None and ref.block > start and ref.states.covers(rows):
-            start, source = min(ref.block, n), ref.states
-        if start >= n and source is not None and dense is not None and self.keep is None:
-            if source is dense.boundaries:  # nothing changed: the dense output
-                return dense.final_hidden[rows]
+        start, source = self._source(rows, n)
+        dense, unchanged = self.dense, start >= n and self.keep is None
+        if unchanged and dense is not None and source is dense.boundaries:
+            return dense.final_hidden[rows]  # nothing changed: the dense output
         hidden = None if source is None else _states(source, start, rows)  # (B, T, d)
         if self.keep is None:
             return final_hidden(
@@ -124,6 +118,18 @@ class Candidate:
         prefix = [_states(source, slice(0, start), rows)] if start else []
         self.keep.add(rows, torch.cat([*prefix, own]))
         return out
+
+    def _source(self, rows: list[int], n: int) -> tuple[int, torch.Tensor | BlockStates | None]:
+        """``(start block, cached states to start from)``: the reference's when it starts
+        later than the dense prefix and holds ``rows``; ``(0, None)`` when nothing is cached."""
+        start, source = 0, None
+        dense = self.dense
+        if dense is not None and dense.boundaries is not None and self.start_block > 0:
+            start, source = min(self.start_block, n), dense.boundaries
+        ref = self.reference
+        if ref is not None and ref.block > start and ref.states.covers(rows):
+            start, source = min(ref.block, n), ref.states
+        return start, source
 
 
 def _states(source: torch.Tensor | BlockStates, blocks: int | slice, rows: list[int]):
