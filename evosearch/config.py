@@ -264,6 +264,8 @@ class SearchConfig:
         heal_tokens: end with structure-preserving healing of the saved model on this many
             tokens of new calibration windows (``RUN/healed``; 0: none).
         prefix_reuse: reuse the dense hidden states of unchanged leading blocks.
+        parent_reuse: start each offspring from its parent's hidden states at the first block
+            where they differ (in process; kept for the current batch's parents only).
         db_dir: where level databases are stored (default: evosearch's cache directory).
     """
 
@@ -287,6 +289,7 @@ class SearchConfig:
     save_model: bool = True
     heal_tokens: int = 0
     prefix_reuse: bool = True
+    parent_reuse: bool = True
     db_dir: str | None = None
 
     def __post_init__(self) -> None:

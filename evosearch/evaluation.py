@@ -16,7 +16,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from evosearch.forward import DenseCache, final_hidden
+from evosearch.arch import get_blocks
+from evosearch.forward import BlockStates, DenseCache, capture_block_states, final_hidden
 from evosearch.genome import Genome
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "Candidate",
     "CallableFitness",
     "Fitness",
+    "Reference",
     "as_fitness",
     "is_additive",
     "measure_latency",
@@ -62,6 +64,15 @@ class Batch:
         return Batch(self.indices[start:stop], self.input_ids[start:stop])
 
 
+@dataclass(frozen=True)
+class Reference:
+    """Another genome's hidden states on the batch (a parent's) and ``block``, the first block
+    where the candidate's computation differs from that genome's."""
+
+    block: int
+    states: BlockStates
+
+
 @dataclass
 class Candidate:
     """A materialised candidate: the resident model with the genome's modules swapped in.
@@ -71,24 +82,62 @@ class Candidate:
         genome: the candidate's genome.
         start_block: first block whose computation differs from the dense model's.
         dense: dense activations of the calibration data, or ``None``.
+        reference: a parent's states, started from where that is later than ``start_block``.
+        keep: when set, :meth:`final_hidden` adds the candidate's own states to it (it is a
+            parent whose offspring follow on the same batch).
+        sequences: when a list, an additive fitness appends the ``(total, count)`` of each
+            sequence it scores, in batch order (:class:`AdditiveFitness`).
     """
 
     model: nn.Module
     genome: Genome
     start_block: int = 0
     dense: DenseCache | None = None
+    reference: Reference | None = None
+    keep: BlockStates | None = None
+    sequences: list[tuple[float, float]] | None = None
 
     def final_hidden(self, batch: Batch) -> torch.Tensor:
-        """Post-norm last hidden states ``(B, T, d)``, reusing the dense prefix when cached."""
+        """Post-norm last hidden states ``(B, T, d)``, starting at the latest block whose input
+        is cached (the dense model's or the reference's). Exact: the blocks before it compute
+        for the candidate what they computed for that model."""
+        rows = list(batch.indices)
+        n = len(get_blocks(self.model))
+        start, source = self._source(rows, n)
+        dense, unchanged = self.dense, start >= n and self.keep is None
+        if unchanged and dense is not None and source is dense.boundaries:
+            return dense.final_hidden[rows]  # nothing changed: the dense output
+        hidden = None if source is None else _states(source, start, rows)  # (B, T, d)
+        if self.keep is None:
+            return final_hidden(
+                self.model, batch.input_ids, start_block=start, start_hidden=hidden
+            )
+        with capture_block_states(self.model, start) as captured:
+            out = final_hidden(self.model, batch.input_ids, start_block=start, start_hidden=hidden)
+        own = captured[0] if start < n else hidden.cpu()[None]  # (L + 1 - start, B, T, d)
+        prefix = [_states(source, slice(0, start), rows)] if start else []
+        self.keep.add(rows, torch.cat([*prefix, own]))
+        return out
+
+    def _source(self, rows: list[int], n: int) -> tuple[int, torch.Tensor | BlockStates | None]:
+        """``(start block, cached states to start from)``: the reference's when it starts
+        later than the dense prefix and holds ``rows``; ``(0, None)`` when nothing is cached."""
+        start, source = 0, None
         dense = self.dense
         if dense is not None and dense.boundaries is not None and self.start_block > 0:
-            if self.start_block >= dense.n_blocks:  # nothing changed: the dense output
-                return dense.final_hidden[list(batch.indices)]
-            hidden = dense.boundaries[self.start_block, list(batch.indices)]
-            return final_hidden(
-                self.model, batch.input_ids, start_block=self.start_block, start_hidden=hidden
-            )
-        return final_hidden(self.model, batch.input_ids)
+            start, source = min(self.start_block, n), dense.boundaries
+        ref = self.reference
+        if ref is not None and ref.block > start and ref.states.covers(rows):
+            start, source = min(ref.block, n), ref.states
+        return start, source
+
+
+def _states(source: torch.Tensor | BlockStates, blocks: int | slice, rows: list[int]):
+    """States entering ``blocks`` on ``rows`` of the dense boundaries ``(L + 1, N, T, d)`` or
+    of a :class:`BlockStates`: ``(B, T, d)`` for one block, ``(k, B, T, d)`` for a slice."""
+    if isinstance(source, BlockStates):
+        return source.get(blocks, rows)
+    return source[blocks, rows]
 
 
 @runtime_checkable
@@ -124,6 +173,11 @@ class AdditiveFitness(Protocol):
     def partial(self, candidate: Candidate, batch: Batch) -> tuple[float, float]: ...
 
     def reduce(self, total: float, count: float) -> float: ...
+
+    # Optional: append each sequence's ``(total, count)`` to ``candidate.sequences`` (when it
+    # is a list), in batch order. With them the search pools a genome's sequences over every
+    # batch it was scored on (an estimate with a standard error) and resamples the final
+    # stage's sequences (how often its decision would flip): evosearch.estimate.
 
 
 def is_additive(fitness) -> bool:

@@ -9,6 +9,11 @@ things are computed once from the dense model and reused:
 * the dense model's final (post-norm) hidden states, from which a fitness builds its teacher
   (:class:`fitness.kl.KLDivergence` keeps the top-k log-probabilities of every token).
 
+A search also keeps, for the current batch only, the hidden states of the genomes its offspring
+were made from (:class:`BlockStates`): an offspring that first differs from its parent at block
+``j`` starts there from the parent's states, which for level spaces (every layer pruned or
+quantized, so the dense prefix is empty) saves the blocks before the first mutated one.
+
 Candidates are computed in a configurable dtype (:func:`resolve_dtype`): ``"auto"`` is bfloat16
 where the hardware runs it natively (CUDA with bf16 support; CPUs with AVX512-BF16 or AMX) and
 float32 elsewhere. Lower precision is applied by autocast (:func:`compute_dtype`), so weights
@@ -32,7 +37,9 @@ from evosearch.arch import arch_for, get_blocks
 from evosearch.surgery import InjectHidden, SkippedBlock, apply_replacements
 
 __all__ = [
+    "BlockStates",
     "DenseCache",
+    "capture_block_states",
     "bf16_supported",
     "compute_dense_cache",
     "compute_dtype",
@@ -168,34 +175,80 @@ def compute_dense_cache(
             AVX512-BF16), ``"float32"`` the reference.
     """
     resolved = resolve_dtype(dtype, model_device(model))
-    blocks = get_blocks(model)
-    captured: list[torch.Tensor] = []
-    handles = []
-    if prefix_reuse:
-
-        def grab_input(module, args, kwargs):
-            captured.append((args[0] if args else kwargs["hidden_states"]).detach().cpu())
-
-        def grab_output(module, args, kwargs, output):
-            out = output[0] if isinstance(output, tuple) else output
-            captured.append(out.detach().cpu())
-
-        handles = [b.register_forward_pre_hook(grab_input, with_kwargs=True) for b in blocks]
-        handles.append(blocks[-1].register_forward_hook(grab_output, with_kwargs=True))
     finals, inputs = [], []
-    try:
+    capture = capture_block_states(model, 0) if prefix_reuse else contextlib.nullcontext([])
+    with capture as captured:
         for start in range(0, input_ids.shape[0], micro_batch):
-            captured.clear()
             with compute_dtype(model_device(model), resolved):
                 h = final_hidden(model, input_ids[start : start + micro_batch])
             finals.append(h.float().cpu())
-            if prefix_reuse:
-                inputs.append(torch.stack(captured))  # (L + 1, b, T, d)
+        inputs = list(captured)  # one (L + 1, b, T, d) per micro batch
+    boundaries = torch.cat(inputs, dim=1) if prefix_reuse else None
+    return DenseCache(final_hidden=torch.cat(finals), boundaries=boundaries, dtype=resolved)
+
+
+@contextlib.contextmanager
+def capture_block_states(model: nn.Module, start: int) -> Iterator[list[torch.Tensor]]:
+    """Within the context, every forward of ``model`` appends to the yielded list the hidden
+    states entering blocks ``start .. L-1`` and leaving block ``L-1``, stacked
+    ``(L + 1 - start, B, T, d)`` on the CPU.
+
+    The hooks sit on whatever modules stand at those block positions when the context is
+    entered (a dropped block's stand-in passes its input on), so enter it with the candidate's
+    replacements applied; blocks before ``start`` may be replaced afterwards (a reused prefix).
+    """
+    blocks = list(get_blocks(model))[start:]
+    captured: list[torch.Tensor] = []
+    current: list[torch.Tensor] = []
+
+    def grab_input(module, args, kwargs):
+        current.append((args[0] if args else kwargs["hidden_states"]).detach().cpu())
+
+    def grab_output(module, args, kwargs, output):
+        out = output[0] if isinstance(output, tuple) else output
+        current.append(out.detach().cpu())
+        captured.append(torch.stack(current))  # (L + 1 - start, B, T, d)
+        current.clear()
+
+    handles = [b.register_forward_pre_hook(grab_input, with_kwargs=True) for b in blocks]
+    if blocks:
+        handles.append(blocks[-1].register_forward_hook(grab_output, with_kwargs=True))
+    try:
+        yield captured
     finally:
         for h in handles:
             h.remove()
-    boundaries = torch.cat(inputs, dim=1) if prefix_reuse else None
-    return DenseCache(final_hidden=torch.cat(finals), boundaries=boundaries, dtype=resolved)
+
+
+@dataclass
+class BlockStates:
+    """One genome's hidden states entering every block (and leaving the last) on some
+    calibration rows: kept for a parent, on the current batch only, so that its offspring
+    start their forward where they first differ from it.
+
+    Attributes:
+        rows: calibration row -> ``(L + 1, T, d)`` hidden states (on the CPU).
+    """
+
+    rows: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def covers(self, indices) -> bool:
+        return all(i in self.rows for i in indices)
+
+    def get(self, blocks: int | slice, indices) -> torch.Tensor:
+        """States entering ``blocks`` on rows ``indices``: ``(B, T, d)`` for one block,
+        ``(k, B, T, d)`` for a slice of ``k`` blocks."""
+        parts = [self.rows[i][blocks] for i in indices]
+        return torch.stack(parts, dim=1 if isinstance(blocks, slice) else 0)
+
+    def add(self, indices, states: torch.Tensor) -> None:
+        """Keep ``states`` ``(L + 1, B, T, d)`` of rows ``indices``."""
+        for j, i in enumerate(indices):
+            self.rows[i] = states[:, j].clone()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.rows.values())
 
 
 @contextlib.contextmanager

@@ -122,7 +122,12 @@ class Problem:
     def evaluator(self) -> Evaluator:
         """A fresh memoising evaluator of this problem on the resident model."""
         return Evaluator(
-            self.model, self.space, self.fitness, self.dense, prefix_reuse=self.config.prefix_reuse
+            self.model,
+            self.space,
+            self.fitness,
+            self.dense,
+            prefix_reuse=self.config.prefix_reuse,
+            parent_reuse=self.config.parent_reuse,
         )
 
     def full_batch(self) -> Batch:
@@ -172,7 +177,14 @@ class WorkerRecipe:
         fitness = build_fitness(config, self.fitness)
         if hasattr(fitness, "prepare"):
             fitness.prepare(model, input_ids, dense)
-        return Evaluator(model, space, fitness, dense, prefix_reuse=config.prefix_reuse)
+        return Evaluator(
+            model,
+            space,
+            fitness,
+            dense,
+            prefix_reuse=config.prefix_reuse,
+            parent_reuse=config.parent_reuse,
+        )
 
 
 def make_runner(problem: Problem, log: Callable[[str], None] = print):

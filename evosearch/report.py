@@ -27,6 +27,7 @@ import csv
 import dataclasses
 import html
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,8 +133,11 @@ def convergence_curve(results: dict[str, Any]) -> dict[str, list[float]]:
     evaluations, calibration tokens and evaluation seconds (forward time, not wall time).
 
     Returns:
-        ``{"generation", "value", "evaluations", "tokens", "seconds"}``, one entry per
-        generation of ``results["history"]``.
+        ``{"generation", "value", "elite_value", "elite_se", "evaluations", "tokens",
+        "seconds"}``, one entry per generation of ``results["history"]``: ``value`` is the
+        best genome's fitness on that generation's last batch, ``elite_value`` / ``elite_se``
+        its estimate pooled over every sequence it has been scored on and the standard error
+        (``nan`` where the run did not record them).
     """
     per_gen: dict[int, list[float]] = {}
     for record in results.get("evaluations", []):
@@ -142,14 +146,15 @@ def convergence_curve(results: dict[str, Any]) -> dict[str, list[float]]:
         acc[0] += 1
         acc[1] += float(record.get("tokens", 0))
         acc[2] += float(record.get("seconds", 0.0))
-    curve: dict[str, list[float]] = {
-        k: [] for k in ("generation", "value", "evaluations", "tokens", "seconds")
-    }
+    keys = ("generation", "value", "elite_value", "elite_se", "evaluations", "tokens", "seconds")
+    curve: dict[str, list[float]] = {k: [] for k in keys}
     for h in sorted(results.get("history", []), key=lambda h: h["generation"]):
         g = int(h["generation"])
         done = [acc for gen, acc in per_gen.items() if gen <= g]
         curve["generation"].append(g)
         curve["value"].append(float(h["value"]))
+        for key in ("elite_value", "elite_se"):
+            curve[key].append(math.nan if h.get(key) is None else float(h[key]))
         curve["evaluations"].append(sum(a[0] for a in done))
         curve["tokens"].append(sum(a[1] for a in done))
         curve["seconds"].append(sum(a[2] for a in done))
@@ -288,6 +293,13 @@ def _pyplot():
     return plt
 
 
+def _band(curve: dict[str, list[float]]) -> tuple[list[float], list[float]]:
+    """The pooled estimate minus and plus its standard error (no band where there is none)."""
+    se = [e if math.isfinite(e) else 0.0 for e in curve["elite_se"]]
+    values = curve["elite_value"]
+    return [v - e for v, e in zip(values, se)], [v + e for v, e in zip(values, se)]
+
+
 def _plot_convergence(runs: Sequence[RunRecord], path: Path) -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), constrained_layout=True)
@@ -298,16 +310,39 @@ def _plot_convergence(runs: Sequence[RunRecord], path: Path) -> None:
     )
     for run in runs:
         curve = convergence_curve(run.results)
+        pooled = any(math.isfinite(v) for v in curve["elite_value"])
         for ax, (key, label) in zip(axes, xs):
-            ax.step(curve[key], curve["value"], where="post", marker="o", ms=3, label=run.name)
+            x = curve[key]
+            line = ax.step(
+                x,
+                curve["elite_value"] if pooled else curve["value"],
+                where="post",
+                marker="o",
+                ms=3,
+                label=f"{run.name}: elite, pooled ± SE" if pooled else run.name,
+            )[0]
+            if pooled:  # the per-batch value beside the pooled estimate
+                lo, hi = _band(curve)
+                ax.fill_between(x, lo, hi, step="post", alpha=0.2, color=line.get_color())
+                ax.plot(
+                    x,
+                    curve["value"],
+                    "x:",
+                    ms=4,
+                    color=line.get_color(),
+                    alpha=0.7,
+                    label=f"{run.name}: on its generation's batch",
+                )
             ax.set_xlabel(label)
     names = sorted({run.fitness_name for run in runs})
-    axes[0].set_ylabel(f"best {' / '.join(names)} (stage fidelity)")
+    axes[0].set_ylabel(f"best {' / '.join(names)}")
     for ax in axes:
         ax.grid(alpha=0.3)
-    if len(runs) > 1:
-        axes[0].legend(fontsize=8)
-    fig.suptitle("Best fitness of the search (lower is better)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(
+        "Best genome's fitness: pooled over every sequence it was scored on (± standard "
+        "error), and on each generation's last batch"
+    )
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

@@ -57,6 +57,8 @@ class Outcome:
         seconds: wall time of the evaluation on the worker (summed over shards).
         total, count: an additive fitness's sums (:class:`~evosearch.evaluation.AdditiveFitness`)
             when this is the outcome of one shard of a batch; ``None`` otherwise.
+        sequences: ``(total, count)`` of each sequence of the batch (or shard), in order, when
+            the fitness gives them (``Candidate.sequences``); ``None`` otherwise.
     """
 
     value: float
@@ -64,6 +66,7 @@ class Outcome:
     seconds: float
     total: float | None = None
     count: float | None = None
+    sequences: tuple[tuple[float, float], ...] | None = None
 
     @classmethod
     def failed(cls, error: str, seconds: float = 0.0) -> Outcome:

@@ -9,7 +9,7 @@ from torch import nn
 
 from evosearch.genome import Genome, LevelSpec
 
-__all__ = ["SearchSpace"]
+__all__ = ["SearchSpace", "first_changed_block"]
 
 
 @runtime_checkable
@@ -38,6 +38,11 @@ class SearchSpace(Protocol):
         number of blocks when nothing changes); earlier blocks' outputs are reused."""
         ...
 
+    # Optional: ``first_difference(a, b) -> int``, the first block whose computation differs
+    # between two genomes (the number of blocks when none does; see
+    # :func:`first_changed_block`). With it, offspring start from their parent's hidden states
+    # there (:class:`~evosearch.engine.Evaluator`'s ``parent_reuse``).
+
     def describe(self, genome: Genome) -> dict[str, Any]:
         """A JSON-able, human-readable description of the genome."""
         ...
@@ -58,3 +63,17 @@ class SearchSpace(Protocol):
     def save(self, model: nn.Module, tokenizer, genome: Genome, out_dir: str) -> None:
         """Write the compressed model for ``genome`` to ``out_dir`` (``model`` stays dense)."""
         ...
+
+
+def first_changed_block(a: Genome, b: Genome, unit_blocks, n_blocks: int) -> int:
+    """The first block holding a unit whose level differs between ``a`` and ``b`` (``n_blocks``
+    when none does): what a space's ``first_difference`` returns.
+
+    Args:
+        unit_blocks: the block of each unit; a unit before the blocks (the token embedding) is
+            block 0, one that computes nothing (a budget slack unit) is ``None``.
+    """
+    changed = [
+        blk for x, y, blk in zip(a.levels, b.levels, unit_blocks) if x != y and blk is not None
+    ]
+    return max(0, min(changed)) if changed else n_blocks

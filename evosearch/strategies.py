@@ -220,7 +220,8 @@ class EvoPress:
             self._pool = self._new_pool()
         tokens = self.config.stages[self.stage].tokens
         genomes = tuple(m.genome for m in self._pool)
-        return Request(self.generation, self.stage, tokens, genomes)
+        parents = tuple(m.genome for m in self._pool if m.is_parent)
+        return Request(self.generation, self.stage, tokens, genomes, parents)
 
     def tell(self, request: Request, values: list[float]) -> None:
         """Fitness values (lower is better) for ``request.genomes``, in order."""
@@ -474,7 +475,9 @@ class MultiBudgetEvoPress:
         if self._pool is None:
             self._pool = self._new_pool()
         tokens = self.config.stages[self.stage].tokens
-        return Request(self.generation, self.stage, tokens, tuple(m.genome for m in self._pool))
+        genomes = tuple(m.genome for m in self._pool)
+        parents = tuple(m.genome for m in self._pool if m.is_parent)
+        return Request(self.generation, self.stage, tokens, genomes, parents)
 
     def tell(self, request: Request, values: list[float]) -> None:
         """Fitness values (lower is better) for ``request.genomes``, in order; the last

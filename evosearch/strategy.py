@@ -46,12 +46,18 @@ class Stage:
 @dataclass(frozen=True)
 class Request:
     """Genomes to evaluate now, all on the same ``tokens`` of generation ``generation``'s data
-    for stage ``stage`` (the engine draws that batch from ``(seed, generation, stage)``)."""
+    for stage ``stage`` (the engine draws that batch from ``(seed, generation, stage)``).
+
+    ``parents``: genomes of the request that the others were made from, listed first in
+    ``genomes``; the evaluator may keep their hidden states on the batch and start the others'
+    forwards where they first differ (a speed-up only: values are the same without it).
+    """
 
     generation: int
     stage: int
     tokens: int
     genomes: tuple[Any, ...]
+    parents: tuple[Any, ...] = ()
 
 
 @runtime_checkable

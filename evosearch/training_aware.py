@@ -15,6 +15,7 @@ Activations for backpropagation through the blocks from the first changed one ar
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -88,6 +89,8 @@ class TrainingAware:
         blocks = range(start, len(get_blocks(model)))
         if tokens == 0 or not blocks:
             return self.inner(candidate, batch)
+        # trained weights: neither a parent's states nor this candidate's are valid for others
+        candidate = dataclasses.replace(candidate, reference=None, keep=None)
         rows = self.training_rows(batch, tokens)
         ids = self._ids[rows]
         dense = self._dense

@@ -126,7 +126,8 @@ class KLDivergence:
     """Token-weighted mean of KL(p_dense || q_candidate) over every position of the batch.
 
     Additive: a batch's value is ``total / tokens`` of its parts' :meth:`partial` sums, so a
-    batch may be split across workers and combined exactly (:mod:`evosearch.runners`).
+    batch may be split across workers and combined exactly (:mod:`evosearch.runners`); the sums
+    are also given per sequence (``candidate.sequences``).
 
     Args:
         micro_batch: sequences per candidate forward.
@@ -191,20 +192,23 @@ class KLDivergence:
 
     @torch.no_grad()
     def partial(self, candidate: Candidate, batch: Batch) -> tuple[float, float]:
-        """``(sum of per-token KL, tokens)`` over ``batch``."""
+        """``(sum of per-token KL, tokens)`` over ``batch``; each sequence's sums (in float64)
+        are also appended to ``candidate.sequences`` when it is a list."""
         if self._dense is None:
             raise RuntimeError("KLDivergence.prepare() must run before evaluating candidates")
         head = candidate.model.get_output_embeddings()
-        total, count = 0.0, 0
+        parts: list[tuple[float, float]] = []
         for mb in batch.split(self.micro_batch):
             hidden = candidate.final_hidden(mb)  # (b, T, d)
             if self._teacher is None:
                 kl = self._full_kl(head, hidden, mb)
             else:
                 kl = self._topk_kl(head, hidden, mb)
-            total += kl.sum().item()
-            count += kl.numel()
-        return total, count
+            kl = kl.reshape(len(mb.indices), -1)  # (b, T)
+            parts += [(t, float(kl.shape[1])) for t in kl.double().sum(-1).tolist()]
+        if candidate.sequences is not None:
+            candidate.sequences.extend(parts)
+        return math.fsum(t for t, _ in parts), math.fsum(c for _, c in parts)
 
     def reduce(self, total: float, count: float) -> float:
         """The fitness of a batch from its summed :meth:`partial` parts."""

@@ -47,13 +47,21 @@ class Perplexity:
 
     @torch.no_grad()
     def partial(self, candidate: Candidate, batch: Batch) -> tuple[float, float]:
-        """``(summed next-token NLL, predicted tokens)`` over ``batch``."""
-        total, count = 0.0, 0
+        """``(summed next-token NLL, predicted tokens)`` over ``batch``; each sequence's sums
+        are also appended to ``candidate.sequences`` when it is a list."""
+        parts: list[tuple[float, float]] = []
         for mb in batch.split(self.micro_batch):
-            s, n = nll_sum(head_logits(candidate.model, candidate.final_hidden(mb)), mb.input_ids)
-            total += s
-            count += n
-        return total, count
+            logits = head_logits(candidate.model, candidate.final_hidden(mb))  # (b, T, V)
+            labels = mb.input_ids[:, 1:].to(logits.device)
+            nll = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                labels.reshape(-1),
+                reduction="none",
+            ).reshape(labels.shape)  # (b, T - 1)
+            parts += [(t, float(nll.shape[1])) for t in nll.double().sum(-1).tolist()]
+        if candidate.sequences is not None:
+            candidate.sequences.extend(parts)
+        return math.fsum(t for t, _ in parts), math.fsum(c for _, c in parts)
 
     def reduce(self, total: float, count: float) -> float:
         """The perplexity of a batch from its summed :meth:`partial` parts."""

@@ -14,6 +14,7 @@ from evosearch.genome import Genome, LevelSpec
 from evosearch.models import save_compressed, sublayer_replacements
 from evosearch.operators import random_genome
 from evosearch.registry import register_space
+from evosearch.space import first_changed_block
 from evosearch.surgery import SkippedBlock
 
 __all__ = ["LayerDropConfig", "LayerDropSpace", "ParamCounts", "param_counts"]
@@ -165,6 +166,11 @@ class LayerDropSpace:
         out: dict[str, nn.Module] = {f"{path}.{i}": SkippedBlock() for i in sorted(whole)}
         out.update(sublayer_replacements(model, attention - whole, mlp - whole))
         return out
+
+    def first_difference(self, a: Genome, b: Genome) -> int:
+        """The first block with a block (or sublayer) dropped in one genome, not the other."""
+        blocks = list(range(self.n_blocks)) * (2 if self.sublayers else 1)
+        return first_changed_block(a, b, blocks, self.n_blocks)
 
     def start_block(self, genome: Genome) -> int:
         attention, mlp = self.dropped(genome)

@@ -46,6 +46,7 @@ from evosearch.models import cache_dir
 from evosearch.operators import level_switch_mutation
 from evosearch.pruning import LayerStats, LinearRef, block_linears, collect_stats, set_weight_
 from evosearch.registry import register_space
+from evosearch.space import first_changed_block
 
 __all__ = ["GGUF_TYPES", "PROFILE_FILE", "QuantConfig", "QuantSpace", "gguf_bits"]
 
@@ -371,6 +372,13 @@ class QuantSpace:
 
     def start_block(self, genome: Genome) -> int:
         return 0  # every unit is quantized at every level, block 0's layers included
+
+    def first_difference(self, a: Genome, b: Genome) -> int:
+        """The first block with a layer whose format differs between ``a`` and ``b`` (the
+        embedding counts as block 0; the budget slack unit changes nothing)."""
+        blocks = [max(u.block, 0) for u in self.units]
+        slack = [None] * (self.spec.n_units - len(blocks))
+        return first_changed_block(a, b, blocks + slack, max(u.block for u in self.units) + 1)
 
     def save(self, model: nn.Module, tokenizer, genome: Genome, out_dir: str) -> dict[str, Any]:
         """Write the export of ``genome`` to ``out_dir``: a compressed-tensors

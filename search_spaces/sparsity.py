@@ -54,6 +54,7 @@ from evosearch.pruning import (
     set_weight_,
 )
 from evosearch.registry import register_space
+from evosearch.space import first_changed_block
 from evosearch.symbolic import get_pruner
 
 __all__ = ["PROFILE_FILE", "SparsityConfig", "SparsitySpace", "measure_sparsity"]
@@ -498,6 +499,11 @@ class SparsitySpace:
     def start_block(self, genome: Genome) -> int:
         pruned = [r.block for r, c in zip(self.refs, self.pruned_counts(genome)) if c]
         return min(pruned) if pruned else max(r.block for r in self.refs) + 1
+
+    def first_difference(self, a: Genome, b: Genome) -> int:
+        """The first block with a layer whose level differs between ``a`` and ``b``."""
+        blocks = [r.block for r in self.refs]
+        return first_changed_block(a, b, blocks, max(blocks) + 1)
 
     def metrics(self, genome: Genome) -> dict[str, float]:
         pruned = sum(self.pruned_counts(genome))

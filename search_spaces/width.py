@@ -50,6 +50,7 @@ from evosearch.shrink import (
     save_shrunk,
     shrink_block_,
 )
+from evosearch.space import first_changed_block
 from evosearch.surgery import ZeroAttention, ZeroOutput
 
 __all__ = ["WidthConfig", "WidthDatabase", "WidthSpace", "obs_levels"]
@@ -440,6 +441,11 @@ class WidthSpace:
                     down, cols, self._db().weight("mlp", i, m[i])
                 )
         return out
+
+    def first_difference(self, a: Genome, b: Genome) -> int:
+        """The first block whose attention or MLP width differs between ``a`` and ``b``."""
+        blocks = list(range(self.n_blocks)) * 2
+        return first_changed_block(a, b, blocks, self.n_blocks)
 
     def start_block(self, genome: Genome) -> int:
         a, m = self.levels(genome)

@@ -157,6 +157,10 @@ def test_resume_after_a_kill_repeats_nothing_and_changes_nothing(setup, tmp_path
     keys = [(r["genome"], r["batch"]) for r in resumed.evaluations]
     assert keys == [(r["genome"], r["batch"]) for r in full.evaluations]
     assert len(_lines(tmp_path / "killed")) == len(_lines(tmp_path / "full"))
+    # the pooled elite and the flip rate: from the checkpoint before the kill, the log after
+    for key in ("elite_value", "elite_se", "elite_tokens", "flip_rate"):
+        expected = [h[key] for h in full.history]
+        assert [h[key] for h in resumed.history] == pytest.approx(expected, rel=1e-9), key
 
 
 def test_resume_after_a_kill_mid_write_keeps_a_readable_log(setup, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import csv
 import json
+import math
 import re
 import subprocess
 import sys
@@ -110,6 +111,24 @@ def test_convergence_curve_cumulates_cost_per_generation():
     assert curve["evaluations"] == [3, 5, 6]
     assert curve["tokens"] == [96, 176, 192]
     assert curve["seconds"] == pytest.approx([0.5, 0.9, 1.1])
+
+
+def test_convergence_curve_carries_the_pooled_estimate_beside_the_batch_value(tmp_path):
+    results = _results()
+    assert all(math.isnan(v) for v in report.convergence_curve(results)["elite_value"])
+    for h, (v, se) in zip(results["history"], [(0.31, None), (0.27, 0.02), (0.26, 0.01)]):
+        h.update(elite_value=v, elite_se=se, elite_tokens=64, flip_rate=0.1)
+    curve = report.convergence_curve(results)
+    assert curve["value"] == [0.3, 0.25, 0.25]  # each generation's own batch, unchanged
+    assert curve["elite_value"] == [0.31, 0.27, 0.26]
+    assert math.isnan(curve["elite_se"][0]) and curve["elite_se"][1:] == [0.02, 0.01]
+    assert report._band(curve) == (
+        [0.31, pytest.approx(0.25), pytest.approx(0.25)],
+        [0.31, pytest.approx(0.29), pytest.approx(0.27)],
+    )
+    run = report.RunRecord("r", tmp_path, results)
+    report._plot_convergence([run], tmp_path / "convergence.png")
+    assert (tmp_path / "convergence.png").stat().st_size > 0
 
 
 def test_unit_levels_blocks_sublayers_and_generic():

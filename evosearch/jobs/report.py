@@ -42,6 +42,29 @@ def selection_warning(fitness: dict[str, float], config: SearchConfig) -> str | 
     )
 
 
+def selection_line(selection: dict, config: SearchConfig) -> str | None:
+    """How sure the last generation's choice was: the final stage's flip rate and the best
+    genome's estimate pooled over every sequence it was scored on (``None`` without them)."""
+    if "flip_rate" not in selection and "elite_value" not in selection:
+        return None
+    parts = []
+    if "flip_rate" in selection:
+        rate = selection["flip_rate"]
+        parts.append(
+            f"the last stage's winner changes in {100 * rate:.0f}% of resampled "
+            f"{config.stages[-1].tokens}-token batches"
+            + (": give the last stage more tokens (--stages)" if rate > 0.2 else "")
+        )
+    if "elite_value" in selection:
+        se = selection.get("elite_se")
+        spread = "" if se is None else f" ± {se:.4f}"
+        parts.append(
+            f"best {config.fitness} {selection['elite_value']:.4f}{spread} pooled over "
+            f"{selection['elite_tokens']:.0f} tokens"
+        )
+    return "selection: " + "; ".join(parts)
+
+
 def log_summary(results: dict, config: SearchConfig, log) -> None:
     fit = results["calibration_fitness"]
     log(
@@ -54,5 +77,7 @@ def log_summary(results: dict, config: SearchConfig, log) -> None:
         k: v for k, v in results["best"].items() if not isinstance(v, (dict, list)) or len(v) <= 40
     }
     log(f"best: {short}")
+    if line := selection_line(results.get("selection", {}), config):
+        log(line)
     if "model_dir" in results:
         log(f"best model saved to {results['model_dir']}")

@@ -160,6 +160,7 @@ def _results(problem: Problem, result, storage: str, record, run: RunDir) -> dic
         },
         "study": {"storage": storage, "study_name": record.study.study_name},
         "history": result.history,
+        "selection": selection_summary(result.history),
         **run.totals(result.evaluations),  # the whole run, across resumes
         "dense_cache": {
             "seconds": round(problem.cache_seconds, 2),
@@ -168,6 +169,19 @@ def _results(problem: Problem, result, storage: str, record, run: RunDir) -> dic
         },
         "evaluations": result.evaluations,
     }
+
+
+def selection_summary(history: list[dict]) -> dict[str, Any]:
+    """The last generation's pooled elite estimate and final-stage flip rate
+    (:func:`evosearch.engine.selection_stats`), and the flip rate's mean over generations."""
+    if not history:
+        return {}
+    keys = ("elite_value", "elite_se", "elite_tokens", "flip_rate")
+    out = {k: history[-1][k] for k in keys if k in history[-1]}
+    rates = [h["flip_rate"] for h in history if h.get("flip_rate") is not None]
+    if rates:
+        out["flip_rate_mean"] = sum(rates) / len(rates)
+    return out
 
 
 def _compare(problem: Problem, results: dict, best: Genome, warm, initial, log) -> None:

@@ -11,6 +11,11 @@ Two parts, on SmolLM2-135M calibrated on WikiText-2 *valid*, one torch thread:
   the per-pair ratios, in wall time (taken on shared cores: an upper bound of the idle time)
   and in process CPU time (one torch thread: the time the evaluation keeps a core busy, much
   less sensitive to other jobs).
+* ``reuse``: parent hidden-state reuse (``Evaluator(parent_reuse=...)``) off against on, both
+  on the new path: offspring made from one parent by EvoPress's own mutation (level switches,
+  ``min(U{1..3}, U{1..3})`` of them, feasible for the space), each offspring timed once with
+  and once without reuse, alternating which goes first; the parent's levels are restored
+  (untimed) before each timing, so both pay the same level swaps.
 * ``ranking``: 100 random genomes per space; each genome's student forward is run once in
   float32 (scored by the old fitness) and once in the new dtype, scored there by the KL over the
   full vocabulary, top-256 and top-1024; each is compared with the old fitness (float32, full
@@ -18,6 +23,7 @@ Two parts, on SmolLM2-135M calibrated on WikiText-2 *valid*, one torch thread:
 
     python experiments/throughput/run.py speed --n-sequences 8 --pairs 6
     python experiments/throughput/run.py ranking --space layer-drop --n-sequences 2
+    python experiments/throughput/run.py reuse --spaces sparsity --n-sequences 8 --pairs 8
 """
 
 from __future__ import annotations
@@ -67,12 +73,73 @@ def build_space(name: str, model, input_ids: torch.Tensor):
     return SparsitySpace.build(model, input_ids, config, log=lambda s: None)
 
 
-def evaluator(model, space, input_ids, *, dtype, top_k) -> Evaluator:
+def evaluator(model, space, input_ids, *, dtype, top_k, parent_reuse=True) -> Evaluator:
     """An evaluator with its own dense cache and KL fitness in the given settings."""
     dense = compute_dense_cache(model, input_ids, dtype=dtype)
     kl = KLDivergence(top_k=top_k)
     kl.prepare(model, input_ids, dense)
-    return Evaluator(model, space, kl, dense)
+    return Evaluator(model, space, kl, dense, parent_reuse=parent_reuse)
+
+
+def mutant(space, parent, rng):
+    """An offspring of ``parent`` as EvoPress makes it (``max_switches=3``), feasible."""
+    from evosearch.operators import level_switch_mutation, number_of_switches
+
+    feasible = getattr(space, "is_feasible", lambda g: True)
+    while True:
+        child = level_switch_mutation(parent, space.spec, rng, number_of_switches(rng, 3))
+        if child != parent and feasible(child):
+            return child
+
+
+def reuse(args) -> dict:
+    """Offspring of one parent, evaluated with parent reuse off and on, alternating."""
+    model, ids = load(args.n_sequences, args.seq_len)
+    batch = Batch(tuple(range(ids.shape[0])), ids)
+    out = {}
+    for name in args.spaces.split(","):
+        space = build_space(name, model, ids)
+        on = evaluator(model, space, ids, dtype=args.dtype, top_k=args.top_k)
+        off = Evaluator(model, space, on.fitness, on.dense, parent_reuse=False)
+        paths = {"off": off, "on": on}
+        rng = np.random.default_rng(args.seed)
+        parent = space.random_genome(rng)
+        on.reuse_parents([parent], batch)
+        parent_value = on.raw(parent, batch)  # keeps its states (and warms up)
+        times, cpu, values = {"off": [], "on": []}, {"off": [], "on": []}, {"off": [], "on": []}
+        starts, loads = [], [loadavg()]
+        for i in range(args.pairs):
+            child = mutant(space, parent, rng)
+            starts.append(space.first_difference(child, parent))
+            for path in ("off", "on") if i % 2 == 0 else ("on", "off"):
+                space.replacements(model, parent)  # back to the parent's levels, untimed
+                t0, c0 = time.perf_counter(), time.process_time()
+                values[path].append(paths[path].raw(child, batch))
+                times[path].append(time.perf_counter() - t0)
+                cpu[path].append(time.process_time() - c0)
+            loads.append(loadavg())
+            now = {k: (round(times[k][-1], 2), round(cpu[k][-1], 2)) for k in times}
+            print(name, i, "start", starts[-1], "(wall, cpu)", now, loads[-1], flush=True)
+        out[name] = {
+            "parent": parent.key(),
+            "parent_value": parent_value,
+            "first_difference_blocks": starts,
+            "values_identical": values["off"] == values["on"],
+            "speedup_cpu_median_of_pair_ratios": float(
+                np.median([o / n for o, n in zip(cpu["off"], cpu["on"])])
+            ),
+            "speedup_wall_median_of_pair_ratios": float(
+                np.median([o / n for o, n in zip(times["off"], times["on"])])
+            ),
+            "cpu_seconds_per_eval_median": {k: float(np.median(v)) for k, v in cpu.items()},
+            "seconds_per_eval_median": {k: float(np.median(v)) for k, v in times.items()},
+            "cpu_seconds_all": cpu,
+            "seconds_all": times,
+            "values": values,
+            "parent_states_bytes": sum(s.nbytes for _, s in on._states.values()),
+            "loadavg_after_each_pair": loads,
+        }
+    return out
 
 
 def loadavg() -> list[float]:
@@ -215,12 +282,12 @@ def agreement(reference: list[float], values: list[float]) -> dict:
 def main() -> None:
     global MODEL, DATA
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("part", choices=["speed", "ranking"])
-    p.add_argument("--spaces", default="layer-drop,sparsity", help="speed: spaces to time")
+    p.add_argument("part", choices=["speed", "ranking", "reuse"])
+    p.add_argument("--spaces", default="layer-drop,sparsity", help="speed, reuse: spaces")
     p.add_argument("--space", default="layer-drop", help="ranking: the space")
     p.add_argument("--n-sequences", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--pairs", type=int, default=6, help="speed: old/new pairs per space")
+    p.add_argument("--pairs", type=int, default=6, help="speed, reuse: A/B pairs per space")
     p.add_argument("--candidates", type=int, default=100, help="ranking: random genomes")
     p.add_argument("--dtype", default="auto", help="the new path's compute dtype")
     p.add_argument("--top-k", type=int, default=256, help="speed: the new path's top-k")
@@ -233,7 +300,7 @@ def main() -> None:
     MODEL, DATA = args.model, Path(args.data)
     torch.set_num_threads(args.threads)
     t0, load0 = time.perf_counter(), loadavg()
-    result = speed(args) if args.part == "speed" else ranking(args)
+    result = {"speed": speed, "ranking": ranking, "reuse": reuse}[args.part](args)
     result.update(
         command="python " + " ".join(sys.argv),
         machine=f"{os.cpu_count()} CPUs (shared with other jobs), {platform.platform()}",
