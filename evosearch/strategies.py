@@ -115,12 +115,15 @@ def _scored_pool(strategy, request: Request, values: list[float]) -> list[_Membe
 
 def _draw(space, makers, seen: set[Genome], rng: np.random.Generator) -> list[_Member]:
     """One new member per maker ``f(rng) -> Genome``: distinct from ``seen`` (which grows) and
-    feasible for the space; a maker that finds none in 100 tries (a tiny space) adds nothing."""
+    feasible for the space; a maker that finds none in 100 tries (a tiny space) adds nothing.
+    A space with a ``repair(genome) -> Genome`` (e.g. spending a budget a mutation left
+    unspent) has it applied to every genome made, before those checks."""
     feasible = getattr(space, "is_feasible", None) or (lambda genome: True)
+    repair = getattr(space, "repair", None) or (lambda genome: genome)
     members = []
     for make in makers:
         for _attempt in range(100):
-            genome = make(rng)
+            genome = repair(make(rng))
             if genome not in seen and feasible(genome):
                 seen.add(genome)
                 members.append(_Member(genome))

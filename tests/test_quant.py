@@ -125,6 +125,52 @@ def test_mix_sizes_trades_bits_between_layers_of_any_size(tmp_path):
     assert space.total_bits(best) > 0.95 * space.budget_bits  # the freed bits are spent
 
 
+def test_repair_spends_the_bits_a_move_down_left(tmp_path):
+    _, _, space = _gguf_space(tmp_path)
+    levels = list(space.uniform_genome().levels)
+    levels[-2] -= 2  # the embedding Q8_0 -> Q5_0 alone: the slack unit takes the two rungs
+    levels[-1] += 2
+    lowered = Genome(tuple(levels))
+    assert space.spec.is_valid(lowered) and space.is_feasible(lowered)
+    fixed = space.repair(lowered)
+    assert space.spec.is_valid(fixed) and space.is_feasible(fixed)
+    assert space.total_bits(fixed) > space.total_bits(lowered)
+    spare = space.budget_bits - space.total_bits(fixed)
+    n = len(space.units)
+    errors = space.level_errors()
+    for u, v in enumerate(fixed.levels[:n]):  # no rung that lowers an error still fits
+        if v < space.spec.max_levels[u] and errors[u][v + 1] < errors[u][v]:
+            assert space.unit_costs[u][v + 1] - space.unit_costs[u][v] > spare
+    assert space.repair(fixed) == fixed
+    int_space = _space(tmp_path)[2]  # switches within a shape keep the bits: nothing to repair
+    assert int_space.repair(_walk(int_space)) == _walk(int_space)
+
+
+def test_search_spends_the_gguf_budget(tmp_path):
+    """Mutations that lower a layer alone are repaired, so the best genome of a short search
+    leaves no more unspent than the cheapest upgrade (the shortfall that motivated repair)."""
+    from fitness import get_fitness
+
+    model, _, space = _gguf_space(tmp_path)
+    data = token_data(8, 16)
+    dense = compute_dense_cache(model, data.input_ids)
+    fitness = get_fitness("kl")
+    fitness.prepare(model, data.input_ids, dense)
+    config = EvoPressConfig(
+        generations=4,
+        offspring=6,
+        initial_population=0,
+        stages=(Stage(tokens=64, survivors=1),),
+        max_switches=4,
+    )
+    start = (space.uniform_genome(), greedy(space, log=None))
+    strategy = EvoPress(space, config=config, rng=np.random.default_rng(0), initial=start)
+    result = search(strategy, Evaluator(model, space, fitness, dense), data, seed=0, progress=None)
+    assert space.spec.is_valid(result.best) and space.is_feasible(result.best)
+    cheapest = min(c[1] - c[0] for c in space.unit_costs)
+    assert space.budget_bits - space.total_bits(result.best) < cheapest
+
+
 def test_candidate_weights_are_the_dequantized_codes(tmp_path):
     model, _, space = _space(tmp_path, quantizer="rtn")
     genome = _walk(space)
