@@ -322,4 +322,10 @@ def test_cli_quantization_search_writes_a_loadable_model_and_the_report(tmp_path
     fit = results["calibration_fitness"]
     assert set(fit) == {"evopress", "uniform", "greedy"} and fit["evopress"] <= fit["uniform"]
     assert (tmp_path / "run" / "model" / "quant_profile.json").is_file()
-    assert "report.html" in {p.name for p in (tmp_path / "run").iterdir()}
+    folder = tmp_path / "run" / "model"  # bytes of the files the export wrote
+    weights = (folder / "model.safetensors").stat().st_size
+    everything = sum(f.stat().st_size for f in folder.iterdir())
+    assert weights < results["export"]["file_bytes"] < everything
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "<th>bits/weight</th>" in page and "<th>down_proj</th>" in page  # bits per layer
+    assert f"<td>{results['export']['file_bytes']}</td>" in page
