@@ -354,6 +354,7 @@ class QuantSpace:
             acc[1] += u.numel
         return {
             "bits_per_weight": round(self.metrics(genome)["bits_per_weight"], 6),
+            "quant_bytes": self.total_bits(genome) // 8,
             "block_bits_per_weight": [
                 round(b / n, 4) for k, (b, n) in sorted(per_block.items()) if k >= 0
             ],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -329,3 +330,47 @@ def test_cli_quantization_search_writes_a_loadable_model_and_the_report(tmp_path
     page = (tmp_path / "run" / "report.html").read_text()
     assert "<th>bits/weight</th>" in page and "<th>down_proj</th>" in page  # bits per layer
     assert f"<td>{results['export']['file_bytes']}</td>" in page
+
+
+def test_gguf_search_from_evosearch_run_writes_a_file_that_loads(tmp_path):
+    """The Python API end to end in the GGUF format: the run records the file's bytes, and the
+    file reads back with transformers (``gguf_file=``) to the searched candidate's logits."""
+    from transformers import AutoModelForCausalLM
+
+    import evosearch
+    from evosearch.config import SearchConfig
+    from evosearch.data import load_token_data
+    from evosearch.models import load_model
+    from evosearch.problem import build_space
+
+    model_dir = tmp_path / "tiny"
+    model = build_model("llama", tie_word_embeddings=True, max_position_embeddings=256)
+    model.save_pretrained(model_dir)
+    hf_tokenizer().save_pretrained(model_dir)
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    config = {
+        "model": str(model_dir), "data": str(text), "n_sequences": 4, "seq_len": 16,
+        "space": {"name": "quantization", "format": "gguf", "gguf_embedding": "Q8_0"},
+        "generations": 2, "offspring": 4, "initial_population": 0, "stages": [[16, 2], [64, 1]],
+        "baselines": ["uniform", "greedy"], "db_dir": str(tmp_path / "db"),
+    }  # fmt: skip
+    results = evosearch.run(config, out=tmp_path / "run", log=lambda _: None)
+    file = tmp_path / "run" / "model" / "model.gguf"
+    assert results["export"]["file_bytes"] == file.stat().st_size
+    assert results["best"]["quant_bytes"] <= results["baselines"]["uniform"]["quant_bytes"]
+    loaded = AutoModelForCausalLM.from_pretrained(
+        file.parent, gguf_file=file.name, dtype=torch.float32
+    )
+    # the candidate as the search scored it: the run's space rebuilt from its config
+    cfg = SearchConfig.from_dict(json.loads((tmp_path / "run" / "config.json").read_text()))
+    dense, tok = load_model(str(model_dir))
+    run_space = build_space(cfg, dense, load_token_data(cfg.data_spec(), tok, dense).input_ids)
+    ids = random_ids(2, 16)
+    with apply_replacements(dense, run_space.replacements(dense, genome_of(results))):
+        want = logits(dense, ids)
+    torch.testing.assert_close(logits(loaded, ids), want, rtol=0, atol=1e-4)
+
+
+def genome_of(results: dict) -> Genome:
+    return Genome.from_key(results["best"]["genome"])
