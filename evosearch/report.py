@@ -633,7 +633,18 @@ def _run_summary_rows(runs: Sequence[RunRecord]) -> list[list[Any]]:
         row("best: calibration fitness (all tokens)", best_value),
         row("best: bits per weight", lambda r: r.results["best"].get("bits_per_weight", "")),
         row("export: file bytes", lambda r: r.results.get("export", {}).get("file_bytes", "")),
+        row("export: load + generate s (dense)", _export_seconds),
     ]
+
+
+def _export_seconds(r: RunRecord) -> str:
+    e = r.results.get("export", {})
+    if "load_seconds" not in e:
+        return ""
+    return (
+        f"{e['load_seconds']} + {e['generate_seconds']} "
+        f"({e.get('dense_load_seconds')} + {e.get('dense_generate_seconds')})"
+    )
 
 
 def _comparison_table(run: RunRecord) -> str:

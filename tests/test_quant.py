@@ -330,6 +330,7 @@ def test_cli_quantization_search_writes_a_loadable_model_and_the_report(tmp_path
     page = (tmp_path / "run" / "report.html").read_text()
     assert "<th>bits/weight</th>" in page and "<th>down_proj</th>" in page  # bits per layer
     assert f"<td>{results['export']['file_bytes']}</td>" in page
+    assert results["export"]["new_tokens"] == 32  # the export loaded and generated
 
 
 def test_gguf_search_from_evosearch_run_writes_a_file_that_loads(tmp_path):
@@ -358,6 +359,7 @@ def test_gguf_search_from_evosearch_run_writes_a_file_that_loads(tmp_path):
     results = evosearch.run(config, out=tmp_path / "run", log=lambda _: None)
     file = tmp_path / "run" / "model" / "model.gguf"
     assert results["export"]["file_bytes"] == file.stat().st_size
+    assert results["export"]["new_tokens"] == 32 and results["export"]["dense_load_seconds"] > 0
     assert results["best"]["quant_bytes"] <= results["baselines"]["uniform"]["quant_bytes"]
     loaded = AutoModelForCausalLM.from_pretrained(
         file.parent, gguf_file=file.name, dtype=torch.float32
