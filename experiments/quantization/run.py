@@ -337,7 +337,7 @@ def main() -> None:
         return table()
     if args.part == "gguf-exports":
         return part_gguf_exports(args)
-    name = f"int{args.bits}" if args.part == "int" else "gguf_q4_0" + args.tag
+    name = (f"int{args.bits}" if args.part == "int" else "gguf_q4_0") + args.tag
     out = Path(args.runs) / f"{name}.json"
     if out.is_file():
         log(f"{out} exists: kept")
