@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import time
@@ -346,6 +347,7 @@ def main() -> None:
     t0 = time.perf_counter()
     res = part_int(args) if args.part == "int" else part_gguf(args)
     res["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    res["load_average"] = [round(x, 1) for x in os.getloadavg()]  # shared machine: 1/5/15 min
     res["machine"] = (
         f"{platform.machine()}, torch threads 1, shared cores (times are upper bounds)"
     )
