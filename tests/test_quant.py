@@ -333,6 +333,15 @@ def test_cli_quantization_search_writes_a_loadable_model_and_the_report(tmp_path
     assert results["export"]["new_tokens"] == 32  # the export loaded and generated
 
 
+def test_cli_mix_sizes_flag_reaches_the_space_config():
+    from evosearch.cli import _config, _parser
+
+    argv = ["search", "--out", "r", "--space", "quantization", "--bits", "3", "--mix-sizes"]
+    config = _config(_parser().parse_args(argv))
+    assert config.space.settings.mix_sizes and config.space.settings.bits == 3
+    assert not _config(_parser().parse_args(argv[:-1])).space.settings.mix_sizes
+
+
 def test_gguf_search_from_evosearch_run_writes_a_file_that_loads(tmp_path):
     """The Python API end to end in the GGUF format: the run records the file's bytes, and the
     file reads back with transformers (``gguf_file=``) to the searched candidate's logits."""
