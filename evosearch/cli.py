@@ -58,6 +58,7 @@ _OVERRIDES = {
     "quantizer": "quantizer",
     "format": "format",
     "group_size": "group_size",
+    "mix_sizes": "mix_sizes",
     "shard": "shard",
     "target_params": "width_target",
     "attention_target": "width_attention_target",
@@ -170,6 +171,13 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
         help="quantization space: int bit-widths (compressed-tensors export) or GGUF types",
     )
     p.add_argument("--group-size", type=int, help="quantization space: columns per scale (128)")
+    p.add_argument(
+        "--mix-sizes",
+        action="store_true",
+        default=None,
+        help="quantization space: trade bits between layers of any shape (the budget held "
+        "by size, leftover bits spent by the repair)",
+    )
     p.add_argument(
         "--sparsity-range",
         type=_csv(float),

@@ -457,7 +457,7 @@ FLAT_KEYS: dict[str, tuple[str, ...]] = {
     **{k: ("space", k) for k in ("drop_range", "sleb_tokens", "sparsity", "pruner", "pattern")},
     **{k: ("space", k) for k in ("level_step", "max_level_shift", "max_total_shift")},
     "sparsity_range": ("space", "sparsity_range"),
-    **{k: ("space", k) for k in ("bits", "quantizer", "format", "group_size")},
+    **{k: ("space", k) for k in ("bits", "quantizer", "format", "group_size", "mix_sizes")},
     "width_target": ("space", "target"),
     "width_attention_target": ("space", "attention_target"),
     "width_mlp_levels": ("space", "mlp_levels"),

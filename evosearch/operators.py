@@ -9,6 +9,7 @@ from evosearch.genome import Genome, LevelSpec
 __all__ = [
     "anchored_step",
     "budget_step",
+    "fill_budget",
     "level_switch_mutation",
     "number_of_switches",
     "random_genome",
@@ -135,6 +136,54 @@ def anchored_step(
     if not deltas:
         return Genome(levels)
     return budget_step(Genome(levels), spec, rng, deltas, guide)
+
+
+def fill_budget(
+    levels: tuple[int, ...] | list[int],
+    costs,
+    errors,
+    spare: float,
+    max_levels: tuple[int, ...] | list[int],
+    *,
+    max_raises: int | None = None,
+) -> tuple[list[int], float]:
+    """Spend ``spare`` budget on upgrades, best first: while some unit's next level costs no
+    more than what is left and lowers its error, raise the unit with the largest error drop
+    per unit of cost (ties: the lowest index). Pure and deterministic.
+
+    This repairs a genome whose costs differ per unit (e.g. bits of layers of different
+    sizes), so mutations that free budget do not leave it unspent.
+
+    Args:
+        levels: each unit's level.
+        costs: ``costs[u][k]``, the cost of unit ``u`` at level ``k`` (increasing in ``k``).
+        errors: ``errors[u][k]``, the error of unit ``u`` at level ``k``.
+        spare: the budget left to spend.
+        max_levels: each unit's highest level.
+        max_raises: at most this many levels are added in all (``None``: no bound).
+
+    Returns:
+        The new levels and the budget still unspent.
+    """
+    levels = list(levels)
+    for _ in range(len(levels) * 64 if max_raises is None else max_raises):
+        best: tuple[float, int] | None = None
+        for u, v in enumerate(levels):
+            if v >= max_levels[u]:
+                continue
+            price = costs[u][v + 1] - costs[u][v]
+            gain = errors[u][v] - errors[u][v + 1]
+            if price > spare or gain <= 0:
+                continue
+            ratio = gain / price if price > 0 else float("inf")
+            if best is None or ratio > best[0]:
+                best = (ratio, u)
+        if best is None:
+            return levels, spare
+        u = best[1]
+        spare -= costs[u][levels[u] + 1] - costs[u][levels[u]]
+        levels[u] += 1
+    return levels, spare
 
 
 def steepest_exchange(

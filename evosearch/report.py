@@ -7,7 +7,8 @@ be rebuilt at any time and for runs made by older versions::
       report.html        figures inlined as base64 PNGs, the compared candidates as an SVG
                          scatter whose points show genome and metrics on hover; no network needed
       convergence.png    best fitness vs evaluations, calibration tokens and evaluation time
-      layers.png         per-unit levels of every compared candidate (one heat-map strip each)
+      layers.png         per-unit levels of every compared candidate (one heat-map strip each;
+                         a quantization run: bits per weight of each layer kind by block)
       pareto.png         candidates: calibration fitness (and perplexity) vs share of units dropped
       pareto.csv/.json   every candidate with its genome, metrics, run and model path
 
@@ -45,6 +46,8 @@ __all__ = [
     "load_run",
     "pareto_flags",
     "block_sparsities",
+    "layer_bits",
+    "level_bits",
     "unit_levels",
     "write_report",
 ]
@@ -356,7 +359,53 @@ def block_sparsities(run: RunRecord) -> dict[str, list[float]] | None:
     return out if out and all(isinstance(v, list) for v in out.values()) else None
 
 
+def level_bits(level: int | str) -> float:
+    """Bits per weight of a quantized layer's level: a bit-width, or a GGUF type's block bytes
+    per weight (``Q4_0``: 4.5; scales included)."""
+    if isinstance(level, (int, float)):
+        return float(level)
+    import gguf
+
+    block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[level]]
+    return 8 * nbytes / block
+
+
+def layer_bits(run: RunRecord) -> dict[str, dict[str, list[float]]] | None:
+    """``{candidate: {layer kind: bits per weight of that layer in block 0, 1, ...}}`` for a
+    quantization run (``None`` otherwise), from each candidate's ``layer_levels``; a layer
+    outside the blocks (a token embedding unit) is its own kind with one value."""
+    results = run.results
+    described = {strategy_name(results): results.get("best", {}), **results.get("baselines", {})}
+    if not all(isinstance(d.get("layer_levels"), dict) for d in described.values()):
+        return None
+    out: dict[str, dict[str, list[float]]] = {}
+    for name, desc in described.items():
+        kinds: dict[str, dict[int, float]] = {}
+        for layer, level in desc["layer_levels"].items():
+            parts = layer.split(".")
+            block = next((int(p) for p in parts if p.isdigit()), -1)
+            kinds.setdefault(parts[-1], {})[block] = level_bits(level)
+        out[name] = {k: [v for _, v in sorted(b.items())] for k, b in kinds.items()}
+    return out
+
+
+def _quant_table(run: RunRecord) -> str:
+    """Per candidate: bits per weight, bytes and the mean bits of each layer kind."""
+    bits = layer_bits(run) or {}
+    results = run.results
+    described = {strategy_name(results): results.get("best", {}), **results.get("baselines", {})}
+    kinds = list(dict.fromkeys(k for per in bits.values() for k in per))
+    rows = [
+        [name, desc.get("bits_per_weight", ""), desc.get("quant_bytes", "")]
+        + [sum(bits[name][k]) / len(bits[name][k]) if k in bits[name] else "" for k in kinds]
+        for name, desc in described.items()
+    ]
+    return _table(["candidate", "bits/weight", "bytes", *kinds], rows, "bits")
+
+
 def _plot_layers(runs: Sequence[RunRecord], path: Path) -> None:
+    if all(layer_bits(run) for run in runs):
+        return _plot_bits(runs, path)
     plt = _pyplot()
     rows: list[tuple[str, list[float]]] = []
     sparsity = all(block_sparsities(run) for run in runs)
@@ -382,12 +431,31 @@ def _plot_layers(runs: Sequence[RunRecord], path: Path) -> None:
     _heat_map(plt, rows, grid, width, path, vmin=low, vmax=top, label=label, ticks=ticks)
 
 
-def _heat_map(plt, rows, grid, width, path: Path, *, vmin, vmax, label, ticks) -> None:
+def _plot_bits(runs: Sequence[RunRecord], path: Path) -> None:
+    """Bits per weight of every block layer (one strip per candidate and layer kind)."""
+    plt = _pyplot()
+    rows: list[tuple[str, list[float]]] = []
+    for run in runs:
+        prefix = f"{run.name}: " if len(runs) > 1 else ""
+        for name, kinds in (layer_bits(run) or {}).items():
+            rows.extend((f"{prefix}{name} {k}", v) for k, v in kinds.items() if len(v) > 1)
+    width = max(len(v) for _, v in rows)
+    grid = [v + [float("nan")] * (width - len(v)) for _, v in rows]
+    values = [x for r in grid for x in r if x == x]
+    _heat_map(
+        plt, rows, grid, width, path, vmin=min(values), vmax=max(values),
+        label="bits per weight", ticks=None, cmap="viridis",
+    )  # fmt: skip
+
+
+def _heat_map(
+    plt, rows, grid, width, path: Path, *, vmin, vmax, label, ticks, cmap="Reds"
+) -> None:
     fig, ax = plt.subplots(
         figsize=(min(16, 3 + 0.35 * width), 1 + 0.38 * len(rows)), constrained_layout=True
     )
     image = ax.imshow(
-        grid, aspect="auto", cmap="Reds", vmin=vmin, vmax=vmax, interpolation="nearest"
+        grid, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest"
     )
     ax.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=8)
     ax.set_xticks(range(width), [str(i) for i in range(width)], fontsize=7)
@@ -598,7 +666,20 @@ def _run_summary_rows(runs: Sequence[RunRecord]) -> list[list[Any]]:
         row("best genome", lambda r: r.results["best"]["genome"]),
         row("best: dropped blocks", lambda r: r.results["best"].get("dropped_blocks", "")),
         row("best: calibration fitness (all tokens)", best_value),
+        row("best: bits per weight", lambda r: r.results["best"].get("bits_per_weight", "")),
+        row("export: file bytes", lambda r: r.results.get("export", {}).get("file_bytes", "")),
+        row("export: load + generate s (dense)", _export_seconds),
     ]
+
+
+def _export_seconds(r: RunRecord) -> str:
+    e = r.results.get("export", {})
+    if "load_seconds" not in e:
+        return ""
+    return (
+        f"{e['load_seconds']} + {e['generate_seconds']} "
+        f"({e.get('dense_load_seconds')} + {e.get('dense_generate_seconds')})"
+    )
 
 
 def _comparison_table(run: RunRecord) -> str:
@@ -837,6 +918,10 @@ def _sections(runs: list[RunRecord], points, out: Path) -> list[str]:
     body.extend(_healing_section(runs))
     body.extend(_bytes_section(runs))
     body.append("<h2>Per-layer picture</h2>")
+    for run in runs:
+        if layer_bits(run):
+            head = f"<h3>{html.escape(run.name)}: bits per layer</h3>" if len(runs) > 1 else ""
+            body.append(head + _quant_table(run))
     body.append(_img(out / "layers.png", _FIGURES["layers.png"][0]))
     body.append("<h2>Candidates and Pareto front</h2>")
     body.append(

@@ -19,6 +19,12 @@ class SearchSpace(Protocol):
     Attributes:
         name: registry name (e.g. ``"layer-drop"``).
         spec: unit ranges, groups and budgets of the genomes.
+
+    Optional methods the strategies use where a space has them: ``is_feasible(genome) ->
+    bool`` (a bound beyond the group budgets; infeasible genomes are never evaluated) and
+    ``repair(genome, rng=None) -> Genome`` (applied to every new genome first, e.g. to spend a
+    budget a mutation left unspent; with ``rng=None`` it must be deterministic, as Optuna's
+    decoded genomes need).
     """
 
     name: str

@@ -116,8 +116,8 @@ def _scored_pool(strategy, request: Request, values: list[float]) -> list[_Membe
 def _draw(space, makers, seen: set[Genome], rng: np.random.Generator) -> list[_Member]:
     """One new member per maker ``f(rng) -> Genome``: distinct from ``seen`` (which grows) and
     feasible for the space; a maker that finds none in 100 tries (a tiny space) adds nothing.
-    A space with ``repair(genome, rng)`` (a budget that group sums do not hold, e.g. a
-    composite space's bytes) has every made genome repaired first."""
+    A space with ``repair(genome, rng)`` (e.g. a composite space's bytes, or a budget a
+    mutation left unspent) has every made genome repaired first."""
     feasible = getattr(space, "is_feasible", None) or (lambda genome: True)
     repair = getattr(space, "repair", None) or (lambda genome, rng: genome)
     members = []

@@ -27,6 +27,7 @@ a temporary directory, so a killed build leaves nothing behind.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -43,7 +44,7 @@ from evosearch.arch import get_submodule
 from evosearch.genome import Genome, LevelSpec
 from evosearch.leveldb import LevelDatabase, model_fingerprint, tensor_fingerprint
 from evosearch.models import cache_dir
-from evosearch.operators import level_switch_mutation
+from evosearch.operators import fill_budget, level_switch_mutation
 from evosearch.pruning import LayerStats, LinearRef, block_linears, collect_stats, set_weight_
 from evosearch.registry import register_space
 from evosearch.space import first_changed_block
@@ -210,6 +211,7 @@ class QuantSpace:
             )
         self._copies: dict[str, nn.Module] = {}
         self._loaded: dict[str, int] = {}
+        self._errors: list[list[float]] | None = None
         self.template: str | None = None  # GGUF whose metadata (tokenizer) exports copy
 
     @classmethod
@@ -290,11 +292,38 @@ class QuantSpace:
             nxt = level_switch_mutation(genome, self.spec, rng, 1)
             if self.is_feasible(nxt):
                 genome = nxt
-        return genome
+        return self.repair(genome)
+
+    def repair(self, genome: Genome, rng: np.random.Generator | None = None) -> Genome:
+        """``genome`` with the bits it leaves unspent spent (``mix_sizes`` only; elsewhere a
+        switch keeps each group's bits, so ``genome`` itself): one rung at a time, the unit
+        whose database error drops most per bit gains a rung and the slack unit loses one,
+        while the budget allows (:func:`~evosearch.operators.fill_budget`). Strategies call it
+        on every new genome: without it, a mutation that lowers a layer alone always fits and
+        one that raises a layer alone rarely does, so a search drifts below its budget.
+        Deterministic; an infeasible ``genome`` is returned unchanged."""
+        if not self.config_.mix_sizes or not self.is_feasible(genome):
+            return genome
+        *levels, slack = genome.levels
+        if self._errors is None:
+            self._errors = self.level_errors()
+        spare = self.budget_bits - self.total_bits(genome)
+        tops = self.spec.max_levels[: len(levels)]
+        # the slack's level bounds the rungs that can be added in all
+        filled, _ = fill_budget(
+            levels, self.unit_costs, self._errors, spare, tops, max_raises=slack
+        )
+        return Genome((*filled, slack - (sum(filled) - sum(levels))))
+
+    @functools.cached_property
+    def unit_costs(self) -> list[list[int]]:
+        """``unit_costs[u][k]``: the exact bits of unit ``u`` at level ``k``."""
+        c = self.config_
+        return [[c.unit_bits(u.shape, k) for k in range(len(c.levels))] for u in self.units]
 
     def total_bits(self, genome: Genome) -> int:
         """Exact storage bits of the units under ``genome``."""
-        return sum(self.config_.unit_bits(u.shape, v) for u, v in zip(self.units, genome.levels))
+        return sum(c[v] for c, v in zip(self.unit_costs, genome.levels))
 
     def is_feasible(self, genome: Genome) -> bool:
         """Whether ``genome`` stores in no more bits than the uniform allocation."""
@@ -326,6 +355,7 @@ class QuantSpace:
             acc[1] += u.numel
         return {
             "bits_per_weight": round(self.metrics(genome)["bits_per_weight"], 6),
+            "quant_bytes": self.total_bits(genome) // 8,
             "block_bits_per_weight": [
                 round(b / n, 4) for k, (b, n) in sorted(per_block.items()) if k >= 0
             ],

@@ -4,7 +4,8 @@ Greedy: each layer's output error at each rung, ``tr(dW H dW^T) / tokens`` on th
 tokens (stored in the level database when it is built, so it costs no extra pass), is treated as
 independent of the other layers, and the sum over layers is minimised by steepest exchange from
 the uniform allocation: while some level switch (one layer down a rung, another of its group up
-one) lowers the sum and keeps the budget, make the best one. Unlike the search it never runs the
+one) lowers the sum and keeps the budget, make the best one; bits left over (layers of different
+sizes) are then spent by the space's repair. Unlike the search it never runs the
 model; like HAWQ-style allocations it ignores how errors interact across layers.
 """
 
@@ -49,7 +50,7 @@ def greedy(
     moves = steepest_exchange(
         errors, spec, levels, allowed=lambda lv, i, j: spent(lv, i, j) <= slack[0], on_move=on_move
     )
-    genome = Genome(tuple(levels))
+    genome = space.repair(Genome(tuple(levels)))  # bits the exchange left unspent
     if log:
         uniform = space.uniform_genome().levels
         log(

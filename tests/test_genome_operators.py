@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 
 from evosearch.genome import Genome, LevelSpec
-from evosearch.operators import level_switch_mutation, number_of_switches, random_genome
+from evosearch.operators import (
+    fill_budget,
+    level_switch_mutation,
+    number_of_switches,
+    random_genome,
+)
 from search_spaces import LayerDropSpace
 
 # A multi-level spec: two groups, one frozen unit (max level 0).
@@ -248,3 +253,15 @@ def test_a_switch_moves_switch_size_levels_as_far_as_both_units_allow():
     assert set(moves) == {2, 4}
     with pytest.raises(ValueError, match="switch_size"):
         LevelSpec(max_levels=(1, 1), groups=(0, 0), budgets={0: 1}, switch_size=0)
+
+
+def test_fill_budget_buys_the_largest_error_drop_per_cost_until_nothing_fits():
+    costs = [[0, 10, 20], [0, 4, 8], [0, 1, 2]]
+    errors = [[9.0, 1.0, 0.0], [5.0, 2.0, 1.9], [1.0, 1.0, 1.0]]  # unit 2: no gain, never raised
+    # drops per cost: unit 0: 0.8 then 0.1; unit 1: 0.75 then 0.025
+    levels, spare = fill_budget([0, 0, 0], costs, errors, 15, (2, 2, 2))
+    assert levels == [1, 1, 0] and spare == 1
+    levels, spare = fill_budget([0, 0, 0], costs, errors, 9, (2, 2, 2))
+    assert levels == [0, 2, 0] and spare == 1  # unit 0's rung (10) does not fit
+    assert fill_budget([0, 0, 0], costs, errors, 100, (2, 2, 2), max_raises=1)[0] == [1, 0, 0]
+    assert fill_budget([2, 2, 0], costs, errors, 100, (2, 2, 2))[0] == [2, 2, 0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -123,6 +124,52 @@ def test_mix_sizes_trades_bits_between_layers_of_any_size(tmp_path):
     best = greedy(space, log=None)
     assert space.spec.is_valid(best) and space.is_feasible(best)
     assert space.total_bits(best) > 0.95 * space.budget_bits  # the freed bits are spent
+
+
+def test_repair_spends_the_bits_a_move_down_left(tmp_path):
+    _, _, space = _gguf_space(tmp_path)
+    levels = list(space.uniform_genome().levels)
+    levels[-2] -= 2  # the embedding Q8_0 -> Q5_0 alone: the slack unit takes the two rungs
+    levels[-1] += 2
+    lowered = Genome(tuple(levels))
+    assert space.spec.is_valid(lowered) and space.is_feasible(lowered)
+    fixed = space.repair(lowered)
+    assert space.spec.is_valid(fixed) and space.is_feasible(fixed)
+    assert space.total_bits(fixed) > space.total_bits(lowered)
+    spare = space.budget_bits - space.total_bits(fixed)
+    n = len(space.units)
+    errors = space.level_errors()
+    for u, v in enumerate(fixed.levels[:n]):  # no rung that lowers an error still fits
+        if v < space.spec.max_levels[u] and errors[u][v + 1] < errors[u][v]:
+            assert space.unit_costs[u][v + 1] - space.unit_costs[u][v] > spare
+    assert space.repair(fixed) == fixed
+    int_space = _space(tmp_path)[2]  # switches within a shape keep the bits: nothing to repair
+    assert int_space.repair(_walk(int_space)) == _walk(int_space)
+
+
+def test_search_spends_the_gguf_budget(tmp_path):
+    """Mutations that lower a layer alone are repaired, so the best genome of a short search
+    leaves no more unspent than the cheapest upgrade (the shortfall that motivated repair)."""
+    from fitness import get_fitness
+
+    model, _, space = _gguf_space(tmp_path)
+    data = token_data(8, 16)
+    dense = compute_dense_cache(model, data.input_ids)
+    fitness = get_fitness("kl")
+    fitness.prepare(model, data.input_ids, dense)
+    config = EvoPressConfig(
+        generations=4,
+        offspring=6,
+        initial_population=0,
+        stages=(Stage(tokens=64, survivors=1),),
+        max_switches=4,
+    )
+    start = (space.uniform_genome(), greedy(space, log=None))
+    strategy = EvoPress(space, config=config, rng=np.random.default_rng(0), initial=start)
+    result = search(strategy, Evaluator(model, space, fitness, dense), data, seed=0, progress=None)
+    assert space.spec.is_valid(result.best) and space.is_feasible(result.best)
+    cheapest = min(c[1] - c[0] for c in space.unit_costs)
+    assert space.budget_bits - space.total_bits(result.best) < cheapest
 
 
 def test_candidate_weights_are_the_dequantized_codes(tmp_path):
@@ -276,4 +323,65 @@ def test_cli_quantization_search_writes_a_loadable_model_and_the_report(tmp_path
     fit = results["calibration_fitness"]
     assert set(fit) == {"evopress", "uniform", "greedy"} and fit["evopress"] <= fit["uniform"]
     assert (tmp_path / "run" / "model" / "quant_profile.json").is_file()
-    assert "report.html" in {p.name for p in (tmp_path / "run").iterdir()}
+    folder = tmp_path / "run" / "model"  # bytes of the files the export wrote
+    weights = (folder / "model.safetensors").stat().st_size
+    everything = sum(f.stat().st_size for f in folder.iterdir())
+    assert weights < results["export"]["file_bytes"] < everything
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "<th>bits/weight</th>" in page and "<th>down_proj</th>" in page  # bits per layer
+    assert f"<td>{results['export']['file_bytes']}</td>" in page
+    assert results["export"]["new_tokens"] == 32  # the export loaded and generated
+
+
+def test_cli_mix_sizes_flag_reaches_the_space_config():
+    from evosearch.cli import _config, _parser
+
+    argv = ["search", "--out", "r", "--space", "quantization", "--bits", "3", "--mix-sizes"]
+    config = _config(_parser().parse_args(argv))
+    assert config.space.settings.mix_sizes and config.space.settings.bits == 3
+    assert not _config(_parser().parse_args(argv[:-1])).space.settings.mix_sizes
+
+
+def test_gguf_search_from_evosearch_run_writes_a_file_that_loads(tmp_path):
+    """The Python API end to end in the GGUF format: the run records the file's bytes, and the
+    file reads back with transformers (``gguf_file=``) to the searched candidate's logits."""
+    from transformers import AutoModelForCausalLM
+
+    import evosearch
+    from evosearch.config import SearchConfig
+    from evosearch.data import load_token_data
+    from evosearch.models import load_model
+    from evosearch.problem import build_space
+
+    model_dir = tmp_path / "tiny"
+    model = build_model("llama", tie_word_embeddings=True, max_position_embeddings=256)
+    model.save_pretrained(model_dir)
+    hf_tokenizer().save_pretrained(model_dir)
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    config = {
+        "model": str(model_dir), "data": str(text), "n_sequences": 4, "seq_len": 16,
+        "space": {"name": "quantization", "format": "gguf", "gguf_embedding": "Q8_0"},
+        "generations": 2, "offspring": 4, "initial_population": 0, "stages": [[16, 2], [64, 1]],
+        "baselines": ["uniform", "greedy"], "db_dir": str(tmp_path / "db"),
+    }  # fmt: skip
+    results = evosearch.run(config, out=tmp_path / "run", log=lambda _: None)
+    file = tmp_path / "run" / "model" / "model.gguf"
+    assert results["export"]["file_bytes"] == file.stat().st_size
+    assert results["export"]["new_tokens"] == 32 and results["export"]["dense_load_seconds"] > 0
+    assert results["best"]["quant_bytes"] <= results["baselines"]["uniform"]["quant_bytes"]
+    loaded = AutoModelForCausalLM.from_pretrained(
+        file.parent, gguf_file=file.name, dtype=torch.float32
+    )
+    # the candidate as the search scored it: the run's space rebuilt from its config
+    cfg = SearchConfig.from_dict(json.loads((tmp_path / "run" / "config.json").read_text()))
+    dense, tok = load_model(str(model_dir))
+    run_space = build_space(cfg, dense, load_token_data(cfg.data_spec(), tok, dense).input_ids)
+    ids = random_ids(2, 16)
+    with apply_replacements(dense, run_space.replacements(dense, genome_of(results))):
+        want = logits(dense, ids)
+    torch.testing.assert_close(logits(loaded, ids), want, rtol=0, atol=1e-4)
+
+
+def genome_of(results: dict) -> Genome:
+    return Genome.from_key(results["best"]["genome"])

@@ -179,6 +179,56 @@ def test_write_report_single_run(tmp_path):
     assert table[0]["ppl wiki"] == "14.0"
 
 
+def _quant_results() -> dict:
+    """A GGUF quantization run over 2 blocks x (q_proj, down_proj) plus the embedding."""
+    results = _results()
+
+    def layers(q0, q1, d0, d1, emb):
+        return {
+            "model.layers.0.self_attn.q_proj": q0,
+            "model.layers.1.self_attn.q_proj": q1,
+            "model.layers.0.mlp.down_proj": d0,
+            "model.layers.1.mlp.down_proj": d1,
+            "embed_tokens": emb,
+        }
+
+    results["space"] = {"space": "quantization", "format": "gguf"}
+    results["best"] = {
+        "genome": "110004",
+        "kl": 0.25,
+        "bits_per_weight": 5.0,
+        "quant_bytes": 1000,
+        "layer_levels": layers("Q4_1", "Q4_1", "Q4_0", "Q5_0", "Q4_1"),
+    }
+    results["baselines"] = {
+        "uniform": {
+            "genome": "000040",
+            "bits_per_weight": 5.3,
+            "quant_bytes": 1060,
+            "layer_levels": layers("Q4_0", "Q4_0", "Q4_0", "Q4_0", "Q8_0"),
+        }
+    }
+    results["calibration_fitness"] = {"evopress": 0.26, "uniform": 0.3}
+    results["export"] = {"file_bytes": 123456, "quant_bytes": 1000}
+    return results
+
+
+def test_report_shows_bits_per_layer_and_file_bytes_of_a_quantization_run(tmp_path):
+    run = _write_run(tmp_path / "q", _quant_results())
+    bits = report.layer_bits(report.load_run(run))
+    assert bits["evopress"] == {
+        "q_proj": [5.0, 5.0],
+        "down_proj": [4.5, 5.5],
+        "embed_tokens": [5.0],
+    }
+    assert bits["uniform"]["embed_tokens"] == [8.5] and report.level_bits(3) == 3.0
+    text = report.write_report([run]).read_text()
+    assert "<th>q_proj</th><th>down_proj</th><th>embed_tokens</th>" in text  # bits table
+    assert "<td>123456</td>" in text  # the export's file bytes
+    assert (run / "layers.png").stat().st_size > 0
+    assert report.layer_bits(report.load_run(_write_run(tmp_path / "d", _results()))) is None
+
+
 def test_write_report_compares_runs(tmp_path):
     a = _write_run(tmp_path / "a", _results())
     b = _write_run(tmp_path / "b", _results(strategy="random"))

@@ -26,7 +26,9 @@ from evosearch.validate import resolve_device
 __all__ = [
     "evaluate_perplexity",
     "export_genome",
+    "export_latency",
     "export_stats",
+    "load_and_generate",
     "finetune",
     "finetune_run",
     "load_eval_data",
@@ -77,6 +79,54 @@ def export_stats(
         f"{stats['dense_params'] / 1e6:.1f}M), {stats['tokens_per_s']:.0f} tokens/s vs "
         f"{stats['dense_tokens_per_s']:.0f} dense ({stats['speedup']:.2f}x, "
         f"{stats['threads']} threads)"
+    )
+    return stats
+
+
+PROMPT = "The history of the city begins in"
+
+
+def load_and_generate(load: Callable[[], Any], tokenizer, new_tokens: int = 32) -> dict[str, Any]:
+    """Seconds to load a model with ``load()`` and to greedily generate ``new_tokens`` tokens
+    after a fixed prompt (on the CPU, with this process's threads)."""
+    t0 = time.perf_counter()
+    model = load()
+    t1 = time.perf_counter()
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(
+            ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+        )
+    return {
+        "load_seconds": round(t1 - t0, 2),
+        "generate_seconds": round(time.perf_counter() - t1, 2),
+        "new_tokens": int(out.shape[1] - ids.shape[1]),
+    }
+
+
+def export_latency(
+    model_id: str, export_dir: str | Path, tokenizer, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Load-and-generate seconds (:func:`load_and_generate`) of an exported model folder (a
+    ``.gguf`` file in it, or a transformers checkpoint such as compressed-tensors) against
+    the dense model ``model_id``, both loaded in float32 on the CPU. transformers dequantizes
+    GGUF on load and compressed-tensors on the first forward, so these are its loading
+    paths, not low-bit kernels."""
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(export_dir)
+    ggufs = sorted(folder.glob("*.gguf"))
+    extra = {"gguf_file": ggufs[0].name} if ggufs else {}
+    export = load_and_generate(
+        lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra),
+        tokenizer,
+    )
+    dense = load_and_generate(lambda: load_model(model_id)[0], tokenizer)
+    stats = {**export, **{f"dense_{k}": v for k, v in dense.items() if k != "new_tokens"}}
+    log(
+        f"export: load {stats['load_seconds']} s + generate {stats['generate_seconds']} s "
+        f"({stats['new_tokens']} tokens), dense {stats['dense_load_seconds']} s + "
+        f"{stats['dense_generate_seconds']} s"
     )
     return stats
 

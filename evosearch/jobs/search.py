@@ -209,10 +209,23 @@ def _save(problem: Problem, results: dict, best: Genome, run: RunDir, log) -> No
     """The best model, saved into the run (with size and speed for shrinking spaces)."""
     if not problem.config.save_model:
         return
-    save_complete(
-        lambda d: problem.space.save(problem.model, problem.tokenizer, best, d), run.file("model")
-    )
+    saved: dict[str, Any] = {}  # a space's save may describe its export (bytes on disk...)
+
+    def save(folder: str) -> None:
+        described = problem.space.save(problem.model, problem.tokenizer, best, folder)
+        saved.update(described if isinstance(described, dict) else {})
+
+    save_complete(save, run.file("model"))
     results["model_dir"] = str(run.file("model"))
+    if "file_bytes" in saved:  # a file format a runtime loads (quantization): time it
+        from evosearch.jobs.models import export_latency
+
+        keys = ("file_bytes", "quant_bytes", "bits_per_weight", "export_seconds")
+        results["export"] = {k: saved[k] for k in keys if k in saved}
+        if problem.tokenizer is not None:
+            results["export"].update(
+                export_latency(problem.config.model, run.file("model"), problem.tokenizer, log)
+            )
     if problem.entry.shrinks:
         from evosearch.jobs.models import export_stats
 

@@ -1,5 +1,5 @@
-"""Collect ``runs/*.json`` of ``run.py`` into ``results.json`` and the tables of
-``results.md``."""
+"""Collect ``runs/*.json`` of ``run.py`` into ``results.json`` (next to the parts it already
+holds) and the tables of ``results.md``."""
 
 from __future__ import annotations
 
@@ -40,7 +40,13 @@ def _kinds(levels: dict) -> list[str]:
 
 
 def main() -> None:
-    runs = {p.stem: json.loads(p.read_text()) for p in sorted((HERE / "runs").glob("*.json"))}
+    # parts already in results.json are kept unless runs/ holds a (complete) rerun of them
+    file = HERE / "results.json"
+    runs = json.loads(file.read_text()) if file.is_file() else {}
+    runs.update(
+        {p.stem: json.loads(p.read_text()) for p in sorted((HERE / "runs").glob("*.json"))}
+    )
+    runs = dict(sorted(runs.items()))
     (HERE / "results.json").write_text(json.dumps(runs, indent=1) + "\n")
     lines = []
     for name, r in runs.items():

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import time
@@ -60,8 +61,8 @@ def session(args) -> dict:
     test = load_eval_data(str(DATA / "wiki.test.raw"), tok, args.seq_len, args.eval_windows)
     t0 = time.perf_counter()
     # every candidate quantizes block 0 too, so no prefix is ever reused: keep only the teacher
-    dense = compute_dense_cache(model, calib.input_ids, prefix_reuse=False)
-    fitness = get_fitness("kl")
+    dense = compute_dense_cache(model, calib.input_ids, prefix_reuse=False, dtype=args.dtype)
+    fitness = get_fitness("kl")  # top-256 teacher by default
     fitness.prepare(model, calib.input_ids, dense)
     log(f"dense cache {time.perf_counter() - t0:.0f}s")
     return dict(
@@ -187,7 +188,9 @@ def part_int(args) -> dict:
     from transformers import AutoModelForCausalLM
 
     s = session(args)
-    config = QuantConfig(bits=args.bits, group_size=args.group_size, quantizer="gptq")
+    config = QuantConfig(
+        bits=args.bits, group_size=args.group_size, quantizer="gptq", mix_sizes=args.mix_sizes
+    )
     space, build_seconds = build_space(s, config, args)
     uniform = space.uniform_genome()
     greedy_genome = greedy(space, log=log)
@@ -204,7 +207,7 @@ def part_int(args) -> dict:
             s,
             space,
             genomes[name],
-            Path(args.runs) / f"int{args.bits}_{name}_ct",
+            Path(args.runs) / f"int{args.bits}{args.tag}_{name}_ct",
             lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32),
         )
         log(f"export {name}: {exports[name]}")
@@ -257,7 +260,7 @@ def part_gguf(args) -> dict:
     log(f"test ppl {ppl}")
     exports = {}
     for name in ("uniform_q4_0", "searched", "uniform_q4_1"):
-        out = Path(args.runs) / f"gguf_{name}"
+        out = Path(args.runs) / f"gguf{args.tag}_{name}"
         exports[name] = export_check(
             s, space, genomes[name], out, lambda p: _gguf_loader(p / "model.gguf")
         )
@@ -324,6 +327,9 @@ def main() -> None:
     p.add_argument("--model", default=MODEL)
     p.add_argument("--runs", default=str(HERE / "runs"), help="where results and exports go")
     p.add_argument("--db-dir", default=str(HERE / ".db"))
+    p.add_argument("--dtype", default="float32", help="candidates' compute dtype (auto: bf16)")
+    p.add_argument("--mix-sizes", action="store_true", help="int: trade bits across shapes")
+    p.add_argument("--tag", default="", help="suffix of the part's result name")
     args = p.parse_args()
     torch.set_num_threads(1)  # shared machine
     if args.part == "table":
@@ -332,7 +338,7 @@ def main() -> None:
         return table()
     if args.part == "gguf-exports":
         return part_gguf_exports(args)
-    name = f"int{args.bits}" if args.part == "int" else "gguf_q4_0"
+    name = (f"int{args.bits}" if args.part == "int" else "gguf_q4_0") + args.tag
     out = Path(args.runs) / f"{name}.json"
     if out.is_file():
         log(f"{out} exists: kept")
@@ -341,6 +347,7 @@ def main() -> None:
     t0 = time.perf_counter()
     res = part_int(args) if args.part == "int" else part_gguf(args)
     res["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    res["load_average"] = [round(x, 1) for x in os.getloadavg()]  # shared machine: 1/5/15 min
     res["machine"] = (
         f"{platform.machine()}, torch threads 1, shared cores (times are upper bounds)"
     )
