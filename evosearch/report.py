@@ -376,7 +376,10 @@ def layer_bits(run: RunRecord) -> dict[str, dict[str, list[float]]] | None:
     outside the blocks (a token embedding unit) is its own kind with one value."""
     results = run.results
     described = {strategy_name(results): results.get("best", {}), **results.get("baselines", {})}
-    if not all(isinstance(d.get("layer_levels"), dict) for d in described.values()):
+    levels = [d.get("layer_levels") for d in described.values()]
+    if not all(isinstance(x, dict) for x in levels) or not all(
+        isinstance(v, (int, float, str)) for x in levels for v in x.values()
+    ):  # not one bit-width per layer (e.g. the joint space's [sparsity, bits] pairs)
         return None
     out: dict[str, dict[str, list[float]]] = {}
     for name, desc in described.items():
