@@ -7,12 +7,15 @@ import numpy as np
 from evosearch.genome import Genome, LevelSpec
 
 __all__ = [
+    "adjacent_shift",
     "anchored_step",
     "budget_step",
     "level_switch_mutation",
+    "mixed_mutation",
     "number_of_switches",
     "random_genome",
     "steepest_exchange",
+    "switch_neighbours",
 ]
 
 
@@ -65,6 +68,83 @@ def level_switch_mutation(
         levels[i] -= size
         levels[j] += size
     return Genome(tuple(levels))
+
+
+def adjacent_shift(
+    genome: Genome, spec: LevelSpec, rng: np.random.Generator, n_shifts: int = 1
+) -> Genome:
+    """Locality mutation: ``n_shifts`` times, move a level from one unit to the unit next to
+    it in its group (the previous or the next of the group's units, in unit order) that has
+    room. For layer drop, a dropped block moves to an adjacent kept block, so a run of dropped
+    blocks slides or splits one block at a time instead of jumping anywhere. Moves
+    ``spec.switch_size`` levels as far as both units allow, like
+    :func:`level_switch_mutation`; every group's budget stays exact.
+
+    Returns ``genome`` itself when no shift is possible.
+    """
+    levels = list(genome.levels)
+    for _ in range(n_shifts):
+        moves = _adjacent_moves(levels, spec)
+        if not moves:
+            break
+        i, j = moves[int(rng.integers(len(moves)))]
+        size = min(spec.switch_size, levels[i], spec.max_levels[j] - levels[j])
+        levels[i] -= size
+        levels[j] += size
+    return Genome(tuple(levels))
+
+
+def _adjacent_moves(levels: list[int], spec: LevelSpec) -> list[tuple[int, int]]:
+    """Every ``(from, to)`` pair of neighbouring units of a group whose level can move."""
+    moves = []
+    for g in sorted(spec.budgets):
+        units = spec.units_of(g)
+        for a, b in zip(units, units[1:]):
+            for i, j in ((a, b), (b, a)):
+                if levels[i] > 0 and levels[j] < spec.max_levels[j]:
+                    moves.append((i, j))
+    return moves
+
+
+def mixed_mutation(
+    genome: Genome,
+    spec: LevelSpec,
+    rng: np.random.Generator,
+    n_switches: int = 1,
+    locality: float = 0.0,
+) -> Genome:
+    """``n_switches`` moves, each an :func:`adjacent_shift` with probability ``locality`` and
+    otherwise a random :func:`level_switch_mutation` switch. With ``locality=0`` it is
+    :func:`level_switch_mutation` itself, drawing the same random numbers."""
+    if locality <= 0:
+        return level_switch_mutation(genome, spec, rng, n_switches)
+    for _ in range(n_switches):
+        if rng.random() < locality:
+            genome = adjacent_shift(genome, spec, rng)
+        else:
+            genome = level_switch_mutation(genome, spec, rng)
+    return genome
+
+
+def switch_neighbours(genome: Genome, spec: LevelSpec) -> list[Genome]:
+    """Every genome one level switch away from ``genome`` (one unit down a step, another of
+    its group up a step, as :func:`level_switch_mutation` makes them), in unit order: the
+    whole neighbourhood a local search or a final polish of the elite examines. For dropping
+    ``k`` of ``n`` blocks there are ``k * (n - k)``."""
+    levels = genome.levels
+    out = []
+    for g in sorted(spec.budgets):
+        units = spec.units_of(g)
+        for i in units:
+            for j in units:
+                if i == j or levels[i] == 0 or levels[j] >= spec.max_levels[j]:
+                    continue
+                size = min(spec.switch_size, levels[i], spec.max_levels[j] - levels[j])
+                moved = list(levels)
+                moved[i] -= size
+                moved[j] += size
+                out.append(Genome(tuple(moved)))
+    return out
 
 
 def budget_step(

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from evosearch.genome import Genome, LevelSpec
-from evosearch.operators import level_switch_mutation, number_of_switches, random_genome
+from evosearch.operators import (
+    adjacent_shift,
+    level_switch_mutation,
+    mixed_mutation,
+    number_of_switches,
+    random_genome,
+    switch_neighbours,
+)
 from search_spaces import LayerDropSpace
 
 # A multi-level spec: two groups, one frozen unit (max level 0).
@@ -248,3 +255,86 @@ def test_a_switch_moves_switch_size_levels_as_far_as_both_units_allow():
     assert set(moves) == {2, 4}
     with pytest.raises(ValueError, match="switch_size"):
         LevelSpec(max_levels=(1, 1), groups=(0, 0), budgets={0: 1}, switch_size=0)
+
+
+# -- locality: adjacent shifts, mixed mutation, the one-switch neighbourhood ------------------
+
+
+@pytest.mark.parametrize("name", SPEC_IDS)
+def test_adjacent_shift_moves_one_level_to_a_neighbour_of_the_same_group(name):
+    spec = _specs()[name]
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        parent = random_genome(spec, rng)
+        child = adjacent_shift(parent, spec, rng)
+        assert spec.is_valid(child)
+        diff = [u for u, (a, b) in enumerate(zip(parent.levels, child.levels)) if a != b]
+        if not diff:
+            continue
+        down, up = sorted(diff, key=lambda u: child.levels[u] - parent.levels[u])
+        assert spec.groups[down] == spec.groups[up]
+        units = spec.units_of(spec.groups[down])
+        assert abs(units.index(down) - units.index(up)) == 1
+
+
+def test_adjacent_shift_slides_a_dropped_block_to_an_adjacent_kept_block():
+    space = LayerDropSpace(10, num_drop=3)
+    parent = space.from_dropped(blocks=[0, 4, 5])
+    children = {
+        tuple(
+            space.describe(adjacent_shift(parent, space.spec, np.random.default_rng(s)))[
+                "dropped_blocks"
+            ]
+        )
+        for s in range(100)
+    }
+    # 0 -> 1, 4 -> 3, 5 -> 6: every adjacent move, and nothing else
+    assert children == {(1, 4, 5), (0, 3, 5), (0, 4, 6)}
+
+
+def test_adjacent_shift_is_the_identity_when_nothing_can_move_and_is_seeded():
+    spec = LevelSpec(max_levels=(1, 1, 0, 1), groups=(0, 0, 0, 0), budgets={0: 2})
+    stuck = Genome((1, 1, 0, 0))  # 1 -> 2 is frozen, 0 and 1 are both full
+    assert adjacent_shift(stuck, spec, np.random.default_rng(0), 3) == stuck
+    space = LayerDropSpace(20, num_drop=5)
+    g = space.random_genome(np.random.default_rng(1))
+    a = adjacent_shift(g, space.spec, np.random.default_rng(7), 4)
+    assert a == adjacent_shift(g, space.spec, np.random.default_rng(7), 4)
+
+
+def test_mixed_mutation_without_locality_is_the_level_switch_mutation():
+    space = LayerDropSpace(16, num_drop=5, sublayers=True)
+    g = space.random_genome(np.random.default_rng(2))
+    for seed in range(20):
+        a = mixed_mutation(g, space.spec, np.random.default_rng(seed), 3, locality=0.0)
+        b = level_switch_mutation(g, space.spec, np.random.default_rng(seed), 3)
+        assert a == b
+
+
+def test_mixed_mutation_with_full_locality_only_shifts():
+    space = LayerDropSpace(12, num_drop=4)
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        g = space.random_genome(rng)
+        child = mixed_mutation(g, space.spec, rng, 1, locality=1.0)
+        moved = [u for u, (a, b) in enumerate(zip(g.levels, child.levels)) if a != b]
+        assert len(moved) == 2 and moved[1] - moved[0] == 1
+        assert space.spec.is_valid(child)
+
+
+@pytest.mark.parametrize("name", SPEC_IDS)
+def test_switch_neighbours_are_every_one_switch_genome(name):
+    spec = _specs()[name]
+    g = random_genome(spec, np.random.default_rng(4))
+    neighbours = switch_neighbours(g, spec)
+    assert len(set(neighbours)) == len(neighbours) and g not in neighbours
+    assert all(spec.is_valid(n) for n in neighbours)
+    rng = np.random.default_rng(5)
+    mutants = {level_switch_mutation(g, spec, rng) for _ in range(2000)}
+    assert mutants == set(neighbours)  # a single switch reaches exactly the neighbourhood
+
+
+def test_switch_neighbours_of_a_layer_drop_number_k_times_n_minus_k():
+    space = LayerDropSpace(30, num_drop=7)
+    g = space.from_dropped(blocks=range(12, 19))
+    assert len(switch_neighbours(g, space.spec)) == 7 * 23
