@@ -366,6 +366,11 @@ class SearchConfig:
                 "evopress searches several objectives over a range of budgets: add "
                 "drop_range (--drop-range LOW,HIGH) or sparsity_range (--sparsity-range LOW,HIGH)"
             )
+        if self.strategy.loop.polish and (name not in ("evopress", "random") or ranged):
+            raise ValueError(
+                "polish is for single-budget evopress or random search (got strategy "
+                f"{name}, range {ranged})"
+            )
         if self.strategy.budget_focus is not None and (name != "evopress" or not ranged):
             raise ValueError(
                 "budget_focus is for multi-budget evopress: a drop_range or sparsity_range "
@@ -466,6 +471,7 @@ FLAT_KEYS: dict[str, tuple[str, ...]] = {
     "strategy": ("strategy", "name"),
     **{k: ("strategy", "loop", k) for k in ("generations", "offspring", "initial_population")},
     **{k: ("strategy", "loop", k) for k in ("stages", "max_switches", "adaptive_switches")},
+    **{k: ("strategy", "loop", k) for k in ("locality", "polish")},
     **{k: ("strategy", k) for k in ("budget_focus", "offset_steps", "sampler_tokens")},
     "runner": ("runner", "name"),
     "workers": ("runner", "ray", "workers"),
