@@ -34,6 +34,7 @@ _OVERRIDES = {
     "adaptive_switches": "adaptive_switches",
     "locality": "locality",
     "polish": "polish",
+    "polish_moves": "polish_moves",
     "data": "data",
     "data_config": "data_config",
     "data_split": "data_split",
@@ -463,6 +464,12 @@ def _add_loop_flags(p: argparse.ArgumentParser) -> None:
         type=int,
         help="after the last generation, up to this many generations racing the best "
         "genome's whole one-switch neighbourhood (stops at a local optimum)",
+    )
+    p.add_argument(
+        "--polish-moves",
+        choices=("all", "local"),
+        help="the neighbourhood a polish generation races: every one-switch neighbour (all) "
+        "or local switches only (layer drop: blocks next to a dropped one)",
     )
     p.add_argument("--stages", type=_stages, help="racing stages tokens:survivors,...")
     p.add_argument(

@@ -18,6 +18,7 @@ from evosearch.genome import Genome, LevelSpec
 from evosearch.operators import (
     anchored_step,
     budget_step,
+    local_neighbours,
     mixed_mutation,
     number_of_switches,
     random_genome,
@@ -58,15 +59,18 @@ class EvoPressConfig:
             ``max_switches`` and stays within [1, number of units]. Meant for spaces with
             many units, where one to three switches are a tiny step. Off by default: on
             SmolLM2-135M its gain was within the seed spread (experiments/strategies).
-        locality: probability that a switch of a mutation is an adjacent shift (a level
-            moves to the neighbouring unit of its group: a dropped block to the next kept
-            block, :func:`~evosearch.operators.adjacent_shift`) instead of a switch between
-            two random units. 0 is EvoPress's mutation.
+        locality: probability that a switch of a mutation is a local switch (the receiving
+            unit lies next to a unit holding a level: a dropped block slides along or joins a
+            run of dropped blocks, :func:`~evosearch.operators.local_switch`) instead of a
+            switch between two random units. 0 is EvoPress's mutation.
         polish: after the last generation, up to this many more generations whose offspring
             are the best parent's whole one-switch neighbourhood
             (:func:`~evosearch.operators.switch_neighbours`), raced through the same stages;
             they stop after the first that keeps the best parent (a local optimum at the
             racing's fidelity). Meant for small neighbourhoods (layer drop: ``k * (n - k)``).
+        polish_moves: the neighbourhood a polish generation races: ``"all"`` one-switch
+            neighbours, or ``"local"`` ones only (:func:`~evosearch.operators.local_neighbours`:
+            for layer drop, at most ``2k`` targets once the dropped blocks form runs).
     """
 
     generations: int = 20
@@ -80,6 +84,7 @@ class EvoPressConfig:
     adaptive_switches: bool = False
     locality: float = 0.0
     polish: int = 0
+    polish_moves: str = "all"
 
     def __post_init__(self) -> None:
         if self.generations < 0:
@@ -99,6 +104,8 @@ class EvoPressConfig:
             raise ValueError(f"locality must lie in [0, 1], got {self.locality}")
         if self.polish < 0:
             raise ValueError(f"polish must be >= 0, got {self.polish}")
+        if self.polish_moves not in ("all", "local"):
+            raise ValueError(f"polish_moves must be 'all' or 'local', got {self.polish_moves!r}")
 
     @property
     def parents(self) -> int:
@@ -167,7 +174,7 @@ class _SwitchCount:
 
     def mutate(self, parent: Genome, spec: LevelSpec, rng, m: int | None = None) -> Genome:
         """A mutant of ``parent`` with ``min(U{1..m}, U{1..m})`` switches (``m`` default:
-        ``max_switches``), each an adjacent shift with probability ``locality``, recorded as
+        ``max_switches``), each a local switch with probability ``locality``, recorded as
         drawn with ``m``."""
         m = m or self.max_switches
         n = number_of_switches(rng, m)
@@ -300,11 +307,12 @@ class EvoPress:
         return self._switches.mutate(parent, self.space.spec, rng, m)
 
     def _polish_pool(self) -> list[_Member]:
-        """The parents, then every feasible one-switch neighbour of the best parent."""
+        """The parents, then every feasible neighbour of the best parent (``polish_moves``)."""
         feasible = getattr(self.space, "is_feasible", None) or (lambda genome: True)
         members = [_Member(p.genome, is_parent=True) for p in self.parents]
         seen = {p.genome for p in self.parents}
-        for genome in switch_neighbours(self.parents[0].genome, self.space.spec):
+        moves = local_neighbours if self.config.polish_moves == "local" else switch_neighbours
+        for genome in moves(self.parents[0].genome, self.space.spec):
             if genome not in seen and feasible(genome):
                 seen.add(genome)
                 members.append(_Member(genome))

@@ -221,6 +221,7 @@ def test_random_search_spends_the_same_evaluations_as_evopress():
         (dict(locality=1.5), "locality"),
         (dict(locality=-0.1), "locality"),
         (dict(polish=-1), "polish"),
+        (dict(polish_moves="some"), "polish_moves"),
     ],
 )
 def test_config_validation_names_the_argument(kwargs, match):
@@ -391,3 +392,25 @@ def test_locality_zero_is_the_default_and_locality_changes_the_offspring():
     # with locality 1, every offspring is its parent with blocks slid to adjacent positions
     for request, _ in log_local:
         assert all(SPACE.spec.is_valid(g) for g in request.genomes)
+
+
+def test_local_polish_races_only_the_local_neighbourhood():
+    from evosearch.operators import local_neighbours
+
+    strategy = evopress(0, dataclasses.replace(POLISH, polish_moves="local"))
+    log = drive(strategy, binary_code)
+    polish = [r for r, _ in log if r.generation > POLISH.generations and r.stage == 0]
+    assert polish
+    for request in polish:
+        best = Genome.from_key(strategy.history[request.generation - 1]["best"])
+        assert set(request.genomes) == {best, *local_neighbours(best, SPACE.spec)}
+
+
+def test_polish_is_refused_for_a_budget_range_and_optuna():
+    from evosearch.config import SearchConfig
+
+    assert SearchConfig.from_dict(dict(num_drop=2, polish=2)).strategy.loop.polish == 2
+    with pytest.raises(ValueError, match="polish"):
+        SearchConfig.from_dict(dict(drop_range=(2, 4), polish=2))
+    with pytest.raises(ValueError, match="polish"):
+        SearchConfig.from_dict(dict(num_drop=2, polish=2, strategy="tpe"))
