@@ -52,6 +52,8 @@ def main() -> None:
         "",
         f"Status: **{r['status']}**. Command: `{r['command']}`",
         "",
+        *([f"Scored again by: `{r['scored_by']}`", ""] if "scored_by" in r else []),
+        *([f"Note: {r['note']}", ""] if "note" in r else []),
         f"Machine: {r['machine']}. The cores were shared with other jobs (load average in the "
         "table: 1-minute, at the end of each method), so seconds are upper bounds; SLEB and the "
         "searches ran one after another in the same process. Calibration: WikiText-2 *valid*, "
