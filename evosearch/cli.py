@@ -32,6 +32,9 @@ _OVERRIDES = {
     "initial_population": "initial_population",
     "max_switches": "max_switches",
     "adaptive_switches": "adaptive_switches",
+    "locality": "locality",
+    "polish": "polish",
+    "polish_moves": "polish_moves",
     "data": "data",
     "data_config": "data_config",
     "data_split": "data_split",
@@ -469,6 +472,24 @@ def _add_loop_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="evopress: self-adjust the number of level switches per mutation (half the "
         "offspring try half as many, half twice as many)",
+    )
+    p.add_argument(
+        "--locality",
+        type=float,
+        help="probability that a mutation's switch moves a level to the neighbouring unit "
+        "(layer drop: a dropped block to the adjacent block) instead of a random one",
+    )
+    p.add_argument(
+        "--polish",
+        type=int,
+        help="after the last generation, up to this many generations racing the best "
+        "genome's whole one-switch neighbourhood (stops at a local optimum)",
+    )
+    p.add_argument(
+        "--polish-moves",
+        choices=("all", "local"),
+        help="the neighbourhood a polish generation races: every one-switch neighbour (all) "
+        "or local switches only (layer drop: blocks next to a dropped one)",
     )
     p.add_argument("--stages", type=_stages, help="racing stages tokens:survivors,...")
     p.add_argument(

@@ -370,6 +370,11 @@ class SearchConfig:
                 "drop_range (--drop-range LOW,HIGH), sparsity_range (--sparsity-range LOW,HIGH) "
                 "or the space's own range (e.g. the joint space's bits_range)"
             )
+        if self.strategy.loop.polish and (name not in ("evopress", "random") or ranged):
+            raise ValueError(
+                "polish is for single-budget evopress or random search (got strategy "
+                f"{name}, range {ranged})"
+            )
         if self.strategy.budget_focus is not None and (name != "evopress" or not ranged):
             raise ValueError(
                 "budget_focus is for multi-budget evopress: a drop_range or sparsity_range "
@@ -470,6 +475,7 @@ FLAT_KEYS: dict[str, tuple[str, ...]] = {
     "strategy": ("strategy", "name"),
     **{k: ("strategy", "loop", k) for k in ("generations", "offspring", "initial_population")},
     **{k: ("strategy", "loop", k) for k in ("stages", "max_switches", "adaptive_switches")},
+    **{k: ("strategy", "loop", k) for k in ("locality", "polish", "polish_moves")},
     **{k: ("strategy", k) for k in ("budget_focus", "offset_steps", "sampler_tokens")},
     "runner": ("runner", "name"),
     "workers": ("runner", "ray", "workers"),

@@ -11,9 +11,13 @@ __all__ = [
     "budget_step",
     "fill_budget",
     "level_switch_mutation",
+    "local_neighbours",
+    "local_switch",
+    "mixed_mutation",
     "number_of_switches",
     "random_genome",
     "steepest_exchange",
+    "switch_neighbours",
 ]
 
 
@@ -66,6 +70,101 @@ def level_switch_mutation(
         levels[i] -= size
         levels[j] += size
     return Genome(tuple(levels))
+
+
+def local_switch(
+    genome: Genome, spec: LevelSpec, rng: np.random.Generator, n_switches: int = 1
+) -> Genome:
+    """Locality mutation: ``n_switches`` times, a level switch (one unit down, another of its
+    group up) whose receiving unit lies next to a unit that holds a level (the previous or
+    the next of its group's units, in unit order). For layer drop, a dropped block moves to a
+    kept block adjacent to a dropped one: it slides along, or joins, a run of dropped blocks,
+    instead of landing anywhere. Each switch is drawn uniformly among such moves and moves
+    ``spec.switch_size`` levels as far as both units allow, like
+    :func:`level_switch_mutation`; every group's budget stays exact.
+
+    Returns ``genome`` itself when no such switch is possible.
+    """
+    levels = list(genome.levels)
+    for _ in range(n_switches):
+        moves = _local_moves(levels, spec)
+        if not moves:
+            break
+        i, j = moves[int(rng.integers(len(moves)))]
+        size = min(spec.switch_size, levels[i], spec.max_levels[j] - levels[j])
+        levels[i] -= size
+        levels[j] += size
+    return Genome(tuple(levels))
+
+
+def _local_moves(levels: list[int], spec: LevelSpec) -> list[tuple[int, int]]:
+    """Every ``(down, up)`` pair of a group whose ``up`` unit has room and is adjacent to a
+    unit holding a level."""
+    moves = []
+    for g in sorted(spec.budgets):
+        units = spec.units_of(g)
+        near = set()
+        for a, b in zip(units, units[1:]):
+            if levels[a] > 0:
+                near.add(b)
+            if levels[b] > 0:
+                near.add(a)
+        up = [u for u in units if u in near and levels[u] < spec.max_levels[u]]
+        moves += [(i, j) for i in units if levels[i] > 0 for j in up if i != j]
+    return moves
+
+
+def mixed_mutation(
+    genome: Genome,
+    spec: LevelSpec,
+    rng: np.random.Generator,
+    n_switches: int = 1,
+    locality: float = 0.0,
+) -> Genome:
+    """``n_switches`` moves, each a :func:`local_switch` with probability ``locality`` and
+    otherwise a random :func:`level_switch_mutation` switch. With ``locality=0`` it is
+    :func:`level_switch_mutation` itself, drawing the same random numbers."""
+    if locality <= 0:
+        return level_switch_mutation(genome, spec, rng, n_switches)
+    for _ in range(n_switches):
+        if rng.random() < locality:
+            genome = local_switch(genome, spec, rng)
+        else:
+            genome = level_switch_mutation(genome, spec, rng)
+    return genome
+
+
+def local_neighbours(genome: Genome, spec: LevelSpec) -> list[Genome]:
+    """Every genome one :func:`local_switch` away from ``genome``, in unit order: for layer
+    drop, each dropped block moved to each kept block next to a dropped one (at most ``2k``
+    targets, so far fewer than :func:`switch_neighbours` once the drops form runs)."""
+    return [
+        _switched(genome.levels, spec, i, j) for i, j in _local_moves(list(genome.levels), spec)
+    ]
+
+
+def _switched(levels, spec: LevelSpec, i: int, j: int) -> Genome:
+    size = min(spec.switch_size, levels[i], spec.max_levels[j] - levels[j])
+    moved = list(levels)
+    moved[i] -= size
+    moved[j] += size
+    return Genome(tuple(moved))
+
+
+def switch_neighbours(genome: Genome, spec: LevelSpec) -> list[Genome]:
+    """Every genome one level switch away from ``genome`` (one unit down a step, another of
+    its group up a step, as :func:`level_switch_mutation` makes them), in unit order: the
+    whole neighbourhood a local search or a final polish of the elite examines. For dropping
+    ``k`` of ``n`` blocks there are ``k * (n - k)``."""
+    levels = genome.levels
+    out = []
+    for g in sorted(spec.budgets):
+        units = spec.units_of(g)
+        for i in units:
+            for j in units:
+                if i != j and levels[i] > 0 and levels[j] < spec.max_levels[j]:
+                    out.append(_switched(levels, spec, i, j))
+    return out
 
 
 def budget_step(

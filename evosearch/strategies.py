@@ -18,9 +18,11 @@ from evosearch.genome import Genome, LevelSpec
 from evosearch.operators import (
     anchored_step,
     budget_step,
-    level_switch_mutation,
+    local_neighbours,
+    mixed_mutation,
     number_of_switches,
     random_genome,
+    switch_neighbours,
 )
 from evosearch.pareto import pareto_front
 from evosearch.strategy import Request, Stage, Strategy
@@ -57,6 +59,18 @@ class EvoPressConfig:
             ``max_switches`` and stays within [1, number of units]. Meant for spaces with
             many units, where one to three switches are a tiny step. Off by default: on
             SmolLM2-135M its gain was within the seed spread (experiments/strategies).
+        locality: probability that a switch of a mutation is a local switch (the receiving
+            unit lies next to a unit holding a level: a dropped block slides along or joins a
+            run of dropped blocks, :func:`~evosearch.operators.local_switch`) instead of a
+            switch between two random units. 0 is EvoPress's mutation.
+        polish: after the last generation, up to this many more generations whose offspring
+            are the best parent's whole one-switch neighbourhood
+            (:func:`~evosearch.operators.switch_neighbours`), raced through the same stages;
+            they stop after the first that keeps the best parent (a local optimum at the
+            racing's fidelity). Meant for small neighbourhoods (layer drop: ``k * (n - k)``).
+        polish_moves: the neighbourhood a polish generation races: ``"all"`` one-switch
+            neighbours, or ``"local"`` ones only (:func:`~evosearch.operators.local_neighbours`:
+            for layer drop, at most ``2k`` targets once the dropped blocks form runs).
     """
 
     generations: int = 20
@@ -68,6 +82,9 @@ class EvoPressConfig:
     )
     max_switches: int = 3
     adaptive_switches: bool = False
+    locality: float = 0.0
+    polish: int = 0
+    polish_moves: str = "all"
 
     def __post_init__(self) -> None:
         if self.generations < 0:
@@ -83,6 +100,12 @@ class EvoPressConfig:
         )
         if self.max_switches < 1:
             raise ValueError(f"max_switches must be >= 1, got {self.max_switches}")
+        if not 0 <= self.locality <= 1:
+            raise ValueError(f"locality must lie in [0, 1], got {self.locality}")
+        if self.polish < 0:
+            raise ValueError(f"polish must be >= 0, got {self.polish}")
+        if self.polish_moves not in ("all", "local"):
+            raise ValueError(f"polish_moves must be 'all' or 'local', got {self.polish_moves!r}")
 
     @property
     def parents(self) -> int:
@@ -141,6 +164,7 @@ class _SwitchCount:
     def __init__(self, config: EvoPressConfig, n_units: int, m: int | None = None) -> None:
         self.adaptive = config.adaptive_switches
         self.max_switches = config.max_switches
+        self.locality = config.locality
         self.m = config.max_switches if m is None else m
         self.n_units = n_units
         self.origin: dict[Genome, int] = {}
@@ -152,10 +176,12 @@ class _SwitchCount:
         return [low] * (count - count // 2) + [high] * (count // 2)
 
     def mutate(self, parent: Genome, spec: LevelSpec, rng, m: int | None = None) -> Genome:
-        """A level-switch mutant of ``parent`` with ``min(U{1..m}, U{1..m})`` switches (``m``
-        default: ``max_switches``), recorded as drawn with ``m``."""
+        """A mutant of ``parent`` with ``min(U{1..m}, U{1..m})`` switches (``m`` default:
+        ``max_switches``), each a local switch with probability ``locality``, recorded as
+        drawn with ``m``."""
         m = m or self.max_switches
-        child = level_switch_mutation(parent, spec, rng, number_of_switches(rng, m))
+        n = number_of_switches(rng, m)
+        child = mixed_mutation(parent, spec, rng, n, self.locality)
         if self.adaptive:
             self.origin[child] = m
         return child
@@ -204,12 +230,21 @@ class EvoPress:
         self.history: list[dict] = []
         self._pool: list[_Member] | None = None
         self._switches = _SwitchCount(self.config, space.spec.n_units)
+        self.settled = False  # a polish generation kept the best parent
 
     # -- ask / tell -----------------------------------------------------------------------
 
     @property
     def done(self) -> bool:
-        """True once the last generation has been told (``ask`` then returns ``None``)."""
+        """True once the last generation has been told (``ask`` then returns ``None``): the
+        last evolution generation, then the polish generations until one keeps the best."""
+        if self.generation <= self.config.generations:
+            return False
+        return self.settled or self.generation > self.config.generations + self.config.polish
+
+    @property
+    def polishing(self) -> bool:
+        """Whether the current generation is a polish generation (see ``polish``)."""
         return self.generation > self.config.generations
 
     def ask(self) -> Request | None:
@@ -231,6 +266,7 @@ class EvoPress:
             self._switches.update([pool[i].genome for i in ranked if not pool[i].is_parent])
         last = self.stage == len(self.config.stages) - 1
         if last:
+            before = self.parents[0].genome if self.parents else None
             self.parents = [
                 _Member(pool[i].genome, pool[i].value, True) for i in ranked[: self.config.parents]
             ]
@@ -242,6 +278,9 @@ class EvoPress:
                     "tokens": request.tokens,
                 }
             )
+            if self.polishing:
+                self.history[-1]["polish"] = True
+                self.settled = self.parents[0].genome == before
             if self.config.adaptive_switches:
                 self.history[-1]["switch_scale"] = self.switch_scale
             self.generation += 1
@@ -271,7 +310,21 @@ class EvoPress:
     def _mutate(self, parent: Genome, rng: np.random.Generator, m: int | None = None) -> Genome:
         return self._switches.mutate(parent, self.space.spec, rng, m)
 
+    def _polish_pool(self) -> list[_Member]:
+        """The parents, then every feasible neighbour of the best parent (``polish_moves``)."""
+        feasible = getattr(self.space, "is_feasible", None) or (lambda genome: True)
+        members = [_Member(p.genome, is_parent=True) for p in self.parents]
+        seen = {p.genome for p in self.parents}
+        moves = local_neighbours if self.config.polish_moves == "local" else switch_neighbours
+        for genome in moves(self.parents[0].genome, self.space.spec):
+            if genome not in seen and feasible(genome):
+                seen.add(genome)
+                members.append(_Member(genome))
+        return members
+
     def _new_pool(self) -> list[_Member]:
+        if self.polishing:
+            return self._polish_pool()
         if self.generation == 0:
             members = [_Member(g) for g in self.initial]
             seen = set(self.initial)
@@ -306,6 +359,7 @@ class EvoPress:
             "history": self.history,
             "rng": self.rng.bit_generator.state,
             "switch_scale": self._switches.m,
+            "settled": self.settled,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -313,6 +367,7 @@ class EvoPress:
         self.generation = state["generation"]
         self.stage = 0
         self._pool = None
+        self.settled = state.get("settled", False)
         self.parents = [_Member(Genome.from_key(k), v, True) for k, v in state["parents"]]
         self.history = list(state["history"])
         self.rng.bit_generator.state = state["rng"]

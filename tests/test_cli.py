@@ -67,6 +67,23 @@ def test_search_writes_run_and_loadable_model(tiny_model_dir, tmp_path):
         assert (out / name).is_file()
 
 
+def test_polish_and_held_out_generated_text_end_the_log_with_the_verdict(
+    tiny_model_dir, tmp_path, capsys
+):
+    model, text = tiny_model_dir
+    out = tmp_path / "run"
+    extra = ["--baselines", "angular,last", "--locality", "0.5", "--polish", "2"]
+    extra += ["--polish-moves", "local", "--eval-ppl", "generated", "--eval-seq-len", "16"]
+    assert main(_search_args(model, text, out, *extra, "--eval-windows", "2")) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["strategy"]["loop"]["polish_moves"] == "local"
+    assert any(h.get("polish") for h in results["history"])
+    assert set(results["perplexity"]) == {"dense", "evopress", "angular", "last"}
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("held-out perplexity on text generated with seed 1: evopress ")
+    assert "dense" in last
+
+
 def test_resume_of_finished_run_evaluates_nothing_new(tiny_model_dir, tmp_path, capsys):
     model, text = tiny_model_dir
     out = tmp_path / "run"
@@ -165,3 +182,31 @@ def test_a_baseline_beating_the_search_on_all_tokens_is_a_warning():
     assert "32-token batches" in warning and "random" not in warning
     two = _selection_warning({"evopress": 1.0, "uniform": 0.9, "random": 0.8}, config)
     assert two.startswith("random (0.8000), uniform (0.9000) beat the search's best")
+
+
+def test_the_held_out_verdict_says_beats_equals_or_worse_honestly():
+    from evosearch.config import SearchConfig
+    from evosearch.jobs.report import held_out_verdict
+
+    config = SearchConfig.from_dict(dict(num_drop=2, n_sequences=4, seq_len=16))
+
+    def verdict(ppl: dict, genomes: dict) -> str:
+        table = {n: {"wiki.test.raw": v} for n, v in {**ppl, "dense": 20.0}.items()}
+        results = {
+            "perplexity": table,
+            "baselines": {n: {"genome": g} for n, g in genomes.items()},
+        }
+        (line,) = held_out_verdict(results, config)
+        return line
+
+    genomes = {"evopress": "0011", "angular": "0110", "shortgpt": "1100"}
+    line = verdict({"evopress": 70.0, "angular": 71.0, "shortgpt": 80.0}, genomes)
+    assert line.startswith("held-out perplexity on wiki.test.raw: evopress 70.00 beats every")
+    assert line.endswith("(angular 71.00, shortgpt 80.00; dense 20.00)")
+    same = verdict(
+        {"evopress": 71.0, "angular": 71.0, "shortgpt": 80.0}, genomes | {"angular": "0011"}
+    )
+    assert "evopress 71.00 only equals angular (the same genome), beats shortgpt" in same
+    worse = verdict({"evopress": 75.0, "angular": 71.0, "shortgpt": 80.0}, genomes)
+    assert "evopress 75.00 worse than angular (" in worse
+    assert held_out_verdict({"perplexity": {}}, config) == []

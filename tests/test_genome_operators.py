@@ -12,8 +12,12 @@ from evosearch.genome import Genome, LevelSpec
 from evosearch.operators import (
     fill_budget,
     level_switch_mutation,
+    local_neighbours,
+    local_switch,
+    mixed_mutation,
     number_of_switches,
     random_genome,
+    switch_neighbours,
 )
 from search_spaces import LayerDropSpace
 
@@ -265,3 +269,102 @@ def test_fill_budget_buys_the_largest_error_drop_per_cost_until_nothing_fits():
     assert levels == [0, 2, 0] and spare == 1  # unit 0's rung (10) does not fit
     assert fill_budget([0, 0, 0], costs, errors, 100, (2, 2, 2), max_raises=1)[0] == [1, 0, 0]
     assert fill_budget([2, 2, 0], costs, errors, 100, (2, 2, 2))[0] == [2, 2, 0]
+
+
+# -- locality: local switches, mixed mutation, the one-switch neighbourhood ------------------
+
+
+@pytest.mark.parametrize("name", SPEC_IDS)
+def test_local_switch_gives_a_level_to_a_unit_next_to_one_that_holds_levels(name):
+    spec = _specs()[name]
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        parent = random_genome(spec, rng)
+        child = local_switch(parent, spec, rng)
+        assert spec.is_valid(child)
+        diff = [u for u, (a, b) in enumerate(zip(parent.levels, child.levels)) if a != b]
+        if not diff:
+            continue
+        down, up = sorted(diff, key=lambda u: child.levels[u] - parent.levels[u])
+        assert spec.groups[down] == spec.groups[up]
+        units = spec.units_of(spec.groups[up])
+        k = units.index(up)
+        neighbours = units[max(k - 1, 0) : k] + units[k + 1 : k + 2]
+        assert any(parent.levels[u] > 0 for u in neighbours)
+
+
+def test_local_switch_slides_or_joins_runs_of_dropped_blocks():
+    space = LayerDropSpace(10, num_drop=3)
+    parent = space.from_dropped(blocks=[0, 4, 5])
+    children = {
+        tuple(
+            space.describe(local_switch(parent, space.spec, np.random.default_rng(s)))[
+                "dropped_blocks"
+            ]
+        )
+        for s in range(300)
+    }
+    # one of 0, 4, 5 moves to 1, 3 or 6 (the kept blocks next to a dropped one): 9 moves
+    expected = {tuple(sorted({0, 4, 5} - {i} | {j})) for i in (0, 4, 5) for j in (1, 3, 6)}
+    assert children == expected and len(expected) == 9
+
+
+def test_local_switch_is_the_identity_when_nothing_can_move_and_is_seeded():
+    spec = LevelSpec(max_levels=(1, 1, 0, 1), groups=(0, 0, 0, 0), budgets={0: 2})
+    stuck = Genome((1, 1, 0, 0))  # 2 is frozen: no kept unit is next to a dropped one
+    assert local_switch(stuck, spec, np.random.default_rng(0), 3) == stuck
+    space = LayerDropSpace(20, num_drop=5)
+    g = space.random_genome(np.random.default_rng(1))
+    a = local_switch(g, space.spec, np.random.default_rng(7), 4)
+    assert a == local_switch(g, space.spec, np.random.default_rng(7), 4)
+
+
+def test_mixed_mutation_without_locality_is_the_level_switch_mutation():
+    space = LayerDropSpace(16, num_drop=5, sublayers=True)
+    g = space.random_genome(np.random.default_rng(2))
+    for seed in range(20):
+        a = mixed_mutation(g, space.spec, np.random.default_rng(seed), 3, locality=0.0)
+        b = level_switch_mutation(g, space.spec, np.random.default_rng(seed), 3)
+        assert a == b
+
+
+def test_mixed_mutation_with_full_locality_only_makes_local_switches():
+    space = LayerDropSpace(12, num_drop=4)
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        g = space.random_genome(rng)
+        child = mixed_mutation(g, space.spec, rng, 1, locality=1.0)
+        (up,) = [u for u in range(12) if child.levels[u] > g.levels[u]]
+        assert g.levels[max(up - 1, 0)] or g.levels[min(up + 1, 11)]
+        assert space.spec.is_valid(child)
+
+
+@pytest.mark.parametrize("name", SPEC_IDS)
+def test_switch_neighbours_are_every_one_switch_genome(name):
+    spec = _specs()[name]
+    g = random_genome(spec, np.random.default_rng(4))
+    neighbours = switch_neighbours(g, spec)
+    assert len(set(neighbours)) == len(neighbours) and g not in neighbours
+    assert all(spec.is_valid(n) for n in neighbours)
+    rng = np.random.default_rng(5)
+    mutants = {level_switch_mutation(g, spec, rng) for _ in range(2000)}
+    assert mutants == set(neighbours)  # a single switch reaches exactly the neighbourhood
+
+
+def test_switch_neighbours_of_a_layer_drop_number_k_times_n_minus_k():
+    space = LayerDropSpace(30, num_drop=7)
+    g = space.from_dropped(blocks=range(12, 19))
+    assert len(switch_neighbours(g, space.spec)) == 7 * 23
+
+
+def test_local_neighbours_are_every_local_switch():
+    space = LayerDropSpace(30, num_drop=7)
+    run = space.from_dropped(blocks=range(12, 19))
+    # a run of 7: each dropped block to 11 or 19
+    assert len(local_neighbours(run, space.spec)) == 7 * 2
+    for name, spec in _specs().items():
+        g = random_genome(spec, np.random.default_rng(6))
+        rng = np.random.default_rng(8)
+        mutants = {local_switch(g, spec, rng) for _ in range(2000)}
+        assert mutants == set(local_neighbours(g, spec)), name
+        assert set(local_neighbours(g, spec)) <= set(switch_neighbours(g, spec))

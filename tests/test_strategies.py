@@ -9,6 +9,8 @@ import json
 import numpy as np
 import pytest
 
+from evosearch.genome import Genome
+from evosearch.operators import switch_neighbours
 from evosearch.strategies import EvoPress, EvoPressConfig, RandomSearch, Request, Stage
 from search_spaces import LayerDropSpace
 
@@ -216,6 +218,10 @@ def test_random_search_spends_the_same_evaluations_as_evopress():
         (dict(initial_population=-1), "initial_population"),
         (dict(stages=()), "stages"),
         (dict(max_switches=0), "max_switches"),
+        (dict(locality=1.5), "locality"),
+        (dict(locality=-0.1), "locality"),
+        (dict(polish=-1), "polish"),
+        (dict(polish_moves="some"), "polish_moves"),
     ],
 )
 def test_config_validation_names_the_argument(kwargs, match):
@@ -324,3 +330,87 @@ def test_adaptive_switches_survive_resume_and_are_off_by_default():
     plain = EvoPress(WIDE, config=config, rng=np.random.default_rng(1), initial=(start,))
     drive(plain, fitness)
     assert plain.switch_scale == 3 and "switch_scale" not in plain.history[-1]
+
+
+# -- locality and the final polish -----------------------------------------------------------
+
+POLISH = dataclasses.replace(
+    CONFIG,
+    generations=2,
+    polish=5,
+    stages=(Stage(tokens=1, survivors=2), Stage(tokens=1, survivors=1)),
+)
+
+
+def test_polish_races_the_whole_neighbourhood_and_stops_at_a_local_optimum():
+    strategy = evopress(0, POLISH)
+    log = drive(strategy, binary_code)
+    polish = [r for r, _ in log if r.generation > POLISH.generations]
+    history = strategy.history
+    for request in (r for r in polish if r.stage == 0):
+        best = Genome.from_key(history[request.generation - 1]["best"])
+        # the parent, then every one-switch neighbour of the best (3 dropped x 7 kept)
+        assert set(request.genomes) == {best, *switch_neighbours(best, SPACE.spec)}
+    marked = [h for h in history if h.get("polish")]
+    assert len(marked) == len({r.generation for r in polish}) >= 1
+    assert [h["generation"] for h in marked][0] == POLISH.generations + 1
+    if len(marked) < POLISH.polish:  # it stopped early: the last polish kept the best
+        assert marked[-1]["best"] == history[-2]["best"]
+    best, value = strategy.best
+    assert all(binary_code(n) > value for n in switch_neighbours(best, SPACE.spec))
+    assert strategy.ask() is None
+
+
+def test_polish_reaches_the_optimum_of_a_toy_fitness_that_evolution_did_not():
+    plain = evopress(1, dataclasses.replace(POLISH, polish=0))
+    drive(plain, binary_code)
+    polished = evopress(1, POLISH)
+    drive(polished, binary_code)
+    assert polished.best[1] <= plain.best[1]
+    assert polished.best[0] == SPACE.from_dropped(blocks=[0, 1, 2])
+
+
+def test_polish_state_survives_resume():
+    config = dataclasses.replace(POLISH, polish=3)
+    uninterrupted = evopress(5, config)
+    full_log = drive(uninterrupted, binary_code)
+    first = evopress(5, config)
+    head = drive(first, binary_code, stop_after_generation=config.generations + 1)
+    resumed = evopress(999, config)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    tail = drive(resumed, binary_code)
+    assert _trace(head + tail) == _trace(full_log)
+    assert resumed.best == uninterrupted.best
+
+
+def test_locality_zero_is_the_default_and_locality_changes_the_offspring():
+    assert CONFIG.locality == 0.0 and CONFIG.polish == 0
+    base, local = evopress(2), evopress(2, dataclasses.replace(CONFIG, locality=1.0))
+    log_base, log_local = drive(base), drive(local)
+    assert log_base[0][0].genomes == log_local[0][0].genomes  # same random start
+    assert _trace(log_base) != _trace(log_local)
+    # with locality 1, every offspring is its parent with blocks slid to adjacent positions
+    for request, _ in log_local:
+        assert all(SPACE.spec.is_valid(g) for g in request.genomes)
+
+
+def test_local_polish_races_only_the_local_neighbourhood():
+    from evosearch.operators import local_neighbours
+
+    strategy = evopress(0, dataclasses.replace(POLISH, polish_moves="local"))
+    log = drive(strategy, binary_code)
+    polish = [r for r, _ in log if r.generation > POLISH.generations and r.stage == 0]
+    assert polish
+    for request in polish:
+        best = Genome.from_key(strategy.history[request.generation - 1]["best"])
+        assert set(request.genomes) == {best, *local_neighbours(best, SPACE.spec)}
+
+
+def test_polish_is_refused_for_a_budget_range_and_optuna():
+    from evosearch.config import SearchConfig
+
+    assert SearchConfig.from_dict(dict(num_drop=2, polish=2)).strategy.loop.polish == 2
+    with pytest.raises(ValueError, match="polish"):
+        SearchConfig.from_dict(dict(drop_range=(2, 4), polish=2))
+    with pytest.raises(ValueError, match="polish"):
+        SearchConfig.from_dict(dict(num_drop=2, polish=2, strategy="tpe"))

@@ -95,7 +95,10 @@ def evaluate_candidates(problem: Problem, candidates: dict[str, Genome], log) ->
     table: dict[str, dict[str, float]] = {}
     ev = config.evaluation
     for source in ev.ppl:
-        data = load_eval_data(source, problem.tokenizer, ev.seq_len, ev.windows)
+        # generated held-out text: a seed the run's calibration text does not use
+        data = load_eval_data(
+            source, problem.tokenizer, ev.seq_len, ev.windows, model=model, seed=config.seed + 1
+        )
         table.setdefault("dense", {})[source] = evaluate_perplexity(model, data)
         for name, genome in candidates.items():
             with apply_replacements(model, problem.space.replacements(model, genome)):

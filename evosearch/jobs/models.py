@@ -258,8 +258,23 @@ def finetune_run(
     )
 
 
-def load_eval_data(source: str, tokenizer, seq_len: int, windows: int | None) -> TokenData:
-    """Non-overlapping ``seq_len`` windows from the start of ``source`` (all, or ``windows``)."""
+def load_eval_data(
+    source: str,
+    tokenizer,
+    seq_len: int,
+    windows: int | None,
+    *,
+    model=None,
+    seed: int = 1,
+) -> TokenData:
+    """Non-overlapping ``seq_len`` windows from the start of ``source`` (all, or ``windows``).
+
+    ``source="generated"`` is ``windows`` (default 8) sequences the dense ``model`` samples
+    with ``seed``: held-out text that needs no files, when ``seed`` differs from the
+    calibration text's."""
+    if source == "generated":
+        spec = DataSpec(source=source, n_sequences=windows or 8, seq_len=seq_len, seed=seed)
+        return load_token_data(spec, tokenizer, model)
     spec = DataSpec(
         source=source, n_sequences=windows, seq_len=seq_len, contiguous=True, split="test"
     )

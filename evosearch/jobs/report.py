@@ -8,7 +8,7 @@ from pathlib import Path
 
 from evosearch.config import SearchConfig
 
-__all__ = ["log_summary", "selection_warning", "write_report"]
+__all__ = ["held_out_verdict", "log_summary", "selection_warning", "write_report"]
 
 
 def write_report(run_dir: Path, log: Callable[[str], None]) -> None:
@@ -81,3 +81,40 @@ def log_summary(results: dict, config: SearchConfig, log) -> None:
         log(line)
     if "model_dir" in results:
         log(f"best model saved to {results['model_dir']}")
+
+
+def held_out_verdict(results: dict, config: SearchConfig) -> list[str]:
+    """One line per held-out source: the search's perplexity against every baseline's, and
+    whether it beats them all, only equals the best (the same genome, or the same value), or
+    is worse than some. Empty without held-out perplexity or baselines."""
+    table, genomes = results.get("perplexity"), results.get("baselines")
+    name = config.strategy.name
+    if not table or not genomes or name not in table:
+        return []
+    others = [n for n in genomes if n != name and n in table]
+    if not others:
+        return []
+    lines = []
+    for source, mine in table[name].items():
+        ranked = sorted(others, key=lambda n: table[n][source])
+        same = [n for n in ranked if genomes[n]["genome"] == genomes[name]["genome"]]
+        ties = same or [n for n in ranked if abs(table[n][source] - mine) <= 1e-9 * mine]
+        worse = [n for n in ranked if table[n][source] < mine and n not in ties]
+        if worse:
+            verdict = f"worse than {', '.join(worse)}"
+        elif ties:
+            how = "the same genome" if same else "the same perplexity"
+            rest = [n for n in ranked if n not in ties]
+            verdict = f"only equals {', '.join(ties)} ({how})"
+            verdict += f", beats {', '.join(rest)}" if rest else ""
+        else:
+            verdict = "beats every baseline"
+        scores = ", ".join(f"{n} {table[n][source]:.2f}" for n in ranked)
+        where = Path(source).name
+        if source == "generated":
+            where = f"text generated with seed {config.seed + 1}"
+        lines.append(
+            f"held-out perplexity on {where}: {name} {mine:.2f} {verdict} "
+            f"({scores}; dense {table['dense'][source]:.2f})"
+        )
+    return lines

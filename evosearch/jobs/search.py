@@ -14,7 +14,12 @@ from evosearch.evaluation import measure_latency
 from evosearch.genome import Genome
 from evosearch.jobs.baselines import compute_baselines, evaluate_candidates
 from evosearch.jobs.pareto import write_pareto
-from evosearch.jobs.report import log_summary, selection_warning, write_report
+from evosearch.jobs.report import (
+    held_out_verdict,
+    log_summary,
+    selection_warning,
+    write_report,
+)
 from evosearch.jobs.strategy import make_strategy, niches
 from evosearch.models import save_complete
 from evosearch.problem import Problem, make_runner
@@ -142,6 +147,8 @@ def run_search(
     run.write_json("results.json", results)  # written last: marks the run finished
     log_summary(results, config, log)
     write_report(run.path, log)
+    for line in held_out_verdict(results, config):  # the last word: held-out text
+        log(line)
     return results
 
 

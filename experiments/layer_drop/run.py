@@ -1,18 +1,29 @@
-"""Layer-drop benchmark on SmolLM2-135M: EvoPress search vs the published heuristics.
+"""Layer-drop benchmark on SmolLM2-135M: the search from random genomes against the heuristics,
+at a wall time no larger than SLEB's (issue 24, part 4).
 
 Run from the repository root (results land next to this file):
 
-    .venv/bin/python experiments/layer_drop/run.py --drops 4,7,11
+    .venv/bin/python experiments/layer_drop/run.py --drops 7,4,11 --seeds 0,1,2
 
-Calibration: WikiText-2 *valid* (../shared/data). Evaluation: WikiText-2 *test* and the C4 sample,
-non-overlapping 1024-token windows from the start of each file (how many: see --eval-windows).
+For each number of dropped blocks ``k``: SLEB (greedy, perplexity on ``--sleb-tokens``
+calibration tokens per step), ShortGPT and angular distance, then the search once per seed,
+started from random genomes only (no warm start), on a calibration-token budget of
+``--budget`` times SLEB's, timed in the same process under the same load. With
+``--sublayers K``, the same search drops ``K`` attention and ``K`` MLP sublayers (the
+parameters of ``K`` blocks) and is compared with the whole-block heuristics at ``K``.
+
+Calibration: WikiText-2 *valid* only. Held out: the first ``--eval-windows`` non-overlapping
+1,024-token windows of WikiText-2 *test*, scored in fp32.
+
+The earlier benchmark (``results.json``, ``results.md``, ``results_warm.json``) was made by
+this file at commit ada911c (``git show ada911c:experiments/layer_drop/run.py``).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import os
 import platform
 import sys
 import time
@@ -21,111 +32,276 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evosearch import Problem, SearchConfig
-from evosearch.engine import Evaluator, sample_batch
-from evosearch.pipeline import run_search
+from evosearch import Problem, SearchConfig, registry
+from evosearch.engine import search
+from evosearch.genome import Genome
+from evosearch.jobs.models import evaluate_perplexity, load_eval_data
+from evosearch.operators import switch_neighbours
+from evosearch.strategies import EvoPress, EvoPressConfig
+from evosearch.surgery import apply_replacements
+from search_spaces.layer_drop import LayerDropSpace
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_DATA = HERE.parents[2] / "shared" / "data"  # ../shared/data beside the checkout
+DEFAULT_DATA = Path("/work/shared/data")
+HEURISTICS = ("sleb", "angular", "shortgpt")
 
 
-def prefix_speedup(config: SearchConfig, n: int = 8) -> dict:
-    """Seconds per evaluation of ``n`` random genomes with and without prefix reuse."""
-    session = Problem(config, lambda s: None)
-    batch = sample_batch(session.data, config.stages[0].tokens, seed=0, generation=0, stage=0)
-    rng = np.random.default_rng(123)
-    genomes = [session.space.random_genome(rng) for _ in range(n)]
-    out = {}
-    for reuse in (False, True):
-        ev = Evaluator(session.model, session.space, session.fitness, session.dense, reuse)
-        ev.raw(genomes[0], batch)  # warm-up
-        t0 = time.perf_counter()
-        values = [ev.raw(g, batch) for g in genomes]
-        out["with_reuse" if reuse else "full_forward"] = (time.perf_counter() - t0) / n
-        out["values_with_reuse" if reuse else "values_full"] = values
-    out["max_abs_diff"] = max(
-        abs(a - b) for a, b in zip(out.pop("values_full"), out.pop("values_with_reuse"))
+def sleb_tokens_spent(n_allowed: int, k: int, tokens: int) -> int:
+    """Calibration tokens SLEB scores: ``k`` greedy rounds over the blocks still kept."""
+    return tokens * sum(n_allowed - s for s in range(k))
+
+
+def generation_tokens(loop: EvoPressConfig, pool: int) -> int:
+    """Calibration tokens of one generation whose first stage races ``pool`` genomes (each
+    later stage: the previous stage's survivors plus the parents)."""
+    stages = loop.stages
+    later = zip(stages, stages[1:])
+    return pool * stages[0].tokens + sum(s.tokens * (p.survivors + loop.parents) for p, s in later)
+
+
+def generations_for(budget: float, loop: EvoPressConfig, neighbours: int) -> int:
+    """Generations that fit in ``budget`` tokens beside the initial generation and, with
+    ``polish``, one polish generation over ``neighbours`` genomes."""
+    fixed = generation_tokens(loop, loop.initial_population)
+    if loop.polish:
+        fixed += generation_tokens(loop, neighbours + loop.parents)
+    return max(0, int((budget - fixed) // generation_tokens(loop, loop.offspring + loop.parents)))
+
+
+class HeldOut:
+    """fp32 perplexity on the held-out windows, memoised by genome (a search that ends on a
+    heuristic's genome costs nothing more)."""
+
+    def __init__(self, source: str, windows: int) -> None:
+        self.source, self.windows, self.memo = source, windows, {}
+        self.data = None
+
+    def __call__(self, problem: Problem, genome) -> float:
+        key = (problem.space.sublayers, genome.key())
+        if key not in self.memo:
+            if self.data is None:
+                self.data = load_eval_data(self.source, problem.tokenizer, 1024, self.windows)
+            model = problem.model
+            with apply_replacements(model, problem.space.replacements(model, genome)):
+                self.memo[key] = evaluate_perplexity(model, self.data)
+        return self.memo[key]
+
+    def dense(self, problem: Problem) -> float:
+        if "dense" not in self.memo:
+            self.memo["dense"] = self(problem, problem.space.dense_genome())
+        return self.memo["dense"]
+
+
+def timed(fn, *args, **kwargs):
+    """``(fn(*args, **kwargs), seconds, load average at the end)``."""
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, round(time.perf_counter() - t0, 1), round(os.getloadavg()[0], 2)
+
+
+def config_for(args, k: int, sublayers: bool) -> SearchConfig:
+    return SearchConfig.from_dict(
+        dict(
+            num_drop=k,
+            sublayers=sublayers,
+            data=args.calibration,
+            n_sequences=args.n_sequences,
+            seq_len=args.seq_len,
+            seed=0,
+            sleb_tokens=args.sleb_tokens,
+            save_model=False,
+        )
     )
-    out["speedup"] = out["full_forward"] / out["with_reuse"]
-    out["tokens_per_eval"] = batch.n_tokens
-    return out
+
+
+def at_budget(problem: Problem, config: SearchConfig) -> Problem:
+    """``problem`` with the space of ``config`` (another number of dropped blocks): the
+    model, calibration data and dense cache do not depend on it, so they are computed once."""
+    s = config.space.settings
+    problem.config = config
+    problem.space = LayerDropSpace(
+        problem.space.n_blocks, num_drop=s.num_drop, sublayers=s.sublayers,
+        counts=problem.space.counts,
+    )  # fmt: skip
+    return problem
+
+
+def search_k(
+    args, problem: Problem, out: dict, sleb_seconds=None, seeds=None, save=lambda: None
+) -> None:
+    """One budget (``out["k"]``, ``out["sublayers"]``) into ``out``: the heuristics (unless
+    ``sublayers``), then the search once per seed on a token budget of ``--budget`` times
+    SLEB's at ``k``; ``save`` is called after each method."""
+    k, sublayers = out["k"], out["sublayers"]
+    config = config_for(args, k, sublayers)
+    problem = at_budget(problem, config)
+    space = problem.space
+    out["methods"] = {}
+    if not sublayers:
+        for name in HEURISTICS:
+            genome, secs, load = timed(
+                registry.baseline("layer-drop", name), problem, config, print
+            )
+            out["methods"][name] = {"genome": genome.key(), "seconds": secs, "load": load}
+            save()
+        sleb_seconds = out["methods"]["sleb"]["seconds"]
+    out["sleb_seconds"] = sleb_seconds
+    budget = args.budget * sleb_tokens_spent(len(space.allowed), k, args.sleb_tokens)
+    loop = EvoPressConfig(
+        generations=1,
+        offspring=args.offspring,
+        initial_population=args.initial_population,
+        stages=[dict(tokens=t, survivors=s) for t, s in args.stages],
+        locality=args.locality,
+        polish=args.polish,
+        polish_moves=args.polish_moves,
+    )
+    # a polish round races the elite's neighbourhood: all k * (n - k) switches, or about
+    # 3 local ones per dropped unit once the drops form runs
+    units_dropped = k * (2 if space.sublayers else 1)
+    neighbours = len(switch_neighbours(space.random_genome(np.random.default_rng(0)), space.spec))
+    if args.polish_moves == "local":
+        neighbours = 3 * units_dropped
+    generations = generations_for(budget, loop, neighbours)
+    loop = EvoPressConfig(**{**loop.__dict__, "generations": generations})
+    out.update(search_tokens_budget=int(budget), loop=_plain(loop))
+    for seed in args.seeds if seeds is None else seeds:
+        strategy = EvoPress(space, config=loop, rng=np.random.default_rng(seed))
+        evaluator = problem.evaluator()
+        result, secs, load = timed(
+            search, strategy, evaluator, problem.data, seed=seed, progress=_progress(k, seed)
+        )
+        out["methods"][f"search_{seed}"] = {
+            "genome": result.best.key(),
+            "seconds": secs,
+            "load": load,
+            "evaluations": result.n_evaluations,
+            "tokens": result.tokens,
+            "generations_run": strategy.generation,
+            "polish_generations": sum(1 for h in strategy.history if h.get("polish")),
+        }
+        print(f"k={k} sublayers={sublayers} seed {seed}: {space.describe(result.best)} "
+              f"{secs}s (sleb {sleb_seconds}s) load {load}", flush=True)  # fmt: skip
+        save()
+
+
+def score_kl(args, problem: Problem, run: dict) -> None:
+    """Calibration KL of each method on every calibration token."""
+    problem = at_budget(problem, config_for(args, run["k"], run["sublayers"]))
+    full, evaluator = problem.full_batch(), problem.evaluator()
+    kl: dict[str, float] = {}
+    for m in run["methods"].values():
+        genome = Genome.from_key(m["genome"])
+        m.update(problem.space.describe(genome))
+        if m["genome"] not in kl:
+            kl[m["genome"]] = evaluator.raw(genome, full)
+        m["calibration_kl"] = kl[m["genome"]]
+
+
+def score_held_out(args, problem: Problem, run: dict, held_out: HeldOut, save) -> None:
+    """Held-out perplexity of each method, saved after each (they are slow on a busy CPU)."""
+    problem = at_budget(problem, config_for(args, run["k"], run["sublayers"]))
+    for m in run["methods"].values():
+        m["heldout_ppl"] = held_out(problem, Genome.from_key(m["genome"]))
+        save()
+
+
+def _progress(k: int, seed: int):
+    return lambda line: print(f"k={k} seed {seed}: {line}", flush=True)
+
+
+def _plain(loop: EvoPressConfig) -> dict:
+    d = dict(loop.__dict__)
+    d["stages"] = [[s.tokens, s.survivors] for s in loop.stages]
+    return d
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--drops", default="4,7,11")
-    p.add_argument("--generations", type=int, default=20)
-    p.add_argument("--offspring", type=int, default=12)
-    p.add_argument("--stages", default="512:2,4096:1")
-    p.add_argument("--n-sequences", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--eval-windows", type=int, default=16)
-    p.add_argument("--sleb-tokens", type=int, default=1024)
+    p.add_argument("--drops", default="7,4,11")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--sublayers", type=int, default=0, help="K: also a sublayer search at K")
+    p.add_argument("--sublayer-seeds", default="0", help="seeds of the sublayer search")
+    p.add_argument("--n-sequences", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--sleb-tokens", type=int, default=2048)
+    p.add_argument("--budget", type=float, default=1.0, help="search tokens / SLEB tokens")
+    p.add_argument("--offspring", type=int, default=16)
+    p.add_argument("--initial-population", type=int, default=32)
+    p.add_argument("--stages", default="512:2,2048:1")
+    p.add_argument("--locality", type=float, default=0.5)
+    p.add_argument("--polish", type=int, default=3)
+    p.add_argument("--polish-moves", default="local", choices=("all", "local"))
+    p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    p.add_argument("--out", default=str(HERE / "results_equal_time.json"))
     p.add_argument(
-        "--warm-start",
-        default="",
-        help="heuristics whose choices join EvoPress's initial population",
+        "--rescore",
+        help="a results file of this script: score its genomes again (calibration KL and "
+        "--eval-windows held-out windows) into --out, searching nothing",
     )
-    p.add_argument("--baselines", default="shortgpt,angular,sleb,last,random")
-    p.add_argument("--out", default=str(HERE / "results.json"))
     args = p.parse_args()
-    warm = tuple(x for x in args.warm_start.split(",") if x)
-    SHARED = Path(args.data_dir)
-    stages = [[int(x) for x in s.split(":")] for s in args.stages.split(",")]
-    wiki_valid = str(SHARED / "wikitext-2-raw" / "wiki.valid.raw")
-    wiki_test = str(SHARED / "wikitext-2-raw" / "wiki.test.raw")
-    c4 = str(SHARED / "c4" / "c4_sample.jsonl")
-    base = SearchConfig.from_dict(
-        dict(
-            num_drop=7,
-            generations=args.generations,
-            offspring=args.offspring,
-            initial_population=args.offspring,
-            stages=stages,
-            data=wiki_valid,
-            n_sequences=args.n_sequences,
-            seq_len=args.seq_len,
-            seed=0,
-            baselines=tuple(args.baselines.split(",")),
-            sleb_tokens=args.sleb_tokens,
-            eval_ppl=(wiki_test, c4),
-            eval_seq_len=1024,
-            eval_windows=args.eval_windows,
-            save_model=False,
-            warm_start=warm,
-        )
-    )
+    torch.set_num_threads(args.threads)
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.stages = [tuple(int(x) for x in s.split(":")) for s in args.stages.split(",")]
+    data = Path(args.data_dir) / "wikitext-2-raw"
+    args.calibration = str(data / "wiki.valid.raw")
+    held_out = HeldOut(str(data / "wiki.test.raw"), args.eval_windows)
     report = {
         "command": "python " + " ".join(sys.argv),
-        "machine": f"{platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, CPU",
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "data_dir")},
-        "status": "running",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), "
+        f"{args.threads} torch threads, torch {torch.__version__}, CPU",
+        "settings": {
+            k: v for k, v in vars(args).items() if k not in ("out", "data_dir", "calibration")
+        },
+        "status": "partial",
         "runs": {},
     }
     out = Path(args.out)
-    report["prefix_reuse"] = prefix_speedup(base)
-    for k in [int(x) for x in args.drops.split(",")]:
-        cfg = dataclasses.replace(base, num_drop=k)
-        t0 = time.perf_counter()
-        run_dir = HERE / "runs" / (f"drop{k}_warm" if warm else f"drop{k}")
-        res = run_search(cfg, run_dir, resume=True)
-        res.pop("evaluations")
-        report["runs"][str(k)] = {
-            "wall_seconds": round(time.perf_counter() - t0, 1),
-            "search_seconds": res["search_seconds"],
-            "evaluations": res["n_evaluations"],
-            "evaluations_per_second": res["evaluations_per_second"],
-            "calibration_kl": res["calibration_fitness"],
-            "dropped": res["baselines"],
-            "wikitext2_test_ppl": {n: v[wiki_test] for n, v in res["perplexity"].items()},
-            "c4_ppl": {n: v[c4] for n, v in res["perplexity"].items()},
-            "teacher_bytes_per_token": res["dense_cache"]["teacher_bytes_per_token"],
-        }
+
+    def save() -> None:
         out.write_text(json.dumps(report, indent=1) + "\n")
+
+    if args.rescore:
+        report = json.loads(Path(args.rescore).read_text())
+        for key in ("n_sequences", "seq_len", "sleb_tokens"):
+            setattr(args, key, report["settings"][key])
+        report["settings"]["eval_windows"] = args.eval_windows
+        report["scored_by"] = "python " + " ".join(sys.argv)
+        k = int(next(iter(report["runs"])))
+        problem = Problem(config_for(args, k, False), log=lambda _: None)
+        status = report["status"]  # scoring again completes no search
+        score_all(args, report, problem, held_out, save)
+        report["status"] = status
+        save()
+        return
+    drops = [int(x) for x in args.drops.split(",") if x]
+    problem = Problem(config_for(args, drops[0], False), log=lambda _: None)
+    runs = report["runs"]
+    for k in drops:  # searches first, so a run stopped during scoring keeps them
+        runs[str(k)] = {"k": k, "sublayers": False}
+        search_k(args, problem, runs[str(k)], save=save)
+    if args.sublayers:
+        k = args.sublayers
+        sleb = runs[str(k)]["sleb_seconds"] if str(k) in runs else None
+        seeds = [int(x) for x in args.sublayer_seeds.split(",")]
+        report["sublayers"] = {"k": k, "sublayers": True}
+        search_k(args, problem, report["sublayers"], sleb, seeds, save)
+    score_all(args, report, problem, held_out, save)
+
+
+def score_all(args, report: dict, problem: Problem, held_out: HeldOut, save) -> None:
+    """Calibration KL of every method of every run, then held-out perplexity, then dense."""
+    scored = [*report["runs"].values(), *([report["sublayers"]] if "sublayers" in report else [])]
+    for run in scored:
+        score_kl(args, problem, run)
+        save()
+    for run in scored:
+        score_held_out(args, problem, run, held_out, save)
+    report["dense_heldout_ppl"] = held_out.dense(problem)
     report["status"] = "complete"
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    save()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,97 @@
+"""Render results_equal_time.json (the search from random genomes at SLEB's wall time) as
+results_equal_time.md.
+
+.venv/bin/python experiments/layer_drop/make_table_equal_time.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+HEURISTICS = ("sleb", "angular", "shortgpt")
+
+
+def _fmt(value, spec: str = ".2f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _rows(run: dict, best_heldout: float | None) -> list[str]:
+    rows = []
+    for name, m in run["methods"].items():
+        ppl = m.get("heldout_ppl")
+        verdict = ""
+        if name.startswith("search") and ppl is not None and best_heldout is not None:
+            verdict = "better" if ppl < best_heldout - 1e-9 else (
+                "equal" if abs(ppl - best_heldout) <= 1e-9 else "worse")  # fmt: skip
+        blocks = m.get("dropped_blocks")
+        if run["sublayers"]:
+            blocks = f"attn {m.get('dropped_attention')}, mlp {m.get('dropped_mlp')}"
+        rows.append(
+            f"| {name} | {blocks} | {_fmt(m.get('calibration_kl'), '.4f')} | {_fmt(ppl)} | "
+            f"{verdict} | {m['seconds']:.0f} | {m['load']:.1f} | {m.get('evaluations', '–')} | "
+            f"{m.get('tokens', '–')} |"
+        )
+    return rows
+
+
+def _best_heuristic(run: dict) -> tuple[str, float] | tuple[None, None]:
+    scored = [(run["methods"][h].get("heldout_ppl"), h) for h in HEURISTICS]
+    if any(v is None for v, _ in scored):
+        return None, None
+    value, name = min(scored)
+    return name, value
+
+
+def main() -> None:
+    r = json.loads((HERE / "results_equal_time.json").read_text())
+    s = r["settings"]
+    lines = [
+        "# Layer drop on SmolLM2-135M: the search from random genomes at SLEB's wall time",
+        "",
+        f"Status: **{r['status']}**. Command: `{r['command']}`",
+        "",
+        *([f"Scored again by: `{r['scored_by']}`", ""] if "scored_by" in r else []),
+        *([f"Note: {r['note']}", ""] if "note" in r else []),
+        f"Machine: {r['machine']}. The cores were shared with other jobs (load average in the "
+        "table: 1-minute, at the end of each method), so seconds are upper bounds; SLEB and the "
+        "searches ran one after another in the same process. Calibration: WikiText-2 *valid*, "
+        f"{s['n_sequences']} random windows of {s['seq_len']} tokens (seed 0); fitness "
+        "KL(dense‖candidate), bf16 with the top-256 teacher. SLEB: perplexity on "
+        f"{s['sleb_tokens']} calibration tokens per step. Search: no warm start "
+        f"({s['initial_population']} random genomes), {s['offspring']} offspring, stages "
+        f"{s['stages']}, locality {s['locality']}, polish {s['polish']} ({s['polish_moves']} "
+        f"moves), generations chosen so that its calibration tokens fit in {s['budget']}× "
+        "SLEB's. Held out: the first "
+        f"{s['eval_windows']} non-overlapping 1,024-token windows of WikiText-2 *test*, fp32.",
+        "",
+    ]
+    blocks = [(f"{k}/30 blocks", run) for k, run in r["runs"].items()]
+    if "sublayers" in r:
+        run = r["sublayers"]
+        blocks.append((f"sublayers: {run['k']} attention + {run['k']} MLP of 30", run))
+    for title, run in blocks:
+        k = str(run["k"])
+        reference = r["runs"].get(k, run)
+        heur, best = _best_heuristic(reference)
+        lines += [
+            f"## {title}",
+            "",
+            f"Search budget: {run['search_tokens_budget']} calibration tokens; "
+            f"{run['loop']['generations']} generations. SLEB took {run['sleb_seconds']} s. "
+            f"Best whole-block heuristic on held-out text: {heur or '–'} {_fmt(best)}.",
+            "",
+            "| method | dropped | calibration KL | held-out ppl | vs best heuristic | seconds "
+            "| load | evaluations | tokens |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *_rows(run, best),
+            "",
+        ]
+    if "dense_heldout_ppl" in r:
+        lines += [f"Dense model, held out: {r['dense_heldout_ppl']:.2f}.", ""]
+    (HERE / "results_equal_time.md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
