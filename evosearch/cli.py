@@ -136,19 +136,22 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--train-tokens",
         type=_csv(int),
-        help="width space: training-aware selection, training tokens per stage, e.g. 2048,8192",
+        help="training-aware selection (any space): train every candidate, keeping its "
+        "structure, before scoring it; training tokens per stage, e.g. 2048,8192",
     )
     p.add_argument(
-        "--train-mode", choices=["lora", "full"], help="width space: how candidates train"
+        "--train-mode",
+        choices=["lora", "full"],
+        help="training-aware selection: how candidates train",
     )
-    p.add_argument("--lora-rank", type=int, help="width space: LoRA rank (8)")
-    p.add_argument("--train-lr", type=float, help="width space: candidate learning rate")
+    p.add_argument("--lora-rank", type=int, help="training-aware selection: LoRA rank (8)")
+    p.add_argument("--train-lr", type=float, help="training-aware selection: learning rate")
     p.add_argument(
         "--distill",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="width space: train candidates on KL to the dense model (default) or on next "
-        "tokens (--no-distill)",
+        help="training-aware selection: train candidates on KL to the dense model (default) "
+        "or on next tokens (--no-distill)",
     )
     p.add_argument("--drop", type=int, help="number of blocks (or sublayers of each kind) to drop")
     p.add_argument("--drop-fraction", type=float, help="fraction of blocks to drop instead")

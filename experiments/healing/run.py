@@ -27,7 +27,8 @@ from evosearch.data import DataSpec, load_token_data
 from evosearch.healing import EvalWindows, HealConfig, heal_saved_model
 from evosearch.models import load_model, save_compressed
 from evosearch.pipeline import evaluate_perplexity, load_eval_data
-from evosearch.pruning import block_linears, collect_stats, get_pruner, set_weight_
+from evosearch.pruning import block_linears, collect_stats, set_weight_
+from evosearch.symbolic import get_pruner
 
 HERE = Path(__file__).resolve().parent
 DATA = Path("/work/shared/data")
