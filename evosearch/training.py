@@ -58,8 +58,8 @@ class TrainConfig:
     Args:
         mode: ``lora``: rank-``rank`` adapters on every projection of the trained blocks, base
             weights frozen (merged at the end of healing, discarded after scoring a
-            candidate); ``full``: the weights themselves (in a search: every linear of the
-            candidate's changed blocks, restored after scoring; in healing: every block
+            candidate); ``full``: the weights themselves (in a search: the output projections
+            of the candidate's changed blocks, restored after scoring; in healing: every block
             parameter). Either way the structure is kept (module docstring).
         rank: LoRA rank; alpha: LoRA scale numerator (scale ``alpha / rank``).
         lr: AdamW learning rate; micro_batch: sequences per step.
@@ -342,6 +342,9 @@ def train_(
     return losses
 
 
+_FULL_PARAMS = ("outputs", "linears", "blocks")
+
+
 @dataclass
 class Trainable:
     """What one training run updates, and how it keeps the structure (see :func:`structured`).
@@ -384,7 +387,7 @@ def structured(
     blocks: range | list[int],
     config: TrainConfig,
     *,
-    full_params: str = "linears",
+    full_params: str = "outputs",
     masks: dict[str, torch.Tensor] | None = None,
     grids: dict[str, Grid] | None = None,
 ) -> Trainable:
@@ -394,8 +397,10 @@ def structured(
         config: ``lora``: adapters on every projection of ``blocks`` (masked elementwise where
             the weight has zeros, fake-quantized where it has a grid); ``full``: the weights
             themselves.
-        full_params: under ``full``: ``linears`` (the weights of the linears of ``blocks``)
-            or ``blocks`` (every parameter of ``blocks``, norms and biases too).
+        full_params: under ``full``: ``outputs`` (the weights of the output projections of
+            ``blocks``, ``o_proj`` and ``down_proj`` or their kin: what width pruning
+            compensates; training-aware selection), ``linears`` (the weights of every linear
+            of ``blocks``) or ``blocks`` (every parameter of ``blocks``; healing).
         masks, grids: the zeros and grids to keep (default: read from ``blocks`` now, see
             :func:`zero_masks` and :func:`quant_grids`).
     """
@@ -405,13 +410,19 @@ def structured(
         reps = lora_replacements(model, blocks, config, masks=masks, grids=grids)
         params = [p for m in reps.values() for p in (m.lora_a, m.lora_b)]
         return Trainable(reps, params, [], [])
-    if full_params not in ("linears", "blocks"):
-        raise ValueError(f"full_params must be 'linears' or 'blocks', got {full_params!r}")
+    if full_params not in _FULL_PARAMS:
+        raise ValueError(f"full_params must be one of {_FULL_PARAMS}, got {full_params!r}")
     linears = block_linears(model, blocks)
     if full_params == "blocks":
         all_blocks = get_blocks(model)
         found = {id(p): p for i in blocks for p in all_blocks[i].parameters()}
         params = list(found.values())
+    elif full_params == "outputs":
+        arch = arch_for(model)
+        outputs = (arch.attention_linears[-1], arch.mlp_linears[-1])  # sorted last
+        # "model.layers.3.self_attn.o_proj" -> "self_attn.o_proj"
+        rel = {k: k[len(arch.blocks) + 1 :].partition(".")[2] for k in linears}
+        params = [m.weight for k, m in linears.items() if rel[k] in outputs]
     else:
         params = [m.weight for m in linears.values()]
     weights = {f"{k}.weight": m.weight for k, m in linears.items()}

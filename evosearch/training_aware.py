@@ -16,10 +16,10 @@ with ``selection_training`` in the config (CLI: ``--train-tokens 2048,8192``).
 Memory per candidate: ``lora`` adds rank-``r`` adapters to every projection of the changed
 blocks (``r (in + out)`` parameters per projection; a dense ``(out, in)`` update for sparse or
 quantized ones, whose update is masked or fake-quantized) plus AdamW's two moments of them;
-nothing of the resident model is copied or changed. ``full`` trains the weights of every linear
-of the changed blocks in place and restores them after scoring: a copy of them plus two AdamW
-moments. Activations for backpropagation through the blocks from the first changed one are on
-top.
+nothing of the resident model is copied or changed. ``full`` trains the output projections
+(``o_proj`` / ``down_proj``) of the changed blocks in place, as width pruning compensates them,
+and restores them after scoring: a copy of them plus two AdamW moments. Activations for
+backpropagation through the blocks from the first changed one are on top.
 """
 
 from __future__ import annotations
