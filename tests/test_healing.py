@@ -255,13 +255,18 @@ def test_cli_search_ends_with_healing_and_resume_does_not_heal_again(tmp_path):
     assert resumed["healed"] == str(run / "healed") and resumed["healing"] == results["healing"]
 
 
-def test_finetune_refuses_a_sparse_model_and_points_to_heal(tmp_path):
+def test_finetune_refuses_a_sparse_or_quantized_model_and_points_to_heal(tmp_path):
     from evosearch.data import DataSpec
     from evosearch.jobs.models import finetune
 
     (tmp_path / "sparsity_profile.json").write_text("{}")
     with pytest.raises(ValueError, match="evosearch heal"):
         finetune(tmp_path, 64, tmp_path / "out", data=DataSpec())
+    quantized = tmp_path / "quantized"
+    quantized.mkdir()
+    (quantized / "quant_profile.json").write_text("{}")
+    with pytest.raises(ValueError, match="off their grid"):
+        finetune(quantized, 64, tmp_path / "out", data=DataSpec())
 
 
 def _quantized(dense, tmp_path):
