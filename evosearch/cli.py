@@ -781,11 +781,13 @@ def _eval(args: argparse.Namespace) -> None:
     target = Path(args.model)
     if is_run_dir(target):
         check_finished(target)  # one line naming what is missing, and how to finish it
-        target = target / "model"  # a run directory: its best model
+        healed = target / "healed"  # a run directory: its emitted model (healed if it was)
+        target = healed if (healed / "healing.json").is_file() else target / "model"
+        print(f"evaluating {target}, the run's emitted model")
     model, tokenizer = load_model(
         str(target) if target.exists() else args.model, device=resolve_device(args.device)
     )
-    results: dict = {"model": args.model}
+    results: dict = {"model": args.model, "model_dir": str(target)}
     if args.ppl:
         results.update(seq_len=args.seq_len, perplexity={})
     for source in args.ppl or []:

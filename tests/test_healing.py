@@ -204,6 +204,10 @@ def test_cli_heal_keeps_both_models_and_the_report_shows_them(tiny_run, tmp_path
     assert record["tokens"] == 160 and record["data"]["skipped_prefix_tokens"] == 64
     assert record["data"]["notes"]  # healing on an evaluated text is stated
     assert main(argv) == 2  # healed/ exists: no silent overwrite
+    out = tmp_path / "eval.json"  # evaluating the run evaluates its emitted, healed model
+    assert main(["eval", str(run), "--ppl", text, "--seq-len", "16", "--windows", "2",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert json.loads(out.read_text())["model_dir"] == str(run / "healed")
     assert main(["report", str(run)]) == 0
     page = (run / "report.html").read_text()
     assert "Healing" in page and "healed (emitted)" in page and "<polyline" in page
