@@ -182,12 +182,15 @@ def zero_masks(
     model: nn.Module, blocks: range | list[int] | None = None
 ) -> dict[str, torch.Tensor]:
     """Weight path -> bool mask of the non-zero entries, for every linear of ``blocks`` with at
-    least one exact zero (sparsity lives here). Quantized linears are left out: their zeros
-    are the zero-point code, which training may move like any other code."""
+    least one exact zero (sparsity lives here). Left out: quantized linears (their zeros are the
+    zero-point code, which training may move like any other code) and width's
+    :class:`~evosearch.shrink.MaskedLinear` (its removed columns are masked in ``forward``, and
+    its LoRA stays low-rank)."""
     out = {}
     for path, module in block_linears(model, blocks).items():
         w = module.weight
-        if getattr(module, "quant_grid", None) is None and bool((w == 0).any()):
+        kept_otherwise = isinstance(module, MaskedLinear) or hasattr(module, "quant_grid")
+        if not kept_otherwise and bool((w == 0).any()):
             out[f"{path}.weight"] = w != 0
     return out
 
