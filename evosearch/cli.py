@@ -140,19 +140,22 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--train-tokens",
         type=_csv(int),
-        help="width space: training-aware selection, training tokens per stage, e.g. 2048,8192",
+        help="training-aware selection (any space): train every candidate, keeping its "
+        "structure, before scoring it; training tokens per stage, e.g. 2048,8192",
     )
     p.add_argument(
-        "--train-mode", choices=["lora", "full"], help="width space: how candidates train"
+        "--train-mode",
+        choices=["lora", "full"],
+        help="training-aware selection: how candidates train",
     )
-    p.add_argument("--lora-rank", type=int, help="width space: LoRA rank (8)")
-    p.add_argument("--train-lr", type=float, help="width space: candidate learning rate")
+    p.add_argument("--lora-rank", type=int, help="training-aware selection: LoRA rank (8)")
+    p.add_argument("--train-lr", type=float, help="training-aware selection: learning rate")
     p.add_argument(
         "--distill",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="width space: train candidates on KL to the dense model (default) or on next "
-        "tokens (--no-distill)",
+        help="training-aware selection: train candidates on KL to the dense model (default) "
+        "or on next tokens (--no-distill)",
     )
     p.add_argument("--drop", type=int, help="number of blocks (or sublayers of each kind) to drop")
     p.add_argument("--drop-fraction", type=float, help="fraction of blocks to drop instead")
@@ -819,11 +822,13 @@ def _eval(args: argparse.Namespace) -> None:
     target = Path(args.model)
     if is_run_dir(target):
         check_finished(target)  # one line naming what is missing, and how to finish it
-        target = target / "model"  # a run directory: its best model
+        healed = target / "healed"  # a run directory: its emitted model (healed if it was)
+        target = healed if (healed / "healing.json").is_file() else target / "model"
+        print(f"evaluating {target}, the run's emitted model")
     model, tokenizer = load_model(
         str(target) if target.exists() else args.model, device=resolve_device(args.device)
     )
-    results: dict = {"model": args.model}
+    results: dict = {"model": args.model, "model_dir": str(target)}
     if args.ppl:
         results.update(seq_len=args.seq_len, perplexity={})
     for source in args.ppl or []:

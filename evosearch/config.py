@@ -165,7 +165,8 @@ def _stages(value: Any) -> tuple[Stage, ...]:
 
 @dataclass(frozen=True, kw_only=True)
 class SelectionTraining:
-    """Training-aware selection (DarwinLM): each candidate trains before it is scored.
+    """Training-aware selection (DarwinLM): each candidate trains before it is scored, in any
+    space, through the code healing uses (its structure kept: see :mod:`evosearch.training`).
 
     Args:
         tokens: training tokens per racing stage (one entry per stage, growing).

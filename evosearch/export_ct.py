@@ -22,7 +22,13 @@ from torch import nn
 
 from evosearch.quant import QuantizedWeight
 
-__all__ = ["pack_layer", "quantization_config", "save_pack_quantized"]
+__all__ = [
+    "load_pack_quantized",
+    "pack_layer",
+    "quantization_config",
+    "read_pack_quantized",
+    "save_pack_quantized",
+]
 
 
 def export_group_size(q: QuantizedWeight) -> int:
@@ -128,3 +134,68 @@ def save_pack_quantized(
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out)
     return files
+
+
+def read_pack_quantized(path: str | Path) -> dict[str, QuantizedWeight]:
+    """Layer name -> codes, scales and zero points of a checkpoint written by
+    :func:`save_pack_quantized` (at the group size it was written with)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())["quantization_config"]
+    bits_of = {}
+    for group in config["config_groups"].values():
+        for name in group["targets"]:
+            bits_of[name] = (group["weights"]["num_bits"], group["weights"]["group_size"])
+    state = load_file(str(path / "model.safetensors"))
+    out = {}
+    for name, (bits, g) in bits_of.items():
+        rows, cols = (int(x) for x in state[f"{name}.weight_shape"])
+        offset = 1 << (bits - 1)
+        packed = state[f"{name}.weight_packed"]
+        codes = unpack_from_int32(packed, bits, torch.Size([rows, cols])).to(torch.int16)
+        n = cols // g
+        words = math.ceil(rows * bits / 32)  # the leading words hold the packed zero points
+        zp = unpack_from_int32(
+            state[f"{name}.weight_zero_point"][:words], bits, torch.Size([rows, n]), packed_dim=0
+        ).to(torch.int16)
+        out[name] = QuantizedWeight(
+            (codes + offset).to(torch.uint8),
+            state[f"{name}.weight_scale"].to(torch.float16),
+            (zp + offset).to(torch.uint8),
+            bits,
+            g,
+        )
+    return out
+
+
+def load_pack_quantized(path: str | Path, *, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer, layers)`` of a :func:`save_pack_quantized` checkpoint: a plain
+    model whose quantized linears hold exactly their dequantized codes (computed in float32,
+    as the search did) and carry their :class:`~evosearch.quant.Grid` as ``quant_grid``, so
+    training keeps them on it; ``layers`` as :func:`read_pack_quantized` gives them."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    layers = read_pack_quantized(path)
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    suffixes = (".weight_packed", ".weight_scale", ".weight_zero_point", ".weight_shape")
+    state = {k: v for k, v in load_file(str(path / "model.safetensors")).items()
+             if not k.endswith(suffixes)}  # fmt: skip
+    state.update({f"{name}.weight": q.dequantize().to(dtype) for name, q in layers.items()})
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = {k for k in missing if k.endswith("lm_head.weight") and head.weight is emb.weight}
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"{path}: weights do not fit the model ({(missing + unexpected)[:3]})")
+    modules = dict(model.named_modules())
+    for name, q in layers.items():
+        modules[name].quant_grid = q.grid
+    model.eval().requires_grad_(False)
+    return model, AutoTokenizer.from_pretrained(path), layers

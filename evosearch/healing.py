@@ -12,6 +12,14 @@ chose exactly, whatever the space:
   full updates re-apply the mask after every optimiser step, LoRA updates are masked
   elementwise, so merging them adds zeros there;
 * a width-pruned model is physically smaller and stays so (its shapes are checked).
+* a quantized model (integer grids, exported as compressed-tensors) stays on its grid:
+  quantization-aware training with the scales, zero points and bit-widths fixed, the forward
+  fake-quantizing the weights (straight-through), the codes re-projected at the end; LoRA
+  updates are merged and projected the same way. GGUF exports are refused (their types have no
+  fixed grid to train on): heal the model before writing GGUF.
+
+The training is :func:`evosearch.training.structured` + :func:`~evosearch.training.train_`, the
+code training-aware selection runs on candidates.
 
 :func:`read_structure` records all of this before training and :func:`check_structure` proves
 it afterwards; a difference raises, so a healed model is never saved with another structure.
@@ -40,8 +48,17 @@ from torch import nn
 from evosearch.arch import arch_for, get_blocks
 from evosearch.data import HUB_ALIASES, DataError, DataSpec, load_text, load_token_data
 from evosearch.errors import atomic_dir, read_json
+from evosearch.quant import Grid
 from evosearch.surgery import ZeroAttention, ZeroOutput, apply_replacements
-from evosearch.training import TrainConfig, lora_replacements, token_loss, train_
+from evosearch.training import (
+    TrainConfig,
+    block_linears,
+    quant_grids,
+    structured,
+    token_loss,
+    train_,
+    zero_masks,
+)
 from evosearch.validate import resolve_device
 
 __all__ = [
@@ -66,7 +83,7 @@ HEAL_FILE = "healing.json"
 _MODES = ("full", "lora")
 _DEFAULT_LR = {"full": 5e-5, "lora": 5e-4}
 # metadata of the input model that stays true of the healed one (structure is checked)
-_CARRIED_FILES = ("evosearch_drops.json", "sparsity_profile.json")
+_CARRIED_FILES = ("evosearch_drops.json", "sparsity_profile.json", "quant_profile.json")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,6 +160,8 @@ class Structure:
         masks: block linear weight path -> bool mask of its non-zero entries, for every
             linear with at least one exact zero (sparsity lives here).
         linear_weights: weights of all block linears together.
+        grids: quantized linear path -> its grid (bit-widths live here).
+        off_grid: quantized linears whose weight is not exactly on its grid.
     """
 
     n_blocks: int
@@ -150,6 +169,8 @@ class Structure:
     shapes: dict[str, tuple[int, ...]]
     masks: dict[str, torch.Tensor]
     linear_weights: int
+    grids: dict[str, Grid] = dataclasses.field(default_factory=dict)
+    off_grid: tuple[str, ...] = ()
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready: blocks, dropped sublayers, parameters and the measured zero profile."""
@@ -161,19 +182,9 @@ class Structure:
             "zeros": sum(zeros.values()),
             "sparsity": sum(zeros.values()) / max(1, self.linear_weights),
             "layer_zeros": zeros,
+            "quantized_layers": len(self.grids),
+            "layer_bits": {k: g.bits for k, g in self.grids.items()},
         }
-
-
-def _block_linears(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Weight path -> weight of every linear (``nn.Linear`` or GPT-2 ``Conv1D``) in a block."""
-    prefix = arch_for(model).blocks
-    out = {}
-    for name, module in get_blocks(model).named_modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, nn.Parameter) and weight.dim() == 2:
-            if isinstance(module, nn.Linear) or hasattr(module, "nf"):
-                out[f"{prefix}.{name}.weight"] = weight
-    return out
 
 
 def _stand_ins(model: nn.Module) -> tuple[str, ...]:
@@ -192,14 +203,16 @@ def read_structure(model: nn.Module) -> Structure:
     blocks = get_blocks(model)
     prefix = arch_for(model).blocks
     stand_ins = _stand_ins(model)
-    linears = _block_linears(model)
-    masks = {k: w != 0 for k, w in linears.items() if bool((w == 0).any())}
+    linears = block_linears(model)
+    grids = quant_grids(model)
     return Structure(
         n_blocks=len(blocks),
         stand_ins=stand_ins,
         shapes={f"{prefix}.{k}": tuple(p.shape) for k, p in blocks.named_parameters()},
-        masks=masks,
-        linear_weights=sum(w.numel() for w in linears.values()),
+        masks=zero_masks(model),
+        linear_weights=sum(m.weight.numel() for m in linears.values()),
+        grids=grids,
+        off_grid=tuple(k for k, g in grids.items() if not g.contains(linears[k].weight)),
     )
 
 
@@ -220,6 +233,12 @@ def check_structure(before: Structure, after: Structure) -> list[str]:
         if other is not None and not torch.equal(mask, other):
             diffs.append(f"{name}: zero pattern changed ({int((~mask).sum())} zeros before, "
                          f"{int((~other).sum())} after)")  # fmt: skip
+    if before.grids.keys() != after.grids.keys():
+        diffs.append(f"quantized layers: {len(before.grids)} -> {len(after.grids)}")
+    diffs += [f"{k}: grid changed" for k, g in before.grids.items()
+              if k in after.grids and not g.same(after.grids[k])]  # fmt: skip
+    if after.off_grid:
+        diffs.append(f"weights off their grid: {list(after.off_grid[:4])}")
     return diffs
 
 
@@ -275,22 +294,6 @@ def _schedule(steps: int, warmup: float) -> Callable[[int], float]:
     return factor
 
 
-def _lora_adapters(model: nn.Module, keep: Structure, config: TrainConfig) -> dict[str, nn.Module]:
-    """LoRA adapters on every block linear; those of sparse weights masked elementwise."""
-    reps = lora_replacements(model, range(len(get_blocks(model))), config)
-    for path, rep in reps.items():
-        mask = keep.masks.get(f"{path}.weight")
-        if mask is not None:
-            rep.weight_mask = mask.to(device=rep.lora_a.device, dtype=rep.lora_a.dtype)
-    return reps
-
-
-@torch.no_grad()
-def _merge_(adapters: Mapping[str, nn.Module]) -> None:
-    for rep in adapters.values():
-        rep.base.weight.add_(rep.delta().to(rep.base.weight.dtype))
-
-
 def heal_(
     model: nn.Module,
     train_ids: torch.Tensor,
@@ -324,25 +327,15 @@ def heal_(
     if held_out is not None:
         out["held_out_before"] = held_out_loss(model, held_out, teacher, **score)
     steps = -(-train_ids.shape[0] // tc.micro_batch)
-    run = dict(teacher=teacher, lr_factor=_schedule(steps, config.warmup),
-               autocast=config.autocast, progress=progress)  # fmt: skip
-    if config.mode == "lora":
-        adapters = _lora_adapters(model, keep, tc)
-        params = [p for m in adapters.values() for p in (m.lora_a, m.lora_b)]
-        with apply_replacements(model, adapters):
-            out["losses"] = train_(model, params, train_ids, tc, **run)
-        _merge_(adapters)
-    else:
-        params = list({id(p): p for p in get_blocks(model).parameters()}.values())
-        weights = _block_linears(model)
-        masks = [(weights[k], m.to(weights[k].dtype)) for k, m in keep.masks.items()]
-
-        def remask() -> None:
-            with torch.no_grad():
-                for w, m in masks:
-                    w.mul_(m)
-
-        out["losses"] = train_(model, params, train_ids, tc, after_step=remask, **run)
+    blocks = range(len(get_blocks(model)))
+    plan = structured(model, blocks, tc, full_params="blocks", masks=keep.masks, grids=keep.grids)
+    with apply_replacements(model, plan.replacements):
+        out["losses"] = train_(
+            model, plan.params, train_ids, tc, teacher=teacher, after_step=plan.after_step,
+            lr_factor=_schedule(steps, config.warmup), autocast=config.autocast,
+            progress=progress,
+        )  # fmt: skip
+    plan.finish_()  # LoRA merged, quantized weights projected onto their grids
     if diffs := check_structure(keep, read_structure(model)):
         raise RuntimeError(f"healing changed the model's structure: {'; '.join(diffs)}")
     if held_out is not None:
@@ -460,12 +453,57 @@ def healing_data(
 # -- jobs ----------------------------------------------------------------------------------
 
 
+def _quant_format(model_dir: Path) -> str | None:
+    """``pack-quantized`` (a compressed-tensors export), ``gguf`` (a GGUF export) or
+    ``None`` (not quantized)."""
+    if (model_dir / "model.gguf").is_file() and not (model_dir / "config.json").is_file():
+        return "gguf"
+    config = model_dir / "config.json"
+    if config.is_file():
+        quant = json.loads(config.read_text()).get("quantization_config") or {}
+        if quant.get("quant_method") == "compressed-tensors":
+            if quant.get("format") != "pack-quantized":
+                raise ValueError(f"{model_dir}: only pack-quantized checkpoints can be healed")
+            return "pack-quantized"
+    return None
+
+
+def _load(model_dir: Path, device) -> tuple[nn.Module, Any]:
+    """The model to heal, its quantized linears (if any) carrying their grids."""
+    from evosearch.models import load_model
+
+    kind = _quant_format(model_dir)
+    if kind == "gguf":
+        raise ValueError(
+            f"{model_dir} is a GGUF export: its types have no fixed grid to train on. Heal the "
+            "model before writing GGUF, or search the integer format (compressed-tensors), "
+            "whose healing keeps every layer on its grid"
+        )
+    if kind == "pack-quantized":
+        from evosearch.export_ct import load_pack_quantized
+
+        model, tokenizer, _ = load_pack_quantized(model_dir)
+        return model.to(device), tokenizer
+    return load_model(str(model_dir), device=device)
+
+
 def _save_like(model: nn.Module, tokenizer, source_dir: Path, out: Path) -> None:
     """Save ``model`` to ``out`` in the format of the saved model it was loaded from."""
     from evosearch.models import DROP_FILE
     from evosearch.shrink import WIDTH_FILE, save_shrunk
 
-    if (source_dir / WIDTH_FILE).is_file():
+    if _quant_format(source_dir) == "pack-quantized":  # the new codes on the same grids
+        from evosearch.export_ct import save_pack_quantized
+        from evosearch.quant import QuantizedWeight
+
+        layers = {
+            k: QuantizedWeight(g.codes(m.weight), g.scale, g.zero, g.bits, g.group_size)
+            for k, m in block_linears(model).items()
+            if isinstance(g := getattr(m, "quant_grid", None), Grid)
+        }
+        save_pack_quantized(model.cpu(), tokenizer, layers, out)
+        tokenizer = None  # saved with it
+    elif (source_dir / WIDTH_FILE).is_file():
         save_shrunk(model, tokenizer, out)
     elif (source_dir / DROP_FILE).is_file():
         # the checkpoint keeps the dropped sublayers' (unused) weights, as save_compressed
@@ -529,7 +567,7 @@ def heal_saved_model(
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it to heal again")
     t0 = time.perf_counter()
-    model, tokenizer = load_model(str(model_dir), device=device)
+    model, tokenizer = _load(model_dir, device)
     dense = None if teacher is None else load_model(teacher, device=device)[0]
     spec = dataclasses.replace(data, seq_len=config.seq_len)
     train_ids, held, info = healing_data(

@@ -30,6 +30,7 @@ import torch
 from evosearch.pruning import LayerStats
 
 __all__ = [
+    "Grid",
     "QuantizedWeight",
     "bits_per_weight",
     "dequantize",
@@ -63,6 +64,53 @@ class QuantizedWeight:
     def dequantize(self) -> torch.Tensor:
         """The float32 weight ``(out, in)`` the codes stand for."""
         return dequantize(self.codes, self.scale, self.zero, self.group_size)
+
+    @property
+    def grid(self) -> Grid:
+        """The layer's grid without its codes."""
+        return Grid(self.scale, self.zero, self.bits, self.group_size)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A layer's fixed quantization grid: per ``(row, group)`` a float16 ``scale`` and a
+    uint8 ``zero`` (each ``(out, n_groups)``), ``bits`` and ``group_size``. Training a
+    quantized layer (healing, training-aware selection) keeps the grid and moves the codes:
+    the forward sees :meth:`fake_quant` of a latent float weight, which is projected onto the
+    grid at the end (quantization-aware training with a straight-through estimator, Bengio et
+    al. 2013; the scales stay fixed, unlike LSQ)."""
+
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int
+    group_size: int
+
+    def codes(self, weight: torch.Tensor) -> torch.Tensor:
+        """The uint8 codes of ``weight`` ``(out, in)`` rounded onto this grid."""
+        w = weight.to(self.scale.device)
+        return quantize_codes(w, self.scale, self.zero, self.bits, self.group_size)
+
+    def project(self, weight: torch.Tensor) -> torch.Tensor:
+        """The nearest point of the grid to ``weight`` (clamped to the codes' range)."""
+        codes = self.codes(weight.detach())
+        out = dequantize(codes, self.scale, self.zero, self.group_size)
+        return out.to(device=weight.device, dtype=weight.dtype)
+
+    def fake_quant(self, weight: torch.Tensor) -> torch.Tensor:
+        """``project(weight)`` in the forward, identity in the backward (straight-through)."""
+        return weight + (self.project(weight) - weight).detach()
+
+    def contains(self, weight: torch.Tensor) -> bool:
+        """Whether every entry of ``weight`` lies exactly on the grid."""
+        return bool(torch.equal(self.project(weight), weight.detach()))
+
+    def same(self, other: Grid) -> bool:
+        """Whether ``other`` is this grid (bits, group size, scales and zero points)."""
+        return (
+            (self.bits, self.group_size) == (other.bits, other.group_size)
+            and torch.equal(self.scale.cpu(), other.scale.cpu())
+            and torch.equal(self.zero.cpu(), other.zero.cpu())
+        )
 
 
 def n_groups(in_features: int, group_size: int) -> int:

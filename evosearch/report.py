@@ -729,6 +729,10 @@ def _svg_curve(values: Sequence[float], width: int = 420, height: int = 140) -> 
     )
 
 
+_HEAL_COLUMNS = ["model", "path", "held-out loss", "blocks", "sparsity", "block params",
+                 "quantized layers (on their grid)"]  # fmt: skip
+
+
 def _healing_section(runs: Sequence[RunRecord]) -> list[str]:
     """Unhealed vs healed model of every run with ``healed/healing.json``: tokens, held-out
     loss, structure before and after, data notes and the training curve."""
@@ -740,18 +744,16 @@ def _healing_section(runs: Sequence[RunRecord]) -> list[str]:
         rec = json.loads(file.read_text())
         before, after = rec.get("structure", {}), rec.get("structure_after", {})
         rows = [
-            [label, rec.get("model", ""), rec.get("held_out_before", ""), before.get("blocks"),
-             before.get("sparsity"), before.get("block_parameters")]
-            for label in ["unhealed"]
-        ] + [
+            ["unhealed", rec.get("model", ""), rec.get("held_out_before", ""),
+             before.get("blocks"), before.get("sparsity"), before.get("block_parameters"),
+             before.get("quantized_layers", 0)],
             ["healed (emitted)", rec.get("out", ""), rec.get("held_out_after", ""),
-             after.get("blocks"), after.get("sparsity"), after.get("block_parameters")]
+             after.get("blocks"), after.get("sparsity"), after.get("block_parameters"),
+             after.get("quantized_layers", 0)],
         ]  # fmt: skip
         data = rec.get("data", {})
         body.append(f"<h2>Healing{': ' + html.escape(run.name) if len(runs) > 1 else ''}</h2>")
-        body.append(
-            _table(["model", "path", "held-out loss", "blocks", "sparsity", "block params"], rows)
-        )
+        body.append(_table(_HEAL_COLUMNS, rows))
         body.append(
             f"<p>{rec.get('tokens')} tokens of {html.escape(str(data.get('source', '')))} in "
             f"{rec.get('steps')} steps ({html.escape(str(rec.get('mode')))}, lr {rec.get('lr')}, "

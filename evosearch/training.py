@@ -1,13 +1,21 @@
-"""A little training of a (pruned) model that keeps its structure: LoRA with masked inputs,
-full fine-tuning of masked projections, optional distillation from the dense model.
+"""A little training of a compressed model that keeps its structure, in every space: LoRA or
+full updates, optional distillation from the dense model.
 
-Used twice: training-aware selection (DarwinLM, Tang et al. 2025, Sec. 3.3) trains each
-candidate briefly *before* it is scored, on the resident model with the candidate's modules
-swapped in; post-compression fine-tuning (``evosearch finetune``) trains a saved, physically
-shrunk model. In both cases removed heads and channels cannot regrow: a
-:class:`~evosearch.shrink.MaskedLinear` multiplies its weight by its mask in ``forward``, a
-:class:`LoRALinear` on it masks the adapter's input columns the same way, and a shrunk model has
-no weights for them at all.
+One code path (:func:`structured`, then :func:`train_`) serves training-aware selection
+(DarwinLM, Tang et al. 2025, Sec. 3.3: each candidate trains briefly *before* it is scored, on
+the resident model with the candidate's modules swapped in) and healing (a saved model trains
+before it is emitted, :mod:`evosearch.healing`). Whatever the space, the structure cannot
+change:
+
+* dropped blocks and sublayers have no linears to train (skipped blocks and zero stand-ins);
+* removed heads and channels cannot regrow: a :class:`~evosearch.shrink.MaskedLinear`
+  multiplies its weight by its mask in ``forward``, a :class:`LoRALinear` on it masks the
+  adapter's input columns, and a shrunk model has no weights for them at all;
+* exact zeros (unstructured or N:M sparsity) stay zero: full updates are re-masked after every
+  step, LoRA updates are masked elementwise;
+* quantized linears (a :class:`~evosearch.quant.Grid` in their ``quant_grid`` attribute) stay
+  on their grid: the forward sees the fake-quantized weight (straight-through), and the weight
+  is projected onto the grid at the end, so scales, zero points and bit-widths never change.
 """
 
 from __future__ import annotations
@@ -23,10 +31,22 @@ from torch import nn
 
 from evosearch.arch import arch_for, get_blocks, get_submodule, head_logits
 from evosearch.forward import model_device, start_at_block
+from evosearch.quant import Grid
 from evosearch.shrink import MaskedLinear
-from evosearch.surgery import apply_replacements
 
-__all__ = ["LoRALinear", "TrainConfig", "lora_replacements", "token_loss", "train_"]
+__all__ = [
+    "FakeQuantLinear",
+    "LoRALinear",
+    "TrainConfig",
+    "Trainable",
+    "block_linears",
+    "lora_replacements",
+    "quant_grids",
+    "structured",
+    "token_loss",
+    "train_",
+    "zero_masks",
+]
 
 MODES = ("lora", "full")
 
@@ -37,9 +57,10 @@ class TrainConfig:
 
     Args:
         mode: ``lora``: rank-``rank`` adapters on every projection of the trained blocks, base
-            weights frozen; ``full``: the weights themselves (in a search: the candidate's own
-            compensated output projections, which it already holds, so nothing of the resident
-            model is copied; in ``finetune``: every block parameter of the shrunk model).
+            weights frozen (merged at the end of healing, discarded after scoring a
+            candidate); ``full``: the weights themselves (in a search: the output projections
+            of the candidate's changed blocks, restored after scoring; in healing: every block
+            parameter). Either way the structure is kept (module docstring).
         rank: LoRA rank; alpha: LoRA scale numerator (scale ``alpha / rank``).
         lr: AdamW learning rate; micro_batch: sequences per step.
         distill: loss = KL(dense teacher || student) per token instead of next-token
@@ -77,6 +98,8 @@ class LoRALinear(nn.Module):
         generator: seeds ``A``.
         weight_mask: ``(out, in)`` 0/1 mask of the base weight's kept entries (unstructured or
             N:M sparsity): the update is masked elementwise, so merging it keeps the zeros.
+        grid: the base weight's quantization grid: the forward uses the fake-quantized merged
+            weight, so what trains is the model :meth:`merged` gives.
     """
 
     def __init__(
@@ -87,6 +110,7 @@ class LoRALinear(nn.Module):
         generator: torch.Generator,
         *,
         weight_mask: torch.Tensor | None = None,
+        grid: Grid | None = None,
     ) -> None:
         super().__init__()
         self.base = base
@@ -100,6 +124,7 @@ class LoRALinear(nn.Module):
             weight_mask = weight_mask.to(device=w.device, dtype=w.dtype)
         self.register_buffer("weight_mask", weight_mask)
         self.scale = alpha / rank
+        self.grid = grid
 
     def delta(self) -> torch.Tensor:
         """The adapter's ``(out, in)`` weight update (zero on masked columns and entries)."""
@@ -107,32 +132,121 @@ class LoRALinear(nn.Module):
         d = self.scale * self.lora_b @ a
         return d if self.weight_mask is None else d * self.weight_mask
 
+    def merged(self) -> torch.Tensor:
+        """The base weight plus the update, on the base's grid when it has one."""
+        w = self.base.weight + self.delta().to(self.base.weight.dtype)
+        return w if self.grid is None else self.grid.project(w)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grid is not None:  # quantization-aware: (out, in), straight-through
+            w = self.grid.fake_quant(self.base.weight + self.delta())
+            return F.linear(x, w, self.base.bias)
         if self.weight_mask is not None:  # the dense update, masked: (out, in)
             return self.base(x) + F.linear(x, self.delta())
         a = self.lora_a if self.mask is None else self.lora_a * self.mask
         return self.base(x) + self.scale * F.linear(F.linear(x, a), self.lora_b)
 
 
+class FakeQuantLinear(nn.Module):
+    """``base`` with its weight fake-quantized onto ``grid`` in the forward (straight-through
+    gradient to the latent float weight, which full updates train)."""
+
+    def __init__(self, base: nn.Module, grid: Grid) -> None:
+        super().__init__()
+        self.base, self.grid = base, grid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.grid.fake_quant(self.base.weight), self.base.bias)
+
+
+def block_linears(
+    model: nn.Module, blocks: range | list[int] | None = None
+) -> dict[str, nn.Module]:
+    """Module path -> every linear (``nn.Linear``, ``MaskedLinear`` or GPT-2 ``Conv1D``) of
+    ``blocks`` (default: all) that is present (a dropped sublayer or block has none)."""
+    prefix = arch_for(model).blocks
+    all_blocks = get_blocks(model)
+    out = {}
+    for i in range(len(all_blocks)) if blocks is None else blocks:
+        for name, module in all_blocks[i].named_modules():
+            weight = getattr(module, "weight", None)
+            if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
+                continue
+            if isinstance(module, (nn.Linear, MaskedLinear)) or hasattr(module, "nf"):
+                out[f"{prefix}.{i}.{name}"] = module
+    return out
+
+
+@torch.no_grad()
+def zero_masks(
+    model: nn.Module, blocks: range | list[int] | None = None
+) -> dict[str, torch.Tensor]:
+    """Weight path -> bool mask of the non-zero entries, for every linear of ``blocks`` with at
+    least one exact zero (sparsity lives here). Left out: quantized linears (their zeros are the
+    zero-point code, which training may move like any other code) and width's
+    :class:`~evosearch.shrink.MaskedLinear` (its removed columns are masked in ``forward``, and
+    its LoRA stays low-rank)."""
+    out = {}
+    for path, module in block_linears(model, blocks).items():
+        w = module.weight
+        kept_otherwise = isinstance(module, MaskedLinear) or hasattr(module, "quant_grid")
+        if not kept_otherwise and bool((w == 0).any()):
+            out[f"{path}.weight"] = w != 0
+    return out
+
+
+def quant_grids(model: nn.Module, blocks: range | list[int] | None = None) -> dict[str, Grid]:
+    """Module path -> :class:`~evosearch.quant.Grid` of every quantized linear of ``blocks``
+    (its ``quant_grid`` attribute). A linear marked quantized in a format without a grid
+    (``quant_grid`` set to another value, e.g. a GGUF type) cannot be trained on its grid.
+
+    Raises:
+        ValueError: for such a linear.
+    """
+    out = {}
+    for path, module in block_linears(model, blocks).items():
+        grid = getattr(module, "quant_grid", None)
+        if grid is None:
+            continue
+        if not isinstance(grid, Grid):
+            raise ValueError(
+                f"{path} is quantized as {grid!r}, which has no fixed grid to train on; "
+                "training keeps bit-widths only for the integer (compressed-tensors) format"
+            )
+        out[path] = grid
+    return out
+
+
 def lora_replacements(
-    model: nn.Module, blocks: range | list[int], config: TrainConfig
+    model: nn.Module,
+    blocks: range | list[int],
+    config: TrainConfig,
+    *,
+    masks: dict[str, torch.Tensor] | None = None,
+    grids: dict[str, Grid] | None = None,
 ) -> dict[str, LoRALinear]:
     """Module path -> :class:`LoRALinear` for every projection of ``blocks`` that is present
-    (a dropped sublayer has none)."""
+    (a dropped sublayer has none); ``masks`` (weight path -> non-zero mask) and ``grids``
+    (module path -> grid) keep sparse and quantized weights so."""
     arch = arch_for(model)
     generator = torch.Generator().manual_seed(config.seed)
     out: dict[str, LoRALinear] = {}
     all_blocks = get_blocks(model)
+    masks, grids = masks or {}, grids or {}
     for i in blocks:
         for rel in arch.attention_linears + arch.mlp_linears:
             try:
                 module = get_submodule(all_blocks[i], rel)
             except AttributeError:  # inside a ZeroAttention / ZeroOutput stand-in
                 continue
+            path = f"{arch.blocks}.{i}.{rel}"
             if isinstance(module, (nn.Linear, MaskedLinear)):
-                out[f"{arch.blocks}.{i}.{rel}"] = LoRALinear(
-                    module, config.rank, config.alpha, generator
-                )
+                mask = masks.get(f"{path}.weight")
+                out[path] = LoRALinear(
+                    module, config.rank, config.alpha, generator,
+                    weight_mask=None if mask is None else mask.to(module.weight.dtype),
+                    grid=grids.get(path),
+                )  # fmt: skip
     return out
 
 
@@ -230,28 +344,91 @@ def train_(
     return losses
 
 
-def trainable_parameters(
-    model: nn.Module, blocks, config: TrainConfig
-) -> tuple[dict[str, nn.Module], list[nn.Parameter]]:
-    """What a candidate trains: ``(replacements to apply, parameters)``.
+_FULL_PARAMS = ("outputs", "linears", "blocks")
 
-    ``lora``: adapters on every projection of ``blocks``; ``full``: the weights of the
-    :class:`~evosearch.shrink.MaskedLinear` output projections in ``blocks`` (the candidate's
-    own modules), no replacements.
+
+@dataclass
+class Trainable:
+    """What one training run updates, and how it keeps the structure (see :func:`structured`).
+
+    Attributes:
+        replacements: modules swapped in while training (and while scoring a candidate):
+            LoRA adapters, or fake-quant wrappers of quantized linears under full updates.
+        params: the parameters AdamW updates.
+        remask: ``(weight, 0/1 mask)`` of sparse weights under full updates, re-applied after
+            every step (:meth:`after_step`).
+        project: ``(weight, grid)`` of quantized weights under full updates, projected onto
+            the grid by :meth:`finish_`.
     """
+
+    replacements: dict[str, nn.Module]
+    params: list[nn.Parameter]
+    remask: list[tuple[nn.Parameter, torch.Tensor]]
+    project: list[tuple[nn.Parameter, Grid]]
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Zero the pruned entries again (the optimiser step moved them)."""
+        for w, mask in self.remask:
+            w.mul_(mask)
+
+    @torch.no_grad()
+    def finish_(self) -> None:
+        """Make the training permanent without the replacements: merge LoRA updates (masked,
+        onto the grid) into their base weights and project fully trained quantized weights
+        onto their grids."""
+        for rep in self.replacements.values():
+            if isinstance(rep, LoRALinear):
+                rep.base.weight.copy_(rep.merged())
+        for w, grid in self.project:
+            w.copy_(grid.project(w))
+
+
+def structured(
+    model: nn.Module,
+    blocks: range | list[int],
+    config: TrainConfig,
+    *,
+    full_params: str = "outputs",
+    masks: dict[str, torch.Tensor] | None = None,
+    grids: dict[str, Grid] | None = None,
+) -> Trainable:
+    """What training ``blocks`` of ``model`` updates, keeping its structure (module docstring).
+
+    Args:
+        config: ``lora``: adapters on every projection of ``blocks`` (masked elementwise where
+            the weight has zeros, fake-quantized where it has a grid); ``full``: the weights
+            themselves.
+        full_params: under ``full``: ``outputs`` (the weights of the output projections of
+            ``blocks``, ``o_proj`` and ``down_proj`` or their kin: what width pruning
+            compensates; training-aware selection), ``linears`` (the weights of every linear
+            of ``blocks``) or ``blocks`` (every parameter of ``blocks``; healing).
+        masks, grids: the zeros and grids to keep (default: read from ``blocks`` now, see
+            :func:`zero_masks` and :func:`quant_grids`).
+    """
+    masks = zero_masks(model, blocks) if masks is None else masks
+    grids = quant_grids(model, blocks) if grids is None else grids
     if config.mode == "lora":
-        reps = lora_replacements(model, blocks, config)
+        reps = lora_replacements(model, blocks, config, masks=masks, grids=grids)
         params = [p for m in reps.values() for p in (m.lora_a, m.lora_b)]
-        return reps, params
-    all_blocks = get_blocks(model)
-    params = [
-        m.weight for i in blocks for m in all_blocks[i].modules() if isinstance(m, MaskedLinear)
-    ]
-    return {}, params
-
-
-@contextlib.contextmanager
-def with_adapters(model: nn.Module, replacements: dict[str, nn.Module]) -> Iterator[None]:
-    """Apply LoRA (or any) replacements for the duration of a candidate's training + scoring."""
-    with apply_replacements(model, replacements):
-        yield
+        return Trainable(reps, params, [], [])
+    if full_params not in _FULL_PARAMS:
+        raise ValueError(f"full_params must be one of {_FULL_PARAMS}, got {full_params!r}")
+    linears = block_linears(model, blocks)
+    if full_params == "blocks":
+        all_blocks = get_blocks(model)
+        found = {id(p): p for i in blocks for p in all_blocks[i].parameters()}
+        params = list(found.values())
+    elif full_params == "outputs":
+        arch = arch_for(model)
+        outputs = (arch.attention_linears[-1], arch.mlp_linears[-1])  # sorted last
+        # "model.layers.3.self_attn.o_proj" -> "self_attn.o_proj"
+        rel = {k: k[len(arch.blocks) + 1 :].partition(".")[2] for k in linears}
+        params = [m.weight for k, m in linears.items() if rel[k] in outputs]
+    else:
+        params = [m.weight for m in linears.values()]
+    weights = {f"{k}.weight": m.weight for k, m in linears.items()}
+    remask = [(weights[k], m.to(weights[k].dtype)) for k, m in masks.items() if k in weights]
+    reps = {k: FakeQuantLinear(linears[k], g) for k, g in grids.items() if k in linears}
+    project = [(linears[k].weight, g) for k, g in grids.items() if k in linears]
+    return Trainable(reps, params, remask, project)

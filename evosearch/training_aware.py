@@ -6,11 +6,20 @@ The fidelity is given, not guessed: the engine's shared batch carries its racing
 scoring batch does. A batch without a stage (the final all-token comparison) trains as much as
 the last stage.
 
-Memory per candidate: nothing of the resident model is copied. ``lora`` adds rank-``r``
-adapters to every projection of the changed blocks (``r (in + out)`` parameters per projection)
-plus AdamW's two moments of them; ``full`` trains the candidate's compensated output projections
-(``o_proj`` / ``down_proj`` of changed blocks), which it holds anyway, plus two moments of each.
-Activations for backpropagation through the blocks from the first changed one are on top.
+Every space trains through the same code as healing (:func:`evosearch.training.structured`
+and :func:`~evosearch.training.train_`), so a candidate trains keeping the structure it will be
+emitted with: dropped blocks and sublayers have nothing to train, pruned weights stay zero
+(LoRA updates masked elementwise, full updates re-masked after every step), removed widths stay
+removed, quantized linears stay on their grid (fake-quantized forward). Select it in any space
+with ``selection_training`` in the config (CLI: ``--train-tokens 2048,8192``).
+
+Memory per candidate: ``lora`` adds rank-``r`` adapters to every projection of the changed
+blocks (``r (in + out)`` parameters per projection; a dense ``(out, in)`` update for sparse or
+quantized ones, whose update is masked or fake-quantized) plus AdamW's two moments of them;
+nothing of the resident model is copied or changed. ``full`` trains the output projections
+(``o_proj`` / ``down_proj``) of the changed blocks in place, as width pruning compensates them,
+and restores them after scoring: a copy of them plus two AdamW moments. Activations for
+backpropagation through the blocks from the first changed one are on top.
 """
 
 from __future__ import annotations
@@ -24,7 +33,8 @@ import torch
 from evosearch.arch import get_blocks, head_logits
 from evosearch.evaluation import Batch, Candidate
 from evosearch.forward import DenseCache
-from evosearch.training import TrainConfig, train_, trainable_parameters, with_adapters
+from evosearch.surgery import apply_replacements
+from evosearch.training import TrainConfig, structured, train_
 
 __all__ = ["TrainingAware"]
 
@@ -32,10 +42,11 @@ __all__ = ["TrainingAware"]
 class TrainingAware:
     """Wraps a fitness: ``value = inner(candidate trained for schedule[batch.stage] tokens)``.
 
-    The candidate's trained modules are discarded after scoring; the resident model is never
-    changed. Training sequences are calibration sequences outside the stage's scoring batch
-    when there are enough, chosen from ``(seed, training tokens)`` alone, so every candidate of
-    a stage trains on the same tokens and results are reproducible.
+    The candidate's adapters are discarded and its fully trained weights restored after
+    scoring: the resident model (and a space's cached modules) never change. Training
+    sequences are calibration sequences outside the stage's scoring batch when there are
+    enough, chosen from ``(seed, training tokens)`` alone, so every candidate of a stage trains
+    on the same tokens and results are reproducible.
 
     Args:
         inner: the fitness after training (e.g. :class:`~fitness.kl.KLDivergence`).
@@ -107,17 +118,24 @@ class TrainingAware:
                 h = dense.final_hidden[[rows[j] for j in sub]]
                 return head_logits(model, h)
 
-        replacements, params = trainable_parameters(model, blocks, self.config)
-        with with_adapters(model, replacements):
-            if params:
-                train_(
-                    model,
-                    params,
-                    ids,
-                    self.config,
-                    teacher=teacher,
-                    start_block=start,
-                    start_hidden=start_hidden,
-                )
+        plan = structured(model, blocks, self.config)
+        saved = [p.detach().clone() for p in plan.params] if self.config.mode == "full" else []
+        try:
+            with apply_replacements(model, plan.replacements):
+                if plan.params:
+                    train_(
+                        model,
+                        plan.params,
+                        ids,
+                        self.config,
+                        teacher=teacher,
+                        start_block=start,
+                        start_hidden=start_hidden,
+                        after_step=plan.after_step,
+                    )
+                with torch.no_grad():  # scored as trained: masked, on the grid
+                    return self.inner(candidate, batch)
+        finally:
             with torch.no_grad():
-                return self.inner(candidate, batch)
+                for p, value in zip(plan.params, saved):
+                    p.copy_(value)

@@ -377,6 +377,16 @@ class QuantSpace:
             )
         return _gguf_dequantize(self.db.get(unit.name, level), c.gguf_types[level], unit.shape)
 
+    def grid(self, unit: LinearRef, level: int) -> quant.Grid | str:
+        """``unit``'s grid at ``level`` (``int`` format), or ``"gguf:<type>"``, which has no
+        fixed grid to train on (training-aware selection refuses it)."""
+        c = self.config_
+        if c.format != "int":
+            return f"gguf:{c.gguf_types[level]}"
+        get = self.db.get
+        scale, zero = get(unit.name, level, "scale"), get(unit.name, level, "zero")
+        return quant.Grid(scale, zero, c.ladder[level], c.group_size)
+
     def replacements(self, model: nn.Module, genome: Genome) -> dict[str, nn.Module]:
         out = {}
         for unit, level in zip(self.units, genome.levels):
@@ -387,6 +397,7 @@ class QuantSpace:
                 weight = self.level_weight(unit, level).to(copy_.weight.device)
                 if unit.block >= 0:
                     set_weight_(copy_, weight)
+                    copy_.quant_grid = self.grid(unit, level)  # training keeps it on the grid
                 else:
                     with torch.no_grad():
                         copy_.weight.copy_(weight.to(copy_.weight.dtype))

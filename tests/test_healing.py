@@ -204,6 +204,10 @@ def test_cli_heal_keeps_both_models_and_the_report_shows_them(tiny_run, tmp_path
     assert record["tokens"] == 160 and record["data"]["skipped_prefix_tokens"] == 64
     assert record["data"]["notes"]  # healing on an evaluated text is stated
     assert main(argv) == 2  # healed/ exists: no silent overwrite
+    out = tmp_path / "eval.json"  # evaluating the run evaluates its emitted, healed model
+    assert main(["eval", str(run), "--ppl", text, "--seq-len", "16", "--windows", "2",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert json.loads(out.read_text())["model_dir"] == str(run / "healed")
     assert main(["report", str(run)]) == 0
     page = (run / "report.html").read_text()
     assert "Healing" in page and "healed (emitted)" in page and "<polyline" in page
@@ -247,14 +251,95 @@ def test_cli_search_ends_with_healing_and_resume_does_not_heal_again(tmp_path):
     searched, _ = load_model(str(run / "model"))
     assert healed.config.num_hidden_layers == searched.config.num_hidden_layers == 4
     stamp = (run / "healed" / HEAL_FILE).stat().st_mtime_ns
+    assert results["healing"]["tokens"] == 64
+    assert results["healing"]["held_out_after"] == record["held_out_after"]
     assert main([*argv, "--resume"]) == 0
     assert (run / "healed" / HEAL_FILE).stat().st_mtime_ns == stamp
+    resumed = json.loads((run / "results.json").read_text())  # still names the emitted model
+    assert resumed["healed"] == str(run / "healed") and resumed["healing"] == results["healing"]
 
 
-def test_finetune_refuses_a_sparse_model_and_points_to_heal(tmp_path):
+def test_finetune_refuses_a_sparse_or_quantized_model_and_points_to_heal(tmp_path):
     from evosearch.data import DataSpec
     from evosearch.jobs.models import finetune
 
     (tmp_path / "sparsity_profile.json").write_text("{}")
     with pytest.raises(ValueError, match="evosearch heal"):
         finetune(tmp_path, 64, tmp_path / "out", data=DataSpec())
+    quantized = tmp_path / "quantized"
+    quantized.mkdir()
+    (quantized / "quant_profile.json").write_text("{}")
+    with pytest.raises(ValueError, match="off their grid"):
+        finetune(quantized, 64, tmp_path / "out", data=DataSpec())
+
+
+def _quantized(dense, tmp_path):
+    from search_spaces.quantization import QuantConfig, QuantSpace
+
+    space = QuantSpace.build(
+        dense, random_ids(4, 16), QuantConfig(bits=3, group_size=16), db_root=tmp_path / "db",
+        log=lambda _: None,
+    )  # fmt: skip
+    genome = space.uniform_genome()
+    out = tmp_path / "compressed"
+    space.save(dense, hf_tokenizer(), genome, str(out))
+    return out, space, genome
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_healing_a_quantized_model_keeps_every_layer_on_its_grid(mode, files):
+    """Quantization-aware healing: the codes move, the grids (bit-widths, scales, zero points)
+    do not, the healed checkpoint is the same compressed-tensors format and loads in
+    transformers to the weights healing measured, and the held-out loss fell."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    from evosearch.export_ct import load_pack_quantized, read_pack_quantized
+
+    dense, dense_dir, text = files
+    tmp = dense_dir.parent
+    model_dir, space, genome = _quantized(dense, tmp)
+    # the latent weights start on grid points, half a 3-bit step (~0.025 here) from the next
+    # code: a larger lr than for the other spaces moves codes within 12 steps
+    lr = {"full": 3e-3, "lora": 1e-3}[mode]
+    config = HealConfig(
+        tokens=24 * 16, mode=mode, lr=lr, seq_len=16, micro_batch=2, held_out=4,
+        autocast=False,
+    )  # fmt: skip
+    record = heal_saved_model(
+        model_dir, tmp / "healed", config, data=DataSpec(source=str(text)),
+        teacher=str(dense_dir), log=lambda _: None,
+    )  # fmt: skip
+    assert record["held_out_after"] < record["held_out_before"]
+    before, after = read_pack_quantized(model_dir), read_pack_quantized(tmp / "healed")
+    assert before.keys() == after.keys() == {u.name for u in space.refs}
+    for name, q in before.items():
+        assert q.grid.same(after[name].grid), name  # same bits, scales and zero points
+        assert after[name].bits == space.level_names(genome)[0] == 3
+    assert any(not torch.equal(q.codes, after[q_name].codes) for q_name, q in before.items())
+    healed, _, _ = load_pack_quantized(tmp / "healed")
+    unhealed, _, _ = load_pack_quantized(model_dir)
+    structure = read_structure(healed)
+    assert check_structure(read_structure(unhealed), structure) == []
+    assert len(structure.grids) == len(before) and not structure.off_grid
+    assert record["structure_after"]["layer_bits"] == record["structure"]["layer_bits"]
+    ids = random_ids(2, 16)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp / "healed", dtype=torch.float32)
+    with torch.no_grad():
+        want = healed(input_ids=ids).logits
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=0, atol=1e-5)
+    assert json.loads((tmp / "healed" / "quant_profile.json").read_text())["genome"]
+
+
+def test_healing_refuses_a_gguf_export(tmp_path):
+    """A GGUF export has no fixed grid to train on: healing says so instead of writing a
+    model off its types."""
+    gguf_dir = tmp_path / "exported"
+    gguf_dir.mkdir()
+    (gguf_dir / "model.gguf").write_bytes(b"GGUF")
+    (gguf_dir / "quant_profile.json").write_text("{}")
+    with pytest.raises(ValueError, match="no fixed grid"):
+        heal_saved_model(
+            gguf_dir, tmp_path / "healed", HealConfig(tokens=32, seq_len=16),
+            data=DataSpec(source="unused.txt"), teacher=None, log=lambda _: None,
+        )  # fmt: skip

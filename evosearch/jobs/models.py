@@ -138,6 +138,12 @@ def _check_finetunable(model_dir: str | Path, tokens: int) -> None:
             model_dir,
             "use `evosearch heal RUN`, which keeps every pruned weight at zero",
         )
+    if (Path(model_dir) / "quant_profile.json").is_file():  # written by quantized exports
+        raise UserError(
+            "finetune would move a quantized model's weights off their grid",
+            model_dir,
+            "use `evosearch heal RUN`, which keeps every layer on its grid",
+        )
     if tokens < 1:
         raise ValueError(f"tokens must be >= 1, got {tokens}")
 

@@ -81,6 +81,10 @@ def log_summary(results: dict, config: SearchConfig, log) -> None:
         log(line)
     if "model_dir" in results:
         log(f"best model saved to {results['model_dir']}")
+    if "healed" in results:
+        h = results.get("healing", {})
+        log(f"healed model (emitted) saved to {results['healed']}: {h.get('tokens')} tokens, "
+            f"held-out loss {h.get('held_out_before')} -> {h.get('held_out_after')}")  # fmt: skip
 
 
 def held_out_verdict(results: dict, config: SearchConfig) -> list[str]:

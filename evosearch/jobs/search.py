@@ -9,7 +9,7 @@ from typing import Any
 
 from evosearch.config import RUNNER_FIELDS, SearchConfig
 from evosearch.engine import search
-from evosearch.errors import kill_point
+from evosearch.errors import kill_point, read_json
 from evosearch.evaluation import measure_latency
 from evosearch.genome import Genome
 from evosearch.jobs.baselines import compute_baselines, evaluate_candidates
@@ -139,10 +139,8 @@ def run_search(
         results["pareto"] = write_pareto(problem, run, strategy, result.evaluations, log)
     _compare(problem, results, result.best, warm, initial, log)
     _save(problem, results, result.best, run, log)
-    if config.heal_tokens and not run.file("healed/healing.json").is_file():
-        from evosearch.healing import heal_run
-
-        results["healed"] = heal_run(run.path, config.heal_tokens, log=log)["out"]
+    if config.heal_tokens:
+        results.update(_heal(run, config.heal_tokens, log))
     kill_point("results")
     run.write_json("results.json", results)  # written last: marks the run finished
     log_summary(results, config, log)
@@ -150,6 +148,20 @@ def run_search(
     for line in held_out_verdict(results, config):  # the last word: held-out text
         log(line)
     return results
+
+
+def _heal(run: RunDir, tokens: int, log) -> dict[str, Any]:
+    """Heal ``RUN/model`` into ``RUN/healed``, the emitted model (a resumed run keeps the one
+    it has), and summarise it for ``results.json``: ``healed`` (its path) and ``healing``."""
+    from evosearch.healing import HEAL_DIR, HEAL_FILE, heal_run
+
+    file = run.file(f"{HEAL_DIR}/{HEAL_FILE}")
+    if file.is_file():
+        record = read_json(file, "cannot read")
+    else:
+        record = heal_run(run.path, tokens, log=log)
+    keys = ("tokens", "steps", "mode", "lr", "held_out_before", "held_out_after", "seconds")
+    return {"healed": str(run.path / HEAL_DIR), "healing": {k: record.get(k) for k in keys}}
 
 
 def _results(problem: Problem, result, storage: str, record, run: RunDir) -> dict[str, Any]:

@@ -13,7 +13,9 @@ Every finished step is kept under ``--work`` and skipped on a rerun, so a killed
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import platform
 import sys
 import time
@@ -25,7 +27,8 @@ from evosearch.data import DataSpec, load_token_data
 from evosearch.healing import EvalWindows, HealConfig, heal_saved_model
 from evosearch.models import load_model, save_compressed
 from evosearch.pipeline import evaluate_perplexity, load_eval_data
-from evosearch.pruning import block_linears, collect_stats, get_pruner, set_weight_
+from evosearch.pruning import block_linears, collect_stats, set_weight_
+from evosearch.symbolic import get_pruner
 
 HERE = Path(__file__).resolve().parent
 DATA = Path("/work/shared/data")
@@ -53,6 +56,19 @@ def make_model(name: str, work: Path) -> Path:
     dense.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def stamped(message: str) -> None:
+    """Print with the UTC time and the load average (the cores are shared: step times vary)."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M:%S")
+    print(f"[{now} load {os.getloadavg()[0]:.1f}] {message}", flush=True)
+
+
+def _when() -> dict:
+    return {
+        "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
 def evaluate(model_dir: Path, args, cache: dict) -> dict:
@@ -95,12 +111,17 @@ def main() -> None:
     work = Path(args.work)
     results_file = Path(args.out)
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    results["setup"] = {
+    setup = {
         "argv": sys.argv,
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "started": _when(),
     }
+    if "setup" in results:  # an earlier invocation's: keep it, add this one
+        results.setdefault("later_setups", []).append(setup)
+    else:
+        results["setup"] = setup
     cache: dict = {}
     # the C4 sample is both healing text and evaluation data: healing skips its first windows
     avoid = [EvalWindows(WIKI_TEST, 40, 1024), EvalWindows(C4, 40, 1024)]
@@ -114,10 +135,11 @@ def main() -> None:
                 continue
             out = work / name / f"healed-{tokens}"
             config = HealConfig(tokens=tokens, mode=args.mode, lr=args.lr, seq_len=args.seq_len)
+            started = _when()
             if not out.is_dir():
                 source = make_model(name, work)
                 heal_saved_model(source, out, config, data=DataSpec(source=C4, seed=1),
-                                 teacher="smollm2-135m", avoid=avoid)  # fmt: skip
+                                 teacher="smollm2-135m", avoid=avoid, log=stamped)  # fmt: skip
             record = json.loads((out / "healing.json").read_text())
             row[key] = {
                 **evaluate(out, args, cache),
@@ -130,6 +152,8 @@ def main() -> None:
                                     if k != "layer_zeros"},
                 "data_notes": record["data"]["notes"],
                 "train_region": record["data"]["train_region"],
+                "run": {"argv": sys.argv, "threads": torch.get_num_threads(),
+                        "started": started, "finished": _when()},
             }  # fmt: skip
             results_file.write_text(json.dumps(results, indent=1) + "\n")
         results_file.write_text(json.dumps(results, indent=1) + "\n")
