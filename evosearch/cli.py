@@ -724,14 +724,6 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "heal":
         _heal(args)
     elif args.command == "finetune":
-        data = None  # the run's calibration source
-        if args.data is not None:
-            data = {
-                "source": args.data,
-                "config": args.data_config,
-                "split": args.data_split,
-                "text_field": args.text_field,
-            }
         pipeline.finetune_run(
             args.run,
             args.tokens,
@@ -739,7 +731,7 @@ def _run(args: argparse.Namespace) -> int:
             distill=args.distill,
             lr=args.lr,
             micro_batch=args.micro_batch,
-            data=data,
+            data=_data_source(args),
         )
     elif args.command == "eval":
         _eval(args)
@@ -754,6 +746,19 @@ def _run(args: argparse.Namespace) -> int:
 
         print(f"report: {write_report(args.runs, args.out)}")
     return 0
+
+
+def _data_source(args: argparse.Namespace) -> dict | None:
+    """``--data`` and its options as a data-source dict; ``None`` (the run's calibration
+    source) without ``--data``."""
+    if args.data is None:
+        return None
+    return {
+        "source": args.data,
+        "config": args.data_config,
+        "split": args.data_split,
+        "text_field": args.text_field,
+    }
 
 
 def _eval_windows(item: str, cls):
@@ -771,14 +776,7 @@ def _heal(args: argparse.Namespace) -> None:
     from evosearch.healing import EvalWindows, HealConfig, heal_run, run_settings
 
     avoid = [_eval_windows(item, EvalWindows) for item in args.avoid]
-    data = None
-    if args.data is not None:
-        data = {
-            "source": args.data,
-            "config": args.data_config,
-            "split": args.data_split,
-            "text_field": args.text_field,
-        }
+    data = _data_source(args)
     config = HealConfig(
         tokens=args.tokens,
         mode=args.mode,
