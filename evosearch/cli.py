@@ -25,6 +25,7 @@ _OVERRIDES = {
     "db_dir": "db_dir",
     "drop": "num_drop",
     "drop_fraction": "drop_fraction",
+    "attention_drop": "attention_drop",
     "fitness": "fitness",
     "strategy": "strategy",
     "generations": "generations",
@@ -164,6 +165,11 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="drop attention and MLP sublayers separately",
+    )
+    p.add_argument(
+        "--attention-drop",
+        type=int,
+        help="with --sublayers: attention sublayers to drop (--drop is then the MLP count)",
     )
     p.add_argument("--allowed", type=_int_list, help="blocks that may be dropped, e.g. 2-27")
     p.add_argument("--target", type=float, help="sparsity space: average sparsity, e.g. 0.6")

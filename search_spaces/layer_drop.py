@@ -49,13 +49,16 @@ class LayerDropSpace:
 
     With ``sublayers=False`` the units are the ``n_blocks`` blocks and exactly ``num_drop`` of
     them are dropped. With ``sublayers=True`` the units are ``n_blocks`` attention sublayers
-    followed by ``n_blocks`` MLP sublayers, in two groups, and exactly ``num_drop`` of each are
-    dropped.
+    followed by ``n_blocks`` MLP sublayers, in two groups: exactly ``attention_drop``
+    attention and ``num_drop`` MLP sublayers are dropped.
 
     Args:
         n_blocks: number of blocks of the model.
-        num_drop: blocks (or sublayers of each kind) to drop.
+        num_drop: blocks (or MLP sublayers) to drop.
         sublayers: drop attention and MLP sublayers separately.
+        attention_drop: with ``sublayers``, attention sublayers to drop (default ``num_drop``:
+            the parameters of ``num_drop`` blocks; an attention sublayer usually holds far
+            fewer parameters than an MLP, so a parameter budget may trade one for several).
         allowed: block indices that may be dropped (default: all).
         counts: the model's parameter counts, for :meth:`metrics` (see :func:`param_counts`).
 
@@ -74,6 +77,7 @@ class LayerDropSpace:
         *,
         num_drop: int,
         sublayers: bool = False,
+        attention_drop: int | None = None,
         allowed: tuple[int, ...] | list[int] | None = None,
         counts: ParamCounts | None = None,
     ) -> None:
@@ -86,12 +90,17 @@ class LayerDropSpace:
             raise ValueError(
                 f"num_drop={num_drop} must be smaller than the number of blocks ({n_blocks})"
             )
-        if not 0 <= num_drop <= len(allowed_set):
-            raise ValueError(
-                f"num_drop={num_drop} is impossible: {len(allowed_set)} blocks may be dropped"
-            )
+        attention_drop = num_drop if attention_drop is None else attention_drop
+        if attention_drop != num_drop and not sublayers:
+            raise ValueError("attention_drop needs sublayers=True")
+        for name, k in (("num_drop", num_drop), ("attention_drop", attention_drop)):
+            if not 0 <= k <= len(allowed_set):
+                raise ValueError(
+                    f"{name}={k} is impossible: {len(allowed_set)} blocks may be dropped"
+                )
         self.n_blocks = n_blocks
         self.num_drop = num_drop
+        self.attention_drop = attention_drop
         self.sublayers = sublayers
         self.allowed = tuple(sorted(allowed_set))
         self.counts = counts
@@ -103,7 +112,7 @@ class LayerDropSpace:
             self.spec = LevelSpec(
                 max_levels=per_block * 2,
                 groups=(0,) * n_blocks + (1,) * n_blocks,
-                budgets={0: num_drop, 1: num_drop},
+                budgets={0: attention_drop, 1: num_drop},
                 names=names,
             )
         else:
@@ -120,6 +129,7 @@ class LayerDropSpace:
             "n_blocks": self.n_blocks,
             "num_drop": self.num_drop,
             "sublayers": self.sublayers,
+            **({"attention_drop": self.attention_drop} if self.sublayers else {}),
             "allowed": list(self.allowed),
         }
 
@@ -178,8 +188,13 @@ class LayerDropSpace:
         return min(changed) if changed else self.n_blocks
 
     def summary(self) -> str:
-        kind = "sublayers of each kind" if self.sublayers else "blocks"
-        return f"drop {self.num_drop} of {self.n_blocks} {kind}"
+        n = self.n_blocks
+        if self.sublayers:
+            return (
+                f"drop {self.attention_drop} of {n} attention and {self.num_drop} of {n} MLP "
+                "sublayers"
+            )
+        return f"drop {self.num_drop} of {n} blocks"
 
     def dense_genome(self) -> Genome:
         return self.from_dropped()
@@ -232,7 +247,11 @@ class LayerDropConfig:
     Args:
         num_drop: blocks (or sublayers of each kind) to drop; or ``drop_fraction`` of blocks.
         drop_fraction: fraction of the blocks to drop instead, in [0, 1).
-        sublayers: drop attention and MLP sublayers separately (``num_drop`` of each).
+        sublayers: drop attention and MLP sublayers separately (``num_drop`` of each unless
+            ``attention_drop`` is given).
+        attention_drop: with ``sublayers``, how many attention sublayers to drop (``num_drop``
+            is then the number of MLP sublayers), e.g. to spend a parameter budget on many
+            cheap attention sublayers.
         allowed: blocks that may be dropped (default all).
         drop_range: ``(low, high)`` or ``(low, high, step)``: search every number of dropped
             blocks in this range (a multi-budget search tracing KL against size).
@@ -242,6 +261,7 @@ class LayerDropConfig:
     num_drop: int | None = None
     drop_fraction: float | None = None
     sublayers: bool = False
+    attention_drop: int | None = None
     allowed: tuple[int, ...] | None = None
     drop_range: tuple[int, ...] | None = None
     sleb_tokens: int = 4096
@@ -267,6 +287,11 @@ class LayerDropConfig:
             )
         if self.sleb_tokens < 1:
             raise ValueError(f"sleb_tokens must be >= 1, got {self.sleb_tokens}")
+        if self.attention_drop is not None:
+            if not self.sublayers:
+                raise ValueError("attention_drop needs sublayers: true")
+            if self.attention_drop < 0 or self.drop_range is not None:
+                raise ValueError("attention_drop must be >= 0, and cannot go with drop_range")
 
     @property
     def budget_range(self) -> tuple[int, ...] | None:
@@ -300,6 +325,7 @@ def build(ctx) -> LayerDropSpace:
         n_blocks,
         num_drop=resolve_num_drop(config, n_blocks),
         sublayers=config.sublayers,
+        attention_drop=config.attention_drop,
         allowed=config.allowed,
         counts=param_counts(ctx.model),
     )
@@ -308,7 +334,12 @@ def build(ctx) -> LayerDropSpace:
 def _check_model(config: LayerDropConfig, model) -> None:
     from evosearch.arch import get_blocks
 
-    resolve_num_drop(config, len(get_blocks(model)))
+    n_blocks = len(get_blocks(model))
+    resolve_num_drop(config, n_blocks)
+    if (config.attention_drop or 0) > n_blocks:
+        raise ValueError(
+            f"cannot drop {config.attention_drop} attention sublayers: the model has {n_blocks}"
+        )
 
 
 def _niches(config: LayerDropConfig, space) -> tuple[list, list[str]] | None:

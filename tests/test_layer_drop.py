@@ -228,3 +228,43 @@ def test_prefix_reuse_gives_the_same_fitness(tiny_model, kind, fitness_cls):
         space.from_dropped(), batch
     )
     assert reused != pytest.approx(dense_value, rel=1e-3)
+
+
+def test_sublayer_space_drops_unequal_counts_of_attention_and_mlp():
+    space = LayerDropSpace(6, num_drop=1, sublayers=True, attention_drop=3)
+    genome = space.random_genome(np.random.default_rng(0))
+    attention, mlp = space.dropped(genome)
+    assert (len(attention), len(mlp)) == (3, 1)
+    assert space.config()["attention_drop"] == 3
+    assert "3 of 6 attention and 1 of 6 MLP" in space.summary()
+    with pytest.raises(ValueError, match="needs sublayers"):
+        LayerDropSpace(6, num_drop=1, attention_drop=3)
+    with pytest.raises(ValueError, match="attention_drop=7 is impossible"):
+        LayerDropSpace(6, num_drop=1, sublayers=True, attention_drop=7)
+
+
+def test_attention_drop_reaches_the_space_from_the_command_line():
+    from evosearch.cli import _config, _parser
+
+    args = _parser().parse_args(
+        [
+            "search",
+            "--model",
+            "m",
+            "--out",
+            "r",
+            "--drop",
+            "2",
+            "--sublayers",
+            "--attention-drop",
+            "5",
+        ]
+    )
+    space = _config(args).space.settings
+    assert (space.num_drop, space.sublayers, space.attention_drop) == (2, True, 5)
+    with pytest.raises(ValueError, match="attention_drop needs sublayers"):
+        _config(
+            _parser().parse_args(
+                ["search", "--model", "m", "--out", "r", "--drop", "2", "--attention-drop", "5"]
+            )
+        )

@@ -1,4 +1,5 @@
-"""Render results_equal_time.json (the search from random genomes at SLEB's wall time) as
+"""Render results_equal_time.json (the search from random genomes at SLEB's wall time) and,
+when present, results_sublayers.json (sublayer searches at several attention/MLP splits) as
 results_equal_time.md.
 
 .venv/bin/python experiments/layer_drop/make_table_equal_time.py
@@ -7,9 +8,13 @@ results_equal_time.md.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from run import sublayer_runs  # noqa: E402
+
 HEURISTICS = ("sleb", "angular", "shortgpt")
 
 
@@ -28,12 +33,29 @@ def _rows(run: dict, best_heldout: float | None) -> list[str]:
         blocks = m.get("dropped_blocks")
         if run["sublayers"]:
             blocks = f"attn {m.get('dropped_attention')}, mlp {m.get('dropped_mlp')}"
+        cut = _fmt(1 - m["params_fraction"], ".3f") if "params_fraction" in m else "–"
         rows.append(
-            f"| {name} | {blocks} | {_fmt(m.get('calibration_kl'), '.4f')} | {_fmt(ppl)} | "
+            f"| {name} | {blocks} | {cut} | {_fmt(m.get('calibration_kl'), '.4f')} | "
+            f"{_fmt(ppl)} | "
             f"{verdict} | {m['seconds']:.0f} | {m['load']:.1f} | {m.get('evaluations', '–')} | "
             f"{m.get('tokens', '–')} |"
         )
     return rows
+
+
+def _load_note(r: dict) -> str:
+    """Whether the timed methods ran alone (1-minute load average, our own threads included,
+    at the end of each method)."""
+    loads = [m["load"] for run in r["runs"].values() for m in run["methods"].values()]
+    if loads and max(loads) <= r["settings"]["threads"] + 0.6:
+        return (
+            f"Nothing else ran while the methods were timed (load average {min(loads):.1f}-"
+            f"{max(loads):.1f} with our own {r['settings']['threads']} threads)."
+        )
+    return (
+        "The cores were shared with other jobs (load average in the table: 1-minute, at the "
+        "end of each method), so seconds are upper bounds."
+    )
 
 
 def _best_heuristic(run: dict) -> tuple[str, float] | tuple[None, None]:
@@ -46,6 +68,8 @@ def _best_heuristic(run: dict) -> tuple[str, float] | tuple[None, None]:
 
 def main() -> None:
     r = json.loads((HERE / "results_equal_time.json").read_text())
+    extra = HERE / "results_sublayers.json"
+    splits = json.loads(extra.read_text()) if extra.is_file() else None
     s = r["settings"]
     lines = [
         "# Layer drop on SmolLM2-135M: the search from random genomes at SLEB's wall time",
@@ -54,8 +78,7 @@ def main() -> None:
         "",
         *([f"Scored again by: `{r['scored_by']}`", ""] if "scored_by" in r else []),
         *([f"Note: {r['note']}", ""] if "note" in r else []),
-        f"Machine: {r['machine']}. The cores were shared with other jobs (load average in the "
-        "table: 1-minute, at the end of each method), so seconds are upper bounds; SLEB and the "
+        f"Machine: {r['machine'].replace(' (shared)', '')}. {_load_note(r)} SLEB and the "
         "searches ran one after another in the same process. Calibration: WikiText-2 *valid*, "
         f"{s['n_sequences']} random windows of {s['seq_len']} tokens (seed 0); fitness "
         "KL(dense‖candidate), bf16 with the top-256 teacher. SLEB: perplexity on "
@@ -68,9 +91,13 @@ def main() -> None:
         "",
     ]
     blocks = [(f"{k}/30 blocks", run) for k, run in r["runs"].items()]
-    if "sublayers" in r:
-        run = r["sublayers"]
-        blocks.append((f"sublayers: {run['k']} attention + {run['k']} MLP of 30", run))
+    for source in (r, splits or {}):
+        for run in sublayer_runs(source):
+            a = run.get("attention", run["k"])
+            title = f"sublayers: {a} attention + {run['k']} MLP of 30"
+            if source is splits:
+                title += f" (status {splits['status']}; command: `{splits['command']}`)"
+            blocks.append((title, {**run, "k": run.get("sleb_k", run["k"])}))
     for title, run in blocks:
         k = str(run["k"])
         reference = r["runs"].get(k, run)
@@ -82,9 +109,9 @@ def main() -> None:
             f"{run['loop']['generations']} generations. SLEB took {run['sleb_seconds']} s. "
             f"Best whole-block heuristic on held-out text: {heur or '–'} {_fmt(best)}.",
             "",
-            "| method | dropped | calibration KL | held-out ppl | vs best heuristic | seconds "
-            "| load | evaluations | tokens |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| method | dropped | share of parameters cut | calibration KL | held-out ppl "
+            "| vs best heuristic | seconds | load | evaluations | tokens |",
+            "|---|---|---|---|---|---|---|---|---|---|",
             *_rows(run, best),
             "",
         ]

@@ -9,8 +9,10 @@ For each number of dropped blocks ``k``: SLEB (greedy, perplexity on ``--sleb-to
 calibration tokens per step), ShortGPT and angular distance, then the search once per seed,
 started from random genomes only (no warm start), on a calibration-token budget of
 ``--budget`` times SLEB's, timed in the same process under the same load. With
-``--sublayers K``, the same search drops ``K`` attention and ``K`` MLP sublayers (the
-parameters of ``K`` blocks) and is compared with the whole-block heuristics at ``K``.
+``--sublayers A:M,...``, the same search drops ``A`` attention and ``M`` MLP sublayers, once
+per split, on the token budget of SLEB at ``--sublayer-k`` blocks; each split's parameters
+are recorded (``params_fraction``), so it is compared with the whole-block heuristics at the
+same or a smaller parameter cut. A bare ``K`` means ``K:K`` (the parameters of ``K`` blocks).
 
 Calibration: WikiText-2 *valid* only. Held out: the first ``--eval-windows`` non-overlapping
 1,024-token windows of WikiText-2 *test*, scored in fp32.
@@ -99,11 +101,12 @@ def timed(fn, *args, **kwargs):
     return out, round(time.perf_counter() - t0, 1), round(os.getloadavg()[0], 2)
 
 
-def config_for(args, k: int, sublayers: bool) -> SearchConfig:
+def config_for(args, k: int, sublayers: bool, attention: int | None = None) -> SearchConfig:
     return SearchConfig.from_dict(
         dict(
             num_drop=k,
             sublayers=sublayers,
+            **({"attention_drop": attention} if attention is not None else {}),
             data=args.calibration,
             n_sequences=args.n_sequences,
             seq_len=args.seq_len,
@@ -121,7 +124,7 @@ def at_budget(problem: Problem, config: SearchConfig) -> Problem:
     problem.config = config
     problem.space = LayerDropSpace(
         problem.space.n_blocks, num_drop=s.num_drop, sublayers=s.sublayers,
-        counts=problem.space.counts,
+        attention_drop=s.attention_drop, counts=problem.space.counts,
     )  # fmt: skip
     return problem
 
@@ -133,7 +136,7 @@ def search_k(
     ``sublayers``), then the search once per seed on a token budget of ``--budget`` times
     SLEB's at ``k``; ``save`` is called after each method."""
     k, sublayers = out["k"], out["sublayers"]
-    config = config_for(args, k, sublayers)
+    config = config_for(args, k, sublayers, out.get("attention"))
     problem = at_budget(problem, config)
     space = problem.space
     out["methods"] = {}
@@ -146,7 +149,8 @@ def search_k(
             save()
         sleb_seconds = out["methods"]["sleb"]["seconds"]
     out["sleb_seconds"] = sleb_seconds
-    budget = args.budget * sleb_tokens_spent(len(space.allowed), k, args.sleb_tokens)
+    k_sleb = out.get("sleb_k", k)  # a sublayer split: SLEB's budget at that many blocks
+    budget = args.budget * sleb_tokens_spent(len(space.allowed), k_sleb, args.sleb_tokens)
     loop = EvoPressConfig(
         generations=1,
         offspring=args.offspring,
@@ -187,12 +191,15 @@ def search_k(
 
 def score_kl(args, problem: Problem, run: dict) -> None:
     """Calibration KL of each method on every calibration token."""
-    problem = at_budget(problem, config_for(args, run["k"], run["sublayers"]))
+    problem = at_budget(
+        problem, config_for(args, run["k"], run["sublayers"], run.get("attention"))
+    )
     full, evaluator = problem.full_batch(), problem.evaluator()
     kl: dict[str, float] = {}
     for m in run["methods"].values():
         genome = Genome.from_key(m["genome"])
         m.update(problem.space.describe(genome))
+        m["params_fraction"] = problem.space.metrics(genome)["params_fraction"]
         if m["genome"] not in kl:
             kl[m["genome"]] = evaluator.raw(genome, full)
         m["calibration_kl"] = kl[m["genome"]]
@@ -200,7 +207,9 @@ def score_kl(args, problem: Problem, run: dict) -> None:
 
 def score_held_out(args, problem: Problem, run: dict, held_out: HeldOut, save) -> None:
     """Held-out perplexity of each method, saved after each (they are slow on a busy CPU)."""
-    problem = at_budget(problem, config_for(args, run["k"], run["sublayers"]))
+    problem = at_budget(
+        problem, config_for(args, run["k"], run["sublayers"], run.get("attention"))
+    )
     for m in run["methods"].values():
         m["heldout_ppl"] = held_out(problem, Genome.from_key(m["genome"]))
         save()
@@ -220,7 +229,10 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--drops", default="7,4,11")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--sublayers", type=int, default=0, help="K: also a sublayer search at K")
+    p.add_argument(
+        "--sublayers", default="", help="A:M,...: also sublayer searches (A attention, M MLP)"
+    )
+    p.add_argument("--sublayer-k", type=int, default=7, help="SLEB's budget at K blocks")
     p.add_argument("--sublayer-seeds", default="0", help="seeds of the sublayer search")
     p.add_argument("--n-sequences", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
@@ -250,7 +262,7 @@ def main() -> None:
     held_out = HeldOut(str(data / "wiki.test.raw"), args.eval_windows)
     report = {
         "command": "python " + " ".join(sys.argv),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), "
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
         f"{args.threads} torch threads, torch {torch.__version__}, CPU",
         "settings": {
             k: v for k, v in vars(args).items() if k not in ("out", "data_dir", "calibration")
@@ -269,31 +281,33 @@ def main() -> None:
             setattr(args, key, report["settings"][key])
         report["settings"]["eval_windows"] = args.eval_windows
         report["scored_by"] = "python " + " ".join(sys.argv)
-        k = int(next(iter(report["runs"])))
+        k = int(next(iter(report["runs"]), args.sublayer_k))
         problem = Problem(config_for(args, k, False), log=lambda _: None)
         status = report["status"]  # scoring again completes no search
         score_all(args, report, problem, held_out, save)
         report["status"] = status
         save()
         return
-    drops = [int(x) for x in args.drops.split(",") if x]
-    problem = Problem(config_for(args, drops[0], False), log=lambda _: None)
+    drops, k = [int(x) for x in args.drops.split(",") if x], args.sublayer_k
+    problem = Problem(config_for(args, (drops or [k])[0], False), log=lambda _: None)
     runs = report["runs"]
     for k in drops:  # searches first, so a run stopped during scoring keeps them
         runs[str(k)] = {"k": k, "sublayers": False}
         search_k(args, problem, runs[str(k)], save=save)
-    if args.sublayers:
-        k = args.sublayers
-        sleb = runs[str(k)]["sleb_seconds"] if str(k) in runs else None
-        seeds = [int(x) for x in args.sublayer_seeds.split(",")]
-        report["sublayers"] = {"k": k, "sublayers": True}
-        search_k(args, problem, report["sublayers"], sleb, seeds, save)
+    k = args.sublayer_k
+    sleb = runs[str(k)]["sleb_seconds"] if str(k) in runs else None
+    seeds = [int(x) for x in args.sublayer_seeds.split(",")]
+    for split in filter(None, args.sublayers.split(",")):
+        a, m = (int(x) for x in (split.split(":") if ":" in split else (split, split)))
+        run = {"k": m, "attention": a, "sleb_k": k, "sublayers": True}
+        report.setdefault("sublayer_runs", {})[f"{a}:{m}"] = run
+        search_k(args, problem, run, sleb, seeds, save)
     score_all(args, report, problem, held_out, save)
 
 
 def score_all(args, report: dict, problem: Problem, held_out: HeldOut, save) -> None:
     """Calibration KL of every method of every run, then held-out perplexity, then dense."""
-    scored = [*report["runs"].values(), *([report["sublayers"]] if "sublayers" in report else [])]
+    scored = [*report["runs"].values(), *sublayer_runs(report)]
     for run in scored:
         score_kl(args, problem, run)
         save()
@@ -302,6 +316,13 @@ def score_all(args, report: dict, problem: Problem, held_out: HeldOut, save) -> 
     report["dense_heldout_ppl"] = held_out.dense(problem)
     report["status"] = "complete"
     save()
+
+
+def sublayer_runs(report: dict) -> list[dict]:
+    """The sublayer searches of a results file (``"sublayers"``: one ``K:K`` search, as
+    written before the splits)."""
+    runs = list(report.get("sublayer_runs", {}).values())
+    return [report["sublayers"], *runs] if "sublayers" in report else runs
 
 
 if __name__ == "__main__":
