@@ -16,6 +16,8 @@ exact):
   multi-budget search (one niche per budget, :class:`~evosearch.strategies.MultiBudgetEvoPress`)
   finds a genome's budget from its group sums, and moving an elite to a neighbouring budget is
   one budget step of group 1;
+* :meth:`CompositeSpace.mutation` draws the moving unit part by part, so a part with few
+  units (one per block) moves as often as one with many (one per linear);
 * :meth:`CompositeSpace.repair` is the budget: it moves units of the *filling* parts (those
   whose levels buy bytes in small steps, e.g. bit-widths) one level at a time until the cost
   lies in ``[B - tolerance, B]``, where ``tolerance`` is the largest cost of one level step of
@@ -37,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from evosearch.genome import Genome, LevelSpec
-from evosearch.operators import level_switch_mutation
+from evosearch.operators import level_switch_mutation, part_mutation
 
 __all__ = ["CompositeSpace", "Part", "repair_levels"]
 
@@ -237,6 +239,7 @@ class CompositeSpace:
         self._fill = [u for p in self.parts if p.fills for u in lay.span(p.name)]
         self._others = [u for p in self.parts if not p.fills for u in lay.span(p.name)]
         self._part_of = [p for p in self.parts for _ in p.max_levels]
+        self._movable = [list(lay.span(p.name)) for p in self.parts if any(p.max_levels)]
         self._delta = delta or self._delta_by_cost
 
     def _delta_by_cost(self, levels: Sequence[int], u: int, step: int) -> int:
@@ -331,6 +334,15 @@ class CompositeSpace:
 
     def _by_part(self, flat: Sequence[int]) -> dict[str, tuple[int, ...]]:
         return {p.name: tuple(flat[i] for i in self.layout.span(p.name)) for p in self.parts}
+
+    def mutation(
+        self, genome: Genome, spec: LevelSpec, rng: np.random.Generator, n_switches: int = 1
+    ) -> Genome:
+        """The strategies' mutation in this space: :func:`~evosearch.operators.part_mutation`
+        over the parts that can move, so a block is dropped or restored as often as a
+        bit-width or a sparsity level moves; the repair then trades the bytes it freed or took
+        with the filling part."""
+        return part_mutation(genome, spec, self._movable, rng, n_switches)
 
     # -- genomes --------------------------------------------------------------------------
 

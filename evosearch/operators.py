@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from evosearch.genome import Genome, LevelSpec
@@ -15,6 +17,7 @@ __all__ = [
     "local_switch",
     "mixed_mutation",
     "number_of_switches",
+    "part_mutation",
     "random_genome",
     "steepest_exchange",
     "switch_neighbours",
@@ -132,6 +135,45 @@ def mixed_mutation(
         else:
             genome = level_switch_mutation(genome, spec, rng)
     return genome
+
+
+def part_mutation(
+    genome: Genome,
+    spec: LevelSpec,
+    parts: Sequence[Sequence[int]],
+    rng: np.random.Generator,
+    n_switches: int = 1,
+) -> Genome:
+    """A level switch whose moving unit is drawn part by part: ``n_switches`` times, a part
+    (a list of units, e.g. a composite genome's "drop", "sparsity" and "bits" units) is drawn
+    uniformly among those with a legal move, then a unit of it and a direction (one level up
+    or down) uniformly among its legal moves, and a partner unit of the same group moves one
+    level the other way, so every group's sum stays exact.
+
+    :func:`level_switch_mutation` draws units uniformly, so a part with few units (30 blocks
+    beside 420 per-linear levels) would rarely move; here each part moves as often as any
+    other. Returns ``genome`` itself when nothing can move."""
+    levels = list(genome.levels)
+    top = spec.max_levels
+    for _ in range(n_switches):
+        moves = [
+            [(u, s) for u in part for s in (-1, 1) if 0 <= levels[u] + s <= top[u]]
+            for part in parts
+        ]
+        moves = [m for m in moves if m]
+        if not moves:
+            break
+        options = moves[int(rng.integers(len(moves)))]
+        u, step = options[int(rng.integers(len(options)))]
+        partners = [
+            v for v in spec.units_of(spec.groups[u]) if v != u and 0 <= levels[v] - step <= top[v]
+        ]
+        if not partners:
+            continue
+        v = partners[int(rng.integers(len(partners)))]
+        levels[u] += step
+        levels[v] -= step
+    return Genome(tuple(levels))
 
 
 def local_neighbours(genome: Genome, spec: LevelSpec) -> list[Genome]:

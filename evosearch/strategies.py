@@ -161,7 +161,12 @@ class _SwitchCount:
     with, and :meth:`update` moves ``m`` to the value of the best ranked offspring. ``m``
     (default ``max_switches``) restores a checkpoint's value."""
 
-    def __init__(self, config: EvoPressConfig, n_units: int, m: int | None = None) -> None:
+    def __init__(
+        self, config: EvoPressConfig, n_units: int, m: int | None = None, space=None
+    ) -> None:
+        # a space's own ``mutation(genome, spec, rng, n)`` (e.g. a composite space's, which
+        # moves each of its parts as often as any other) replaces the level switches
+        self.operator = getattr(space, "mutation", None)
         self.adaptive = config.adaptive_switches
         self.max_switches = config.max_switches
         self.locality = config.locality
@@ -181,7 +186,10 @@ class _SwitchCount:
         drawn with ``m``."""
         m = m or self.max_switches
         n = number_of_switches(rng, m)
-        child = mixed_mutation(parent, spec, rng, n, self.locality)
+        if self.operator is not None:
+            child = self.operator(parent, spec, rng, n)
+        else:
+            child = mixed_mutation(parent, spec, rng, n, self.locality)
         if self.adaptive:
             self.origin[child] = m
         return child
@@ -229,7 +237,7 @@ class EvoPress:
         self.parents: list[_Member] = []
         self.history: list[dict] = []
         self._pool: list[_Member] | None = None
-        self._switches = _SwitchCount(self.config, space.spec.n_units)
+        self._switches = _SwitchCount(self.config, space.spec.n_units, space=space)
         self.settled = False  # a polish generation kept the best parent
 
     # -- ask / tell -----------------------------------------------------------------------
@@ -372,7 +380,9 @@ class EvoPress:
         self.history = list(state["history"])
         self.rng.bit_generator.state = state["rng"]
         n_units = self.space.spec.n_units
-        self._switches = _SwitchCount(self.config, n_units, state.get("switch_scale"))
+        self._switches = _SwitchCount(
+            self.config, n_units, state.get("switch_scale"), space=self.space
+        )
 
 
 class RandomSearch(EvoPress):
@@ -501,7 +511,7 @@ class MultiBudgetEvoPress:
         self.elites: dict[int, list[_Member]] = {}
         self.history: list[dict] = []
         self._pool: list[_Member] | None = None
-        self._switches = _SwitchCount(self.config, space.spec.n_units)
+        self._switches = _SwitchCount(self.config, space.spec.n_units, space=space)
 
     @staticmethod
     def _spec_at(spec: LevelSpec, budgets: dict[int, int]) -> LevelSpec:
@@ -722,7 +732,9 @@ class MultiBudgetEvoPress:
         self.stage = 0
         self._pool = None
         n_units = self.space.spec.n_units
-        self._switches = _SwitchCount(self.config, n_units, state.get("switch_scale"))
+        self._switches = _SwitchCount(
+            self.config, n_units, state.get("switch_scale"), space=self.space
+        )
         self.elites = {
             int(n): [_Member(Genome.from_key(k), v, True) for k, v in ms]
             for n, ms in state["elites"].items()

@@ -16,6 +16,7 @@ from evosearch.operators import (
     local_switch,
     mixed_mutation,
     number_of_switches,
+    part_mutation,
     random_genome,
     switch_neighbours,
 )
@@ -368,3 +369,24 @@ def test_local_neighbours_are_every_local_switch():
         mutants = {local_switch(g, spec, rng) for _ in range(2000)}
         assert mutants == set(local_neighbours(g, spec)), name
         assert set(local_neighbours(g, spec)) <= set(switch_neighbours(g, spec))
+
+
+def test_part_mutation_moves_a_small_part_as_often_as_a_large_one():
+    # group 0: a part of 3 units, a part of 60 and 20 slack units (no part); group 1 apart
+    spec = LevelSpec(
+        max_levels=(1,) * 3 + (4,) * 60 + (4,) * 20 + (2,),
+        groups=(0,) * 83 + (1,),
+        budgets={0: 2 * 60 + 40, 1: 1},
+    )
+    start = Genome((0,) * 3 + (2,) * 60 + (2,) * 20 + (1,))
+    assert spec.is_valid(start)
+    parts = [range(3), range(3, 63)]
+    rng, small = np.random.default_rng(0), 0
+    for _ in range(400):
+        child = part_mutation(start, spec, parts, rng)
+        assert spec.is_valid(child) and child != start
+        assert child.levels[-1] == 1  # another group never moves
+        small += any(child.levels[:3])
+    # uniform unit draws would move the small part about 3 / 83 of the time
+    assert 0.35 < small / 400 < 0.65
+    assert part_mutation(start, spec, [], rng) == start

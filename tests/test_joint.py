@@ -183,6 +183,25 @@ def test_every_genome_a_strategy_asks_for_is_within_its_budget_window(tmp_path, 
         assert {space.niche(g) for g in asked} == set(range(len(space.budgets)))
 
 
+def test_strategies_drop_blocks_as_often_as_they_move_bits(tmp_path):
+    """The joint space's own mutation draws a part, then a unit: about half of the
+    drop + bits mutants of the start drop a block (a uniform unit draw: 4 blocks among
+    32 units, far fewer), and the repair gives the freed bytes to bits."""
+    _, space = _space(tmp_path, dimensions=("drop", "bits"))
+    config = EvoPressConfig(
+        generations=1, offspring=200, initial_population=0, stages=(Stage(tokens=64, survivors=1),)
+    )
+    start = space.uniform_genome()
+    strategy = EvoPress(space, config=config, rng=np.random.default_rng(0), initial=(start,))
+    strategy.tell(first := strategy.ask(), [1.0] * len(first.genomes))
+    offspring = [g for g in strategy.ask().genomes if g != start]
+    dropped = [g for g in offspring if any(space.split(g)["drop"])]
+    assert 0.3 < len(dropped) / len(offspring) < 0.8
+    assert all(space.is_feasible(g) for g in dropped)
+    kept_bits = [max(space.split(g)["bits"]) for g in dropped]
+    assert max(kept_bits) > max(space.split(start)["bits"])  # the freed bytes bought bits
+
+
 def test_switched_off_dimensions_stay_put(tmp_path):
     _, space = _space(tmp_path, dimensions=("bits",))
     rng = np.random.default_rng(0)
