@@ -299,9 +299,28 @@ class JointSpace(CompositeSpace):
         ``int`` run: exactly uniform ``bits``)."""
         return self.start_genome()
 
-    def range_starts(self) -> list[Genome]:
-        """The bits-only start of every budget of a range."""
-        return [self.start_genome(k) for k in range(len(self.budgets))]
+    def range_starts(self, drop_order: Sequence[int] = ()) -> list[Genome]:
+        """The bits-only start of every budget of a range and, given ``drop_order`` (blocks,
+        least important first, e.g. by ShortGPT's block influence) while blocks may drop,
+        per budget the starts that drop its first 10, 20 and 30 % of the blocks (at most
+        ``max_drop``), their bytes dealt to the bits. These are the points where depth pays
+        for bits, which single mutations reach slowly from a bits-only start: at 2.66 bits
+        per weight on SmolLM2, the bits-only start scores KL 6.5, and dropping 6 middle
+        blocks for more bits 2.4."""
+        starts = [self.start_genome(k) for k in range(len(self.budgets))]
+        drop = self.parts[0]
+        if not drop_order or not any(drop.max_levels):
+            return starts
+        n = len(drop.max_levels)
+        counts = sorted({min(round(f * n), drop.limit or n) for f in (0.1, 0.2, 0.3)} - {0})
+        for k in range(len(self.budgets)):
+            for d in counts:
+                levels = {p.name: p.start for p in self.parts}
+                levels["drop"] = tuple(int(i in drop_order[:d]) for i in range(n))
+                genome = self.repair(self.join(levels, k))
+                if self.is_feasible(genome) and genome not in starts:
+                    starts.append(genome)
+        return starts
 
     # -- records --------------------------------------------------------------------------
 
@@ -484,8 +503,17 @@ def _niches(config: JointConfig, space: JointSpace) -> tuple[list, list[str]] | 
 
 
 def _range_starts(problem, warm_start, log) -> tuple[tuple, tuple, dict]:
-    """Every budget starts from its bits-only allocation (nothing dropped or pruned)."""
-    return tuple(problem.space.range_starts()), (), {}
+    """Every budget starts from its bits-only allocation (nothing dropped or pruned) and,
+    when blocks may drop, from drops of the blocks of least ShortGPT influence on the
+    calibration data (see :meth:`JointSpace.range_starts`)."""
+    space = problem.space
+    order: list[int] = []
+    if "drop" in space.config_.dimensions:
+        from search_spaces.layer_drop_baselines import block_influence, calibration_boundaries
+
+        influence = block_influence(calibration_boundaries(problem))
+        order = sorted(range(len(influence)), key=lambda i: (influence[i].item(), i))
+    return tuple(space.range_starts(order)), (), {}
 
 
 register_space(

@@ -27,6 +27,7 @@ __all__ = [
     "BASELINES",
     "angular_distance",
     "block_influence",
+    "calibration_boundaries",
     "drop_last",
     "shortgpt",
     "sleb",
@@ -118,7 +119,7 @@ BASELINES: dict[str, str] = {
 }
 
 
-def _boundaries(problem) -> torch.Tensor:
+def calibration_boundaries(problem) -> torch.Tensor:
     """Dense hidden states at every block boundary of the calibration data."""
     from evosearch.forward import compute_dense_cache
 
@@ -141,10 +142,10 @@ def _sleb(problem, settings, log=print) -> Genome:
 
 
 register_baseline(
-    "layer-drop", "shortgpt", lambda p, s, log=print: shortgpt(p.space, _boundaries(p))
+    "layer-drop", "shortgpt", lambda p, s, log=print: shortgpt(p.space, calibration_boundaries(p))
 )
 register_baseline(
-    "layer-drop", "angular", lambda p, s, log=print: angular(p.space, _boundaries(p))
+    "layer-drop", "angular", lambda p, s, log=print: angular(p.space, calibration_boundaries(p))
 )
 register_baseline("layer-drop", "sleb", _sleb)
 register_baseline("layer-drop", "last", lambda p, s, log=print: drop_last(p.space))

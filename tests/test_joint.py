@@ -202,6 +202,23 @@ def test_strategies_drop_blocks_as_often_as_they_move_bits(tmp_path):
     assert max(kept_bits) > max(space.split(start)["bits"])  # the freed bytes bought bits
 
 
+def test_range_starts_trade_the_least_influential_blocks_for_bits(tmp_path):
+    _, space = _space(tmp_path, bits=None, bits_range=(3.5, 5.5, 1))
+    plain = space.range_starts()
+    starts = space.range_starts([2, 0, 1, 3])
+    assert starts[: len(plain)] == plain and len(starts) > len(plain)
+    for g in starts[len(plain) :]:
+        assert space.is_feasible(g) and space.dropped(g) == [2]  # 10-30 % of 4 blocks: 1
+        same_budget = plain[space.niche(g)]
+        bits = [b for b, r in zip(space.split(g)["bits"], space.refs) if r.block != 2]
+        kept_before = [
+            b for b, r in zip(space.split(same_budget)["bits"], space.refs) if r.block != 2
+        ]
+        assert sum(bits) > sum(kept_before)  # the dropped block's bytes bought bits
+    _, bits_only = _space(tmp_path, bits=None, bits_range=(3.5, 5.5, 1), dimensions=("bits",))
+    assert bits_only.range_starts([2, 0, 1, 3]) == bits_only.range_starts()
+
+
 def test_switched_off_dimensions_stay_put(tmp_path):
     _, space = _space(tmp_path, dimensions=("bits",))
     rng = np.random.default_rng(0)

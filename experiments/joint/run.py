@@ -1,8 +1,11 @@
 """Joint drop x sparsity x bits on SmolLM2-135M (issue 26): one multi-budget EvoPress run per
-set of dimensions, at the same byte budgets, search settings and seed.
+set of dimensions and seed, at the same byte budgets and search settings.
 
-    PYTHONPATH=$PWD .venv/bin/python experiments/joint/run.py --seed 0
+    PYTHONPATH=$PWD .venv/bin/python experiments/joint/run.py --seeds 0,1,2
     PYTHONPATH=$PWD .venv/bin/python experiments/joint/run.py table
+
+The calibration windows are the same for every seed (``--calib-seed``); a seed is the
+search's random stream.
 
 Drives the library directly (joint space, ``Evaluator``, ``MultiBudgetEvoPress``, ``search``),
 as ``evosearch search`` does. Calibration: WikiText-2 *valid* (random windows); reported: each
@@ -14,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from evosearch.data import DataSpec, load_token_data
 from evosearch.engine import Evaluator, search
@@ -28,6 +33,7 @@ from evosearch.models import load_model
 from evosearch.strategies import EvoPressConfig, MultiBudgetEvoPress, Stage
 from evosearch.surgery import apply_replacements
 from search_spaces.joint import JointConfig, JointSpace
+from search_spaces.layer_drop_baselines import block_influence
 
 HERE = Path(__file__).resolve().parent
 DATA = Path("/work/shared/data/wikitext-2-raw")
@@ -46,18 +52,23 @@ def session(args) -> dict:
         source=str(DATA / "wiki.valid.raw"),
         n_sequences=args.n_sequences,
         seq_len=args.seq_len,
-        seed=args.seed,
+        seed=args.calib_seed,
     )
     calib = load_token_data(spec, tok)
-    test = load_eval_data(str(DATA / "wiki.test.raw"), tok, args.seq_len, args.eval_windows)
+    test = load_eval_data(str(DATA / "wiki.test.raw"), tok, args.eval_len, args.eval_windows)
     # every candidate quantizes block 0, so no prefix is ever reused: keep only the teacher
-    dense = compute_dense_cache(model, calib.input_ids, prefix_reuse=False)
+    dense = compute_dense_cache(model, calib.input_ids, prefix_reuse=False, dtype=args.dtype)
     fitness = get_fitness("kl")
     fitness.prepare(model, calib.input_ids, dense)
-    return dict(model=model, calib=calib, test=test, dense=dense, fitness=fitness)
+    # the joint variants also start from drops of the blocks of least ShortGPT influence
+    boundaries = compute_dense_cache(model, calib.input_ids).boundaries
+    influence = block_influence(boundaries)
+    order = sorted(range(len(influence)), key=lambda i: (influence[i].item(), i))
+    log(f"blocks by ShortGPT influence, least first: {order}")
+    return dict(model=model, calib=calib, test=test, dense=dense, fitness=fitness, order=order)
 
 
-def run_variant(s: dict, name: str, args) -> dict:
+def run_variant(s: dict, name: str, seed: int, args) -> dict:
     lo, hi, step = (float(x) for x in args.bits_range.split(","))
     config = JointConfig(bits_range=(lo, hi, step), dimensions=VARIANTS[name])
     space = JointSpace.build(
@@ -67,10 +78,13 @@ def run_variant(s: dict, name: str, args) -> dict:
         Stage(tokens=int(t), survivors=int(k))
         for t, k in (x.split(":") for x in args.stages.split(","))
     )
+    starts = space.range_starts(s["order"] if args.drop_starts else ())
+    if len(starts) > args.initial:
+        raise SystemExit(f"--initial {args.initial} is below the {len(starts)} start genomes")
     loop = EvoPressConfig(
         generations=args.generations,
         offspring=args.offspring,
-        initial_population=0,
+        initial_population=args.initial - len(starts),  # random genomes: equal evaluations
         stages=stages,
     )
     budgets, labels = space.range_budgets()
@@ -79,12 +93,12 @@ def run_variant(s: dict, name: str, args) -> dict:
         budgets=budgets,
         labels=labels,
         config=loop,
-        rng=np.random.default_rng(args.seed),
+        rng=np.random.default_rng(seed),
         objectives=lambda g: (space.metrics(g)["bytes"],),
-        initial=space.range_starts(),
+        initial=starts,
     )
     evaluator = Evaluator(s["model"], space, s["fitness"], s["dense"], prefix_reuse=False)
-    result = search(strategy, evaluator, s["calib"], seed=args.seed, progress=log)
+    result = search(strategy, evaluator, s["calib"], seed=seed, progress=log)
     points = []
     for n in sorted(strategy.elites):
         genome, kl = strategy.elites[n][0].genome, strategy.elites[n][0].value
@@ -109,65 +123,181 @@ def run_variant(s: dict, name: str, args) -> dict:
                 "blocks": desc["blocks"],
             }
         )
-        log(f"{name} @{labels[n]} bits: test ppl {ppl:.3f}, dropped {desc['dropped_blocks']}")
+        log(
+            f"seed {seed} {name} @{labels[n]} bits: test ppl {ppl:.3f}, "
+            f"dropped {desc['dropped_blocks']}"
+        )
     return {
         "variant": name,
         "dimensions": list(VARIANTS[name]),
+        "starts": len(starts),
         "evaluations": result.n_evaluations,
         "search_seconds": round(result.seconds, 1),
         "points": points,
     }
 
 
+def uniform_point(s: dict, bits: int, args) -> dict:
+    """Uniform ``bits``-bit RTN (nothing dropped or pruned): the one genome at the top of
+    every variant's front, so it is measured once."""
+    config = JointConfig(bits=bits, dimensions=("bits",))
+    space = JointSpace.build(
+        s["model"], s["calib"].input_ids, config, model_id=args.model, log=log
+    )
+    genome = space.uniform_genome()
+    with apply_replacements(s["model"], space.replacements(s["model"], genome)):
+        ppl = evaluate_perplexity(s["model"], s["test"])
+    m = space.metrics(genome)
+    log(f"uniform {bits}-bit: {m['bytes']} bytes, test ppl {ppl:.3f}")
+    return {
+        "bits": bits,
+        "bytes": m["bytes"],
+        "bits_per_weight": m["bits_per_weight"],
+        "test_ppl": ppl,
+    }
+
+
 def table(results: dict) -> str:
-    lines = [
-        "| seed | variant | budget (bits/w) | bytes | test ppl | dropped | sparsity | "
-        "bits/w of kept blocks |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for seed, variants in sorted(results.get("seeds", {}).items()):
-        for name, res in variants.items():
+    """Test perplexity per budget, variant and seed, the dominance check per seed, and where
+    each point's bytes went."""
+    seeds = sorted(results.get("seeds", {}))
+    names = [n for n in VARIANTS if all(n in results["seeds"][sd] for sd in seeds)]
+    if not seeds or not names:
+        return "No finished seed yet.\n"
+    budgets = [p["budget_bits"] for p in results["seeds"][seeds[0]][names[0]]["points"]]
+    ppl = {
+        (sd, n, p["budget_bits"]): p["test_ppl"]
+        for sd in seeds for n in names for p in results["seeds"][sd][n]["points"]
+    }  # fmt: skip
+    head = "| budget (bits/w) | " + " | ".join(f"{n} (seeds {', '.join(seeds)})" for n in names)
+    lines = [head + " |", "| --- |" + " --- |" * len(names)]
+    for b in budgets:
+        cells = [" / ".join(f"{ppl[sd, n, b]:.2f}" for sd in seeds) for n in names]
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    lines += ["", "Dominance on test perplexity, per seed (every budget):", ""]
+    for big, small in (("all", "bits"), ("all", "drop+bits"), ("drop+bits", "bits")):
+        if big in names and small in names:
+            lines.append(f"- {big} vs {small}: " + "; ".join(
+                f"seed {sd} " + dominance([ppl[sd, big, b] for b in budgets],
+                                          [ppl[sd, small, b] for b in budgets])
+                for sd in seeds))  # fmt: skip
+    lines += ["", "Where the bytes went:", "",
+              "| seed | variant | budget | bytes | test ppl | dropped | sparsity | "
+              "bits/w of kept blocks | evaluations | search s |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for sd in seeds:
+        for n in names:
+            res = results["seeds"][sd][n]
             for p in res["points"]:
                 lines.append(
-                    f"| {seed} | {name} | {p['budget_bits']} | {p['bytes']} | "
-                    f"{p['test_ppl']:.2f} | {p['dropped_blocks'] or '-'} | "
-                    f"{p['sparsity']:.3f} | {p['kept_bits_per_weight']} |"
+                    f"| {sd} | {n} | {p['budget_bits']} | {p['bytes']} | {p['test_ppl']:.2f} | "
+                    f"{p['dropped_blocks'] or '-'} | {p['sparsity']:.3f} | "
+                    f"{p['kept_bits_per_weight']} | {res['evaluations']} | "
+                    f"{res['search_seconds']} |"
                 )
-    dense = results.get("dense_test_ppl")
+    dense, top = results.get("dense_test_ppl"), results.get("uniform_8bit")
+    if top:
+        lines += ["", f"Uniform 8-bit ({top['bits_per_weight']:.2f} bits/w, {top['bytes']} bytes, "
+                  f"the top of every front): test ppl {top['test_ppl']:.2f}."]  # fmt: skip
     return "\n".join(lines) + (f"\n\nDense model: test ppl {dense:.2f}.\n" if dense else "\n")
+
+
+def dominance(a: list[float], b: list[float]) -> str:
+    """Whether front ``a`` weakly dominates front ``b`` (lower perplexity at every budget)."""
+    if all(x <= y for x, y in zip(a, b)):
+        return "dominates" + (" strictly" if any(x < y for x, y in zip(a, b)) else " (equal)")
+    worse = sum(x > y for x, y in zip(a, b))
+    return f"does not dominate (worse at {worse} of {len(a)} budgets)"
+
+
+def plot(results: dict, path: Path) -> None:
+    """Test perplexity against bytes, a line per variant and seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = dict(zip(VARIANTS, ("tab:blue", "tab:orange", "tab:green")))
+    top = results.get("uniform_8bit")
+    for sd, variants in sorted(results.get("seeds", {}).items()):
+        for n, res in variants.items():
+            points = [*res["points"], *([top] if top else [])]
+            xs = [p["bytes"] / 2**20 for p in points]
+            ys = [p["test_ppl"] for p in points]
+            ax.plot(xs, ys, "o-", color=colours[n], alpha=0.7, label=n if sd == "0" else None)
+    if results.get("dense_test_ppl"):
+        ax.axhline(results["dense_test_ppl"], color="grey", ls=":", label="dense")
+    ax.set(xscale="linear", yscale="log", xlabel="bytes of the block linears (MiB)",
+           ylabel="WikiText-2 test perplexity")  # fmt: skip
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("part", nargs="?", default="search", choices=["search", "table"])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bits-range", default="2.5,4.5,1")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--calib-seed", type=int, default=0)
+    p.add_argument("--bits-range", default="2.66,5.66,1.5")
     p.add_argument("--variants", default="bits,drop+bits,all")
-    p.add_argument("--generations", type=int, default=3)
+    p.add_argument("--generations", type=int, default=4)
     p.add_argument("--offspring", type=int, default=6)
     p.add_argument("--stages", default="256:2,1024:1")
     p.add_argument("--n-sequences", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--eval-windows", type=int, default=4)
+    p.add_argument("--eval-windows", type=int, default=16)
+    p.add_argument("--eval-len", type=int, default=512)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", default="auto", help="compute dtype (auto: bf16 where fast)")
+    p.add_argument(
+        "--initial", type=int, default=12, help="generation 0: the starts plus random genomes"
+    )
+    p.add_argument(
+        "--drop-starts",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="joint variants also start from drops of the least influential blocks",
+    )
+    p.add_argument("--out", default=str(HERE / "results.json"))
     args = p.parse_args()
-    out = HERE / "results.json"
+    out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
+
+    def write() -> None:
+        out.write_text(json.dumps(results, indent=1) + "\n")
+        out.with_suffix(".md").write_text(table(results))
+        plot(results, out.with_suffix(".png"))
+
     if args.part == "table":
-        (HERE / "results.md").write_text(table(results))
+        write()
         return
+    torch.set_num_threads(args.threads)
     s = session(args)
     if "dense_test_ppl" not in results:
         results["dense_test_ppl"] = evaluate_perplexity(s["model"], s["test"])
-    seed = results.setdefault("seeds", {}).setdefault(str(args.seed), {})
-    results["settings"] = {**vars(args), "machine": platform.platform()}
-    for name in args.variants.split(","):
-        if name in seed:
-            log(f"{name}: done earlier, kept")
-            continue
-        seed[name] = run_variant(s, name, args)
-        out.write_text(json.dumps(results, indent=1) + "\n")
-    (HERE / "results.md").write_text(table(results))
+    if "uniform_8bit" not in results:
+        results["uniform_8bit"] = uniform_point(s, 8, args)
+    results["status"] = "partial"
+    results["command"] = "python " + " ".join(__import__("sys").argv)
+    results["settings"] = {
+        **vars(args),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} torch "
+        f"threads, torch {torch.__version__}",
+    }
+    seeds = [int(x) for x in args.seeds.split(",")]
+    for seed in seeds:  # a seed's variants side by side, so a stopped run keeps whole seeds
+        done = results.setdefault("seeds", {}).setdefault(str(seed), {})
+        for name in args.variants.split(","):
+            if name in done:
+                log(f"seed {seed} {name}: done earlier, kept")
+                continue
+            done[name] = run_variant(s, name, seed, args)
+            write()
+    results["status"] = "complete"
+    write()
 
 
 if __name__ == "__main__":
