@@ -509,10 +509,9 @@ def _range_starts(problem, warm_start, log) -> tuple[tuple, tuple, dict]:
     space = problem.space
     order: list[int] = []
     if "drop" in space.config_.dimensions:
-        from search_spaces.layer_drop_baselines import block_influence, calibration_boundaries
+        from search_spaces.layer_drop_baselines import calibration_boundaries, influence_order
 
-        influence = block_influence(calibration_boundaries(problem))
-        order = sorted(range(len(influence)), key=lambda i: (influence[i].item(), i))
+        order = influence_order(calibration_boundaries(problem))
     return tuple(space.range_starts(order)), (), {}
 
 

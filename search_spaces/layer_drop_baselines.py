@@ -29,6 +29,7 @@ __all__ = [
     "block_influence",
     "calibration_boundaries",
     "drop_last",
+    "influence_order",
     "shortgpt",
     "sleb",
 ]
@@ -46,10 +47,16 @@ def block_influence(boundaries: torch.Tensor) -> torch.Tensor:
     )
 
 
+def influence_order(boundaries: torch.Tensor, blocks=None) -> list[int]:
+    """``blocks`` (default: all) by ShortGPT Block Influence, least influential first (ties:
+    lower index first)."""
+    bi = block_influence(boundaries)
+    return sorted(range(len(bi)) if blocks is None else blocks, key=lambda i: (bi[i].item(), i))
+
+
 def shortgpt(space: LayerDropSpace, boundaries: torch.Tensor) -> Genome:
     """Drop the ``num_drop`` allowed blocks with the lowest Block Influence."""
-    bi = block_influence(boundaries)
-    order = sorted(space.allowed, key=lambda i: (bi[i].item(), i))
+    order = influence_order(boundaries, space.allowed)
     return space.from_dropped(blocks=order[: space.num_drop])
 
 

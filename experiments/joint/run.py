@@ -33,7 +33,7 @@ from evosearch.models import load_model
 from evosearch.strategies import EvoPressConfig, MultiBudgetEvoPress, Stage
 from evosearch.surgery import apply_replacements
 from search_spaces.joint import JointConfig, JointSpace
-from search_spaces.layer_drop_baselines import block_influence
+from search_spaces.layer_drop_baselines import influence_order
 
 HERE = Path(__file__).resolve().parent
 DATA = Path("/work/shared/data/wikitext-2-raw")
@@ -62,8 +62,7 @@ def session(args) -> dict:
     fitness.prepare(model, calib.input_ids, dense)
     # the joint variants also start from drops of the blocks of least ShortGPT influence
     boundaries = compute_dense_cache(model, calib.input_ids).boundaries
-    influence = block_influence(boundaries)
-    order = sorted(range(len(influence)), key=lambda i: (influence[i].item(), i))
+    order = influence_order(boundaries)
     log(f"blocks by ShortGPT influence, least first: {order}")
     return dict(model=model, calib=calib, test=test, dense=dense, fitness=fitness, order=order)
 
