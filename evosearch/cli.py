@@ -36,6 +36,7 @@ _OVERRIDES = {
     "locality": "locality",
     "polish": "polish",
     "polish_moves": "polish_moves",
+    "max_seconds": "max_seconds",
     "data": "data",
     "data_config": "data_config",
     "data_split": "data_split",
@@ -501,6 +502,12 @@ def _add_loop_flags(p: argparse.ArgumentParser) -> None:
         "or local switches only (layer drop: blocks next to a dropped one)",
     )
     p.add_argument("--stages", type=_stages, help="racing stages tokens:survivors,...")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        help="wall-clock budget of the search: end the evolution early (then polish) when "
+        "the next generation would not fit; --generations becomes an upper bound",
+    )
     p.add_argument(
         "--baselines",
         type=_csv(),

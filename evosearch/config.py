@@ -477,7 +477,7 @@ FLAT_KEYS: dict[str, tuple[str, ...]] = {
     "strategy": ("strategy", "name"),
     **{k: ("strategy", "loop", k) for k in ("generations", "offspring", "initial_population")},
     **{k: ("strategy", "loop", k) for k in ("stages", "max_switches", "adaptive_switches")},
-    **{k: ("strategy", "loop", k) for k in ("locality", "polish", "polish_moves")},
+    **{k: ("strategy", "loop", k) for k in ("locality", "polish", "polish_moves", "max_seconds")},
     **{k: ("strategy", k) for k in ("budget_focus", "offset_steps", "sampler_tokens")},
     "runner": ("runner", "name"),
     "workers": ("runner", "ray", "workers"),

@@ -322,6 +322,7 @@ def search(
     resume: bool = False,
     progress: Callable[[str], None] | None = print,
     runner: Runner | None = None,
+    max_seconds: float | None = None,
 ) -> SearchResult:
     """Run ``strategy`` (any :class:`~evosearch.strategy.Strategy`) to completion, evaluating
     its requests with ``evaluator`` on ``data``.
@@ -334,14 +335,21 @@ def search(
     With ``run``, every evaluation is appended to ``run/evaluations.jsonl`` and the strategy
     state is checkpointed atomically after each generation; with ``resume`` both are loaded
     first, so nothing that finished is evaluated again and the trajectory is unchanged.
+
+    With ``max_seconds``, the search ends within that wall time (a resumed run counts the
+    seconds of its earlier sessions): after each generation, when the next one and the
+    strategy's ``finishing_tokens()`` (e.g. EvoPress's polish) would not fit at the seconds per
+    token measured so far, the strategy's ``finish()`` ends its evolution (a strategy without
+    one simply stops there). The time is a prediction: a run may overshoot by a fraction of
+    a generation, and its trajectory depends on the machine's speed.
     """
-    log, stats = [], {}
+    log, stats, clock = [], {}, _Deadline(max_seconds, evaluator.tokens)
     if run is not None and resume:
-        log, stats = _resume(strategy, evaluator, run, progress)
+        log, stats, clock.spent, clock.stopped = _resume(strategy, evaluator, run, progress)
     runner = runner if runner is not None else InProcessRunner()
     t_start = time.perf_counter()
     report = _Progress(strategy, evaluator, progress)
-    while (request := strategy.ask()) is not None:
+    while not clock.stopped and (request := strategy.ask()) is not None:
         batch = sample_batch(
             data, request.tokens, seed=seed, generation=request.generation, stage=request.stage
         )
@@ -351,10 +359,11 @@ def search(
             stats[request.generation] = selection_stats(
                 strategy, evaluator, request, batch, data.seq_len, seed=seed
             )
+            report(request, stats[request.generation])
+            clock.after_generation(strategy, evaluator, progress)
             if run is not None:
                 state = {"strategy": strategy.state_dict(), "selection": _by_str(stats)}
-                run.write_checkpoint(state)
-            report(request, stats[request.generation])
+                run.write_checkpoint({**state, **clock.state()})
     best, best_value = strategy.best
     history = [
         {**h, "value": evaluator.sign * h["value"], **stats.get(h["generation"], {})}
@@ -422,15 +431,56 @@ def elite_estimate(evaluator: Evaluator, genome, seq_len: int) -> Estimate | Non
     return pooled(batches)
 
 
+class _Deadline:
+    """The wall-clock budget of :func:`search` (none when ``seconds`` is ``None``)."""
+
+    def __init__(self, seconds: float | None, tokens: int) -> None:
+        self.seconds, self.spent, self.stopped = seconds, 0.0, False
+        self.t0 = self.t_gen = time.perf_counter()
+        self.tokens = self.tokens_gen = tokens  # the evaluator's count at the start
+
+    def elapsed(self) -> float:
+        """Seconds of this search so far, earlier sessions of a resumed run included."""
+        return self.spent + time.perf_counter() - self.t0
+
+    def state(self) -> dict:
+        return {"seconds": self.elapsed(), "stopped": self.stopped}
+
+    def after_generation(self, strategy: Strategy, evaluator: Evaluator, progress) -> None:
+        """Finish ``strategy`` (or stop) when its next generation and its finishing tokens
+        would not fit in the budget at the slower of this session's and the last
+        generation's seconds per token."""
+        now, tokens = time.perf_counter(), evaluator.tokens
+        gen_seconds, gen_tokens = now - self.t_gen, tokens - self.tokens_gen
+        self.t_gen, self.tokens_gen = now, tokens
+        if self.seconds is None or strategy.done:
+            return
+        rates = [gen_seconds / max(gen_tokens, 1), (now - self.t0) / max(tokens - self.tokens, 1)]
+        finishing = getattr(strategy, "finishing_tokens", lambda: 0)() * max(rates)
+        if self.elapsed() + gen_seconds + finishing <= self.seconds:
+            return
+        if hasattr(strategy, "finish"):
+            strategy.finish()
+        else:
+            self.stopped = True
+        if progress:
+            what = "stopping" if self.stopped or strategy.done else "finishing"
+            progress(
+                f"time budget: {what} at {self.elapsed():.0f}s of {self.seconds:.0f}s "
+                f"(a generation takes about {gen_seconds:.0f}s)"
+            )
+
+
 def _by_str(stats: dict[int, dict]) -> dict[str, dict]:
     return {str(g): v for g, v in stats.items()}
 
 
 def _resume(
     strategy: Strategy, evaluator: Evaluator, run: RunDir, progress
-) -> tuple[list[dict], dict[int, dict]]:
+) -> tuple[list[dict], dict[int, dict], float, bool]:
     """Load a run's evaluation log into the memo (environment failures are evaluated again)
-    and the strategy's checkpoint; returns the log and the selection stats per generation."""
+    and the strategy's checkpoint; returns the log, the selection stats per generation, the
+    seconds the search has run and whether its time budget stopped it."""
     log = run.evaluations()
     for rec in log:
         if rec.get("error") and failure_kind(rec) == "environment":
@@ -456,8 +506,9 @@ def _resume(
             progress(
                 f"resuming at generation {strategy.generation} with {len(log)} logged evaluations"
             )
-    stats = (state or {}).get("selection", {})
-    return log, {int(g): v for g, v in stats.items()}
+    state = state or {}
+    stats = {int(g): v for g, v in state.get("selection", {}).items()}
+    return log, stats, float(state.get("seconds", 0.0)), bool(state.get("stopped", False))
 
 
 def _evaluate(request, batch: Batch, evaluator: Evaluator, runner, run, log, progress) -> list:

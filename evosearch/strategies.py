@@ -71,6 +71,10 @@ class EvoPressConfig:
         polish_moves: the neighbourhood a polish generation races: ``"all"`` one-switch
             neighbours, or ``"local"`` ones only (:func:`~evosearch.operators.local_neighbours`:
             for layer drop, at most ``2k`` targets once the dropped blocks form runs).
+        max_seconds: a wall-clock budget for the whole search (``None``: none). The loop
+            (:func:`~evosearch.engine.search`) ends the evolution early when the next
+            generation and the polish would not fit in it, then runs the polish; so
+            ``generations`` becomes an upper bound.
     """
 
     generations: int = 20
@@ -85,6 +89,7 @@ class EvoPressConfig:
     locality: float = 0.0
     polish: int = 0
     polish_moves: str = "all"
+    max_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if self.generations < 0:
@@ -106,6 +111,8 @@ class EvoPressConfig:
             raise ValueError(f"polish must be >= 0, got {self.polish}")
         if self.polish_moves not in ("all", "local"):
             raise ValueError(f"polish_moves must be 'all' or 'local', got {self.polish_moves!r}")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ValueError(f"max_seconds must be > 0, got {self.max_seconds}")
 
     @property
     def parents(self) -> int:
@@ -239,6 +246,8 @@ class EvoPress:
         self._pool: list[_Member] | None = None
         self._switches = _SwitchCount(self.config, space.spec.n_units, space=space)
         self.settled = False  # a polish generation kept the best parent
+        self.last_generation = self.config.generations  # moved earlier by finish()
+        self.last_polish = self.config.generations + self.config.polish
 
     # -- ask / tell -----------------------------------------------------------------------
 
@@ -246,14 +255,37 @@ class EvoPress:
     def done(self) -> bool:
         """True once the last generation has been told (``ask`` then returns ``None``): the
         last evolution generation, then the polish generations until one keeps the best."""
-        if self.generation <= self.config.generations:
+        if self.generation <= self.last_generation:
             return False
-        return self.settled or self.generation > self.config.generations + self.config.polish
+        return self.settled or self.generation > self.last_polish
 
     @property
     def polishing(self) -> bool:
         """Whether the current generation is a polish generation (see ``polish``)."""
-        return self.generation > self.config.generations
+        return self.generation > self.last_generation
+
+    def finish(self) -> None:
+        """End the search early (between generations): no more evolution generations, only
+        the polish (if any); called during the polish, end it too. The loop calls it when its
+        wall-clock budget runs short."""
+        if self._pool is not None:
+            raise RuntimeError("finish() is only available between generations")
+        if self.polishing:
+            self.last_polish = self.generation - 1
+        else:
+            self.last_generation = self.generation - 1
+            self.last_polish = self.last_generation + self.config.polish
+
+    def finishing_tokens(self) -> int:
+        """Calibration tokens the search still needs once :meth:`finish` is called: one polish
+        generation (its pool raced through every stage), or 0."""
+        if self.polishing or not self.config.polish or not self.parents:
+            return 0
+        stages, pool = self.config.stages, len(self._polish_pool())
+        later = zip(stages, stages[1:])
+        return pool * stages[0].tokens + sum(
+            s.tokens * (p.survivors + self.config.parents) for p, s in later
+        )
 
     def ask(self) -> Request | None:
         """The next genomes to evaluate, or ``None`` when the search is finished."""
@@ -368,6 +400,8 @@ class EvoPress:
             "rng": self.rng.bit_generator.state,
             "switch_scale": self._switches.m,
             "settled": self.settled,
+            "last_generation": self.last_generation,
+            "last_polish": self.last_polish,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -376,6 +410,8 @@ class EvoPress:
         self.stage = 0
         self._pool = None
         self.settled = state.get("settled", False)
+        self.last_generation = state.get("last_generation", self.config.generations)
+        self.last_polish = state.get("last_polish", self.last_generation + self.config.polish)
         self.parents = [_Member(Genome.from_key(k), v, True) for k, v in state["parents"]]
         self.history = list(state["history"])
         self.rng.bit_generator.state = state["rng"]

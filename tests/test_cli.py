@@ -74,9 +74,12 @@ def test_polish_and_held_out_generated_text_end_the_log_with_the_verdict(
     out = tmp_path / "run"
     extra = ["--baselines", "angular,last", "--locality", "0.5", "--polish", "2"]
     extra += ["--polish-moves", "local", "--eval-ppl", "generated", "--eval-seq-len", "16"]
+    extra += ["--max-seconds", "3600"]  # far more than it needs: changes nothing
     assert main(_search_args(model, text, out, *extra, "--eval-windows", "2")) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["strategy"]["loop"]["polish_moves"] == "local"
+    assert results["config"]["strategy"]["loop"]["max_seconds"] == 3600
+    assert len([h for h in results["history"] if not h.get("polish")]) == 4
     assert any(h.get("polish") for h in results["history"])
     assert set(results["perplexity"]) == {"dense", "evopress", "angular", "last"}
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -112,6 +115,7 @@ def test_eval_reports_perplexity(tiny_model_dir, tmp_path, capsys):
         (lambda a, m, t: a.__setitem__(a.index("--model") + 1, "/no/such/model"), "not found"),
         (lambda a, m, t: a.__setitem__(a.index("--drop") + 1, "6"), "cannot drop 6"),
         (lambda a, m, t: a.__setitem__(a.index("--data") + 1, "/no/such.txt"), "/no/such.txt"),
+        (lambda a, m, t: a.extend(["--max-seconds", "0"]), "max_seconds must be > 0"),
     ],
 )
 def test_one_line_errors(tiny_model_dir, tmp_path, capsys, mutate, message):

@@ -4,6 +4,7 @@ and resuming a killed run."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import shutil
@@ -367,3 +368,96 @@ def test_batch_split():
     parts = list(batch.split(2))
     assert [p.indices for p in parts] == [(0, 1), (2, 3), (4,)]
     assert torch.equal(torch.cat([p.input_ids for p in parts]), data.input_ids)
+
+
+# -- wall-clock budget -----------------------------------------------------------------------
+
+
+class FakeClock:
+    """``time`` for the engine: a clock that moves only when a fitness says so."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class TimedFitness:
+    """Costs ``per_token`` fake seconds per token; the value is the dropped blocks' index sum
+    (lower is better: the first blocks)."""
+
+    name, direction = "timed", "minimize"
+
+    def __init__(self, clock: FakeClock, per_token: float = 0.01) -> None:
+        self.clock, self.per_token = clock, per_token
+
+    def __call__(self, candidate, batch) -> float:
+        self.clock.now += self.per_token * batch.n_tokens
+        return float(sum(i for i, v in enumerate(candidate.genome.levels) if v))
+
+
+def _timed_search(setup, monkeypatch, config, max_seconds, *, strategy=None, run=None):
+    import evosearch.engine as engine
+
+    model, data, dense, _, space = setup
+    clock = FakeClock()
+    monkeypatch.setattr(engine, "time", clock)
+    strategy = strategy or EvoPress(space, config=config, rng=np.random.default_rng(0))
+    evaluator = Evaluator(model, space, TimedFitness(clock), dense)
+    lines: list[str] = []
+    result = search(
+        strategy, evaluator, data, max_seconds=max_seconds, progress=lines.append, run=run
+    )
+    return strategy, result, clock.now, lines
+
+
+def test_a_time_budget_ends_the_evolution_early_then_polishes_within_it(setup, monkeypatch):
+    long = dataclasses.replace(CONFIG, generations=40, polish=1)
+    _, _, unlimited, _ = _timed_search(setup, monkeypatch, long, None)
+    budget = unlimited / 3
+    strategy, result, spent, lines = _timed_search(setup, monkeypatch, long, budget)
+    assert spent <= budget
+    evolution = [h for h in strategy.history if not h.get("polish")]
+    assert 1 < len(evolution) < long.generations + 1
+    assert strategy.history[-1].get("polish")  # the polish still ran, inside the budget
+    assert any(line.startswith("time budget: finishing") for line in lines)
+    # the next generation plus the polish would not have fitted
+    assert spent + (unlimited / (long.generations + 2)) > budget * 0.9
+
+
+def test_a_time_budget_stops_a_strategy_without_finish_at_a_generation(setup, monkeypatch):
+    from evosearch.strategies import MultiBudgetEvoPress
+
+    model, data, dense, _, space = setup
+    long = dataclasses.replace(CONFIG, generations=40)
+    strategy = MultiBudgetEvoPress(
+        space, budgets=[1, 2], config=long, rng=np.random.default_rng(0),
+        objectives=lambda g: (float(sum(g.levels)),),
+    )  # fmt: skip
+    assert not hasattr(strategy, "finish")
+    _, result, spent, lines = _timed_search(setup, monkeypatch, long, 5.0, strategy=strategy)
+    assert spent <= 5.0
+    assert 0 < len(strategy.history) < long.generations + 1 and not strategy.done
+    assert any(line.startswith("time budget: stopping") for line in lines)
+
+
+def test_a_resumed_run_keeps_its_time_budget_decision(setup, monkeypatch, tmp_path):
+    long = dataclasses.replace(CONFIG, generations=40, polish=1)
+    _, _, unlimited, _ = _timed_search(setup, monkeypatch, long, None)
+    run = RecordingRunDir(tmp_path / "first")
+    run.start(RUN_CONFIG, resume=False)
+    first, result, spent, _ = _timed_search(setup, monkeypatch, long, unlimited / 3, run=run)
+    # the kill: after the generation at which the budget ended the evolution
+    finished = next(c for c in run.checkpoints if c["strategy"]["last_generation"] < 40)
+    assert finished["seconds"] > 0 and not finished["stopped"]
+    again = RunDir(tmp_path / "first")
+    again.write_checkpoint(finished)
+    resumed = EvoPress(setup[4], config=long, rng=np.random.default_rng(0))
+    resumed_result = search(
+        resumed, Evaluator(*setup[:1], setup[4], TimedFitness(FakeClock()), setup[2]),
+        setup[1], run=again, resume=True, progress=None, max_seconds=unlimited / 3,
+    )  # fmt: skip
+    assert resumed.last_generation == first.last_generation
+    assert resumed_result.best == result.best
+    assert [h["best"] for h in resumed.history] == [h["best"] for h in first.history]

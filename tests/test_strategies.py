@@ -414,3 +414,33 @@ def test_polish_is_refused_for_a_budget_range_and_optuna():
         SearchConfig.from_dict(dict(drop_range=(2, 4), polish=2))
     with pytest.raises(ValueError, match="polish"):
         SearchConfig.from_dict(dict(num_drop=2, polish=2, strategy="tpe"))
+
+
+def test_finish_ends_the_evolution_then_polishes_and_survives_resume():
+    config = dataclasses.replace(POLISH, generations=10, polish=1)
+    strategy = evopress(3, config)
+    drive(strategy, binary_code, stop_after_generation=1)
+    assert strategy.finishing_tokens() == sum(
+        len(r.genomes) * r.tokens for r in _polish_requests(strategy)
+    )
+    strategy.finish()
+    state = json.loads(json.dumps(strategy.state_dict()))
+    log = drive(strategy, binary_code)
+    assert {r.generation for r, _ in log} == {2}  # one polish generation, then done
+    assert strategy.history[-1].get("polish") and strategy.done
+    resumed = evopress(99, config)
+    resumed.load_state_dict(state)
+    assert _trace(drive(resumed, binary_code)) == _trace(log)
+    with pytest.raises(RuntimeError, match="between generations"):
+        started = evopress(3, config)
+        started.ask()
+        started.finish()
+
+
+def _polish_requests(strategy: EvoPress) -> list[Request]:
+    """The requests of ``strategy``'s next generation, were it a polish generation (a copy is
+    driven; ``strategy`` is unchanged)."""
+    probe = evopress(0, strategy.config)
+    probe.load_state_dict(json.loads(json.dumps(strategy.state_dict())))
+    probe.finish()
+    return [r for r, _ in drive(probe, binary_code)]

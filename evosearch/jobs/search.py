@@ -131,6 +131,7 @@ def run_search(
             resume=resuming,
             progress=log,
             runner=runner,
+            max_seconds=loop.max_seconds,
         )
     results = _results(problem, result, storage, record, run)
     best_desc = problem.space.describe(result.best)

@@ -7,8 +7,11 @@ Run from the repository root (results land next to this file):
 
 For each number of dropped blocks ``k``: SLEB (greedy, perplexity on ``--sleb-tokens``
 calibration tokens per step), ShortGPT and angular distance, then the search once per seed,
-started from random genomes only (no warm start), on a calibration-token budget of
-``--budget`` times SLEB's, timed in the same process under the same load. With
+started from random genomes only (no warm start), on a budget of ``--budget`` times SLEB's
+(``--budget-kind time``: SLEB's seconds, the search's ``max_seconds``; ``tokens``: SLEB's
+calibration tokens, as generations), timed in the same process under the same load. The
+search's fitness is ``--fitness``: ``kl`` (KL from the dense model, the product's default) or
+``ppl`` (calibration perplexity, what SLEB ranks by and what the held-out score measures). With
 ``--sublayers A:M,...``, the same search drops ``A`` attention and ``M`` MLP sublayers, once
 per split, on the token budget of SLEB at ``--sublayer-k`` blocks; each split's parameters
 are recorded (``params_fraction``), so it is compared with the whole-block heuristics at the
@@ -24,6 +27,7 @@ this file at commit ada911c (``git show ada911c:experiments/layer_drop/run.py``)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -41,6 +45,7 @@ from evosearch.jobs.models import evaluate_perplexity, load_eval_data
 from evosearch.operators import switch_neighbours
 from evosearch.strategies import EvoPress, EvoPressConfig
 from evosearch.surgery import apply_replacements
+from fitness.perplexity import Perplexity
 from search_spaces.layer_drop import LayerDropSpace
 
 HERE = Path(__file__).resolve().parent
@@ -166,15 +171,23 @@ def search_k(
     neighbours = len(switch_neighbours(space.random_genome(np.random.default_rng(0)), space.spec))
     if args.polish_moves == "local":
         neighbours = 3 * units_dropped
-    generations = generations_for(budget, loop, neighbours)
-    loop = EvoPressConfig(**{**loop.__dict__, "generations": generations})
-    out.update(search_tokens_budget=int(budget), loop=_plain(loop))
+    generations, seconds = generations_for(budget, loop, neighbours), None
+    if args.budget_kind == "time":  # the generations are only an upper bound
+        generations, seconds = 1000, args.budget * sleb_seconds
+    loop = dataclasses.replace(loop, generations=generations, max_seconds=seconds)
+    out.update(
+        search_tokens_budget=int(budget), search_seconds_budget=seconds, loop=_plain(loop),
+        fitness=args.fitness,
+    )  # fmt: skip
     for seed in args.seeds if seeds is None else seeds:
         strategy = EvoPress(space, config=loop, rng=np.random.default_rng(seed))
         evaluator = problem.evaluator()
+        if args.fitness == "ppl":
+            evaluator = dataclasses.replace(evaluator, fitness=Perplexity())
         result, secs, load = timed(
-            search, strategy, evaluator, problem.data, seed=seed, progress=_progress(k, seed)
-        )
+            search, strategy, evaluator, problem.data, seed=seed, progress=_progress(k, seed),
+            max_seconds=loop.max_seconds,
+        )  # fmt: skip
         out["methods"][f"search_{seed}"] = {
             "genome": result.best.key(),
             "seconds": secs,
@@ -237,7 +250,9 @@ def main() -> None:
     p.add_argument("--n-sequences", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--sleb-tokens", type=int, default=2048)
-    p.add_argument("--budget", type=float, default=1.0, help="search tokens / SLEB tokens")
+    p.add_argument("--budget", type=float, default=1.0, help="search budget / SLEB's")
+    p.add_argument("--budget-kind", default="time", choices=("time", "tokens"))
+    p.add_argument("--fitness", default="kl", choices=("kl", "ppl"))
     p.add_argument("--offspring", type=int, default=16)
     p.add_argument("--initial-population", type=int, default=32)
     p.add_argument("--stages", default="512:2,2048:1")
