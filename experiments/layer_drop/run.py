@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -179,16 +180,18 @@ def search_k(
         search_tokens_budget=int(budget), search_seconds_budget=seconds, loop=_plain(loop),
         fitness=args.fitness,
     )  # fmt: skip
-    for seed in args.seeds if seeds is None else seeds:
+    for fit, seed in itertools.product(args.fitness, args.seeds if seeds is None else seeds):
         strategy = EvoPress(space, config=loop, rng=np.random.default_rng(seed))
         evaluator = problem.evaluator()
-        if args.fitness == "ppl":
+        if fit == "ppl":
             evaluator = dataclasses.replace(evaluator, fitness=Perplexity())
         result, secs, load = timed(
             search, strategy, evaluator, problem.data, seed=seed, progress=_progress(k, seed),
             max_seconds=loop.max_seconds,
         )  # fmt: skip
-        out["methods"][f"search_{seed}"] = {
+        name = f"search_{seed}" if len(args.fitness) == 1 else f"search_{fit}_{seed}"
+        out["methods"][name] = {
+            "fitness": fit,
             "genome": result.best.key(),
             "seconds": secs,
             "load": load,
@@ -203,19 +206,20 @@ def search_k(
 
 
 def score_kl(args, problem: Problem, run: dict) -> None:
-    """Calibration KL of each method on every calibration token."""
+    """Calibration KL and perplexity of each method on every calibration token."""
     problem = at_budget(
         problem, config_for(args, run["k"], run["sublayers"], run.get("attention"))
     )
     full, evaluator = problem.full_batch(), problem.evaluator()
-    kl: dict[str, float] = {}
+    ppl = dataclasses.replace(evaluator, fitness=Perplexity())
+    memo: dict[str, tuple[float, float]] = {}
     for m in run["methods"].values():
         genome = Genome.from_key(m["genome"])
         m.update(problem.space.describe(genome))
         m["params_fraction"] = problem.space.metrics(genome)["params_fraction"]
-        if m["genome"] not in kl:
-            kl[m["genome"]] = evaluator.raw(genome, full)
-        m["calibration_kl"] = kl[m["genome"]]
+        if m["genome"] not in memo:
+            memo[m["genome"]] = evaluator.raw(genome, full), ppl.raw(genome, full)
+        m["calibration_kl"], m["calibration_ppl"] = memo[m["genome"]]
 
 
 def score_held_out(args, problem: Problem, run: dict, held_out: HeldOut, save) -> None:
@@ -252,7 +256,7 @@ def main() -> None:
     p.add_argument("--sleb-tokens", type=int, default=2048)
     p.add_argument("--budget", type=float, default=1.0, help="search budget / SLEB's")
     p.add_argument("--budget-kind", default="time", choices=("time", "tokens"))
-    p.add_argument("--fitness", default="kl", choices=("kl", "ppl"))
+    p.add_argument("--fitness", default="kl", help="the search's fitness: kl, ppl or kl,ppl")
     p.add_argument("--offspring", type=int, default=16)
     p.add_argument("--initial-population", type=int, default=32)
     p.add_argument("--stages", default="512:2,2048:1")
@@ -271,6 +275,9 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.fitness = args.fitness.split(",")
+    if bad := set(args.fitness) - {"kl", "ppl"}:
+        p.error(f"--fitness takes kl and ppl, not {sorted(bad)}")
     args.stages = [tuple(int(x) for x in s.split(":")) for s in args.stages.split(",")]
     data = Path(args.data_dir) / "wikitext-2-raw"
     args.calibration = str(data / "wiki.valid.raw")
