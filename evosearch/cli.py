@@ -128,6 +128,56 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
         help="what to search: layer-drop (default), sparsity, width, another registered "
         "space, or module:attribute naming a space builder",
     )
+    for add in (_add_layer_drop_flags, _add_sparsity_flags, _add_width_flags):
+        add(p)
+    for add in (_add_quantization_flags, _add_training_flags, _add_data_flags):
+        add(p)
+
+
+def _add_layer_drop_flags(p: argparse.ArgumentParser) -> None:
+    """The layer-drop space."""
+    p.add_argument("--drop", type=int, help="number of blocks (or sublayers of each kind) to drop")
+    p.add_argument("--drop-fraction", type=float, help="fraction of blocks to drop instead")
+    p.add_argument(
+        "--sublayers",
+        action="store_true",
+        default=None,
+        help="drop attention and MLP sublayers separately",
+    )
+    p.add_argument(
+        "--attention-drop",
+        type=int,
+        help="with --sublayers: attention sublayers to drop (--drop is then the MLP count)",
+    )
+    p.add_argument("--allowed", type=_int_list, help="blocks that may be dropped, e.g. 2-27")
+
+
+def _add_sparsity_flags(p: argparse.ArgumentParser) -> None:
+    """The sparsity space."""
+    p.add_argument("--target", type=float, help="sparsity space: average sparsity, e.g. 0.6")
+    p.add_argument(
+        "--sparsity-range",
+        type=_csv(float),
+        help="sparsity space: search every average sparsity from LOW to HIGH in steps of "
+        "--level-step, e.g. 0.5,0.7, and return the Pareto front (KL vs density)",
+    )
+    p.add_argument("--pruner", help="sparsity space: magnitude | wanda | sparsegpt | metric.json")
+    p.add_argument("--pattern", help="sparsity space: N:M pattern, e.g. 2:4 or 4:8")
+    p.add_argument(
+        "--level-step", type=float, help="sparsity space: sparsity per level of a mean-size layer"
+    )
+    p.add_argument(
+        "--max-level-shift",
+        type=int,
+        help="sparsity space: most levels a layer moves from uniform",
+    )
+    p.add_argument(
+        "--max-total-shift", type=int, help="sparsity space: most levels moved in total"
+    )
+
+
+def _add_width_flags(p: argparse.ArgumentParser) -> None:
+    """The width space."""
     p.add_argument(
         "--target-params",
         type=float,
@@ -139,6 +189,31 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
         help="width space: fraction of the attention parameters to remove (default: same)",
     )
     p.add_argument("--mlp-levels", type=int, help="width space: MLP levels per block (16)")
+
+
+def _add_quantization_flags(p: argparse.ArgumentParser) -> None:
+    """The quantization space."""
+    p.add_argument("--bits", type=int, help="quantization space: average bit-width, e.g. 3")
+    p.add_argument(
+        "--quantizer", choices=["gptq", "rtn"], help="quantization space: GPTQ (default) or RTN"
+    )
+    p.add_argument(
+        "--format",
+        choices=["int", "gguf"],
+        help="quantization space: int bit-widths (compressed-tensors export) or GGUF types",
+    )
+    p.add_argument("--group-size", type=int, help="quantization space: columns per scale (128)")
+    p.add_argument(
+        "--mix-sizes",
+        action="store_true",
+        default=None,
+        help="quantization space: trade bits between layers of any shape (the budget held "
+        "by size, leftover bits spent by the repair)",
+    )
+
+
+def _add_training_flags(p: argparse.ArgumentParser) -> None:
+    """Training-aware selection (any space)."""
     p.add_argument(
         "--train-tokens",
         type=_csv(int),
@@ -159,58 +234,6 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
         help="training-aware selection: train candidates on KL to the dense model (default) "
         "or on next tokens (--no-distill)",
     )
-    p.add_argument("--drop", type=int, help="number of blocks (or sublayers of each kind) to drop")
-    p.add_argument("--drop-fraction", type=float, help="fraction of blocks to drop instead")
-    p.add_argument(
-        "--sublayers",
-        action="store_true",
-        default=None,
-        help="drop attention and MLP sublayers separately",
-    )
-    p.add_argument(
-        "--attention-drop",
-        type=int,
-        help="with --sublayers: attention sublayers to drop (--drop is then the MLP count)",
-    )
-    p.add_argument("--allowed", type=_int_list, help="blocks that may be dropped, e.g. 2-27")
-    p.add_argument("--target", type=float, help="sparsity space: average sparsity, e.g. 0.6")
-    p.add_argument("--bits", type=int, help="quantization space: average bit-width, e.g. 3")
-    p.add_argument(
-        "--quantizer", choices=["gptq", "rtn"], help="quantization space: GPTQ (default) or RTN"
-    )
-    p.add_argument(
-        "--format",
-        choices=["int", "gguf"],
-        help="quantization space: int bit-widths (compressed-tensors export) or GGUF types",
-    )
-    p.add_argument("--group-size", type=int, help="quantization space: columns per scale (128)")
-    p.add_argument(
-        "--mix-sizes",
-        action="store_true",
-        default=None,
-        help="quantization space: trade bits between layers of any shape (the budget held "
-        "by size, leftover bits spent by the repair)",
-    )
-    p.add_argument(
-        "--sparsity-range",
-        type=_csv(float),
-        help="sparsity space: search every average sparsity from LOW to HIGH in steps of "
-        "--level-step, e.g. 0.5,0.7, and return the Pareto front (KL vs density)",
-    )
-    p.add_argument("--pruner", help="sparsity space: magnitude | wanda | sparsegpt | metric.json")
-    p.add_argument("--pattern", help="sparsity space: N:M pattern, e.g. 2:4 or 4:8")
-    p.add_argument(
-        "--level-step", type=float, help="sparsity space: sparsity per level of a mean-size layer"
-    )
-    p.add_argument(
-        "--max-level-shift",
-        type=int,
-        help="sparsity space: most levels a layer moves from uniform",
-    )
-    p.add_argument(
-        "--max-total-shift", type=int, help="sparsity space: most levels moved in total"
-    )
-    _add_data_flags(p)
 
 
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
@@ -812,87 +835,115 @@ def _heal(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from evosearch import lm_eval_backend
     from evosearch.models import load_model
-    from evosearch.pipeline import evaluate_perplexity, load_eval_data, resolve_device
-    from evosearch.rundir import check_finished, is_run_dir
-    from evosearch.zero_shot import check_tasks, evaluate_tasks, format_table
+    from evosearch.pipeline import resolve_device
 
-    backend = None
-    if args.tasks is not None:  # fail before loading the model
-        backend, reason = lm_eval_backend.choose_backend(
-            args.backend, data_dir=args.data_dir, installed=lm_eval_backend.lm_eval_installed()
-        )
-        print(f"zero-shot backend: {backend} ({reason})")
-        if backend == "local":
-            check_tasks(args.tasks, extra=lm_eval_backend.OFFLINE_LM_EVAL_TASKS)
-            if not Path(args.data_dir).is_dir():
-                raise FileNotFoundError(f"data directory not found: {args.data_dir}")
+    backend = _zero_shot_backend(args)  # fails before loading the model
     if args.limit is not None and args.limit < 0:
         raise ValueError(f"--limit must be >= 0, got {args.limit}")
-    target = Path(args.model)
-    if is_run_dir(target):
-        check_finished(target)  # one line naming what is missing, and how to finish it
-        healed = target / "healed"  # a run directory: its emitted model (healed if it was)
-        target = healed if (healed / "healing.json").is_file() else target / "model"
-        print(f"evaluating {target}, the run's emitted model")
+    target = _eval_target(Path(args.model))
     model, tokenizer = load_model(
         str(target) if target.exists() else args.model, device=resolve_device(args.device)
     )
     results: dict = {"model": args.model, "model_dir": str(target)}
     if args.ppl:
-        results.update(seq_len=args.seq_len, perplexity={})
-    for source in args.ppl or []:
-        data = load_eval_data(source, tokenizer, args.seq_len, args.windows)
-        ppl = evaluate_perplexity(model, data)
-        results["perplexity"][source] = {"ppl": ppl, "windows": data.n_sequences}
-        print(f"{source}: perplexity {ppl:.3f} ({data.n_sequences} windows of {args.seq_len})")
+        results.update(seq_len=args.seq_len, perplexity=_eval_perplexity(args, model, tokenizer))
     table = ""
     if args.tasks:
-        if backend == "lm-eval":
-            scores = lm_eval_backend.evaluate_lm_eval(
-                model,
-                tokenizer,
-                args.tasks,
-                args.limit,
-                batch_size=args.batch_size,
-                include_path=args.lm_eval_include,
-            )
-        else:
-            offline = lm_eval_backend.OFFLINE_LM_EVAL_TASKS
-            multiple_choice = [t for t in args.tasks if t not in offline]
-            scores = {}
-            if multiple_choice:
-                scores = evaluate_tasks(
-                    model,
-                    tokenizer,
-                    multiple_choice,
-                    args.data_dir,
-                    args.limit,
-                    batch_size=args.batch_size,
-                )
-            if "wikitext" in args.tasks:
-                scores["wikitext"] = lm_eval_backend.evaluate_wikitext_offline(
-                    model, tokenizer, args.data_dir, args.limit, batch_size=args.batch_size
-                )
-            scores = {t: scores[t] for t in args.tasks}
+        scores = _zero_shot_scores(args, backend, model, tokenizer)
         results["zero_shot"] = {
             "backend": backend,
             "data_dir": args.data_dir if backend == "local" else None,
             "limit": args.limit,
             "tasks": scores,
         }
+        from evosearch.zero_shot import format_table
+
         table = format_table(scores)
         print(table)
     if args.out:
-        out = Path(args.out)
-        out.write_text(json.dumps(results, indent=1) + "\n")
-        if table:
-            out.with_suffix(".md").write_text(
-                f"Zero-shot, `{args.model}`, backend {backend}"
-                + (f", first {args.limit} items per task" if args.limit is not None else "")
-                + f"\n\n{table}\n"
-            )
+        _write_eval(Path(args.out), results, table, args, backend)
+
+
+def _zero_shot_backend(args: argparse.Namespace) -> str | None:
+    """The zero-shot backend of ``--tasks`` (``None`` without tasks), its tasks and data
+    checked."""
+    from evosearch import lm_eval_backend
+    from evosearch.zero_shot import check_tasks
+
+    if args.tasks is None:
+        return None
+    backend, reason = lm_eval_backend.choose_backend(
+        args.backend, data_dir=args.data_dir, installed=lm_eval_backend.lm_eval_installed()
+    )
+    print(f"zero-shot backend: {backend} ({reason})")
+    if backend == "local":
+        check_tasks(args.tasks, extra=lm_eval_backend.OFFLINE_LM_EVAL_TASKS)
+        if not Path(args.data_dir).is_dir():
+            raise FileNotFoundError(f"data directory not found: {args.data_dir}")
+    return backend
+
+
+def _eval_target(target: Path) -> Path:
+    """The model to evaluate: ``target``, or a finished run directory's emitted model (its
+    healed one if it was healed)."""
+    from evosearch.rundir import check_finished, is_run_dir
+
+    if not is_run_dir(target):
+        return target
+    check_finished(target)  # one line naming what is missing, and how to finish it
+    healed = target / "healed"
+    target = healed if (healed / "healing.json").is_file() else target / "model"
+    print(f"evaluating {target}, the run's emitted model")
+    return target
+
+
+def _eval_perplexity(args: argparse.Namespace, model, tokenizer) -> dict:
+    from evosearch.pipeline import evaluate_perplexity, load_eval_data
+
+    out = {}
+    for source in args.ppl:
+        data = load_eval_data(source, tokenizer, args.seq_len, args.windows)
+        ppl = evaluate_perplexity(model, data)
+        out[source] = {"ppl": ppl, "windows": data.n_sequences}
+        print(f"{source}: perplexity {ppl:.3f} ({data.n_sequences} windows of {args.seq_len})")
+    return out
+
+
+def _zero_shot_scores(args: argparse.Namespace, backend: str, model, tokenizer) -> dict:
+    """Per-task scores of ``args.tasks`` on ``backend``, in the tasks' order."""
+    from evosearch import lm_eval_backend
+    from evosearch.zero_shot import evaluate_tasks
+
+    if backend == "lm-eval":
+        return lm_eval_backend.evaluate_lm_eval(
+            model, tokenizer, args.tasks, args.limit,
+            batch_size=args.batch_size, include_path=args.lm_eval_include,
+        )  # fmt: skip
+    offline = lm_eval_backend.OFFLINE_LM_EVAL_TASKS
+    multiple_choice = [t for t in args.tasks if t not in offline]
+    scores = {}
+    if multiple_choice:
+        scores = evaluate_tasks(
+            model, tokenizer, multiple_choice, args.data_dir, args.limit,
+            batch_size=args.batch_size,
+        )  # fmt: skip
+    if "wikitext" in args.tasks:
+        scores["wikitext"] = lm_eval_backend.evaluate_wikitext_offline(
+            model, tokenizer, args.data_dir, args.limit, batch_size=args.batch_size
+        )
+    return {t: scores[t] for t in args.tasks}
+
+
+def _write_eval(out: Path, results: dict, table: str, args, backend) -> None:
+    """``--out``: the results as JSON and, with zero-shot scores, their table as markdown."""
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    if table:
+        out.with_suffix(".md").write_text(
+            f"Zero-shot, `{args.model}`, backend {backend}"
+            + (f", first {args.limit} items per task" if args.limit is not None else "")
+            + f"\n\n{table}\n"
+        )
 
 
 if __name__ == "__main__":

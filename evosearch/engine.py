@@ -348,7 +348,7 @@ def search(
         log, stats, clock.spent, clock.stopped = _resume(strategy, evaluator, run, progress)
     runner = runner if runner is not None else InProcessRunner()
     t_start = time.perf_counter()
-    report = _Progress(strategy, evaluator, progress)
+    report = _Progress(strategy, evaluator, progress, max_seconds)
     while not clock.stopped and (request := strategy.ask()) is not None:
         batch = sample_batch(
             data, request.tokens, seed=seed, generation=request.generation, stage=request.stage
@@ -547,8 +547,9 @@ def _evaluate(request, batch: Batch, evaluator: Evaluator, runner, run, log, pro
 class _Progress:
     """The progress line printed after each generation (nothing without ``progress``)."""
 
-    def __init__(self, strategy: Strategy, evaluator: Evaluator, progress) -> None:
+    def __init__(self, strategy: Strategy, evaluator: Evaluator, progress, max_seconds=None):
         self.strategy, self.evaluator, self.progress = strategy, evaluator, progress
+        self.of_seconds = "" if max_seconds is None else f" of {max_seconds:.0f}s"
         self.t_start = self.t_gen = time.perf_counter()
         self.evals_at_gen = evaluator.evaluations
         self.name = getattr(evaluator.fitness, "name", "fitness")
@@ -567,6 +568,7 @@ class _Progress:
             f"gen {request.generation:3d}/{total}  best {self.name} {ev.sign * best_value:.4f} "
             f"@{request.tokens} tok{selection_note(stats or {})}  evals {ev.evaluations} "
             f"(+{done}, {rate:.2f}/s)  tokens {ev.tokens / 1e6:.2f}M  {now - self.t_start:.0f}s"
+            + self.of_seconds
             + (f"  {note(ev.sign)}" if note else "")
         )
         self.evals_at_gen, self.t_gen = ev.evaluations, now

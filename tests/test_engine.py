@@ -422,6 +422,7 @@ def test_a_time_budget_ends_the_evolution_early_then_polishes_within_it(setup, m
     assert 1 < len(evolution) < long.generations + 1
     assert strategy.history[-1].get("polish")  # the polish still ran, inside the budget
     assert any(line.startswith("time budget: finishing") for line in lines)
+    assert all(line.endswith(f"s of {budget:.0f}s") for line in lines if line.startswith("gen"))
     # the next generation plus the polish would not have fitted
     assert spent + (unlimited / (long.generations + 2)) > budget * 0.9
 

@@ -37,12 +37,23 @@ def _rows(run: dict, best_heldout: float | None) -> list[str]:
                 blocks = "not scored (see the note)"
         cut = _fmt(1 - m["params_fraction"], ".3f") if "params_fraction" in m else "–"
         rows.append(
-            f"| {name} | {blocks} | {cut} | {_fmt(m.get('calibration_kl'), '.4f')} | "
+            f"| {name} | {m.get('fitness', '–')} | {blocks} | {cut} | "
+            f"{_fmt(m.get('calibration_kl'), '.4f')} | {_fmt(m.get('calibration_ppl'))} | "
             f"{_fmt(ppl)} | "
             f"{verdict} | {m['seconds']:.0f} | {m['load']:.1f} | {m.get('evaluations', '–')} | "
             f"{m.get('tokens', '–')} |"
         )
     return rows
+
+
+def _budget(run: dict) -> str:
+    """The search's budget: SLEB's seconds (a wall-clock budget) or its tokens."""
+    if run.get("search_seconds_budget") is not None:
+        return f"Search budget: {run['search_seconds_budget']:.1f} s of wall time."
+    return (
+        f"Search budget: {run['search_tokens_budget']} calibration tokens; "
+        f"{run['loop']['generations']} generations."
+    )
 
 
 def _load_note(r: dict) -> str:
@@ -58,6 +69,22 @@ def _load_note(r: dict) -> str:
         "The cores were shared with other jobs (load average in the table: 1-minute, at the "
         "end of each method), so seconds are upper bounds."
     )
+
+
+def _fitness(s: dict) -> str:
+    names = {"kl": "KL(dense‖candidate) with the top-256 teacher", "ppl": "perplexity"}
+    chosen = s.get("fitness", ["kl"])
+    return " and, in separate searches, ".join(names[f] for f in chosen)
+
+
+def _budget_rule(s: dict) -> str:
+    if s.get("budget_kind", "tokens") == "time":
+        return (
+            f"a wall-clock budget of {s['budget']}× SLEB's seconds at the same number of "
+            "blocks (`max_seconds`: the evolution ends when the next generation and the polish "
+            "would not fit)"
+        )
+    return f"generations chosen so that its calibration tokens fit in {s['budget']}× SLEB's"
 
 
 def _best_heuristic(run: dict) -> tuple[str, float] | tuple[None, None]:
@@ -82,13 +109,12 @@ def main() -> None:
         *([f"Note: {r['note']}", ""] if "note" in r else []),
         f"Machine: {r['machine'].replace(' (shared)', '')}. {_load_note(r)} SLEB and the "
         "searches ran one after another in the same process. Calibration: WikiText-2 *valid*, "
-        f"{s['n_sequences']} random windows of {s['seq_len']} tokens (seed 0); fitness "
-        "KL(dense‖candidate), bf16 with the top-256 teacher. SLEB: perplexity on "
+        f"{s['n_sequences']} random windows of {s['seq_len']} tokens (seed 0); search "
+        f"fitness {_fitness(s)}; both in bf16. SLEB: perplexity on "
         f"{s['sleb_tokens']} calibration tokens per step. Search: no warm start "
         f"({s['initial_population']} random genomes), {s['offspring']} offspring, stages "
         f"{s['stages']}, locality {s['locality']}, polish {s['polish']} ({s['polish_moves']} "
-        f"moves), generations chosen so that its calibration tokens fit in {s['budget']}× "
-        "SLEB's. Held out: the first "
+        f"moves), {_budget_rule(s)}. Held out: the first "
         f"{s['eval_windows']} non-overlapping 1,024-token windows of WikiText-2 *test*, fp32.",
         "",
     ]
@@ -108,13 +134,13 @@ def main() -> None:
         lines += [
             f"## {title}",
             "",
-            f"Search budget: {run['search_tokens_budget']} calibration tokens; "
-            f"{run['loop']['generations']} generations. SLEB took {run['sleb_seconds']} s. "
+            f"{_budget(run)} SLEB took {run['sleb_seconds']} s. "
             f"Best whole-block heuristic on held-out text: {heur or '–'} {_fmt(best)}.",
             "",
-            "| method | dropped | share of all parameters cut | calibration KL | held-out ppl "
-            "| vs best heuristic | seconds | load | evaluations | tokens |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| method | search fitness | dropped | share of all parameters cut | calibration KL "
+            "| calibration ppl | held-out ppl | vs best heuristic | seconds | load | evaluations "
+            "| tokens |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
             *_rows(run, best),
             "",
         ]
