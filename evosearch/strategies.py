@@ -118,6 +118,14 @@ class EvoPressConfig:
     def parents(self) -> int:
         return self.stages[-1].survivors
 
+    def generation_tokens(self, pool: int) -> int:
+        """Calibration tokens of one generation whose first stage races ``pool`` genomes (each
+        later stage: the previous stage's survivors plus the parents), none memoised."""
+        later = zip(self.stages, self.stages[1:])
+        return pool * self.stages[0].tokens + sum(
+            s.tokens * (p.survivors + self.parents) for p, s in later
+        )
+
 
 @dataclass
 class _Member:
@@ -281,11 +289,7 @@ class EvoPress:
         generation (its pool raced through every stage), or 0."""
         if self.polishing or not self.config.polish or not self.parents:
             return 0
-        stages, pool = self.config.stages, len(self._polish_pool())
-        later = zip(stages, stages[1:])
-        return pool * stages[0].tokens + sum(
-            s.tokens * (p.survivors + self.config.parents) for p, s in later
-        )
+        return self.config.generation_tokens(len(self._polish_pool()))
 
     def ask(self) -> Request | None:
         """The next genomes to evaluate, or ``None`` when the search is finished."""

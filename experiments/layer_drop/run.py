@@ -59,21 +59,13 @@ def sleb_tokens_spent(n_allowed: int, k: int, tokens: int) -> int:
     return tokens * sum(n_allowed - s for s in range(k))
 
 
-def generation_tokens(loop: EvoPressConfig, pool: int) -> int:
-    """Calibration tokens of one generation whose first stage races ``pool`` genomes (each
-    later stage: the previous stage's survivors plus the parents)."""
-    stages = loop.stages
-    later = zip(stages, stages[1:])
-    return pool * stages[0].tokens + sum(s.tokens * (p.survivors + loop.parents) for p, s in later)
-
-
 def generations_for(budget: float, loop: EvoPressConfig, neighbours: int) -> int:
     """Generations that fit in ``budget`` tokens beside the initial generation and, with
     ``polish``, one polish generation over ``neighbours`` genomes."""
-    fixed = generation_tokens(loop, loop.initial_population)
+    fixed = loop.generation_tokens(loop.initial_population)
     if loop.polish:
-        fixed += generation_tokens(loop, neighbours + loop.parents)
-    return max(0, int((budget - fixed) // generation_tokens(loop, loop.offspring + loop.parents)))
+        fixed += loop.generation_tokens(neighbours + loop.parents)
+    return max(0, int((budget - fixed) // loop.generation_tokens(loop.offspring + loop.parents)))
 
 
 class HeldOut:
