@@ -390,7 +390,8 @@ def _config(args: argparse.Namespace, extra: dict | None = None):
 
 
 _LIST_FLAGS = (
-    "sublayers", "allowed", "eval_ppl", "stages", "baselines", "warm_start", "objectives",
+    "sublayers", "allowed", "eval_ppl", "stages", "polish_stages", "baselines", "warm_start",
+    "objectives",
     "drop_range", "sparsity_range", "hv_reference",
 )  # fmt: skip
 
@@ -525,6 +526,12 @@ def _add_loop_flags(p: argparse.ArgumentParser) -> None:
         "or local switches only (layer drop: blocks next to a dropped one)",
     )
     p.add_argument("--stages", type=_stages, help="racing stages tokens:survivors,...")
+    p.add_argument(
+        "--polish-stages",
+        type=_stages,
+        help="racing stages of a polish generation (default: --stages), e.g. a final stage "
+        "on many more tokens; its last keeps as many as --stages's",
+    )
     p.add_argument(
         "--max-seconds",
         type=float,

@@ -138,24 +138,23 @@ class StrategyConfig:
         loop = values.pop("loop", {})
         if isinstance(loop, dict):
             loop = dict(loop)
-            if "stages" in loop:
-                loop["stages"] = _stages(loop["stages"])
+            for key in ("stages", "polish_stages"):
+                if loop.get(key) is not None:
+                    loop[key] = _stages(loop[key], f"strategy.loop.{key}")
             loop = build(EvoPressConfig, loop, "strategy.loop.")
         return build(cls, {**values, "loop": loop}, "strategy.")
 
 
-def _stages(value: Any) -> tuple[Stage, ...]:
+def _stages(value: Any, name: str = "strategy.loop.stages") -> tuple[Stage, ...]:
     """``[[2048, 2], [16384, 1]]`` (or Stage objects / dicts) -> Stages, naming bad ones."""
     if not isinstance(value, (list, tuple)):
-        raise ValueError(
-            f"strategy.loop.stages must be a list of [tokens, survivors], got {value!r}"
-        )
+        raise ValueError(f"{name} must be a list of [tokens, survivors], got {value!r}")
     out = []
     for s in value:
         if isinstance(s, Stage):
             out.append(s)
         elif isinstance(s, dict):
-            out.append(build(Stage, s, "strategy.loop.stages."))
+            out.append(build(Stage, s, f"{name}."))
         elif isinstance(s, (list, tuple)) and len(s) == 2 and all(type(x) is int for x in s):
             out.append(Stage(tokens=s[0], survivors=s[1]))
         else:
@@ -318,6 +317,9 @@ class SearchConfig:
             object.__setattr__(self, "objectives", entry.objectives[:1])  # traced against size
         self._check_names(entry)
         self._check_strategy()
+        polish = self.strategy.loop.polish_stages
+        if self.selection_training and polish and len(polish) != len(self.stages):
+            raise ValueError("selection_training needs polish_stages as many as the stages")
         if self.selection_training and len(self.selection_training.tokens) != len(self.stages):
             raise ValueError(
                 f"selection_training.tokens needs one entry per stage ({len(self.stages)}), "
@@ -477,7 +479,10 @@ FLAT_KEYS: dict[str, tuple[str, ...]] = {
     "strategy": ("strategy", "name"),
     **{k: ("strategy", "loop", k) for k in ("generations", "offspring", "initial_population")},
     **{k: ("strategy", "loop", k) for k in ("stages", "max_switches", "adaptive_switches")},
-    **{k: ("strategy", "loop", k) for k in ("locality", "polish", "polish_moves", "max_seconds")},
+    **{
+        k: ("strategy", "loop", k)
+        for k in ("locality", "polish", "polish_moves", "polish_stages", "max_seconds")
+    },
     **{k: ("strategy", k) for k in ("budget_focus", "offset_steps", "sampler_tokens")},
     "runner": ("runner", "name"),
     "workers": ("runner", "ray", "workers"),

@@ -339,9 +339,10 @@ def search(
     With ``max_seconds``, the search ends within that wall time (a resumed run counts the
     seconds of its earlier sessions): after each generation, when the next one and the
     strategy's ``finishing_tokens()`` (e.g. EvoPress's polish) would not fit at the seconds per
-    token measured so far, the strategy's ``finish()`` ends its evolution (a strategy without
-    one simply stops there). The time is a prediction: a run may overshoot by a fraction of
-    a generation, and its trajectory depends on the machine's speed.
+    token measured so far and padded by 10 %, the strategy's ``finish()`` ends its evolution
+    (a strategy without one simply stops there). The time is a prediction: a run whose last
+    generations slow down by more than the padding can still overshoot, and its trajectory
+    depends on the machine's speed.
     """
     log, stats, clock = [], {}, _Deadline(max_seconds, evaluator.tokens)
     if run is not None and resume:
@@ -432,7 +433,13 @@ def elite_estimate(evaluator: Evaluator, genome, seq_len: int) -> Estimate | Non
 
 
 class _Deadline:
-    """The wall-clock budget of :func:`search` (none when ``seconds`` is ``None``)."""
+    """The wall-clock budget of :func:`search` (none when ``seconds`` is ``None``).
+
+    The seconds still needed (the next generation and the finishing tokens) are predicted
+    from what was measured, then padded by ``margin``, so a generation up to that much slower
+    than the last one does not overshoot the budget."""
+
+    margin = 0.1
 
     def __init__(self, seconds: float | None, tokens: int) -> None:
         self.seconds, self.spent, self.stopped = seconds, 0.0, False
@@ -447,9 +454,9 @@ class _Deadline:
         return {"seconds": self.elapsed(), "stopped": self.stopped}
 
     def after_generation(self, strategy: Strategy, evaluator: Evaluator, progress) -> None:
-        """Finish ``strategy`` (or stop) when its next generation and its finishing tokens
-        would not fit in the budget at the slower of this session's and the last
-        generation's seconds per token."""
+        """Finish ``strategy`` (or stop) when its next generation and its finishing tokens,
+        padded by ``margin``, would not fit in the budget at the slower of this session's and
+        the last generation's seconds per token."""
         now, tokens = time.perf_counter(), evaluator.tokens
         gen_seconds, gen_tokens = now - self.t_gen, tokens - self.tokens_gen
         self.t_gen, self.tokens_gen = now, tokens
@@ -457,7 +464,7 @@ class _Deadline:
             return
         rates = [gen_seconds / max(gen_tokens, 1), (now - self.t0) / max(tokens - self.tokens, 1)]
         finishing = getattr(strategy, "finishing_tokens", lambda: 0)() * max(rates)
-        if self.elapsed() + gen_seconds + finishing <= self.seconds:
+        if self.elapsed() + (gen_seconds + finishing) * (1 + self.margin) <= self.seconds:
             return
         if hasattr(strategy, "finish"):
             strategy.finish()

@@ -68,6 +68,10 @@ class EvoPressConfig:
             (:func:`~evosearch.operators.switch_neighbours`), raced through the same stages;
             they stop after the first that keeps the best parent (a local optimum at the
             racing's fidelity). Meant for small neighbourhoods (layer drop: ``k * (n - k)``).
+        polish_stages: the racing stages of a polish generation (``None``: ``stages``), e.g.
+            a cheap first stage over the whole neighbourhood and a final one on many more
+            tokens than an evolution generation affords, where the last few candidates differ
+            by less than a short batch can tell. Its last stage keeps as many as ``stages``'s.
         polish_moves: the neighbourhood a polish generation races: ``"all"`` one-switch
             neighbours, or ``"local"`` ones only (:func:`~evosearch.operators.local_neighbours`:
             for layer drop, at most ``2k`` targets once the dropped blocks form runs).
@@ -89,6 +93,7 @@ class EvoPressConfig:
     locality: float = 0.0
     polish: int = 0
     polish_moves: str = "all"
+    polish_stages: tuple[Stage, ...] | None = None
     max_seconds: float | None = None
 
     def __post_init__(self) -> None:
@@ -100,9 +105,16 @@ class EvoPressConfig:
             raise ValueError(f"initial_population must be >= 0, got {self.initial_population}")
         if not self.stages:
             raise ValueError("stages must not be empty")
-        object.__setattr__(
-            self, "stages", tuple(s if isinstance(s, Stage) else Stage(**s) for s in self.stages)
-        )
+        object.__setattr__(self, "stages", _as_stages(self.stages))
+        if self.polish_stages is not None:
+            object.__setattr__(self, "polish_stages", _as_stages(self.polish_stages))
+            if not self.polish_stages:
+                raise ValueError("polish_stages must not be empty (None: the stages)")
+            if self.polish_stages[-1].survivors != self.parents:
+                raise ValueError(
+                    f"polish_stages must end keeping {self.parents} (as stages do), "
+                    f"got {self.polish_stages[-1].survivors}"
+                )
         if self.max_switches < 1:
             raise ValueError(f"max_switches must be >= 1, got {self.max_switches}")
         if not 0 <= self.locality <= 1:
@@ -118,13 +130,22 @@ class EvoPressConfig:
     def parents(self) -> int:
         return self.stages[-1].survivors
 
-    def generation_tokens(self, pool: int) -> int:
+    def racing(self, polishing: bool = False) -> tuple[Stage, ...]:
+        """The stages of an evolution generation, or of a polish generation."""
+        return self.polish_stages if polishing and self.polish_stages else self.stages
+
+    def generation_tokens(self, pool: int, polishing: bool = False) -> int:
         """Calibration tokens of one generation whose first stage races ``pool`` genomes (each
         later stage: the previous stage's survivors plus the parents), none memoised."""
-        later = zip(self.stages, self.stages[1:])
-        return pool * self.stages[0].tokens + sum(
+        stages = self.racing(polishing)
+        later = zip(stages, stages[1:])
+        return pool * stages[0].tokens + sum(
             s.tokens * (p.survivors + self.parents) for p, s in later
         )
+
+
+def _as_stages(stages) -> tuple[Stage, ...]:
+    return tuple(s if isinstance(s, Stage) else Stage(**s) for s in stages)
 
 
 @dataclass
@@ -272,6 +293,10 @@ class EvoPress:
         """Whether the current generation is a polish generation (see ``polish``)."""
         return self.generation > self.last_generation
 
+    @property
+    def _stages(self) -> tuple[Stage, ...]:
+        return self.config.racing(self.polishing)
+
     def finish(self) -> None:
         """End the search early (between generations): no more evolution generations, only
         the polish (if any); called during the polish, end it too. The loop calls it when its
@@ -289,7 +314,7 @@ class EvoPress:
         generation (its pool raced through every stage), or 0."""
         if self.polishing or not self.config.polish or not self.parents:
             return 0
-        return self.config.generation_tokens(len(self._polish_pool()))
+        return self.config.generation_tokens(len(self._polish_pool()), polishing=True)
 
     def ask(self) -> Request | None:
         """The next genomes to evaluate, or ``None`` when the search is finished."""
@@ -297,7 +322,7 @@ class EvoPress:
             return None
         if self._pool is None:
             self._pool = self._new_pool()
-        tokens = self.config.stages[self.stage].tokens
+        tokens = self._stages[self.stage].tokens
         genomes = tuple(m.genome for m in self._pool)
         parents = tuple(m.genome for m in self._pool if m.is_parent)
         return Request(self.generation, self.stage, tokens, genomes, parents)
@@ -308,7 +333,7 @@ class EvoPress:
         ranked = sorted(range(len(pool)), key=lambda i: (pool[i].value, i))
         if self.stage == 0:
             self._switches.update([pool[i].genome for i in ranked if not pool[i].is_parent])
-        last = self.stage == len(self.config.stages) - 1
+        last = self.stage == len(self._stages) - 1
         if last:
             before = self.parents[0].genome if self.parents else None
             self.parents = [
@@ -331,7 +356,7 @@ class EvoPress:
             self.stage = 0
             self._pool = None
         else:
-            keep = self.config.stages[self.stage].survivors
+            keep = self._stages[self.stage].survivors
             challengers = [i for i in ranked if not pool[i].is_parent][:keep]
             kept = sorted({i for i in range(len(pool)) if pool[i].is_parent} | set(challengers))
             self._pool = [pool[i] for i in kept]

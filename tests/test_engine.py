@@ -427,6 +427,42 @@ def test_a_time_budget_ends_the_evolution_early_then_polishes_within_it(setup, m
     assert spent + (unlimited / (long.generations + 2)) > budget * 0.9
 
 
+class SlowingFitness(TimedFitness):
+    """A machine that slows down: each evaluation costs ``slowdown`` times the one before."""
+
+    def __init__(self, clock: FakeClock, slowdown: float) -> None:
+        super().__init__(clock)
+        self.slowdown = slowdown
+
+    def __call__(self, candidate, batch) -> float:
+        self.per_token *= self.slowdown
+        return super().__call__(candidate, batch)
+
+
+def _overshoots(setup, monkeypatch, margin: float) -> list[float]:
+    """Budgets (out of 12) that a search on a machine 0.5 % slower per evaluation overshoots,
+    with the deadline's prediction padded by ``margin``."""
+    import evosearch.engine as engine
+
+    model, data, dense, _, space = setup
+    monkeypatch.setattr(engine._Deadline, "margin", margin)
+    monkeypatch.setattr(engine, "time", clock := FakeClock())
+    long = dataclasses.replace(CONFIG, generations=40, polish=1)
+    over = []
+    for budget in range(10, 130, 10):
+        clock.now = 0.0
+        strategy = EvoPress(space, config=long, rng=np.random.default_rng(0))
+        evaluator = Evaluator(model, space, SlowingFitness(clock, 1.005), dense)
+        search(strategy, evaluator, data, max_seconds=budget, progress=None)
+        over += [budget] if clock.now > budget else []
+    return over
+
+
+def test_the_time_budget_is_padded_against_a_machine_that_slows_down(setup, monkeypatch):
+    assert _overshoots(setup, monkeypatch, margin=0.0)  # the bare prediction overshoots
+    assert _overshoots(setup, monkeypatch, margin=0.1) == []
+
+
 def test_a_time_budget_stops_a_strategy_without_finish_at_a_generation(setup, monkeypatch):
     from evosearch.strategies import MultiBudgetEvoPress
 

@@ -222,6 +222,8 @@ def test_random_search_spends_the_same_evaluations_as_evopress():
         (dict(locality=-0.1), "locality"),
         (dict(polish=-1), "polish"),
         (dict(polish_moves="some"), "polish_moves"),
+        (dict(polish_stages=()), "polish_stages"),
+        (dict(polish_stages=[Stage(tokens=8, survivors=3)]), "polish_stages must end keeping"),
     ],
 )
 def test_config_validation_names_the_argument(kwargs, match):
@@ -435,6 +437,27 @@ def test_finish_ends_the_evolution_then_polishes_and_survives_resume():
         started = evopress(3, config)
         started.ask()
         started.finish()
+
+
+def test_polish_stages_race_the_polish_generations_only():
+    stages = (
+        Stage(tokens=1, survivors=3),
+        Stage(tokens=5, survivors=2),
+        Stage(tokens=9, survivors=1),
+    )
+    config = dataclasses.replace(POLISH, polish=1, polish_stages=stages)
+    strategy = evopress(3, config)
+    log = drive(strategy, binary_code)
+    evolution = {(r.stage, r.tokens) for r, _ in log if r.generation <= config.generations}
+    polish = [r for r, _ in log if r.generation > config.generations]
+    assert evolution == {(0, 1), (1, 1)}
+    assert [(r.stage, r.tokens, len(r.genomes)) for r in polish][1:] == [(1, 5, 4), (2, 9, 3)]
+    assert strategy.history[-1].get("polish") and strategy.done
+    probe = evopress(3, config)
+    drive(probe, binary_code, stop_after_generation=1)
+    assert probe.finishing_tokens() == sum(
+        len(r.genomes) * r.tokens for r in _polish_requests(probe)
+    )
 
 
 def _polish_requests(strategy: EvoPress) -> list[Request]:

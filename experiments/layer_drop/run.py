@@ -64,7 +64,7 @@ def generations_for(budget: float, loop: EvoPressConfig, neighbours: int) -> int
     ``polish``, one polish generation over ``neighbours`` genomes."""
     fixed = loop.generation_tokens(loop.initial_population)
     if loop.polish:
-        fixed += loop.generation_tokens(neighbours + loop.parents)
+        fixed += loop.generation_tokens(neighbours + loop.parents, polishing=True)
     return max(0, int((budget - fixed) // loop.generation_tokens(loop.offspring + loop.parents)))
 
 
@@ -157,6 +157,7 @@ def search_k(
         locality=args.locality,
         polish=args.polish,
         polish_moves=args.polish_moves,
+        polish_stages=[dict(tokens=t, survivors=s) for t, s in args.polish_stages] or None,
     )
     # a polish round races the elite's neighbourhood: all k * (n - k) switches, or about
     # 3 local ones per dropped unit once the drops form runs
@@ -231,13 +232,15 @@ def _progress(k: int, seed: int):
 def _plain(loop: EvoPressConfig) -> dict:
     d = dict(loop.__dict__)
     d["stages"] = [[s.tokens, s.survivors] for s in loop.stages]
+    if loop.polish_stages:
+        d["polish_stages"] = [[s.tokens, s.survivors] for s in loop.polish_stages]
     return d
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--drops", default="7,4,11")
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--seeds", default="0,1,2", help="'' runs the heuristics only")
     p.add_argument(
         "--sublayers", default="", help="A:M,...: also sublayer searches (A attention, M MLP)"
     )
@@ -255,6 +258,7 @@ def main() -> None:
     p.add_argument("--locality", type=float, default=0.5)
     p.add_argument("--polish", type=int, default=3)
     p.add_argument("--polish-moves", default="local", choices=("all", "local"))
+    p.add_argument("--polish-stages", default="", help="tokens:survivors,... ('': --stages)")
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data-dir", default=str(DEFAULT_DATA))
@@ -266,11 +270,14 @@ def main() -> None:
     )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.seeds = [int(s) for s in args.seeds.split(",") if s]  # none: the heuristics only
     args.fitness = args.fitness.split(",")
     if bad := set(args.fitness) - {"kl", "ppl"}:
         p.error(f"--fitness takes kl and ppl, not {sorted(bad)}")
-    args.stages = [tuple(int(x) for x in s.split(":")) for s in args.stages.split(",")]
+    args.stages, args.polish_stages = (
+        [tuple(int(x) for x in s.split(":")) for s in text.split(",") if s]
+        for text in (args.stages, args.polish_stages)
+    )
     data = Path(args.data_dir) / "wikitext-2-raw"
     args.calibration = str(data / "wiki.valid.raw")
     held_out = HeldOut(str(data / "wiki.test.raw"), args.eval_windows)
