@@ -1,8 +1,9 @@
 """Render results_equal_time.json (the search from random genomes at SLEB's wall time) and,
 when present, results_sublayers.json (sublayer searches at several attention/MLP splits) as
-results_equal_time.md.
+results_equal_time.md; or another results file of run.py, given as the argument, as the same
+name with ``.md``.
 
-.venv/bin/python experiments/layer_drop/make_table_equal_time.py
+.venv/bin/python experiments/layer_drop/make_table_equal_time.py [results.json]
 """
 
 from __future__ import annotations
@@ -95,10 +96,11 @@ def _best_heuristic(run: dict) -> tuple[str, float] | tuple[None, None]:
     return name, value
 
 
-def main() -> None:
-    r = json.loads((HERE / "results_equal_time.json").read_text())
+def main(argv: list[str]) -> None:
+    path = Path(argv[0]) if argv else HERE / "results_equal_time.json"
+    r = json.loads(path.read_text())
     extra = HERE / "results_sublayers.json"
-    splits = json.loads(extra.read_text()) if extra.is_file() else None
+    splits = json.loads(extra.read_text()) if extra.is_file() and not argv else None
     s = r["settings"]
     lines = [
         "# Layer drop on SmolLM2-135M: the search from random genomes at SLEB's wall time",
@@ -114,7 +116,7 @@ def main() -> None:
         f"{s['sleb_tokens']} calibration tokens per step. Search: no warm start "
         f"({s['initial_population']} random genomes), {s['offspring']} offspring, stages "
         f"{s['stages']}, locality {s['locality']}, polish {s['polish']} ({s['polish_moves']} "
-        f"moves), {_budget_rule(s)}. Held out: the first "
+        f"moves{_polish_stages(s)}), {_budget_rule(s)}. Held out: the first "
         f"{s['eval_windows']} non-overlapping 1,024-token windows of WikiText-2 *test*, fp32.",
         "",
     ]
@@ -146,8 +148,12 @@ def main() -> None:
         ]
     if "dense_heldout_ppl" in r:
         lines += [f"Dense model, held out: {r['dense_heldout_ppl']:.2f}.", ""]
-    (HERE / "results_equal_time.md").write_text("\n".join(lines))
+    path.with_suffix(".md").write_text("\n".join(lines))
+
+
+def _polish_stages(s: dict) -> str:
+    return f", stages {s['polish_stages']}" if s.get("polish_stages") else ""
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
