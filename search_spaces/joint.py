@@ -308,7 +308,7 @@ class JointSpace(CompositeSpace):
         per weight on SmolLM2, the bits-only start scores KL 6.5, and dropping 6 middle
         blocks for more bits 2.4."""
         starts = [self.start_genome(k) for k in range(len(self.budgets))]
-        drop = self.parts[0]
+        drop = next(p for p in self.parts if p.name == "drop")
         if not drop_order or not any(drop.max_levels):
             return starts
         n = len(drop.max_levels)
