@@ -58,10 +58,6 @@ class LevelSpec:
         switch_size: levels one mutation switch moves (as far as both units allow); a space
             whose levels are finer than its natural step (e.g. a sparsity range's aligned
             ladders) sets it so a switch moves about as many weights as one natural step.
-        links: pairs of units that count as next to each other for locality moves
-            (:func:`~evosearch.operators.local_switch`), beside each group's neighbours in
-            unit order: e.g. the attention and the MLP of one block, so that a dropped MLP may
-            move to a block whose attention is dropped and make it a whole dropped block.
     """
 
     max_levels: tuple[int, ...]
@@ -69,16 +65,11 @@ class LevelSpec:
     budgets: dict[int, int] = field(hash=False)
     names: tuple[str, ...] = ()
     switch_size: int = 1
-    links: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         n = len(self.max_levels)
         if n == 0:
             raise ValueError("a LevelSpec needs at least one unit")
-        if bad := [
-            p for p in self.links if len(p) != 2 or p[0] == p[1] or not set(p) <= set(range(n))
-        ]:
-            raise ValueError(f"links must pair two distinct units of 0..{n - 1}, got {bad}")
         if len(self.groups) != n:
             raise ValueError(f"groups has {len(self.groups)} entries, max_levels has {n}")
         if self.names and len(self.names) != n:

@@ -80,8 +80,7 @@ def local_switch(
 ) -> Genome:
     """Locality mutation: ``n_switches`` times, a level switch (one unit down, another of its
     group up) whose receiving unit lies next to a unit that holds a level (the previous or
-    the next of its group's units, in unit order, or one ``spec.links`` pairs it with: for
-    sublayer drop, the other sublayer of its block). For layer drop, a dropped block moves to a
+    the next of its group's units, in unit order). For layer drop, a dropped block moves to a
     kept block adjacent to a dropped one: it slides along, or joins, a run of dropped blocks,
     instead of landing anywhere. Each switch is drawn uniformly among such moves and moves
     ``spec.switch_size`` levels as far as both units allow, like
@@ -103,13 +102,11 @@ def local_switch(
 
 def _local_moves(levels: list[int], spec: LevelSpec) -> list[tuple[int, int]]:
     """Every ``(down, up)`` pair of a group whose ``up`` unit has room and is adjacent to a
-    unit holding a level (its neighbour in the group's unit order, or a unit it is linked to
-    by ``spec.links``)."""
+    unit holding a level."""
     moves = []
-    pairs = [*spec.links, *((b, a) for a, b in spec.links)]
     for g in sorted(spec.budgets):
         units = spec.units_of(g)
-        near = {a for a, b in pairs if levels[b] > 0}
+        near = set()
         for a, b in zip(units, units[1:]):
             if levels[a] > 0:
                 near.add(b)

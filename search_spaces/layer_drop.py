@@ -114,7 +114,6 @@ class LayerDropSpace:
                 groups=(0,) * n_blocks + (1,) * n_blocks,
                 budgets={0: attention_drop, 1: num_drop},
                 names=names,
-                links=tuple((i, n_blocks + i) for i in sorted(allowed_set)),
             )
         else:
             self.spec = LevelSpec(

@@ -291,7 +291,6 @@ def test_local_switch_gives_a_level_to_a_unit_next_to_one_that_holds_levels(name
         units = spec.units_of(spec.groups[up])
         k = units.index(up)
         neighbours = units[max(k - 1, 0) : k] + units[k + 1 : k + 2]
-        neighbours += [b for a, b in spec.links if a == up] + [a for a, b in spec.links if b == up]
         assert any(parent.levels[u] > 0 for u in neighbours)
 
 
@@ -309,21 +308,6 @@ def test_local_switch_slides_or_joins_runs_of_dropped_blocks():
     # one of 0, 4, 5 moves to 1, 3 or 6 (the kept blocks next to a dropped one): 9 moves
     expected = {tuple(sorted({0, 4, 5} - {i} | {j})) for i in (0, 4, 5) for j in (1, 3, 6)}
     assert children == expected and len(expected) == 9
-
-
-def test_a_sublayer_local_switch_may_complete_a_whole_dropped_block():
-    space = LayerDropSpace(10, num_drop=1, sublayers=True, attention_drop=1)
-    parent = space.from_dropped(attention=[2], mlp=[7])
-    moved = {
-        tuple(tuple(sorted(part)) for part in space.dropped(child))
-        for child in local_neighbours(parent, space.spec)
-    }  # fmt: skip
-    # a sublayer slides next door, or joins the other sublayer of its block (the link)
-    assert moved == {
-        ((1,), (7,)), ((3,), (7,)), ((7,), (7,)), ((2,), (6,)), ((2,), (8,)), ((2,), (2,)),
-    }  # fmt: skip
-    with pytest.raises(ValueError, match="links"):
-        LevelSpec(max_levels=(1, 1), groups=(0, 0), budgets={0: 1}, links=((0, 0),))
 
 
 def test_local_switch_is_the_identity_when_nothing_can_move_and_is_seeded():
