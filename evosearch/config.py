@@ -319,7 +319,7 @@ class SearchConfig:
         self._check_strategy()
         polish = self.strategy.loop.polish_stages
         if self.selection_training and polish and len(polish) != len(self.stages):
-            raise ValueError("selection_training needs polish_stages as many as the stages")
+            raise ValueError("selection_training needs as many polish_stages as stages")
         if self.selection_training and len(self.selection_training.tokens) != len(self.stages):
             raise ValueError(
                 f"selection_training.tokens needs one entry per stage ({len(self.stages)}), "

@@ -115,6 +115,8 @@ class EvoPressConfig:
                     f"polish_stages must end keeping {self.parents} (as stages do), "
                     f"got {self.polish_stages[-1].survivors}"
                 )
+            if not self.polish:
+                raise ValueError("polish_stages needs polish >= 1")
         if self.max_switches < 1:
             raise ValueError(f"max_switches must be >= 1, got {self.max_switches}")
         if not 0 <= self.locality <= 1:

@@ -224,6 +224,7 @@ def test_random_search_spends_the_same_evaluations_as_evopress():
         (dict(polish_moves="some"), "polish_moves"),
         (dict(polish_stages=()), "polish_stages"),
         (dict(polish_stages=[Stage(tokens=8, survivors=3)]), "polish_stages must end keeping"),
+        (dict(polish_stages=[Stage(tokens=8, survivors=1)]), "polish_stages needs polish"),
     ],
 )
 def test_config_validation_names_the_argument(kwargs, match):
