@@ -488,10 +488,12 @@ def _add_search_command(sub) -> None:
         help="hypervolume reference point: fitness,objective...",
     )
     _add_loop_flags(p)
+    _add_run_flags(p)
+    _add_runner_flags(p)
 
 
 def _add_loop_flags(p: argparse.ArgumentParser) -> None:
-    """The search loop, baselines, resume and runner flags of ``search``."""
+    """The search loop of ``search``: generations, mutation, racing, polish, time budget."""
     p.add_argument("--generations", type=int)
     p.add_argument("--offspring", type=int)
     p.add_argument(
@@ -538,6 +540,10 @@ def _add_loop_flags(p: argparse.ArgumentParser) -> None:
         help="wall-clock budget of the search: end the evolution early (then polish) when "
         "the next generation would not fit; --generations becomes an upper bound",
     )
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    """What ``search`` compares with, starts from and does with its run folder."""
     p.add_argument(
         "--baselines",
         type=_csv(),
@@ -559,6 +565,10 @@ def _add_loop_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="delete the run in --out and start over"
     )
+
+
+def _add_runner_flags(p: argparse.ArgumentParser) -> None:
+    """Where ``search`` evaluates its candidates (in process or on a Ray cluster)."""
     p.add_argument("--runner", choices=["inprocess", "ray"], help="where candidates are evaluated")
     p.add_argument("--workers", type=int, help="Ray evaluator workers (--runner ray)")
     p.add_argument(

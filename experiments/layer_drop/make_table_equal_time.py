@@ -88,6 +88,10 @@ def _budget_rule(s: dict) -> str:
     return f"generations chosen so that its calibration tokens fit in {s['budget']}× SLEB's"
 
 
+def _polish_stages(s: dict) -> str:
+    return f", stages {s['polish_stages']}" if s.get("polish_stages") else ""
+
+
 def _best_heuristic(run: dict) -> tuple[str, float] | tuple[None, None]:
     scored = [(run["methods"][h].get("heldout_ppl"), h) for h in HEURISTICS]
     if any(v is None for v, _ in scored):
@@ -149,10 +153,6 @@ def main(argv: list[str]) -> None:
     if "dense_heldout_ppl" in r:
         lines += [f"Dense model, held out: {r['dense_heldout_ppl']:.2f}.", ""]
     path.with_suffix(".md").write_text("\n".join(lines))
-
-
-def _polish_stages(s: dict) -> str:
-    return f", stages {s['polish_stages']}" if s.get("polish_stages") else ""
 
 
 if __name__ == "__main__":
