@@ -13,7 +13,9 @@ calibration tokens, as generations), timed in the same process under the same lo
 search's fitness is ``--fitness``: ``kl`` (KL from the dense model, the product's default) or
 ``ppl`` (calibration perplexity, what SLEB ranks by and what the held-out score measures). With
 ``--sublayers A:M,...``, the same search drops ``A`` attention and ``M`` MLP sublayers, once
-per split, on the token budget of SLEB at ``--sublayer-k`` blocks; each split's parameters
+per split, on ``--sublayer-budget`` (default ``--budget``) times SLEB's budget at
+``--sublayer-k`` blocks (a greedy SLEB over sublayers would try about four times as many
+removals as over blocks); each split's parameters
 are recorded (``params_fraction``), so it is compared with the whole-block heuristics at the
 same or a smaller parameter cut. A bare ``K`` means ``K:K`` (the parameters of ``K`` blocks).
 
@@ -65,6 +67,7 @@ def generations_for(budget: float, loop: EvoPressConfig, neighbours: int) -> int
     fixed = loop.generation_tokens(loop.initial_population)
     if loop.polish:
         fixed += loop.generation_tokens(neighbours + loop.parents, polishing=True)
+    fixed += loop.final_tokens * loop.final_candidates
     return max(0, int((budget - fixed) // loop.generation_tokens(loop.offspring + loop.parents)))
 
 
@@ -148,7 +151,8 @@ def search_k(
         sleb_seconds = out["methods"]["sleb"]["seconds"]
     out["sleb_seconds"] = sleb_seconds
     k_sleb = out.get("sleb_k", k)  # a sublayer split: SLEB's budget at that many blocks
-    budget = args.budget * sleb_tokens_spent(len(space.allowed), k_sleb, args.sleb_tokens)
+    scale = args.sublayer_budget if sublayers and args.sublayer_budget else args.budget
+    budget = scale * sleb_tokens_spent(len(space.allowed), k_sleb, args.sleb_tokens)
     loop = EvoPressConfig(
         generations=1,
         offspring=args.offspring,
@@ -158,6 +162,8 @@ def search_k(
         polish=args.polish,
         polish_moves=args.polish_moves,
         polish_stages=[dict(tokens=t, survivors=s) for t, s in args.polish_stages] or None,
+        final_tokens=args.final_tokens,
+        final_candidates=args.final_candidates,
     )
     # a polish round races the elite's neighbourhood: all k * (n - k) switches, or about
     # 3 local ones per dropped unit once the drops form runs
@@ -167,7 +173,7 @@ def search_k(
         neighbours = 3 * units_dropped
     generations, seconds = generations_for(budget, loop, neighbours), None
     if args.budget_kind == "time":  # the generations are only an upper bound
-        generations, seconds = 1000, args.budget * sleb_seconds
+        generations, seconds = 1000, scale * sleb_seconds
     loop = dataclasses.replace(loop, generations=generations, max_seconds=seconds)
     out.update(
         search_tokens_budget=int(budget), search_seconds_budget=seconds, loop=_plain(loop),
@@ -192,6 +198,8 @@ def search_k(
             "tokens": result.tokens,
             "generations_run": strategy.generation,
             "polish_generations": sum(1 for h in strategy.history if h.get("polish")),
+            # distinct best genomes, the most recent first (the final choice's candidates)
+            "elites": list(dict.fromkeys(h["best"] for h in strategy.history[::-1])),
         }
         print(f"k={k} sublayers={sublayers} seed {seed}: {space.describe(result.best)} "
               f"{secs}s (sleb {sleb_seconds}s) load {load}", flush=True)  # fmt: skip
@@ -251,6 +259,10 @@ def main() -> None:
     p.add_argument("--sleb-tokens", type=int, default=2048)
     p.add_argument("--budget", type=float, default=1.0, help="search budget / SLEB's")
     p.add_argument("--budget-kind", default="time", choices=("time", "tokens"))
+    p.add_argument(
+        "--sublayer-budget", type=float, help="the sublayer searches' budget / SLEB's at "
+        "--sublayer-k blocks (default: --budget)"
+    )
     p.add_argument("--fitness", default="kl", help="the search's fitness: kl, ppl or kl,ppl")
     p.add_argument("--offspring", type=int, default=16)
     p.add_argument("--initial-population", type=int, default=32)
@@ -259,6 +271,8 @@ def main() -> None:
     p.add_argument("--polish", type=int, default=3)
     p.add_argument("--polish-moves", default="local", choices=("all", "local"))
     p.add_argument("--polish-stages", default="", help="tokens:survivors,... ('': --stages)")
+    p.add_argument("--final-tokens", type=int, default=0, help="the final choice's tokens")
+    p.add_argument("--final-candidates", type=int, default=3)
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data-dir", default=str(DEFAULT_DATA))
