@@ -37,8 +37,6 @@ _OVERRIDES = {
     "polish": "polish",
     "polish_moves": "polish_moves",
     "max_seconds": "max_seconds",
-    "final_tokens": "final_tokens",
-    "final_candidates": "final_candidates",
     "data": "data",
     "data_config": "data_config",
     "data_split": "data_split",
@@ -535,15 +533,6 @@ def _add_loop_flags(p: argparse.ArgumentParser) -> None:
         type=_stages,
         help="racing stages of a polish generation (default: --stages), e.g. a final stage "
         "on many more tokens; its last keeps as many as --stages's",
-    )
-    p.add_argument(
-        "--final-tokens",
-        type=int,
-        help="after the evolution and the polish, race the last distinct elites once more on "
-        "this many tokens and keep the winner (0: none)",
-    )
-    p.add_argument(
-        "--final-candidates", type=int, help="how many distinct elites --final-tokens races"
     )
     p.add_argument(
         "--max-seconds",

@@ -320,8 +320,6 @@ class SearchConfig:
         polish = self.strategy.loop.polish_stages
         if self.selection_training and polish and len(polish) != len(self.stages):
             raise ValueError("selection_training needs as many polish_stages as stages")
-        if self.selection_training and self.strategy.loop.final_tokens:
-            raise ValueError("selection_training does not support final_tokens (set it to 0)")
         if self.selection_training and len(self.selection_training.tokens) != len(self.stages):
             raise ValueError(
                 f"selection_training.tokens needs one entry per stage ({len(self.stages)}), "
@@ -375,12 +373,11 @@ class SearchConfig:
                 "drop_range (--drop-range LOW,HIGH), sparsity_range (--sparsity-range LOW,HIGH) "
                 "or the space's own range (e.g. the joint space's bits_range)"
             )
-        for key in ("polish", "final_tokens"):
-            if getattr(self.strategy.loop, key) and (name not in ("evopress", "random") or ranged):
-                raise ValueError(
-                    f"{key} is for single-budget evopress or random search (got strategy "
-                    f"{name}, range {ranged})"
-                )
+        if self.strategy.loop.polish and (name not in ("evopress", "random") or ranged):
+            raise ValueError(
+                "polish is for single-budget evopress or random search (got strategy "
+                f"{name}, range {ranged})"
+            )
         if self.strategy.budget_focus is not None and (name != "evopress" or not ranged):
             raise ValueError(
                 "budget_focus is for multi-budget evopress: a drop_range or sparsity_range "
@@ -486,7 +483,6 @@ FLAT_KEYS: dict[str, tuple[str, ...]] = {
         k: ("strategy", "loop", k)
         for k in ("locality", "polish", "polish_moves", "polish_stages", "max_seconds")
     },
-    **{k: ("strategy", "loop", k) for k in ("final_tokens", "final_candidates")},
     **{k: ("strategy", k) for k in ("budget_focus", "offset_steps", "sampler_tokens")},
     "runner": ("runner", "name"),
     "workers": ("runner", "ray", "workers"),

@@ -79,13 +79,6 @@ class EvoPressConfig:
             (:func:`~evosearch.engine.search`) ends the evolution early when the next
             generation and the polish would not fit in it, then runs the polish; so
             ``generations`` becomes an upper bound.
-        final_tokens: after the evolution and the polish, the distinct best genomes of the
-            last generations (up to ``final_candidates``, the most recent first) race once more
-            on one batch of this many tokens, and its winner is the result (0: none). The last
-            few elites often differ by less than an evolution stage's batch can tell, so the
-            elite flips between them from batch to batch; a final choice on many tokens picks
-            the best of them for a few candidates' cost. Reserved in the time budget.
-        final_candidates: how many distinct recent elites the final choice compares (>= 2).
     """
 
     generations: int = 20
@@ -102,8 +95,6 @@ class EvoPressConfig:
     polish_moves: str = "all"
     polish_stages: tuple[Stage, ...] | None = None
     max_seconds: float | None = None
-    final_tokens: int = 0
-    final_candidates: int = 3
 
     def __post_init__(self) -> None:
         if self.generations < 0:
@@ -136,10 +127,6 @@ class EvoPressConfig:
             raise ValueError(f"polish_moves must be 'all' or 'local', got {self.polish_moves!r}")
         if self.max_seconds is not None and not self.max_seconds > 0:
             raise ValueError(f"max_seconds must be > 0, got {self.max_seconds}")
-        if self.final_tokens < 0:
-            raise ValueError(f"final_tokens must be >= 0, got {self.final_tokens}")
-        if self.final_candidates < 2:
-            raise ValueError(f"final_candidates must be >= 2, got {self.final_candidates}")
 
     @property
     def parents(self) -> int:
@@ -148,11 +135,6 @@ class EvoPressConfig:
     def racing(self, polishing: bool = False) -> tuple[Stage, ...]:
         """The stages of an evolution generation, or of a polish generation."""
         return self.polish_stages if polishing and self.polish_stages else self.stages
-
-    @property
-    def final_stages(self) -> tuple[Stage, ...]:
-        """The one stage of the final choice (:attr:`final_tokens`)."""
-        return (Stage(tokens=self.final_tokens, survivors=self.parents),)
 
     def generation_tokens(self, pool: int, polishing: bool = False) -> int:
         """Calibration tokens of one generation whose first stage races ``pool`` genomes (each
@@ -295,7 +277,6 @@ class EvoPress:
         self._pool: list[_Member] | None = None
         self._switches = _SwitchCount(self.config, space.spec.n_units, space=space)
         self.settled = False  # a polish generation kept the best parent
-        self.decided = False  # the final choice (final_tokens) has been made
         self.last_generation = self.config.generations  # moved earlier by finish()
         self.last_polish = self.config.generations + self.config.polish
 
@@ -304,12 +285,7 @@ class EvoPress:
     @property
     def done(self) -> bool:
         """True once the last generation has been told (``ask`` then returns ``None``): the
-        last evolution generation, the polish generations until one keeps the best, then the
-        final choice (``final_tokens``) when there is one to make."""
-        return self._polished and not self.deciding
-
-    @property
-    def _polished(self) -> bool:
+        last evolution generation, then the polish generations until one keeps the best."""
         if self.generation <= self.last_generation:
             return False
         return self.settled or self.generation > self.last_polish
@@ -317,30 +293,18 @@ class EvoPress:
     @property
     def polishing(self) -> bool:
         """Whether the current generation is a polish generation (see ``polish``)."""
-        return self.generation > self.last_generation and not self._polished
-
-    @property
-    def deciding(self) -> bool:
-        """Whether the current generation is the final choice (see ``final_tokens``)."""
-        if not self._polished or self.decided or not self.config.final_tokens:
-            return False
-        return len(self._finalists()) > 1
+        return self.generation > self.last_generation
 
     @property
     def _stages(self) -> tuple[Stage, ...]:
-        if self.deciding:
-            return self.config.final_stages
         return self.config.racing(self.polishing)
 
     def finish(self) -> None:
         """End the search early (between generations): no more evolution generations, only
-        the polish (if any) and the final choice; called during the polish, end the polish
-        too. The final choice, reserved in :meth:`finishing_tokens`, is still made. The loop
-        calls it when its wall-clock budget runs short."""
+        the polish (if any); called during the polish, end it too. The loop calls it when its
+        wall-clock budget runs short."""
         if self._pool is not None:
             raise RuntimeError("finish() is only available between generations")
-        if self._polished:
-            return
         if self.polishing:
             self.last_polish = self.generation - 1
         else:
@@ -349,16 +313,10 @@ class EvoPress:
 
     def finishing_tokens(self) -> int:
         """Calibration tokens the search still needs once :meth:`finish` is called: one polish
-        generation (its pool raced through every stage) unless it is polishing, plus the final
-        choice (``final_candidates`` genomes, at most) unless it was made; 0 once done."""
-        if not self.parents or self.done:
+        generation (its pool raced through every stage), or 0."""
+        if self.polishing or not self.config.polish or not self.parents:
             return 0
-        tokens = 0
-        if not self._polished and not self.polishing and self.config.polish:
-            tokens = self.config.generation_tokens(len(self._polish_pool()), polishing=True)
-        if not self.decided:
-            tokens += self.config.final_tokens * self.config.final_candidates
-        return tokens
+        return self.config.generation_tokens(len(self._polish_pool()), polishing=True)
 
     def ask(self) -> Request | None:
         """The next genomes to evaluate, or ``None`` when the search is finished."""
@@ -375,13 +333,11 @@ class EvoPress:
         """Fitness values (lower is better) for ``request.genomes``, in order."""
         pool = _scored_pool(self, request, values)
         ranked = sorted(range(len(pool)), key=lambda i: (pool[i].value, i))
-        deciding = self.deciding
-        if self.stage == 0 and not deciding:
+        if self.stage == 0:
             self._switches.update([pool[i].genome for i in ranked if not pool[i].is_parent])
         last = self.stage == len(self._stages) - 1
         if last:
             before = self.parents[0].genome if self.parents else None
-            polishing = self.polishing
             self.parents = [
                 _Member(pool[i].genome, pool[i].value, True) for i in ranked[: self.config.parents]
             ]
@@ -393,10 +349,7 @@ class EvoPress:
                     "tokens": request.tokens,
                 }
             )
-            if deciding:
-                self.history[-1]["final"] = True
-                self.decided = True
-            elif polishing:
+            if self.polishing:
                 self.history[-1]["polish"] = True
                 self.settled = self.parents[0].genome == before
             if self.config.adaptive_switches:
@@ -440,16 +393,7 @@ class EvoPress:
                 members.append(_Member(genome))
         return members
 
-    def _finalists(self) -> list[Genome]:
-        """The distinct best genomes of the last generations, the most recent first (the
-        current best parent first), up to ``final_candidates``."""
-        keys = dict.fromkeys(h["best"] for h in reversed(self.history))
-        return [Genome.from_key(k) for k in list(keys)[: self.config.final_candidates]]
-
     def _new_pool(self) -> list[_Member]:
-        if self.deciding:
-            parents = {p.genome for p in self.parents}
-            return [_Member(g, is_parent=g in parents) for g in self._finalists()]
         if self.polishing:
             return self._polish_pool()
         if self.generation == 0:
@@ -487,7 +431,6 @@ class EvoPress:
             "rng": self.rng.bit_generator.state,
             "switch_scale": self._switches.m,
             "settled": self.settled,
-            "decided": self.decided,
             "last_generation": self.last_generation,
             "last_polish": self.last_polish,
         }
@@ -498,7 +441,6 @@ class EvoPress:
         self.stage = 0
         self._pool = None
         self.settled = state.get("settled", False)
-        self.decided = state.get("decided", False)
         self.last_generation = state.get("last_generation", self.config.generations)
         self.last_polish = state.get("last_polish", self.last_generation + self.config.polish)
         self.parents = [_Member(Genome.from_key(k), v, True) for k, v in state["parents"]]

@@ -225,8 +225,6 @@ def test_random_search_spends_the_same_evaluations_as_evopress():
         (dict(polish_stages=()), "polish_stages"),
         (dict(polish_stages=[Stage(tokens=8, survivors=3)]), "polish_stages must end keeping"),
         (dict(polish_stages=[Stage(tokens=8, survivors=1)]), "polish_stages needs polish"),
-        (dict(final_tokens=-1), "final_tokens"),
-        (dict(final_candidates=1), "final_candidates"),
     ],
 )
 def test_config_validation_names_the_argument(kwargs, match):
@@ -419,9 +417,6 @@ def test_polish_is_refused_for_a_budget_range_and_optuna():
         SearchConfig.from_dict(dict(drop_range=(2, 4), polish=2))
     with pytest.raises(ValueError, match="polish"):
         SearchConfig.from_dict(dict(num_drop=2, polish=2, strategy="tpe"))
-    assert SearchConfig.from_dict(dict(num_drop=2, final_tokens=64)).strategy.loop.final_tokens
-    with pytest.raises(ValueError, match="final_tokens is for single-budget"):
-        SearchConfig.from_dict(dict(drop_range=(2, 4), final_tokens=64))
 
 
 def test_finish_ends_the_evolution_then_polishes_and_survives_resume():
@@ -473,66 +468,3 @@ def _polish_requests(strategy: EvoPress) -> list[Request]:
     probe.load_state_dict(json.loads(json.dumps(strategy.state_dict())))
     probe.finish()
     return [r for r, _ in drive(probe, binary_code)]
-
-
-FINAL = dataclasses.replace(POLISH, generations=8, polish=1, final_tokens=1000)
-
-
-def noisy_below(final_tokens: int):
-    """``binary_code`` plus noise that depends on the genome and the generation, at every
-    fidelity below ``final_tokens``; exact at ``final_tokens`` (the elite flips between
-    generations, as it does on short batches of real text)."""
-
-    def fitness(genome, request):
-        if request.tokens >= final_tokens:
-            return binary_code(genome)
-        noise = np.random.default_rng([request.generation, *genome.levels]).normal(0, 150)
-        return binary_code(genome) + noise
-
-    return fitness
-
-
-def test_final_choice_races_the_distinct_recent_elites_on_many_tokens():
-    strategy = evopress(4, FINAL)
-    log = drive(strategy, noisy_below(FINAL.final_tokens))
-    final, values = log[-1]
-    elites = list(dict.fromkeys(h["best"] for h in strategy.history[-2::-1]))
-    assert len(elites) >= 2  # the noise made the elite flip
-    assert final.tokens == 1000 and final.stage == 0
-    assert [g.key() for g in final.genomes] == elites[: FINAL.final_candidates]
-    assert strategy.history[-1].get("final") and strategy.done and strategy.ask() is None
-    assert strategy.best == (final.genomes[int(np.argmin(values))], min(values))
-    assert [r for r, _ in log[:-1] if r.tokens == 1000] == []  # only the final choice
-
-
-def test_final_choice_is_reserved_by_finish_and_survives_resume():
-    config = dataclasses.replace(FINAL, generations=10)
-    fitness = noisy_below(config.final_tokens)
-    strategy = evopress(0, config)
-    drive(strategy, fitness, stop_after_generation=1)
-    polish = [r for r in _polish_requests(strategy) if r.tokens < 1000]
-    assert polish and strategy.finishing_tokens() == (
-        sum(len(r.genomes) * r.tokens for r in polish) + 3 * 1000
-    )
-    strategy.finish()
-    drive(strategy, fitness, stop_after_generation=2)  # the polish generation
-    assert len({h["best"] for h in strategy.history}) >= 2 and not strategy.done
-    assert strategy.finishing_tokens() == 3 * 1000
-    state = json.loads(json.dumps(strategy.state_dict()))
-    strategy.finish()  # the final choice was reserved: finish() does not cancel it
-    log = drive(strategy, fitness)
-    assert [r.tokens for r, _ in log] == [1000] and strategy.done
-    assert strategy.finishing_tokens() == 0
-    resumed = evopress(99, config)
-    resumed.load_state_dict(state)
-    assert _trace(drive(resumed, fitness)) == _trace(log)
-    assert resumed.best == strategy.best
-
-
-def test_no_final_choice_when_the_elite_never_changed():
-    optimum = SPACE.from_dropped(blocks=[0, 1, 2])
-    strategy = evopress(0, dataclasses.replace(FINAL, polish=0), initial=[optimum])
-    log = drive(strategy, binary_code)
-    assert {h["best"] for h in strategy.history} == {optimum.key()}
-    assert strategy.done and all(r.tokens < 1000 for r, _ in log)
-    assert strategy.finishing_tokens() == 0

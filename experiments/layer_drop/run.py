@@ -67,7 +67,6 @@ def generations_for(budget: float, loop: EvoPressConfig, neighbours: int) -> int
     fixed = loop.generation_tokens(loop.initial_population)
     if loop.polish:
         fixed += loop.generation_tokens(neighbours + loop.parents, polishing=True)
-    fixed += loop.final_tokens * loop.final_candidates
     return max(0, int((budget - fixed) // loop.generation_tokens(loop.offspring + loop.parents)))
 
 
@@ -162,8 +161,6 @@ def search_k(
         polish=args.polish,
         polish_moves=args.polish_moves,
         polish_stages=[dict(tokens=t, survivors=s) for t, s in args.polish_stages] or None,
-        final_tokens=args.final_tokens,
-        final_candidates=args.final_candidates,
     )
     # a polish round races the elite's neighbourhood: all k * (n - k) switches, or about
     # 3 local ones per dropped unit once the drops form runs
@@ -260,8 +257,9 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=1.0, help="search budget / SLEB's")
     p.add_argument("--budget-kind", default="time", choices=("time", "tokens"))
     p.add_argument(
-        "--sublayer-budget", type=float, help="the sublayer searches' budget / SLEB's at "
-        "--sublayer-k blocks (default: --budget)"
+        "--sublayer-budget",
+        type=float,
+        help="the sublayer searches' budget / SLEB's at --sublayer-k blocks (default: --budget)",
     )
     p.add_argument("--fitness", default="kl", help="the search's fitness: kl, ppl or kl,ppl")
     p.add_argument("--offspring", type=int, default=16)
@@ -271,8 +269,6 @@ def main() -> None:
     p.add_argument("--polish", type=int, default=3)
     p.add_argument("--polish-moves", default="local", choices=("all", "local"))
     p.add_argument("--polish-stages", default="", help="tokens:survivors,... ('': --stages)")
-    p.add_argument("--final-tokens", type=int, default=0, help="the final choice's tokens")
-    p.add_argument("--final-candidates", type=int, default=3)
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data-dir", default=str(DEFAULT_DATA))
