@@ -79,13 +79,19 @@ def _fitness(s: dict) -> str:
 
 
 def _budget_rule(s: dict) -> str:
+    sublayers = ""
+    if s.get("sublayer_budget"):
+        sublayers = f" ({s['sublayer_budget']}× for the sublayer searches)"
     if s.get("budget_kind", "tokens") == "time":
         return (
             f"a wall-clock budget of {s['budget']}× SLEB's seconds at the same number of "
-            "blocks (`max_seconds`: the evolution ends when the next generation and the polish "
-            "would not fit)"
+            f"blocks{sublayers} (`max_seconds`: the evolution ends when the next generation "
+            "and the polish would not fit)"
         )
-    return f"generations chosen so that its calibration tokens fit in {s['budget']}× SLEB's"
+    return (
+        f"generations chosen so that its calibration tokens fit in {s['budget']}× SLEB's"
+        f"{sublayers}"
+    )
 
 
 def _polish_stages(s: dict) -> str:

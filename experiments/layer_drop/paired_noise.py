@@ -1,0 +1,81 @@
+"""Per-sequence perplexity of 4-block drops on every 512-token window of WikiText-2 *valid*
+(bf16), and how many calibration tokens a paired comparison needs to rank them.
+
+    .venv/bin/python experiments/layer_drop/paired_noise.py score \
+        '[[12,13,14,26],[13,14,17,26],[13,14,15,17]]' /tmp/noise/seq.json
+    .venv/bin/python experiments/layer_drop/paired_noise.py analyse /tmp/noise/seq.json
+
+``score`` writes each genome's ``(total NLL, tokens)`` per window; ``analyse`` prints each
+genome's perplexity on all windows, the mean and standard deviation of the per-window
+difference of mean NLL between two genomes, the windows a 2-standard-error decision needs, and
+how often a random subset of windows ranks the pair as all windows do. Output:
+``paired_noise.log``. Issue 24, part 4, 4/30 blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import DEFAULT_DATA, config_for  # noqa: E402
+
+from evosearch import Problem  # noqa: E402
+from evosearch.evaluation import Batch, Candidate  # noqa: E402
+from evosearch.genome import Genome  # noqa: E402
+from evosearch.jobs.models import load_eval_data  # noqa: E402
+from evosearch.surgery import apply_replacements  # noqa: E402
+from fitness.perplexity import Perplexity  # noqa: E402
+
+
+def score(genomes: list[list[int]], out: Path) -> None:
+    torch.set_num_threads(2)
+    valid = str(DEFAULT_DATA / "wikitext-2-raw" / "wiki.valid.raw")
+    args = argparse.Namespace(calibration=valid, n_sequences=32, seq_len=512, sleb_tokens=2048)
+    problem = Problem(config_for(args, 4, False), log=lambda _: None)
+    model = problem.model.to(torch.bfloat16)
+    data = load_eval_data(valid, problem.tokenizer, 512, 521)  # every window of the split
+    print("windows", data.n_sequences, flush=True)
+    n, result = problem.space.n_blocks, {}
+    for drop in genomes:
+        genome = Genome(tuple(1 if i in drop else 0 for i in range(n)))
+        t0, candidate = time.time(), Candidate(model, genome, sequences=[])
+        with apply_replacements(model, problem.space.replacements(model, genome)):
+            batch = Batch(tuple(range(data.n_sequences)), data.input_ids)
+            Perplexity(micro_batch=4).partial(candidate, batch)
+        result[str(drop)] = candidate.sequences
+        print(drop, f"{time.time() - t0:.0f}s", flush=True)
+        out.write_text(json.dumps(result))
+
+
+def analyse(path: Path) -> None:
+    per_window = json.loads(path.read_text())
+    names = list(per_window)
+    nll = {k: np.array([t for t, _ in v]) for k, v in per_window.items()}
+    count = np.array([c for _, c in per_window[names[0]]])
+    for k in names:
+        print(k, "ppl", np.exp(nll[k].sum() / count.sum()))
+    rng = np.random.default_rng(0)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            diff = (nll[a] - nll[b]) / count  # per window: difference of mean NLL
+            m, s = diff.mean(), diff.std()
+            print(f"{a} - {b}: mean {m:.5f} per-seq std {s:.4f}; "
+                  f"seqs for 2 SE: {(2 * s / abs(m)) ** 2:.0f}")  # fmt: skip
+            for n in (4, 16, 32, 64, 128, 256):
+                picks = [rng.choice(len(diff), n, replace=False) for _ in range(4000)]
+                wins = np.mean([diff[p].mean() < 0 for p in picks])
+                print(f"   {n} seqs ({n * 512} tok): P({a} wins) = {wins:.3f}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "score":
+        score(json.loads(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        analyse(Path(sys.argv[2]))
