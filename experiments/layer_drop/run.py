@@ -94,6 +94,31 @@ class HeldOut:
         return self.memo["dense"]
 
 
+def aligned_genome(space: LayerDropSpace, rng: np.random.Generator):
+    """A random sublayer genome whose drops form whole blocks where they can: ``min(A, M)``
+    random blocks lose both sublayers, the remaining ``|A - M|`` drops of the larger kind land
+    on other random blocks (``--sublayer-init aligned``)."""
+    a, m = space.attention_drop, space.num_drop
+    both = rng.choice(space.allowed, min(a, m), replace=False).tolist()
+    rest = [i for i in space.allowed if i not in both]
+    extra = rng.choice(rest, abs(a - m), replace=False).tolist()
+    return space.from_dropped(
+        attention=both + (extra if a > m else []), mlp=both + (extra if m > a else [])
+    )
+
+
+def initial_for(args, space: LayerDropSpace, seed: int) -> list:
+    """The initial genomes of a search: none (the strategy draws random ones), or with
+    ``--sublayer-init aligned`` a sublayer search's whole initial population, drawn by
+    :func:`aligned_genome` from its own stream of ``seed``."""
+    if not (space.sublayers and args.sublayer_init == "aligned"):
+        return []
+    rng, out = np.random.default_rng([seed, 1]), {}
+    while len(out) < args.initial_population:
+        out[aligned_genome(space, rng)] = None
+    return list(out)
+
+
 def timed(fn, *args, **kwargs):
     """``(fn(*args, **kwargs), seconds, load average at the end)``."""
     t0 = time.perf_counter()
@@ -177,7 +202,9 @@ def search_k(
         fitness=args.fitness,
     )  # fmt: skip
     for fit, seed in itertools.product(args.fitness, args.seeds if seeds is None else seeds):
-        strategy = EvoPress(space, config=loop, rng=np.random.default_rng(seed))
+        initial = initial_for(args, space, seed)
+        start = dataclasses.replace(loop, initial_population=0) if initial else loop
+        strategy = EvoPress(space, config=start, rng=np.random.default_rng(seed), initial=initial)
         evaluator = problem.evaluator()
         if fit == "ppl":
             evaluator = dataclasses.replace(evaluator, fitness=Perplexity())
@@ -251,6 +278,12 @@ def main() -> None:
     )
     p.add_argument("--sublayer-k", type=int, default=7, help="SLEB's budget at K blocks")
     p.add_argument("--sublayer-seeds", default="0", help="seeds of the sublayer search")
+    p.add_argument(
+        "--sublayer-init",
+        default="random",
+        choices=("random", "aligned"),
+        help="the sublayer searches' initial genomes: random, or random whole blocks first",
+    )
     p.add_argument("--n-sequences", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--sleb-tokens", type=int, default=2048)
