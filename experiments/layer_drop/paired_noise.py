@@ -14,37 +14,26 @@ how often a random subset of windows ranks the pair as all windows do. Output:
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import DEFAULT_DATA, config_for  # noqa: E402
+from rank_on_valid import valid_windows  # noqa: E402
 
-from evosearch import Problem  # noqa: E402
 from evosearch.evaluation import Batch, Candidate  # noqa: E402
-from evosearch.genome import Genome  # noqa: E402
-from evosearch.jobs.models import load_eval_data  # noqa: E402
 from evosearch.surgery import apply_replacements  # noqa: E402
 from fitness.perplexity import Perplexity  # noqa: E402
 
 
 def score(genomes: list[list[int]], out: Path) -> None:
-    torch.set_num_threads(2)
-    valid = str(DEFAULT_DATA / "wikitext-2-raw" / "wiki.valid.raw")
-    args = argparse.Namespace(calibration=valid, n_sequences=32, seq_len=512, sleb_tokens=2048)
-    problem = Problem(config_for(args, 4, False), log=lambda _: None)
-    model = problem.model.to(torch.bfloat16)
-    data = load_eval_data(valid, problem.tokenizer, 512, 521)  # every window of the split
-    print("windows", data.n_sequences, flush=True)
-    n, result = problem.space.n_blocks, {}
+    problem, model, data = valid_windows(4, 512, 521)  # every 512-token window of the split
+    result = {}
     for drop in genomes:
-        genome = Genome(tuple(1 if i in drop else 0 for i in range(n)))
+        genome = problem.space.from_dropped(blocks=drop)
         t0, candidate = time.time(), Candidate(model, genome, sequences=[])
         with apply_replacements(model, problem.space.replacements(model, genome)):
             batch = Batch(tuple(range(data.n_sequences)), data.input_ids)

@@ -21,23 +21,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import DEFAULT_DATA, config_for  # noqa: E402
 
 from evosearch import Problem  # noqa: E402
-from evosearch.genome import Genome  # noqa: E402
 from evosearch.jobs.models import evaluate_perplexity, load_eval_data  # noqa: E402
 from evosearch.surgery import apply_replacements  # noqa: E402
 
 
-def main() -> None:
+def valid_windows(k: int, seq_len: int, windows: int):
+    """``(problem, bf16 model, windows)``: SmolLM2 with a ``k``-block drop space and
+    ``windows`` non-overlapping ``seq_len``-token windows of WikiText-2 *valid*."""
     torch.set_num_threads(2)
-    k, windows, genomes = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
     valid = str(DEFAULT_DATA / "wikitext-2-raw" / "wiki.valid.raw")
     args = argparse.Namespace(calibration=valid, n_sequences=32, seq_len=512, sleb_tokens=2048)
     problem = Problem(config_for(args, k, False), log=lambda _: None)
     model = problem.model.to(torch.bfloat16)
-    data = load_eval_data(valid, problem.tokenizer, 1024, windows)
+    data = load_eval_data(valid, problem.tokenizer, seq_len, windows)
     print("windows", data.n_sequences, flush=True)
-    n = problem.space.n_blocks
+    return problem, model, data
+
+
+def main() -> None:
+    k, windows, genomes = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
+    problem, model, data = valid_windows(k, 1024, windows)
     for drop in genomes:
-        genome = Genome(tuple(1 if i in drop else 0 for i in range(n)))
+        genome = problem.space.from_dropped(blocks=drop)
         t0 = time.time()
         with apply_replacements(model, problem.space.replacements(model, genome)):
             ppl = evaluate_perplexity(model, data)

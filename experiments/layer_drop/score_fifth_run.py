@@ -9,10 +9,11 @@ calibration KL / perplexity and held-out perplexity of the aligned-start sublaye
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
-sys.path.insert(0, "/work/main/experiments/layer_drop")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import DEFAULT_DATA, HeldOut, at_budget, config_for, score_kl
 
 from evosearch import Problem
@@ -28,16 +29,16 @@ held = HeldOut(str(data / "wiki.test.raw"), 40)
 aligned = json.load(open("/tmp/ld5/results_aligned_12.json"))
 run = aligned["sublayer_runs"]["9:7"]
 score_kl(args, problem, run)
+p = at_budget(problem, config_for(args, 7, True, 9))
 for name, m in run["methods"].items():
-    p = at_budget(problem, config_for(args, 7, True, 9))
     m["heldout_ppl"] = held(p, Genome.from_key(m["genome"]))
     print("aligned", name, m["calibration_ppl"], m["heldout_ppl"], flush=True)
     json.dump(aligned, open("/tmp/ld5/scored_aligned_12.json", "w"), indent=1)
 r = json.load(open("/tmp/ld5/results_final_4.json"))
 out = {}
+p = at_budget(problem, config_for(args, 4, False))
 for name, m in r["runs"]["4"]["methods"].items():
     if name in ("search_0", "search_2", "angular"):
-        p = at_budget(problem, config_for(args, 4, False))
         out[name] = (m["genome"], held(p, Genome.from_key(m["genome"])))
         print("final4", name, out[name], flush=True)
         json.dump(out, open("/tmp/ld5/heldout_final4.json", "w"), indent=1)
