@@ -26,6 +26,7 @@ _OVERRIDES = {
     "drop": "num_drop",
     "drop_fraction": "drop_fraction",
     "attention_drop": "attention_drop",
+    "sublayer_init": "sublayer_init",
     "fitness": "fitness",
     "strategy": "strategy",
     "generations": "generations",
@@ -148,6 +149,12 @@ def _add_layer_drop_flags(p: argparse.ArgumentParser) -> None:
         "--attention-drop",
         type=int,
         help="with --sublayers: attention sublayers to drop (--drop is then the MLP count)",
+    )
+    p.add_argument(
+        "--sublayer-init",
+        choices=("aligned", "random"),
+        help="with --sublayers: the initial genomes, whole random blocks first (aligned, "
+        "the default) or random sublayers",
     )
     p.add_argument("--allowed", type=_int_list, help="blocks that may be dropped, e.g. 2-27")
 

@@ -462,7 +462,7 @@ FLAT_KEYS: dict[str, tuple[str, ...]] = {
     "seq_len": ("data", "seq_len"),
     "space": ("space", "name"),
     **{k: ("space", k) for k in ("num_drop", "drop_fraction", "sublayers", "allowed")},
-    "attention_drop": ("space", "attention_drop"),
+    **{k: ("space", k) for k in ("attention_drop", "sublayer_init")},
     **{k: ("space", k) for k in ("drop_range", "sleb_tokens", "sparsity", "pruner", "pattern")},
     **{k: ("space", k) for k in ("level_step", "max_level_shift", "max_total_shift")},
     "sparsity_range": ("space", "sparsity_range"),

@@ -24,7 +24,9 @@ class SearchSpace(Protocol):
     bool`` (a bound beyond the group budgets; infeasible genomes are never evaluated) and
     ``repair(genome, rng=None) -> Genome`` (applied to every new genome first, e.g. to spend a
     budget a mutation left unspent; with ``rng=None`` it must be deterministic, as Optuna's
-    decoded genomes need).
+    decoded genomes need), and ``initial_genome(rng) -> Genome`` (a genome for a search's
+    initial population, where a structured start beats :meth:`random_genome`; e.g. a sublayer
+    drop that starts from whole blocks).
     """
 
     name: str

@@ -244,7 +244,8 @@ class EvoPress:
     """(μ+λ) evolution with budget-preserving level-switch mutation and racing selection.
 
     Args:
-        space: a search space (needs ``spec`` and ``random_genome``).
+        space: a search space (needs ``spec`` and ``random_genome``; generation 0 draws from
+            its ``initial_genome`` where it has one).
         config: loop hyper-parameters.
         rng: the only source of randomness.
         variation: ``f(parent, rng) -> Genome``; default: EvoPress level-switch mutation.
@@ -399,7 +400,8 @@ class EvoPress:
         if self.generation == 0:
             members = [_Member(g) for g in self.initial]
             seen = set(self.initial)
-            makers = [self.space.random_genome] * self.config.initial_population
+            start = getattr(self.space, "initial_genome", self.space.random_genome)
+            makers = [start] * self.config.initial_population
         else:
             members = [_Member(p.genome, is_parent=True) for p in self.parents]
             seen = {p.genome for p in self.parents}

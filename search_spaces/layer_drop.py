@@ -61,6 +61,9 @@ class LayerDropSpace:
             fewer parameters than an MLP, so a parameter budget may trade one for several).
         allowed: block indices that may be dropped (default: all).
         counts: the model's parameter counts, for :meth:`metrics` (see :func:`param_counts`).
+        sublayer_init: with ``sublayers``, how a search's initial genomes are drawn
+            (:meth:`initial_genome`): ``"aligned"`` (default) drops whole random blocks first,
+            ``"random"`` drops random sublayers of each kind.
 
     Example:
         >>> space = LayerDropSpace(30, num_drop=7)
@@ -80,6 +83,7 @@ class LayerDropSpace:
         attention_drop: int | None = None,
         allowed: tuple[int, ...] | list[int] | None = None,
         counts: ParamCounts | None = None,
+        sublayer_init: str | None = None,
     ) -> None:
         if n_blocks < 1:
             raise ValueError(f"n_blocks must be >= 1, got {n_blocks}")
@@ -93,6 +97,7 @@ class LayerDropSpace:
         attention_drop = num_drop if attention_drop is None else attention_drop
         if attention_drop != num_drop and not sublayers:
             raise ValueError("attention_drop needs sublayers=True")
+        _check_sublayer_init(sublayer_init, sublayers)
         for name, k in (("num_drop", num_drop), ("attention_drop", attention_drop)):
             if not 0 <= k <= len(allowed_set):
                 raise ValueError(
@@ -102,6 +107,7 @@ class LayerDropSpace:
         self.num_drop = num_drop
         self.attention_drop = attention_drop
         self.sublayers = sublayers
+        self.sublayer_init = (sublayer_init or "aligned") if sublayers else None
         self.allowed = tuple(sorted(allowed_set))
         self.counts = counts
         per_block = tuple(1 if i in allowed_set else 0 for i in range(n_blocks))
@@ -129,7 +135,11 @@ class LayerDropSpace:
             "n_blocks": self.n_blocks,
             "num_drop": self.num_drop,
             "sublayers": self.sublayers,
-            **({"attention_drop": self.attention_drop} if self.sublayers else {}),
+            **(
+                {"attention_drop": self.attention_drop, "sublayer_init": self.sublayer_init}
+                if self.sublayers
+                else {}
+            ),
             "allowed": list(self.allowed),
         }
 
@@ -166,6 +176,27 @@ class LayerDropSpace:
 
     def random_genome(self, rng: np.random.Generator) -> Genome:
         return random_genome(self.spec, rng)
+
+    def initial_genome(self, rng: np.random.Generator) -> Genome:
+        """A genome for a search's initial population.
+
+        A random genome, except for a sublayer space with ``sublayer_init="aligned"``:
+        ``min(A, M)`` random blocks lose both sublayers, and the other ``|A - M|`` drops of
+        the larger kind land on other random blocks. Whole blocks are what a good sublayer
+        drop mostly consists of; on SmolLM2 (9 attention + 7 MLP sublayers) a search started
+        from them beat every whole-block heuristic in 3 of 3 seeds, one from random sublayer
+        genomes in 1 of 3 (``experiments/layer_drop/README.md``). Mutations still move single
+        sublayers.
+        """
+        if self.sublayer_init != "aligned":
+            return self.random_genome(rng)
+        a, m = self.attention_drop, self.num_drop
+        both = rng.choice(self.allowed, min(a, m), replace=False).tolist()
+        rest = [i for i in self.allowed if i not in both]
+        extra = rng.choice(rest, abs(a - m), replace=False).tolist()
+        return self.from_dropped(
+            attention=both + (extra if a > m else []), mlp=both + (extra if m > a else [])
+        )
 
     # -- materialisation ------------------------------------------------------------------
 
@@ -256,6 +287,9 @@ class LayerDropConfig:
         drop_range: ``(low, high)`` or ``(low, high, step)``: search every number of dropped
             blocks in this range (a multi-budget search tracing KL against size).
         sleb_tokens: calibration tokens per evaluation of the SLEB baseline.
+        sublayer_init: with ``sublayers``, the initial genomes of a search: ``"aligned"``
+            (default: whole random blocks first) or ``"random"`` (see
+            :meth:`LayerDropSpace.initial_genome`).
     """
 
     num_drop: int | None = None
@@ -265,6 +299,7 @@ class LayerDropConfig:
     allowed: tuple[int, ...] | None = None
     drop_range: tuple[int, ...] | None = None
     sleb_tokens: int = 4096
+    sublayer_init: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("allowed", "drop_range"):
@@ -287,6 +322,7 @@ class LayerDropConfig:
             )
         if self.sleb_tokens < 1:
             raise ValueError(f"sleb_tokens must be >= 1, got {self.sleb_tokens}")
+        _check_sublayer_init(self.sublayer_init, self.sublayers)
         if self.attention_drop is not None:
             if not self.sublayers:
                 raise ValueError("attention_drop needs sublayers: true")
@@ -297,6 +333,19 @@ class LayerDropConfig:
     def budget_range(self) -> tuple[int, ...] | None:
         """The range of a multi-budget search, or ``None``."""
         return self.drop_range
+
+
+SUBLAYER_INITS = ("aligned", "random")
+
+
+def _check_sublayer_init(value: str | None, sublayers: bool) -> None:
+    if value is None:
+        return
+    if value not in SUBLAYER_INITS:
+        choices = ", ".join(SUBLAYER_INITS)
+        raise ValueError(f"sublayer_init must be one of {choices}, got {value!r}")
+    if not sublayers:
+        raise ValueError("sublayer_init needs sublayers: true")
 
 
 def resolve_num_drop(config: LayerDropConfig, n_blocks: int) -> int:
@@ -328,6 +377,7 @@ def build(ctx) -> LayerDropSpace:
         attention_drop=config.attention_drop,
         allowed=config.allowed,
         counts=param_counts(ctx.model),
+        sublayer_init=config.sublayer_init,
     )
 
 

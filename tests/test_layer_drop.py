@@ -268,3 +268,70 @@ def test_attention_drop_reaches_the_space_from_the_command_line():
                 ["search", "--model", "m", "--out", "r", "--drop", "2", "--attention-drop", "5"]
             )
         )
+
+
+@pytest.mark.parametrize("attention_drop, mlp_drop", [(5, 3), (2, 4), (3, 3)])
+def test_aligned_initial_genomes_drop_whole_blocks_first(attention_drop, mlp_drop):
+    allowed = (1, 2, 3, 4, 5, 6, 7, 8)
+    space = LayerDropSpace(
+        10, num_drop=mlp_drop, sublayers=True, attention_drop=attention_drop, allowed=allowed
+    )
+    assert space.sublayer_init == "aligned"  # the default with sublayers
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(50):
+        genome = space.initial_genome(rng)
+        attention, mlp = space.dropped(genome)
+        assert space.spec.is_valid(genome)
+        assert (len(attention), len(mlp)) == (attention_drop, mlp_drop)
+        assert len(attention & mlp) == min(attention_drop, mlp_drop)  # whole blocks
+        assert attention | mlp <= set(allowed)
+        seen.add(genome)
+    assert len(seen) > 10  # random, not one fixed genome
+
+
+def test_random_sublayer_init_and_block_spaces_start_from_random_genomes():
+    random_init = LayerDropSpace(12, num_drop=4, sublayers=True, sublayer_init="random")
+    blocks = LayerDropSpace(12, num_drop=4)
+    for space in (random_init, blocks):
+        a, b = np.random.default_rng(3), np.random.default_rng(3)
+        assert [space.initial_genome(a) for _ in range(5)] == [
+            space.random_genome(b) for _ in range(5)
+        ]
+    rng = np.random.default_rng(0)
+    overlaps = {
+        len(set.intersection(*random_init.dropped(random_init.initial_genome(rng))))
+        for _ in range(50)
+    }
+    assert overlaps != {4}  # random sublayers are not all whole blocks
+    assert random_init.config()["sublayer_init"] == "random"
+    assert "sublayer_init" not in blocks.config()
+
+
+def test_evopress_draws_its_first_generation_from_the_spaces_initial_genomes():
+    from evosearch.strategies import EvoPress, EvoPressConfig
+
+    space = LayerDropSpace(12, num_drop=3, sublayers=True, attention_drop=4)
+    strategy = EvoPress(
+        space, config=EvoPressConfig(initial_population=8), rng=np.random.default_rng(0)
+    )
+    pool = strategy.ask().genomes
+    assert len(pool) == 8
+    for genome in pool:
+        attention, mlp = space.dropped(genome)
+        assert len(attention & mlp) == 3
+
+
+def test_sublayer_init_is_checked_and_reaches_the_space_from_the_command_line():
+    from evosearch.cli import _config, _parser
+
+    def config(*flags):
+        argv = ["search", "--model", "m", "--out", "r", "--drop", "2", *flags]
+        return _config(_parser().parse_args(argv)).space.settings
+
+    assert config("--sublayers", "--sublayer-init", "random").sublayer_init == "random"
+    assert config("--sublayers").sublayer_init is None  # the space's default: aligned
+    with pytest.raises(ValueError, match="sublayer_init needs sublayers"):
+        config("--sublayer-init", "random")
+    with pytest.raises(ValueError, match="sublayer_init must be one of aligned, random"):
+        LayerDropSpace(6, num_drop=1, sublayers=True, sublayer_init="blocks")

@@ -95,7 +95,9 @@ def _damaged_leveldb(c: Ctx) -> list[str]:
 
 def _sublayer_run_without_drops(c: Ctx) -> list[str]:
     run = c.tmp / "sub"
-    assert main(search_args(c.model, c.text, run, "--sublayers", "--generations", "0")) == 0
+    # 3 attention + 2 MLP sublayers: at least one attention sublayer alone, kept in the drops file
+    sub = ("--sublayers", "--attention-drop", "3", "--generations", "0")
+    assert main(search_args(c.model, c.text, run, *sub)) == 0
     (run / "model" / "evosearch_drops.json").unlink()
     return ["eval", str(run), "--ppl", str(c.text), "--seq-len", "16", "--windows", "1"]
 

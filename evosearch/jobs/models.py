@@ -88,7 +88,7 @@ PROMPT = "The history of the city begins in"
 
 def load_and_generate(load: Callable[[], Any], tokenizer, new_tokens: int = 32) -> dict[str, Any]:
     """Seconds to load a model with ``load()`` and to greedily generate ``new_tokens`` tokens
-    after a fixed prompt (on the CPU, with this process's threads)."""
+    after a fixed prompt (on the CPU, with this process's threads), and the text generated."""
     t0 = time.perf_counter()
     model = load()
     t1 = time.perf_counter()
@@ -101,6 +101,7 @@ def load_and_generate(load: Callable[[], Any], tokenizer, new_tokens: int = 32) 
         "load_seconds": round(t1 - t0, 2),
         "generate_seconds": round(time.perf_counter() - t1, 2),
         "new_tokens": int(out.shape[1] - ids.shape[1]),
+        "text": tokenizer.decode(out[0, ids.shape[1] :]),
     }
 
 

@@ -22,6 +22,10 @@ same or a smaller parameter cut. A bare ``K`` means ``K:K`` (the parameters of `
 Calibration: WikiText-2 *valid* only. Held out: the first ``--eval-windows`` non-overlapping
 1,024-token windows of WikiText-2 *test*, scored in fp32.
 
+``--sublayer-init aligned`` (the layer-drop space's default ``sublayer_init``) was a
+benchmark-only option up to commit a814495, drawing the initial genomes from their own random
+stream (``results_sublayers_25_2x_aligned_*.json``); the results before it used random ones.
+
 The earlier benchmark (``results.json``, ``results.md``, ``results_warm.json``) was made by
 this file at commit ada911c (``git show ada911c:experiments/layer_drop/run.py``).
 """
@@ -94,31 +98,6 @@ class HeldOut:
         return self.memo["dense"]
 
 
-def aligned_genome(space: LayerDropSpace, rng: np.random.Generator):
-    """A random sublayer genome whose drops form whole blocks where they can: ``min(A, M)``
-    random blocks lose both sublayers, the remaining ``|A - M|`` drops of the larger kind land
-    on other random blocks (``--sublayer-init aligned``)."""
-    a, m = space.attention_drop, space.num_drop
-    both = rng.choice(space.allowed, min(a, m), replace=False).tolist()
-    rest = [i for i in space.allowed if i not in both]
-    extra = rng.choice(rest, abs(a - m), replace=False).tolist()
-    return space.from_dropped(
-        attention=both + (extra if a > m else []), mlp=both + (extra if m > a else [])
-    )
-
-
-def initial_for(args, space: LayerDropSpace, seed: int) -> list:
-    """The initial genomes of a search: none (the strategy draws random ones), or with
-    ``--sublayer-init aligned`` a sublayer search's whole initial population, drawn by
-    :func:`aligned_genome` from its own stream of ``seed``."""
-    if not (space.sublayers and args.sublayer_init == "aligned"):
-        return []
-    rng, out = np.random.default_rng([seed, 1]), {}
-    while len(out) < args.initial_population:
-        out[aligned_genome(space, rng)] = None
-    return list(out)
-
-
 def timed(fn, *args, **kwargs):
     """``(fn(*args, **kwargs), seconds, load average at the end)``."""
     t0 = time.perf_counter()
@@ -132,6 +111,7 @@ def config_for(args, k: int, sublayers: bool, attention: int | None = None) -> S
             num_drop=k,
             sublayers=sublayers,
             **({"attention_drop": attention} if attention is not None else {}),
+            **({"sublayer_init": args.sublayer_init} if sublayers else {}),
             data=args.calibration,
             n_sequences=args.n_sequences,
             seq_len=args.seq_len,
@@ -150,6 +130,7 @@ def at_budget(problem: Problem, config: SearchConfig) -> Problem:
     problem.space = LayerDropSpace(
         problem.space.n_blocks, num_drop=s.num_drop, sublayers=s.sublayers,
         attention_drop=s.attention_drop, counts=problem.space.counts,
+        sublayer_init=s.sublayer_init,
     )  # fmt: skip
     return problem
 
@@ -202,9 +183,7 @@ def search_k(
         fitness=args.fitness,
     )  # fmt: skip
     for fit, seed in itertools.product(args.fitness, args.seeds if seeds is None else seeds):
-        initial = initial_for(args, space, seed)
-        start = dataclasses.replace(loop, initial_population=0) if initial else loop
-        strategy = EvoPress(space, config=start, rng=np.random.default_rng(seed), initial=initial)
+        strategy = EvoPress(space, config=loop, rng=np.random.default_rng(seed))
         evaluator = problem.evaluator()
         if fit == "ppl":
             evaluator = dataclasses.replace(evaluator, fitness=Perplexity())
@@ -280,9 +259,10 @@ def main() -> None:
     p.add_argument("--sublayer-seeds", default="0", help="seeds of the sublayer search")
     p.add_argument(
         "--sublayer-init",
-        default="random",
+        default="aligned",
         choices=("random", "aligned"),
-        help="the sublayer searches' initial genomes: random, or random whole blocks first",
+        help="the sublayer searches' initial genomes (the space's sublayer_init): random "
+        "sublayers, or random whole blocks first (the product's default)",
     )
     p.add_argument("--n-sequences", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)

@@ -33,6 +33,7 @@ from evosearch.data import DataSpec, load_token_data
 from evosearch.engine import Evaluator, search
 from evosearch.forward import compute_dense_cache
 from evosearch.genome import Genome
+from evosearch.jobs.models import load_and_generate
 from evosearch.models import load_model
 from evosearch.pipeline import evaluate_perplexity, load_eval_data
 from evosearch.strategies import EvoPress, EvoPressConfig, Stage
@@ -129,36 +130,14 @@ def candidate_logits(s: dict, space: QuantSpace, genome: Genome, ids: torch.Tens
         return model(input_ids=ids).logits
 
 
-def load_and_generate(load, tok, prompt: str, new_tokens: int = 32) -> dict:
-    """Seconds to load a model with ``load()`` and greedily generate ``new_tokens``."""
-    t0 = time.perf_counter()
-    model = load()
-    t1 = time.perf_counter()
-    ids = tok(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        out = model.generate(
-            ids, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens
-        )
-    t2 = time.perf_counter()
-    return {
-        "load_seconds": round(t1 - t0, 2),
-        "generate_seconds": round(t2 - t1, 2),
-        "new_tokens": int(out.shape[1] - ids.shape[1]),
-        "text": tok.decode(out[0, ids.shape[1] :]),
-    }, model
-
-
-PROMPT = "The history of the city begins in"
-
-
 def dense_latency(s: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
     from evosearch.models import cache_dir
 
     path = cache_dir() / MODEL if s["model_id"] == MODEL else Path(s["model_id"])
-    timing, _ = load_and_generate(
-        lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), s["tok"], PROMPT
+    timing = load_and_generate(
+        lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), s["tok"]
     )
     files = [p for p in path.iterdir() if p.is_file()]
     return {**timing, "file_bytes": sum(p.stat().st_size for p in files)}
@@ -170,10 +149,11 @@ def export_check(s, space, genome, out: Path, load) -> dict:
     if out.exists():
         shutil.rmtree(out)
     profile = space.save(s["model"], s["tok"], genome, str(out))
-    timing, loaded = load_and_generate(lambda: load(out), s["tok"], PROMPT)
+    loaded = []  # the model load_and_generate loaded, compared below
+    timing = load_and_generate(lambda: loaded.append(load(out)) or loaded[0], s["tok"])
     ids = s["test"].input_ids[:1, :256]
     with torch.no_grad():
-        got = loaded(input_ids=ids).logits.float()
+        got = loaded[0](input_ids=ids).logits.float()
     want = candidate_logits(s, space, genome, ids)
     return {
         "file_bytes": profile["file_bytes"],
@@ -265,7 +245,7 @@ def part_gguf(args) -> dict:
             s, space, genomes[name], out, lambda p: _gguf_loader(p / "model.gguf")
         )
         log(f"export {name}: {exports[name]}")
-    timing, _ = load_and_generate(lambda: _gguf_loader(shipped), s["tok"], PROMPT)
+    timing = load_and_generate(lambda: _gguf_loader(shipped), s["tok"])
     exports["shipped_q4_1_file"] = {"file_bytes": shipped.stat().st_size, **timing}
     return {
         "space": space.config(),
