@@ -323,6 +323,8 @@ class LayerDropConfig:
         if self.sleb_tokens < 1:
             raise ValueError(f"sleb_tokens must be >= 1, got {self.sleb_tokens}")
         _check_sublayer_init(self.sublayer_init, self.sublayers)
+        if self.sublayers and self.sublayer_init is None:  # explicit in the saved config
+            object.__setattr__(self, "sublayer_init", "aligned")
         if self.attention_drop is not None:
             if not self.sublayers:
                 raise ValueError("attention_drop needs sublayers: true")

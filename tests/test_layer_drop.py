@@ -330,7 +330,8 @@ def test_sublayer_init_is_checked_and_reaches_the_space_from_the_command_line():
         return _config(_parser().parse_args(argv)).space.settings
 
     assert config("--sublayers", "--sublayer-init", "random").sublayer_init == "random"
-    assert config("--sublayers").sublayer_init is None  # the space's default: aligned
+    assert config("--sublayers").sublayer_init == "aligned"  # the default, explicit
+    assert config().sublayer_init is None  # whole blocks: no sublayer start
     with pytest.raises(ValueError, match="sublayer_init needs sublayers"):
         config("--sublayer-init", "random")
     with pytest.raises(ValueError, match="sublayer_init must be one of aligned, random"):
