@@ -53,7 +53,7 @@ from evosearch.operators import switch_neighbours
 from evosearch.strategies import EvoPress, EvoPressConfig
 from evosearch.surgery import apply_replacements
 from fitness.perplexity import Perplexity
-from search_spaces.layer_drop import LayerDropSpace
+from search_spaces.layer_drop import SUBLAYER_INITS, LayerDropSpace
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = Path("/work/shared/data")
@@ -260,7 +260,7 @@ def main() -> None:
     p.add_argument(
         "--sublayer-init",
         default="aligned",
-        choices=("random", "aligned"),
+        choices=SUBLAYER_INITS,
         help="the sublayer searches' initial genomes (the space's sublayer_init): random "
         "sublayers, or random whole blocks first (the product's default)",
     )
