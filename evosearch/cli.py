@@ -77,13 +77,13 @@ _OVERRIDES = {
 
 
 def _stages(text: str) -> list[list[int]]:
-    """``"2048:2,16384:1"`` -> ``[[2048, 2], [16384, 1]]``."""
+    """``"2048:2,16384:1"`` -> ``[[2048, 2], [16384, 1]]`` (:meth:`Stage.parse`)."""
+    from evosearch.strategy import Stage
+
     try:
-        return [[int(x) for x in part.split(":")] for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"stages must look like 2048:2,16384:1 (tokens:survivors), got {text!r}"
-        ) from None
+        return [[s.tokens, s.survivors] for s in Stage.parse(text)]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _csv(cast=str):

@@ -42,6 +42,20 @@ class Stage:
         if self.survivors < 1:
             raise ValueError(f"Stage.survivors must be >= 1, got {self.survivors}")
 
+    @classmethod
+    def parse(cls, text: str) -> tuple[Stage, ...]:
+        """``"2048:2,16384:1"`` -> two stages (the command-line form); a one-line
+        ``ValueError`` names a malformed one."""
+        try:
+            pairs = [[int(x) for x in part.split(":")] for part in text.split(",")]
+            return tuple(cls(tokens=t, survivors=s) for t, s in pairs)
+        except ValueError as error:
+            if "Stage." in str(error):
+                raise
+            raise ValueError(
+                f"stages must look like 2048:2,16384:1 (tokens:survivors), got {text!r}"
+            ) from None
+
 
 @dataclass(frozen=True)
 class Request:

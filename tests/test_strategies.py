@@ -242,6 +242,19 @@ def test_stage_validation_and_dict_stages():
     assert config.parents == 2
 
 
+@pytest.mark.parametrize(
+    "text, match",
+    [("abc", "tokens:survivors"), ("16:2:1", "tokens:survivors"), ("16:0", "survivors")],
+)
+def test_stage_parse(text, match):
+    assert Stage.parse("16:2,64:1") == (
+        Stage(tokens=16, survivors=2),
+        Stage(tokens=64, survivors=1),
+    )
+    with pytest.raises(ValueError, match=match):
+        Stage.parse(text)
+
+
 def test_initial_genomes_join_generation_zero_and_must_fit_the_budget():
     space = LayerDropSpace(10, num_drop=3)
     seeds = [space.from_dropped(blocks=[0, 1, 2]), space.from_dropped(blocks=[7, 8, 9])]

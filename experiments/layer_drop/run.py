@@ -51,6 +51,7 @@ from evosearch.genome import Genome
 from evosearch.jobs.models import evaluate_perplexity, load_eval_data
 from evosearch.operators import switch_neighbours
 from evosearch.strategies import EvoPress, EvoPressConfig
+from evosearch.strategy import Stage
 from evosearch.surgery import apply_replacements
 from fitness.perplexity import Perplexity
 from search_spaces.layer_drop import SUBLAYER_INITS, LayerDropSpace
@@ -162,11 +163,11 @@ def search_k(
         generations=1,
         offspring=args.offspring,
         initial_population=args.initial_population,
-        stages=[dict(tokens=t, survivors=s) for t, s in args.stages],
+        stages=args.stages,
         locality=args.locality,
         polish=args.polish,
         polish_moves=args.polish_moves,
-        polish_stages=[dict(tokens=t, survivors=s) for t, s in args.polish_stages] or None,
+        polish_stages=args.polish_stages or None,
     )
     # a polish round races the elite's neighbourhood: all k * (n - k) switches, or about
     # 3 local ones per dropped unit once the drops form runs
@@ -240,11 +241,15 @@ def _progress(k: int, seed: int):
     return lambda line: print(f"k={k} seed {seed}: {line}", flush=True)
 
 
+def _pairs(stages) -> list[list[int]]:
+    return [[s.tokens, s.survivors] for s in stages]
+
+
 def _plain(loop: EvoPressConfig) -> dict:
     d = dict(loop.__dict__)
-    d["stages"] = [[s.tokens, s.survivors] for s in loop.stages]
+    d["stages"] = _pairs(loop.stages)
     if loop.polish_stages:
-        d["polish_stages"] = [[s.tokens, s.survivors] for s in loop.polish_stages]
+        d["polish_stages"] = _pairs(loop.polish_stages)
     return d
 
 
@@ -297,10 +302,12 @@ def main() -> None:
     args.fitness = args.fitness.split(",")
     if bad := set(args.fitness) - {"kl", "ppl"}:
         p.error(f"--fitness takes kl and ppl, not {sorted(bad)}")
-    args.stages, args.polish_stages = (
-        [tuple(int(x) for x in s.split(":")) for s in text.split(",") if s]
-        for text in (args.stages, args.polish_stages)
-    )
+    try:
+        args.stages, args.polish_stages = (
+            Stage.parse(text) if text else () for text in (args.stages, args.polish_stages)
+        )
+    except ValueError as error:
+        p.error(str(error))
     data = Path(args.data_dir) / "wikitext-2-raw"
     args.calibration = str(data / "wiki.valid.raw")
     held_out = HeldOut(str(data / "wiki.test.raw"), args.eval_windows)
@@ -309,7 +316,9 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
         f"{args.threads} torch threads, torch {torch.__version__}, CPU",
         "settings": {
-            k: v for k, v in vars(args).items() if k not in ("out", "data_dir", "calibration")
+            **{k: v for k, v in vars(args).items() if k not in ("out", "data_dir", "calibration")},
+            "stages": _pairs(args.stages),
+            "polish_stages": _pairs(args.polish_stages),
         },
         "status": "partial",
         "runs": {},
