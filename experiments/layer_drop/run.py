@@ -50,11 +50,12 @@ from evosearch.engine import search
 from evosearch.genome import Genome
 from evosearch.jobs.models import evaluate_perplexity, load_eval_data
 from evosearch.operators import switch_neighbours
+from evosearch.problem import build_space
 from evosearch.strategies import EvoPress, EvoPressConfig
 from evosearch.strategy import Stage
 from evosearch.surgery import apply_replacements
 from fitness.perplexity import Perplexity
-from search_spaces.layer_drop import SUBLAYER_INITS, LayerDropSpace
+from search_spaces.layer_drop import SUBLAYER_INITS
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = Path("/work/shared/data")
@@ -124,15 +125,11 @@ def config_for(args, k: int, sublayers: bool, attention: int | None = None) -> S
 
 
 def at_budget(problem: Problem, config: SearchConfig) -> Problem:
-    """``problem`` with the space of ``config`` (another number of dropped blocks): the
-    model, calibration data and dense cache do not depend on it, so they are computed once."""
-    s = config.space.settings
+    """``problem`` with the space of ``config`` (another number of dropped blocks), built as
+    the product builds it: the model, calibration data and dense cache do not depend on it, so
+    they are computed once."""
     problem.config = config
-    problem.space = LayerDropSpace(
-        problem.space.n_blocks, num_drop=s.num_drop, sublayers=s.sublayers,
-        attention_drop=s.attention_drop, counts=problem.space.counts,
-        sublayer_init=s.sublayer_init,
-    )  # fmt: skip
+    problem.space = build_space(config, problem.model, problem.data.input_ids, lambda _: None)
     return problem
 
 
