@@ -48,13 +48,13 @@ class Stage:
         ``ValueError`` names a malformed one."""
         try:
             pairs = [[int(x) for x in part.split(":")] for part in text.split(",")]
-            return tuple(cls(tokens=t, survivors=s) for t, s in pairs)
-        except ValueError as error:
-            if "Stage." in str(error):
-                raise
+        except ValueError:
+            pairs = []
+        if not pairs or any(len(pair) != 2 for pair in pairs):
             raise ValueError(
                 f"stages must look like 2048:2,16384:1 (tokens:survivors), got {text!r}"
-            ) from None
+            )
+        return tuple(cls(tokens=t, survivors=s) for t, s in pairs)
 
 
 @dataclass(frozen=True)
