@@ -12,7 +12,6 @@ ratio's 95 % interval. Output: ``heldout_paired.log``. Issue 24, part 4, 4/30 bl
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -22,31 +21,17 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import DEFAULT_DATA, config_for  # noqa: E402
-
-from evosearch import Problem  # noqa: E402
-from evosearch.evaluation import Batch, Candidate  # noqa: E402
-from evosearch.jobs.models import load_eval_data  # noqa: E402
-from evosearch.surgery import apply_replacements  # noqa: E402
-from fitness.perplexity import Perplexity  # noqa: E402
+from paired_noise import sequence_nll  # noqa: E402
+from rank_on_valid import wiki_windows  # noqa: E402
 
 
 def per_window(k: int, genomes: list[list[int]], windows: int = 40) -> dict[str, np.ndarray]:
     """``{str(drop): per-window mean NLL}`` on the held-out windows, fp32."""
-    torch.set_num_threads(2)
-    wiki = DEFAULT_DATA / "wikitext-2-raw"
-    args = argparse.Namespace(
-        calibration=str(wiki / "wiki.valid.raw"), n_sequences=32, seq_len=512, sleb_tokens=2048
-    )
-    problem = Problem(config_for(args, k, False), log=lambda _: None)
-    data = load_eval_data(str(wiki / "wiki.test.raw"), problem.tokenizer, 1024, windows)
+    problem, model, data = wiki_windows(k, 1024, windows, split="test", dtype=torch.float32)
     out = {}
     for drop in genomes:
-        genome = problem.space.from_dropped(blocks=drop)
-        t0, candidate = time.time(), Candidate(problem.model, genome, sequences=[])
-        with apply_replacements(problem.model, problem.space.replacements(problem.model, genome)):
-            Perplexity().partial(candidate, Batch(tuple(range(data.n_sequences)), data.input_ids))
-        out[str(drop)] = np.array([nll / count for nll, count in candidate.sequences])
+        t0 = time.time()
+        out[str(drop)] = np.array([nll / n for nll, n in sequence_nll(problem, model, data, drop)])
         ppl = np.exp(out[str(drop)].mean())  # the windows hold equally many tokens
         print(drop, f"held-out ppl {ppl:.2f}", f"{time.time() - t0:.0f}s", flush=True)
     return out

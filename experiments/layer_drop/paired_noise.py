@@ -22,23 +22,29 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rank_on_valid import valid_windows  # noqa: E402
+from rank_on_valid import wiki_windows  # noqa: E402
 
 from evosearch.evaluation import Batch, Candidate  # noqa: E402
 from evosearch.surgery import apply_replacements  # noqa: E402
 from fitness.perplexity import Perplexity  # noqa: E402
 
 
+def sequence_nll(problem, model, data, drop: list[int], micro_batch: int = 1) -> list:
+    """``[total NLL, tokens]`` of each window of ``data`` with blocks ``drop`` dropped."""
+    genome = problem.space.from_dropped(blocks=drop)
+    candidate = Candidate(model, genome, sequences=[])
+    with apply_replacements(model, problem.space.replacements(model, genome)):
+        batch = Batch(tuple(range(data.n_sequences)), data.input_ids)
+        Perplexity(micro_batch=micro_batch).partial(candidate, batch)
+    return candidate.sequences
+
+
 def score(genomes: list[list[int]], out: Path) -> None:
-    problem, model, data = valid_windows(4, 512, 521)  # every 512-token window of the split
+    problem, model, data = wiki_windows(4, 512, 521)  # every 512-token window of the split
     result = {}
     for drop in genomes:
-        genome = problem.space.from_dropped(blocks=drop)
-        t0, candidate = time.time(), Candidate(model, genome, sequences=[])
-        with apply_replacements(model, problem.space.replacements(model, genome)):
-            batch = Batch(tuple(range(data.n_sequences)), data.input_ids)
-            Perplexity(micro_batch=4).partial(candidate, batch)
-        result[str(drop)] = candidate.sequences
+        t0 = time.time()
+        result[str(drop)] = sequence_nll(problem, model, data, drop, micro_batch=4)
         print(drop, f"{time.time() - t0:.0f}s", flush=True)
         out.write_text(json.dumps(result))
 

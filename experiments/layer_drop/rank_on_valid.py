@@ -25,22 +25,23 @@ from evosearch.jobs.models import evaluate_perplexity, load_eval_data  # noqa: E
 from evosearch.surgery import apply_replacements  # noqa: E402
 
 
-def valid_windows(k: int, seq_len: int, windows: int):
-    """``(problem, bf16 model, windows)``: SmolLM2 with a ``k``-block drop space and
-    ``windows`` non-overlapping ``seq_len``-token windows of WikiText-2 *valid*."""
+def wiki_windows(k: int, seq_len: int, windows: int, split: str = "valid", dtype=torch.bfloat16):
+    """``(problem, model in dtype, windows)``: SmolLM2 with a ``k``-block drop space and the
+    first ``windows`` non-overlapping ``seq_len``-token windows of WikiText-2 ``split``."""
     torch.set_num_threads(2)
-    valid = str(DEFAULT_DATA / "wikitext-2-raw" / "wiki.valid.raw")
+    wiki = DEFAULT_DATA / "wikitext-2-raw"
+    valid = str(wiki / "wiki.valid.raw")
     args = argparse.Namespace(calibration=valid, n_sequences=32, seq_len=512, sleb_tokens=2048)
     problem = Problem(config_for(args, k, False), log=lambda _: None)
-    model = problem.model.to(torch.bfloat16)
-    data = load_eval_data(valid, problem.tokenizer, seq_len, windows)
+    model = problem.model.to(dtype)
+    data = load_eval_data(str(wiki / f"wiki.{split}.raw"), problem.tokenizer, seq_len, windows)
     print("windows", data.n_sequences, flush=True)
     return problem, model, data
 
 
 def main() -> None:
     k, windows, genomes = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
-    problem, model, data = valid_windows(k, 1024, windows)
+    problem, model, data = wiki_windows(k, 1024, windows)
     for drop in genomes:
         genome = problem.space.from_dropped(blocks=drop)
         t0 = time.time()
